@@ -1,0 +1,389 @@
+"""Typed, strict configuration of the dataset factory.
+
+One pydantic model per YAML section, unknown keys rejected, physical limits in the
+types and units in the field names.  A ``datasets.yaml`` has three top-level keys::
+
+    seed: 2024                 # one seed for the whole file
+    defaults: {...}            # a DatasetSpec shared by every dataset
+    datasets:                  # name -> n_images plus any section to override
+      train: {n_images: 29838}
+      test_d075: {n_images: 2570, particles: {diffusion_um2_s: 0.75}}
+
+Per-dataset overrides are merged key by key into the defaults, then validated, so an
+error is reported at the path where the bad value was written.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys and silent coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- distributions --------------------------------------------------------------------
+
+
+def _scalar_is_fixed(value: Any) -> Any:
+    # `diffusion_um2_s: 0.75` is shorthand for `{type: fixed, value: 0.75}`.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"type": "fixed", "value": value}
+    return value
+
+
+class Fixed(StrictModel):
+    type: Literal["fixed"] = "fixed"
+    value: NonNegativeFloat
+
+
+class Uniform(StrictModel):
+    type: Literal["uniform"] = "uniform"
+    low: NonNegativeFloat
+    high: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Uniform":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+NonNegativeDistribution = Annotated[Union[Fixed, Uniform], Field(discriminator="type")]
+
+
+class FixedZ(StrictModel):
+    type: Literal["fixed"] = "fixed"
+    value: FiniteFloat = 0.0
+
+
+class UniformZ(StrictModel):
+    type: Literal["uniform"] = "uniform"
+    low: FiniteFloat
+    high: FiniteFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "UniformZ":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class NormalZ(StrictModel):
+    type: Literal["normal"] = "normal"
+    mean: FiniteFloat = 0.0
+    std: NonNegativeFloat
+
+
+ZDistribution = Annotated[Union[FixedZ, UniformZ, NormalZ], Field(discriminator="type")]
+
+
+class FixedCount(StrictModel):
+    type: Literal["fixed"] = "fixed"
+    n: Annotated[int, Field(ge=0, le=4096)] = 1
+
+
+class PoissonCount(StrictModel):
+    type: Literal["poisson"] = "poisson"
+    mean: NonNegativeFloat
+    max: Annotated[int, Field(ge=1, le=4096)]
+
+
+CountDistribution = Annotated[Union[FixedCount, PoissonCount], Field(discriminator="type")]
+
+
+class UniformStart(StrictModel):
+    """Start uniformly inside the image, keeping ``margin_px`` from every edge."""
+
+    type: Literal["uniform"] = "uniform"
+    margin_px: NonNegativeFloat = 3.0
+
+
+class FixedStart(StrictModel):
+    """Every particle starts at one point (pixel-centre origin): calibration, tests."""
+
+    type: Literal["fixed"] = "fixed"
+    x_px: FiniteFloat
+    y_px: FiniteFloat
+
+
+StartDistribution = Annotated[Union[UniformStart, FixedStart], Field(discriminator="type")]
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+class ImageSpec(StrictModel):
+    height_px: Annotated[int, Field(ge=1, le=4096)] = 24
+    width_px: Annotated[int, Field(ge=1, le=4096)] = 25
+    pixel_size_um: PositiveFloat = 0.07
+
+
+class ScanSpec(StrictModel):
+    """Laser timing: the beam dwells ``dwell_us`` per pixel along x, then retraces."""
+
+    dwell_us: PositiveFloat = 2.0
+    line_retrace_ms: NonNegativeFloat = 1.1
+    substeps_per_dwell: Annotated[int, Field(ge=1, le=64)] = 1
+    direction: Literal["unidirectional", "bidirectional"] = "unidirectional"
+
+
+class PSFSpec(StrictModel):
+    """3D Gaussian PSF (two-photon excitation volume) and the laser's focal plane."""
+
+    sigma_xy_um: PositiveFloat = 0.21
+    sigma_z_um: PositiveFloat = 1.36
+    focal_z_um: FiniteFloat = 0.0
+
+
+class ParticleSpec(StrictModel):
+    count: CountDistribution = FixedCount()
+    diffusion_um2_s: NonNegativeDistribution = Uniform(low=0.75, high=1.75)
+    n_qd: NonNegativeDistribution = Fixed(value=10.0)
+    xy_start: StartDistribution = UniformStart()
+    z_start_um: ZDistribution = FixedZ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("diffusion_um2_s", "n_qd"):
+                if key in data:
+                    data[key] = _scalar_is_fixed(data[key])
+            if "z_start_um" in data and isinstance(data["z_start_um"], (int, float)):
+                data["z_start_um"] = {"type": "fixed", "value": data["z_start_um"]}
+            if isinstance(data.get("count"), int) and not isinstance(data["count"], bool):
+                data["count"] = {"type": "fixed", "n": data["count"]}
+        return data
+
+    @property
+    def max_particles(self) -> int:
+        return self.count.n if isinstance(self.count, FixedCount) else self.count.max
+
+
+class BackgroundSpec(StrictModel):
+    n_bkg: NonNegativeFloat = 8.4
+
+
+class PoissonDetector(StrictModel):
+    """Photon counting: recorded count ~ Poisson(expected photons) (the paper)."""
+
+    type: Literal["poisson"] = "poisson"
+
+
+class PMTDetector(StrictModel):
+    """Photomultiplier: each photon is amplified by a gamma-distributed gain.
+
+    The output is ``offset_adu + sum of n gains`` with n ~ Poisson(expected); a gain has
+    mean ``gain_adu_per_photon`` and variance ``gain**2 * (excess_noise_factor - 1)``, so
+    the output variance is ``gain**2 * excess_noise_factor * expected``.
+    """
+
+    type: Literal["pmt"] = "pmt"
+    gain_adu_per_photon: PositiveFloat = 1.0
+    excess_noise_factor: Annotated[float, Field(gt=1.0, le=10.0)] = 1.5
+    offset_adu: NonNegativeFloat = 0.0
+
+
+DetectorSpec = Annotated[Union[PoissonDetector, PMTDetector], Field(discriminator="type")]
+
+
+class OutputSpec(StrictModel):
+    expected: bool = True
+    trajectories: bool = True
+    chunk_images: Annotated[int, Field(ge=64, le=65536)] = 256
+
+
+class DatasetSpec(StrictModel):
+    """Everything that defines one dataset except its size."""
+
+    image: ImageSpec = ImageSpec()
+    scan: ScanSpec = ScanSpec()
+    psf: PSFSpec = PSFSpec()
+    particles: ParticleSpec = ParticleSpec()
+    background: BackgroundSpec = BackgroundSpec()
+    detector: DetectorSpec = PoissonDetector()
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _start_fits(self) -> "DatasetSpec":
+        start = self.particles.xy_start
+        h, w = self.image.height_px, self.image.width_px
+        if isinstance(start, UniformStart):
+            if w - 1 - 2 * start.margin_px < 0 or h - 1 - 2 * start.margin_px < 0:
+                raise ValueError(
+                    f"particles.xy_start.margin_px = {start.margin_px} leaves no room in a "
+                    f"{h} x {w} px image (needs 2 * margin_px <= min(height, width) - 1)"
+                )
+        return self
+
+
+class Dataset(DatasetSpec):
+    name: str
+    n_images: Annotated[int, Field(ge=1, le=10**10)]
+
+
+class FactoryConfig(StrictModel):
+    seed: Annotated[int, Field(ge=0, lt=2**63)]
+    datasets: dict[str, Dataset]
+    source: str = ""
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json", exclude={"source"}))
+
+    def select(self, names: list[str] | None) -> list[Dataset]:
+        if not names:
+            return list(self.datasets.values())
+        unknown = [n for n in names if n not in self.datasets]
+        if unknown:
+            raise ConfigError(
+                f"{self.source or 'config'}: --only {', '.join(unknown)}: no such dataset "
+                f"(have: {', '.join(self.datasets)})"
+            )
+        return [self.datasets[n] for n in names]
+
+
+def dataset_hash(seed: int, ds: Dataset) -> str:
+    """Hash of everything that determines a dataset's bytes."""
+    return config_hash({"seed": seed, "dataset": ds.model_dump(mode="json")})
+
+
+def config_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- loading ------------------------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and "type" not in value:
+            out[key] = _merge(out[key], value)
+        else:
+            # A new `type:` replaces the whole variant rather than mixing two of them.
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _has_path(tree: Any, loc: tuple) -> bool:
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return False
+    return True
+
+
+def _format_error(source: str, prefix: str, err: dict) -> str:
+    loc = [str(p) for p in _strip_tags(tuple(err["loc"])) if not str(p).startswith("function-")]
+    # Discriminated unions add the variant tag to the path ("...diffusion_um2_s.fixed.value").
+    path = ".".join([prefix] + loc) if prefix else ".".join(loc)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {path}: {msg}"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> FactoryConfig:
+    """Validate a parsed YAML document; raise ConfigError naming the file and field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with keys seed, defaults, datasets")
+    unknown = sorted(set(raw) - {"seed", "defaults", "datasets"})
+    if unknown:
+        raise ConfigError(f"{source}: {unknown[0]}: unknown key (allowed: seed, defaults, datasets)")
+    if "seed" not in raw:
+        raise ConfigError(f"{source}: seed: missing (an integer; every image's random stream derives from it)")
+    if "datasets" not in raw or not isinstance(raw["datasets"], dict) or not raw["datasets"]:
+        raise ConfigError(f"{source}: datasets: must be a non-empty mapping of name -> settings")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{source}: defaults: must be a mapping")
+    try:
+        DatasetSpec.model_validate(defaults)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, "defaults", exc.errors()[0])) from None
+
+    datasets: dict[str, Dataset] = {}
+    for name, override in raw["datasets"].items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"{source}: datasets.{name}: a dataset name uses letters, digits, '_', '-' and '.'"
+            )
+        if override is None:
+            override = {}
+        if not isinstance(override, dict):
+            raise ConfigError(f"{source}: datasets.{name}: must be a mapping (at least n_images)")
+        if "name" in override:
+            raise ConfigError(f"{source}: datasets.{name}.name: unknown key (the mapping key is the name)")
+        merged = _merge(defaults, override)
+        merged["name"] = name
+        try:
+            datasets[name] = Dataset.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = tuple(err["loc"])
+            in_override = _has_path(override, _strip_tags(loc)[:2]) or not _has_path(
+                defaults, _strip_tags(loc)[:2]
+            )
+            prefix = f"datasets.{name}" if in_override else "defaults"
+            raise ConfigError(_format_error(source, prefix, err)) from None
+    try:
+        return FactoryConfig(seed=raw["seed"], datasets=datasets, source=source)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, "", exc.errors()[0])) from None
+
+
+_TAGS = {"fixed", "uniform", "normal", "poisson", "pmt"}
+
+
+def _strip_tags(loc: tuple) -> tuple:
+    return tuple(p for p in loc if p not in _TAGS)
+
+
+def load_config(path: str | Path) -> FactoryConfig:
+    """Read and validate a datasets YAML file."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise ConfigError(f"{source}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"{source}: is a directory, expected a YAML file")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+    return parse_config(raw, source)
+
+
+def config_from_json(text: str) -> FactoryConfig:
+    """Rebuild a config stored in a store's attributes."""
+    data = json.loads(text)
+    return FactoryConfig.model_validate(data)

@@ -1,0 +1,167 @@
+"""Human-readable summaries of stores and of the config schema."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from .config import DatasetSpec
+from .errors import StoreError
+from .stores import Store
+
+_SAMPLE = 4096  # images read for photon statistics
+
+
+def find_stores(path: str | Path) -> list[Path]:
+    """A store path itself, or the stores inside a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such file or directory")
+    if path.suffix in (".h5", ".hdf5", ".zarr"):
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir()
+                       if p.suffix in (".h5", ".hdf5", ".zarr") and not p.name.startswith("."))
+        if not found:
+            raise StoreError(f"{path}: no .h5 or .zarr stores in this folder")
+        return found
+    raise StoreError(f"{path}: not a store (.h5 or .zarr) or a folder of stores")
+
+
+def summarize(path: Path) -> dict:
+    """Shapes, generation parameters and photon statistics of one store."""
+    with Store(path) as st:
+        n = len(st)
+        m = min(n, _SAMPLE)
+        images = st.read("images", 0, m).astype(np.float64)
+        n_particles = st.read("n_particles")
+        diffusion = st.read("diffusion", 0, m)
+        cfg = st.config
+        ds = cfg["dataset"]
+        out = {
+            "path": str(path),
+            "format": st.format,
+            "n_images": n,
+            "arrays": {name: {"shape": list(st[name].shape), "dtype": str(st[name].dtype),
+                              "chunks": list(st[name].chunks)} for name in st.names},
+            "seed": cfg["seed"],
+            "package_version": st.attrs.get("package_version"),
+            "dataset_hash": st.attrs.get("dataset_hash"),
+            "parameters": {
+                "image_px": [ds["image"]["height_px"], ds["image"]["width_px"]],
+                "pixel_size_um": ds["image"]["pixel_size_um"],
+                "dwell_us": ds["scan"]["dwell_us"],
+                "line_retrace_ms": ds["scan"]["line_retrace_ms"],
+                "direction": ds["scan"]["direction"],
+                "sigma_xy_um": ds["psf"]["sigma_xy_um"],
+                "sigma_z_um": ds["psf"]["sigma_z_um"],
+                "n_bkg": ds["background"]["n_bkg"],
+                "detector": ds["detector"]["type"],
+                "diffusion_um2_s": ds["particles"]["diffusion_um2_s"],
+                "n_qd": ds["particles"]["n_qd"],
+            },
+            "stats": {
+                "sampled_images": m,
+                "mean_count": float(images.mean()),
+                "std_count": float(images.std()),
+                "max_count": float(images.max()),
+                "mean_peak_count": float(images.reshape(m, -1).max(1).mean()),
+                "particles_per_image": float(n_particles.mean()),
+                "diffusion_um2_s_range": [float(np.nanmin(diffusion)), float(np.nanmax(diffusion))]
+                if np.isfinite(diffusion).any() else None,
+            },
+        }
+        if "expected" in st:
+            expected = st.read("expected", 0, m).astype(np.float64)
+            out["stats"]["mean_expected"] = float(expected.mean())
+            out["stats"]["mean_peak_expected"] = float(expected.reshape(m, -1).max(1).mean())
+        return out
+
+
+def format_summary(s: dict, brief: bool = False) -> str:
+    st = s["stats"]
+    if brief:
+        d = st["diffusion_um2_s_range"]
+        drange = f"D {d[0]:.2f}-{d[1]:.2f} um^2/s" if d else "no particles"
+        h, w = s["parameters"]["image_px"]
+        return (f"{Path(s['path']).name}: {s['n_images']} images {h}x{w}, {drange}, "
+                f"mean count {st['mean_count']:.2f}, mean peak {st['mean_peak_count']:.1f}, "
+                f"{st['particles_per_image']:.2f} particles/image")
+    lines = [f"{s['path']} ({s['format']}, {s['n_images']} images, seed {s['seed']}, "
+             f"package {s['package_version']}, hash {s['dataset_hash']})", "  arrays:"]
+    for name, a in s["arrays"].items():
+        lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+    lines.append("  parameters:")
+    for key, value in s["parameters"].items():
+        lines.append(f"    {key:<17} {json.dumps(value)}")
+    lines.append(f"  photon statistics (first {st['sampled_images']} images):")
+    for key, value in st.items():
+        if key != "sampled_images":
+            lines.append(f"    {key:<22} {json.dumps(value if not isinstance(value, float) else round(value, 4))}")
+    return "\n".join(lines)
+
+
+# --- schema --------------------------------------------------------------------------
+
+
+def _constraints(field) -> str:
+    parts = []
+    for m in field.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v}")
+    return ", ".join(parts)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    return getattr(tp, "__name__", str(tp))
+
+
+def _variants(tp) -> list[type[BaseModel]]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Annotated:
+        return _variants(args[0])
+    if args and all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+        return list(args)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    return []
+
+
+def schema_lines(model: type[BaseModel] = DatasetSpec, prefix: str = "") -> list[str]:
+    """One line per config field: path, type, default, limits and description."""
+    lines = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        variants = _variants(field.annotation)
+        if variants:
+            default = field.default
+            dflt = ""
+            if isinstance(default, BaseModel):
+                dflt = "  default: " + json.dumps(default.model_dump(mode="json"))
+            if len(variants) == 1:
+                lines.append(f"{path}:{dflt}")
+                lines += schema_lines(variants[0], path + ".")
+            else:
+                lines.append(f"{path}: one of the variants below (pick with `type:`){dflt}")
+                for v in variants:
+                    doc = (v.__doc__ or "").strip().splitlines()
+                    lines.append(f"  {path} (type: {v.model_fields['type'].default})"
+                                 + (f"  # {doc[0]}" if doc else ""))
+                    lines += ["  " + ln for ln in schema_lines(v, path + ".") if not ln.startswith(f"{path}.type ")]
+            continue
+        limits = _constraints(field)
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{path:<44} {_type_name(field.annotation):<34} {default}"
+                     + (f"  ({limits})" if limits else ""))
+    return lines
