@@ -41,6 +41,23 @@ class StrictModel(BaseModel):
 # --- distributions --------------------------------------------------------------------
 
 
+# Keys that only one variant has: `{low: 1, high: 2}` means `type: uniform`.
+_TAG_OF_KEY = {
+    "value": "fixed", "low": "uniform", "high": "uniform", "std": "normal", "n": "fixed",
+    "max": "poisson", "margin_px": "uniform", "x_px": "fixed", "y_px": "fixed",
+    "gain_adu_per_photon": "pmt", "excess_noise_factor": "pmt", "offset_adu": "pmt",
+}
+
+
+def infer_tag(value: Any) -> Any:
+    """Fill in a variant's missing ``type`` from the keys written, when they tell."""
+    if isinstance(value, dict) and "type" not in value:
+        tags = {_TAG_OF_KEY[k] for k in value if k in _TAG_OF_KEY}
+        if len(tags) == 1:
+            return {"type": tags.pop(), **value}
+    return value
+
+
 def _scalar_is_fixed(value: Any) -> Any:
     # `diffusion_um2_s: 0.75` is shorthand for `{type: fixed, value: 0.75}`.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -167,6 +184,9 @@ class ParticleSpec(StrictModel):
             for key in ("diffusion_um2_s", "n_qd"):
                 if key in data:
                     data[key] = _scalar_is_fixed(data[key])
+            for key in ("count", "diffusion_um2_s", "n_qd", "xy_start", "z_start_um"):
+                if key in data:
+                    data[key] = infer_tag(data[key])
             if "z_start_um" in data and isinstance(data["z_start_um"], (int, float)):
                 data["z_start_um"] = {"type": "fixed", "value": data["z_start_um"]}
             if isinstance(data.get("count"), int) and not isinstance(data["count"], bool):
@@ -221,6 +241,13 @@ class DatasetSpec(StrictModel):
     background: BackgroundSpec = BackgroundSpec()
     detector: DetectorSpec = PoissonDetector()
     output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_tag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "detector" in data:
+            data = {**data, "detector": infer_tag(data["detector"])}
+        return data
 
     @model_validator(mode="after")
     def _start_fits(self) -> "DatasetSpec":
@@ -278,11 +305,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and "type" not in value:
-            out[key] = _merge(out[key], value)
-        else:
-            # A new `type:` replaces the whole variant rather than mixing two of them.
-            out[key] = copy.deepcopy(value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            new_tag = infer_tag(value).get("type")
+            old_tag = infer_tag(old).get("type")
+            if new_tag is None or new_tag == old_tag:
+                out[key] = _merge(old, value)
+                continue
+        # Another variant (`type:`) replaces the whole section rather than mixing two.
+        out[key] = copy.deepcopy(value)
     return out
 
 

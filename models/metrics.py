@@ -1,0 +1,208 @@
+"""Localisation metrics: the seed paper's PR-AUC, deepBlink's F1 integral, F1 and RMSE.
+
+Predictions and ground truth are flat tables: ``frame`` (image index), ``x``, ``y``
+in pixels (pixel-centre origin) and, for predictions, ``score``.
+
+PR-AUC at a gate eps (seed paper, Section 4.8): all predictions of a test set are
+ranked by score; in that order a prediction is a true positive if it lies within eps
+of a ground-truth point of its own image that no higher-ranked prediction has taken,
+otherwise a false positive (duplicates included); ground truth never taken is a false
+negative.  Precision and recall along the ranking give the PR curve; the AUC is its
+area by the trapezoid rule, with the curve held flat from recall 0 to the first point.
+Predictions with equal scores enter the curve together (one point per distinct score)
+and are matched in (frame, x, y) order, so the result does not depend on input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+from scipy.optimize import linear_sum_assignment
+
+GATES_PX = (1.0, 2.0, 3.0)  # 70, 140, 210 nm at 0.07 um per pixel
+F1_CUTOFFS_PX = np.linspace(0.0, 3.0, 50)  # deepBlink's F1 integral
+F1_GATE_PX = 2.0  # gate of the single-number F1 and RMSE
+
+
+@dataclass
+class Points:
+    """Points of a set of images, grouped by frame (CSR layout)."""
+
+    frame: np.ndarray  # (M,) int64
+    xy: np.ndarray  # (M, 2) float64
+    n_frames: int
+
+    @classmethod
+    def from_arrays(cls, frame, x, y, n_frames: int) -> "Points":
+        frame = np.asarray(frame, np.int64)
+        xy = np.stack([np.asarray(x, np.float64), np.asarray(y, np.float64)], axis=1).reshape(-1, 2)
+        return cls(frame, xy, int(n_frames))
+
+    @classmethod
+    def from_centroids(cls, centroids: np.ndarray, n_particles: np.ndarray) -> "Points":
+        """Ground truth from a store's ``centroids`` (N, P, 2) and ``n_particles`` (N,)."""
+        n = len(n_particles)
+        mask = np.arange(centroids.shape[1])[None, :] < np.asarray(n_particles)[:, None]
+        frame = np.nonzero(mask)[0]
+        xy = centroids[mask].astype(np.float64)
+        return cls(frame.astype(np.int64), xy.reshape(-1, 2), n)
+
+    def offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, offsets): points of frame f are ``order[offsets[f]:offsets[f+1]]``."""
+        order = np.argsort(self.frame, kind="stable")
+        offsets = np.searchsorted(self.frame[order], np.arange(self.n_frames + 1))
+        return order, offsets
+
+
+@njit(cache=True)
+def _greedy_match(p_frame, p_xy, gt_xy, gt_order, gt_offsets, eps2):
+    """True-positive flags of predictions visited in the given (ranked) order."""
+    taken = np.zeros(gt_xy.shape[0], np.bool_)
+    tp = np.zeros(p_frame.shape[0], np.bool_)
+    for i in range(p_frame.shape[0]):
+        f = p_frame[i]
+        if f < 0 or f + 1 >= gt_offsets.shape[0]:
+            continue
+        best = -1
+        best_d = eps2
+        for j in range(gt_offsets[f], gt_offsets[f + 1]):
+            g = gt_order[j]
+            if taken[g]:
+                continue
+            dx = p_xy[i, 0] - gt_xy[g, 0]
+            dy = p_xy[i, 1] - gt_xy[g, 1]
+            d = dx * dx + dy * dy
+            if d <= best_d:
+                best_d = d
+                best = g
+        if best >= 0:
+            taken[best] = True
+            tp[i] = True
+    return tp
+
+
+def rank(pred: Points, score: np.ndarray) -> np.ndarray:
+    """Prediction order: score descending, then frame, x, y (input-order independent)."""
+    return np.lexsort((pred.xy[:, 1], pred.xy[:, 0], pred.frame, -np.asarray(score, np.float64)))
+
+
+def pr_curve(pred: Points, score: np.ndarray, gt: Points, eps_px: float):
+    """Precision and recall at each distinct score threshold, highest score first."""
+    score = np.asarray(score, np.float64)
+    n_true = len(gt.frame)
+    if len(score) == 0:
+        return np.zeros(0), np.zeros(0)
+    order = rank(pred, score)
+    gt_order, gt_offsets = gt.offsets()
+    tp = _greedy_match(pred.frame[order], pred.xy[order], gt.xy, gt_order, gt_offsets,
+                       float(eps_px) ** 2)
+    ctp = np.cumsum(tp)
+    k = np.arange(1, len(tp) + 1)
+    s = score[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    precision = (ctp / k)[last_of_tie]
+    recall = (ctp / max(n_true, 1))[last_of_tie] if n_true else np.zeros(int(last_of_tie.sum()))
+    return precision, recall
+
+
+def pr_auc(pred: Points, score: np.ndarray, gt: Points, eps_px: float) -> float:
+    """Area under the PR curve (trapezoid rule), the seed paper's AUC."""
+    precision, recall = pr_curve(pred, score, gt, eps_px)
+    if len(precision) == 0:
+        return 0.0
+    r = np.r_[0.0, recall]
+    p = np.r_[precision[0], precision]
+    return float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2.0))
+
+
+def _pairwise(pred: Points, gt: Points):
+    """Per frame: the distance matrix between its predictions and its ground truth."""
+    p_order, p_off = pred.offsets()
+    g_order, g_off = gt.offsets()
+    for f in range(gt.n_frames):
+        pi = p_order[p_off[f]:p_off[f + 1]]
+        gi = g_order[g_off[f]:g_off[f + 1]]
+        if len(pi) == 0 or len(gi) == 0:
+            yield f, pi, gi, None
+            continue
+        d = np.sqrt(((pred.xy[pi, None, :] - gt.xy[None, gi, :]) ** 2).sum(-1))
+        yield f, pi, gi, d
+
+
+def match_counts(pred: Points, gt: Points, cutoffs_px) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Hungarian matching per frame at each cutoff.
+
+    Returns the number of matched pairs per cutoff and, per cutoff, the distances of
+    the matched pairs.  The assignment maximises the number of pairs within the cutoff,
+    then minimises their total distance.
+    """
+    cutoffs = np.atleast_1d(np.asarray(cutoffs_px, np.float64))
+    tp = np.zeros(len(cutoffs), np.int64)
+    dists: list[list[np.ndarray]] = [[] for _ in cutoffs]
+    for _, pi, gi, d in _pairwise(pred, gt):
+        if d is None:
+            continue
+        if min(d.shape) == 1:
+            # One point on a side: the best match is the nearest one.
+            dmin = d.min()
+            hit = dmin <= cutoffs
+            tp += hit
+            for c in np.nonzero(hit)[0]:
+                dists[c].append(np.array([dmin]))
+            continue
+        big = 1e6 + d.sum()
+        for c, cut in enumerate(cutoffs):
+            inside = d <= cut
+            if not inside.any():
+                continue
+            cost = np.where(inside, d, big)
+            r, k = linear_sum_assignment(cost)
+            ok = inside[r, k]
+            tp[c] += int(ok.sum())
+            dists[c].append(d[r[ok], k[ok]])
+    return tp, [np.concatenate(x) if x else np.zeros(0) for x in dists]
+
+
+def f1_integral(pred: Points, gt: Points, cutoffs_px=F1_CUTOFFS_PX) -> float:
+    """deepBlink's F1 integral: F1 = 2 TP / (n_pred + n_true) integrated over cutoffs / 3."""
+    cutoffs = np.asarray(cutoffs_px, np.float64)
+    tp, _ = match_counts(pred, gt, cutoffs)
+    denom = len(pred.frame) + len(gt.frame)
+    f1 = 2.0 * tp / denom if denom else np.ones(len(cutoffs))
+    return float(np.trapezoid(f1, cutoffs) / (cutoffs[-1] - cutoffs[0]))
+
+
+def f1_rmse(pred: Points, gt: Points, gate_px: float = F1_GATE_PX) -> tuple[float, float]:
+    """F1 and the RMSE (px) of Hungarian-matched pairs within ``gate_px``."""
+    tp, dists = match_counts(pred, gt, [gate_px])
+    denom = len(pred.frame) + len(gt.frame)
+    f1 = 2.0 * tp[0] / denom if denom else 1.0
+    rmse = float(np.sqrt(np.mean(dists[0] ** 2))) if len(dists[0]) else float("nan")
+    return float(f1), rmse
+
+
+def evaluate_points(pred: Points, score: np.ndarray, gt: Points, threshold: float | None = None,
+                    gates_px=GATES_PX, pixel_size_um: float = 0.07) -> dict:
+    """Every metric of one test set.
+
+    The AUCs use every prediction ranked by score; F1, the F1 integral and RMSE use the
+    predictions with ``score >= threshold`` (all when None).
+    """
+    score = np.asarray(score, np.float64)
+    auc = {str(int(round(g * pixel_size_um * 1000))): pr_auc(pred, score, gt, g) for g in gates_px}
+    if threshold is not None:
+        keep = score >= threshold
+        pred = Points(pred.frame[keep], pred.xy[keep], pred.n_frames)
+    f1, rmse = f1_rmse(pred, gt)
+    return {
+        "auc": auc,
+        "f1_integral": f1_integral(pred, gt),
+        "f1": f1,
+        "f1_gate_px": F1_GATE_PX,
+        "rmse_px": rmse,
+        "n_images": gt.n_frames,
+        "n_true": int(len(gt.frame)),
+        "n_predictions": int(len(pred.frame)),
+    }
