@@ -19,7 +19,7 @@ from .config import Dataset, FixedCount, FixedStart, FixedZ, NormalZ, PMTDetecto
 from .detector import PMT, POISSON, record
 from .motion import brownian_step
 from .psf import eq1_amplitude, eq1_signal
-from .rng import normal, poisson, seed_state, uniform
+from .rng import STATE_SIZE, normal, poisson, seed_state, uniform
 from .scan import pixel_of_step
 
 # Distribution codes understood by the kernel.
@@ -130,7 +130,7 @@ def simulate_batch(k, key, first_index, images, expected, trajectories, centroid
     px = k.pixel_size_um
     dt_sub = k.dwell_s / S
     for b in prange(B):
-        state = np.empty(4, np.uint64)
+        state = np.empty(STATE_SIZE, np.uint64)
         seed_state(key, first_index + b, state)
         pos = np.zeros((P, 3))
         amp = np.zeros(P)

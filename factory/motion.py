@@ -10,7 +10,7 @@ import math
 
 from numba import njit
 
-from .rng import normal
+from .rng import normal, normal_pair
 
 
 @njit(inline="always", cache=True)
@@ -25,6 +25,7 @@ def brownian_step(state, pos, p, diffusion_um2_s, dt_s, pixel_size_um):
     s = step_std(diffusion_um2_s, dt_s)
     if s == 0.0:
         return
-    pos[p, 0] += normal(state) * s / pixel_size_um
-    pos[p, 1] += normal(state) * s / pixel_size_um
+    nx, ny = normal_pair(state)
+    pos[p, 0] += nx * s / pixel_size_um
+    pos[p, 1] += ny * s / pixel_size_um
     pos[p, 2] += normal(state) * s

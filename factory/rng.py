@@ -38,15 +38,24 @@ def _rotl(x, k):
     return (x << _U64(k)) | (x >> _U64(64 - k))
 
 
+STATE_SIZE = 4  # xoshiro256** words
+
+
 @njit(cache=True)
 def seed_state(key, index, state):
-    """Fill ``state`` (4 x uint64) with the stream of image ``index`` of dataset ``key``."""
+    """Fill ``state`` (STATE_SIZE x uint64) with the stream of image ``index`` of ``key``."""
     x = _splitmix64(key ^ _splitmix64(_U64(index)))
     for i in range(4):
         x = _splitmix64(x + _U64(i))
         state[i] = x
     if state[0] == 0 and state[1] == 0 and state[2] == 0 and state[3] == 0:
         state[0] = _U64(1)
+
+
+def new_state(key, index) -> np.ndarray:
+    state = np.empty(STATE_SIZE, np.uint64)
+    seed_state(np.uint64(key), index, state)
+    return state
 
 
 @njit(inline="always", cache=True)
@@ -69,11 +78,21 @@ def uniform(s):
 
 
 @njit(inline="always", cache=True)
+def normal_pair(s):
+    """Two independent standard normals (Marsaglia's polar method: no sin/cos)."""
+    while True:
+        v1 = 2.0 * uniform(s) - 1.0
+        v2 = 2.0 * uniform(s) - 1.0
+        r2 = v1 * v1 + v2 * v2
+        if 0.0 < r2 < 1.0:
+            f = math.sqrt(-2.0 * math.log(r2) / r2)
+            return v1 * f, v2 * f
+
+
+@njit(inline="always", cache=True)
 def normal(s):
-    """Standard normal (Box-Muller; the 1 - u keeps the log finite)."""
-    u1 = 1.0 - uniform(s)
-    u2 = uniform(s)
-    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+    """One standard normal."""
+    return normal_pair(s)[0]
 
 
 @njit(cache=True)

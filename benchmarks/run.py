@@ -1,0 +1,139 @@
+"""`make bench`: speed and memory, each measured beside a reference in the same run.
+
+Every section prints medians over repeats and the ratio to its reference.  Run one
+section with ``python benchmarks/run.py --only kernel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SECTIONS = {}
+
+
+def section(name):
+    def deco(fn):
+        SECTIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def median_time(fn, repeats=5):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_of(cmd: list[str], env=None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a child process (measured by a fresh wrapper)."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json;"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:]);"
+        "dt = time.perf_counter() - t;"
+        "print(json.dumps([dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, r.returncode]))"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    dt, rss, rc = json.loads(out.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
+    return dt, rss
+
+
+@section("kernel")
+def bench_kernel(args):
+    """Kernel images/s at the paper's settings vs the plain NumPy implementation."""
+    from factory.config import load_config
+    from factory.kernel import kernel_params, simulate
+    from factory.reference import simulate_numpy
+
+    cfg = load_config(ROOT / "datasets.yaml")
+    ds = cfg.datasets["val"]
+    simulate(ds, cfg.seed, 0, 64)  # JIT (or cache load) outside the timing
+    n_k = 3000
+    t_k = median_time(lambda: simulate(ds, cfg.seed, 0, n_k))
+    k = kernel_params(ds)
+    rng = np.random.default_rng(0)
+    n_np = 200
+    t_np = median_time(lambda: simulate_numpy(k, n_np, rng), repeats=3)
+    rate_k, rate_np = n_k / t_k, n_np / t_np
+    print(f"kernel (numba, {os.environ.get('NUMBA_NUM_THREADS', 'all')} threads): {rate_k:10.0f} images/s")
+    print(f"numpy reference:                 {rate_np:10.0f} images/s")
+    print(f"ratio kernel / numpy:            {rate_k / rate_np:10.1f} x")
+    return {"kernel_images_s": rate_k, "numpy_images_s": rate_np, "ratio": rate_k / rate_np}
+
+
+@section("build")
+def bench_build(args):
+    """End-to-end build of the whole datasets.yaml: seconds, MB on disk, peak RSS; and the
+    share of time storage adds to the kernel's."""
+    from factory.build import build, disk_usage, simulate_range
+    from factory.config import load_config
+
+    cfg = load_config(ROOT / "datasets.yaml")
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for fmt in ("hdf5", "zarr"):
+            out = Path(tmp) / fmt
+            cmd = [sys.executable, "-m", "factory.cli", "build", str(ROOT / "datasets.yaml"),
+                   "--out", str(out), "--format", fmt, "--overwrite", "-q"]
+            peak_rss_of(cmd)  # warm the JIT cache and the page cache
+            runs = [peak_rss_of(cmd) for _ in range(3)]
+            secs = statistics.median(r[0] for r in runs)
+            rss = max(r[1] for r in runs)
+            mb = disk_usage(out) / 1e6
+            print(f"build datasets.yaml ({fmt}): {secs:6.2f} s wall (process start included), "
+                  f"{mb:7.1f} MB on disk, peak RSS {rss:6.0f} MB")
+            results[fmt] = {"seconds": secs, "mb": mb, "peak_rss_mb": rss}
+
+        # Kernel alone vs kernel + storage, in this process, over the whole suite.
+        def kernel_only():
+            for ds in cfg.datasets.values():
+                simulate_range(cfg, ds, 0, ds.n_images, lambda i0, a: None)
+
+        kernel_only()
+        t_kernel = median_time(kernel_only, repeats=3)
+        for fmt in ("hdf5", "zarr"):
+            out = Path(tmp) / f"inproc-{fmt}"
+            t_build = median_time(lambda: build(cfg, out, fmt, overwrite=True, progress=False), repeats=3)
+            extra = t_build / t_kernel - 1
+            print(f"suite in-process ({fmt}): kernel {t_kernel:.2f} s, build {t_build:.2f} s, "
+                  f"storage adds {100 * extra:.0f}% (goal <= 30%)")
+            results[fmt]["storage_overhead"] = extra
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
+    ap.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores; numba threads: {__import__('numba').get_num_threads()}")
+    results = {}
+    for name in args.only or list(SECTIONS):
+        print(f"\n== {name}: {SECTIONS[name].__doc__.splitlines()[0]}")
+        results[name] = SECTIONS[name](args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
