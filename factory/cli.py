@@ -114,6 +114,82 @@ def preview(
 
 
 @app.command()
+@user_errors
+def evaluate(
+    data: Path = typer.Option(..., "--data", "-d", help="Folder of stores (its test* stores are scored) or one store."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder for metrics.json, table.md, table.csv, pr_*.png."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="A built-in detector to run: trackpy."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A trained model's run folder (factory train)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a CSV (frame, x, y, score; pixel-centre origin) against --data (one store)."),
+    datasets: Optional[List[str]] = typer.Option(None, "--datasets", help="Score only these stores of --data (repeatable)."),
+    params: Optional[Path] = typer.Option(None, "--params", help="TrackPy parameters (JSON written by an earlier run); skips tuning."),
+    tune_on: str = typer.Option("val", "--tune-on", help="Store of --data to tune TrackPy on (never a test set)."),
+    tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
+    deepBlink's F1 integral, F1 and RMSE at 2 px; Table 1 beside the paper's rows."""
+    from models.evaluate import evaluate_detector, find_test_stores, read_predictions_csv, write_evaluation
+
+    chosen = [x for x in (detector, model, predictions) if x is not None]
+    if len(chosen) != 1:
+        raise FactoryError("give exactly one of --detector, --model or --predictions")
+    if predictions is not None:
+        stores = find_test_stores(data, datasets)
+        if len(stores) != 1:
+            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME "
+                               f"(found {', '.join(p.stem for p in stores)})")
+        from factory.stores import Store
+
+        with Store(stores[0]) as st:
+            n = len(st)
+        table = read_predictions_csv(predictions, n)
+        result = write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]}, threshold)
+    elif detector is not None:
+        if detector != "trackpy":
+            raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy; trained networks: --model RUN_DIR)")
+        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet)
+        result = evaluate_detector(det, data, out, datasets, progress=not quiet,
+                                   extra={"params": det.params.to_json()})
+    else:
+        from models.registry import load_model
+
+        det = load_model(model)
+        result = evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)})
+    typer.echo((out / "table.md").read_text())
+    _ = result
+
+
+def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool):
+    """The TrackPy baseline: given parameters, or tuned on a non-test store."""
+    from models.trackpy_detector import TrackPyDetector, tune
+
+    if params is not None:
+        if not params.exists():
+            raise FactoryError(f"{params}: no such file")
+        try:
+            return TrackPyDetector.from_json(params)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FactoryError(f"{params}: not a TrackPy parameter file ({exc})") from None
+    if tune_on.startswith("test"):
+        raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
+    from models.evaluate import find_test_stores
+    from factory.stores import Store
+
+    path = find_test_stores(data, [tune_on])[0]
+    with Store(path) as st:
+        n = min(tune_images, len(st))
+        images, cen, cnt = st.read("images", 0, n), st.read("centroids", 0, n), st.read("n_particles", 0, n)
+    if not quiet:
+        typer.echo(f"tuning TrackPy on {path} ({n} images)...", err=True)
+    det, grid = tune(images, cen, cnt)
+    out.mkdir(parents=True, exist_ok=True)
+    det.save(out / "trackpy.json", {"tuned_on": str(path), "tune_images": n, "grid": grid})
+    return det
+
+
+@app.command()
 def schema() -> None:
     """List every config field with its type, default (the paper's values) and limits."""
     from .inspect_store import schema_lines

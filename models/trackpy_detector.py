@@ -38,6 +38,7 @@ class TrackPyDetector:
     """Intensity-based localisation (Crocker-Grier, as implemented by TrackPy)."""
 
     name = "trackpy"
+    label = "TrackPy (ours)"
 
     def __init__(self, params: TrackPyParams | None = None, threshold: float | None = None, **kwargs):
         self.params = params or TrackPyParams(**kwargs)

@@ -1,0 +1,157 @@
+"""PyTorch Datasets over factory stores (HDF5 or Zarr, chosen by the path).
+
+Files are opened lazily, in the process that reads: the constructor opens the store
+only long enough to read its length and attributes and closes it again, so nothing
+open is inherited by a forked DataLoader worker (an HDF5 handle shared across fork can
+deadlock or return garbage), and the Dataset pickles cleanly for spawn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from factory.stores import Store
+
+
+class _LazyStore:
+    """A Store opened on first use in each process (re-opened after a fork)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._store = None
+        self._pid = None
+        with Store(self.path) as st:
+            self.length = len(st)
+            self.names = st.names
+            self.attrs = dict(st.attrs)
+            self.image_shape = tuple(st["images"].shape[1:])
+            self.chunk = int(st["images"].chunks[0])
+            self.max_particles = int(st["centroids"].shape[1])
+
+    def get(self) -> Store:
+        if self._store is None or self._pid != os.getpid():
+            self._store = Store(self.path)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._store is not None and self._pid == os.getpid():
+            self._store.close()
+        self._store = None
+
+
+def _targets(centroids: np.ndarray, counts: np.ndarray, diffusion: np.ndarray) -> list[dict]:
+    out = []
+    for c, n, d in zip(centroids, counts, diffusion):
+        out.append({
+            "centroids": torch.from_numpy(np.ascontiguousarray(c[:n], np.float32)),
+            "n_particles": int(n),
+            "diffusion": torch.from_numpy(np.ascontiguousarray(d[:n], np.float32)),
+        })
+    return out
+
+
+class StoreDataset(Dataset):
+    """One image per item: ``(image, target)``.
+
+    ``image`` is a float32 tensor (1, H, W) of counts; ``target`` a dict with
+    ``centroids`` (n, 2) in px (x, y; pixel-centre origin), ``n_particles`` and
+    ``diffusion`` (n,) in um^2/s.  ``transform(image, target)`` runs on both (see
+    ``loaders.augment``); ``encoder(target, (H, W))`` adds a detector's training target.
+    """
+
+    def __init__(self, path: str | Path, indices=None, transform: Callable | None = None,
+                 encoder: Callable | None = None):
+        self.store = _LazyStore(path)
+        self.indices = np.arange(self.store.length) if indices is None else np.asarray(indices)
+        self.transform = transform
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        st = self.store.get()
+        j = int(self.indices[i])
+        image = np.asarray(st["images"][j], np.float32)
+        target = _targets(st["centroids"][j:j + 1], st["n_particles"][j:j + 1],
+                          st["diffusion"][j:j + 1])[0]
+        image = torch.from_numpy(image)[None]
+        target["index"] = j
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        if self.encoder is not None:
+            target = self.encoder(target, tuple(image.shape[-2:]))
+        return image, target
+
+
+class StoreBatches(Dataset):
+    """The fast path: one item is a whole batch read in one slice.
+
+    Batches are contiguous, chunk-aligned runs of images (``batch_size`` is rounded up
+    to a multiple of the store's chunk when ``align`` is set), so each read touches whole
+    chunks once.  Use with ``DataLoader(ds, batch_size=None, shuffle=True)``: the loader
+    shuffles the order of batches; ``shuffle_within`` permutes images inside a batch
+    (deterministically from ``seed`` and the epoch set by ``set_epoch``).
+
+    An item is ``(images (B, 1, H, W) float32, targets)`` where ``targets`` holds
+    ``centroids`` (B, P, 2) NaN-padded, ``n_particles`` (B,), ``diffusion`` (B, P) and
+    ``index`` (B,).
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 256, align: bool = True,
+                 start: int = 0, stop: int | None = None, shuffle_within: bool = False,
+                 seed: int = 0):
+        self.store = _LazyStore(path)
+        stop = self.store.length if stop is None else min(stop, self.store.length)
+        chunk = self.store.chunk
+        if align:
+            batch_size = int(np.ceil(batch_size / chunk) * chunk)
+        self.batch_size = batch_size
+        self.start, self.stop = start, stop
+        self.shuffle_within = shuffle_within
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(np.ceil((self.stop - self.start) / self.batch_size))
+
+    def __getitem__(self, b: int):
+        if b < 0 or b >= len(self):
+            raise IndexError(b)
+        st = self.store.get()
+        a = self.start + b * self.batch_size
+        z = min(a + self.batch_size, self.stop)
+        images = np.asarray(st["images"][a:z], np.float32)
+        targets = {
+            "centroids": np.asarray(st["centroids"][a:z]),
+            "n_particles": np.asarray(st["n_particles"][a:z]),
+            "diffusion": np.asarray(st["diffusion"][a:z]),
+            "index": np.arange(a, z),
+        }
+        if self.shuffle_within:
+            perm = np.random.default_rng([self.seed, self.epoch, b]).permutation(z - a)
+            images = images[perm]
+            targets = {k: v[perm] for k, v in targets.items()}
+        return torch.from_numpy(images)[:, None], {k: torch.from_numpy(v) for k, v in targets.items()}
+
+
+def collate_items(batch):
+    """Collate (image, target) items: stacked images, a list of targets."""
+    images = torch.stack([b[0] for b in batch])
+    return images, [b[1] for b in batch]

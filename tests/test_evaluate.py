@@ -1,0 +1,99 @@
+"""The evaluator end to end: run folders, CSV scoring and bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_cli
+from factory.stores import Store
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = root / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 3, "defaults": {"output": {"chunk_images": 64}}, "datasets": {
+        "val": {"n_images": 120},
+        "test_d075": {"n_images": 100, "particles": {"diffusion_um2_s": 0.75}},
+        "test_d175": {"n_images": 90, "particles": {"diffusion_um2_s": 1.75}}}}))
+    assert run_cli("build", cfg, "--out", root / "data", "-q").returncode == 0
+    return root / "data"
+
+
+def truth_csv(store, path, shift=0.0):
+    with Store(store) as st:
+        c, n = st.read("centroids"), st.read("n_particles")
+    rows = [(i, c[i, p, 0] + shift, c[i, p, 1], 1.0) for i in range(len(n)) for p in range(n[i])]
+    pd.DataFrame(rows, columns=["frame", "x", "y", "score"]).to_csv(path, index=False)
+
+
+def test_trackpy_run_folder(data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("evaluate", "--detector", "trackpy", "--data", data, "--out", out, "-q", "--tune-images", "60")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["datasets"]) == {"test_d075", "test_d175"}
+    for v in m["datasets"].values():
+        assert set(v["auc"]) == {"70", "140", "210"} and 0 <= v["auc"]["210"] <= 1
+        assert {"f1_integral", "f1", "rmse_px", "n_images"} <= set(v)
+    assert m["datasets"]["test_d075"]["n_images"] == 100
+    tuned = json.loads((out / "trackpy.json").read_text())
+    assert tuned["tuned_on"].endswith("val.h5") and len(tuned["grid"]) > 1
+    md = (out / "table.md").read_text()
+    assert "TrackPy (paper)" in md and "Keypoint R-CNN (paper)" in md and "TrackPy (ours)" in md
+    assert "| 0.06 | 0.42 | 0.73 |" in md  # the paper's row under D = 0.75
+    assert (out / "pr_test_d075.png").read_bytes()[:4] == b"\x89PNG"
+    table = pd.read_csv(out / "table.csv")
+    assert {"detector", "dataset", "eps_nm", "auc"} <= set(table.columns)
+    # The saved parameters reproduce the run without tuning.
+    out2 = tmp_path / "run2"
+    r = run_cli("evaluate", "--detector", "trackpy", "--params", out / "trackpy.json", "--data", data, "--out", out2, "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out2 / "metrics.json").read_text())["datasets"] == m["datasets"]
+
+
+def test_score_a_users_csv(data, tmp_path):
+    csv = tmp_path / "perfect.csv"
+    truth_csv(data / "test_d075.h5", csv)
+    r = run_cli("evaluate", "--predictions", csv, "--data", data / "test_d075.h5", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())["datasets"]["test_d075"]
+    assert m["auc"] == {"70": 1.0, "140": 1.0, "210": 1.0} and m["f1"] == 1.0 and m["rmse_px"] < 1e-5
+    off = tmp_path / "off.csv"
+    truth_csv(data / "test_d075.h5", off, shift=1.5)
+    run_cli("evaluate", "--predictions", off, "--data", data, "--datasets", "test_d075", "--out", tmp_path / "o2")
+    m = json.loads((tmp_path / "o2" / "metrics.json").read_text())["datasets"]["test_d075"]
+    assert m["auc"]["70"] == 0.0 and m["auc"]["140"] == 1.0
+
+
+def bad(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_bad_input_to_evaluate(data, tmp_path):
+    bad(run_cli("evaluate", "--detector", "trackpy", "--data", tmp_path / "nope", "--out", tmp_path / "o"),
+        "nope: no such data folder")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("frame,x,y\n0,1,2\n")
+    bad(run_cli("evaluate", "--predictions", nocol, "--data", data / "test_d075.h5", "--out", tmp_path / "o"),
+        "nocol.csv", "missing column(s) score")
+    far = tmp_path / "far.csv"
+    far.write_text("frame,x,y,score\n0,1,2,1\n5000,1,2,1\n")
+    bad(run_cli("evaluate", "--predictions", far, "--data", data / "test_d075.h5", "--out", tmp_path / "o"),
+        "far.csv", "frame 5000 is out of range")
+    text = tmp_path / "text.csv"
+    text.write_text("frame,x,y,score\n0,a,2,1\n")
+    bad(run_cli("evaluate", "--predictions", text, "--data", data / "test_d075.h5", "--out", tmp_path / "o"),
+        "column x must be numeric")
+    bad(run_cli("evaluate", "--predictions", far, "--data", data, "--out", tmp_path / "o"), "pick it with --datasets")
+    bad(run_cli("evaluate", "--detector", "trackpy", "--data", data, "--tune-on", "test_d075", "--out", tmp_path / "o"),
+        "would leak")
+    bad(run_cli("evaluate", "--data", data, "--out", tmp_path / "o"), "exactly one of")
+    bad(run_cli("evaluate", "--detector", "magic", "--data", data, "--out", tmp_path / "o"), "unknown")
