@@ -16,6 +16,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/factory build datasets.yaml --out data --overwrite
 	$(VENV)/bin/factory inspect data --brief
+	$(VENV)/bin/factory evaluate --detector trackpy --data data --out runs/demo/trackpy --quiet
 
 test: $(STAMP)
 	$(PY) -m pytest -q

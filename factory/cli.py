@@ -55,22 +55,113 @@ def build(
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Output folder for the stores."),
     fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Store format: <out>/<name>.h5 or <out>/<name>.zarr."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Build only this dataset (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores that already exist."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores that already exist (with --shard: rebuild a complete shard)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Build only shard I/N (I from 0) of each dataset, or 'auto' inside a SLURM array job."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Build the datasets of CONFIG into chunked, compressed stores.
 
     Each image is simulated from its own random stream (seed, dataset, index), so the
-    same config gives the same bytes on any number of threads.  Stores are written
-    under a temporary name and renamed when complete.
+    same config gives the same bytes on any number of threads, processes or shards.
+    Stores are written under a temporary name and renamed when complete.  With
+    --shard, rerunning skips shards that are complete and valid; `factory finalize`
+    then assembles them.
     """
     from .build import build as build_stores
     from .config import load_config
+    from .shards import parse_shard
 
     cfg = load_config(config)
-    results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet)
+    shard_spec = parse_shard(shard) if shard is not None else None
+    results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet, shard=shard_spec)
     for r in results:
-        typer.echo(f"{r.path}: {r.n_images} images, {r.bytes_on_disk / 1e6:.1f} MB, {r.seconds:.2f} s")
+        if r.skipped:
+            typer.echo(f"{r.path}: complete and valid, skipped")
+        elif shard_spec is not None:
+            typer.echo(f"{r.path}: {r.n_images} images, {r.seconds:.2f} s")
+        else:
+            typer.echo(f"{r.path}: {r.n_images} images, {r.bytes_on_disk / 1e6:.1f} MB, {r.seconds:.2f} s")
+
+
+@app.command()
+@user_errors
+def finalize(
+    config: Path = typer.Argument(..., help="The datasets YAML the shards were built from."),
+    out: Path = typer.Option(Path("data"), "--out", "-o", help="The folder the shards were built into."),
+    fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Format the shards were built in."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Finalize only this dataset (repeatable)."),
+    copy: bool = typer.Option(False, "--copy", help="HDF5: write one self-contained file instead of a virtual dataset over the shard files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Check every shard (present, same config, checksums) and publish the stores.
+
+    HDF5: <out>/<name>.h5 becomes a virtual dataset over <out>/<name>.shards/ (keep that
+    folder beside it) or, with --copy, one self-contained file.  Zarr: the shards are
+    recorded in the store and its metadata consolidated.  A missing or corrupt shard
+    is an error naming the shards to rerun.
+    """
+    from .build import finalize as finalize_stores
+    from .config import load_config
+
+    cfg = load_config(config)
+    for path in finalize_stores(cfg, out, fmt.value, only, copy, progress=not quiet):
+        typer.echo(f"{path}: finalized")
+
+
+@app.command()
+@user_errors
+def verify(
+    path: Path = typer.Argument(..., help="A store (.h5 / .zarr) or a folder of stores."),
+) -> None:
+    """Check finished stores: complete, every shard's checksums, config hash."""
+    from .build import verify_store
+    from .inspect_store import find_stores
+
+    failed = False
+    for p in find_stores(path):
+        problems = verify_store(p)
+        if problems:
+            failed = True
+            for line in problems:
+                typer.echo(f"error: {line}", err=True)
+        else:
+            typer.echo(f"{p}: ok")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def slurm(
+    config: Path = typer.Argument(..., help="Datasets YAML file."),
+    shards: int = typer.Option(..., "--shards", min=1, help="Array tasks (shards per dataset)."),
+    out: Path = typer.Option(Path("data"), "--out", "-o", help="Output folder (on a filesystem every node sees)."),
+    fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Store format."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Only this dataset (repeatable)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition."),
+    time_limit: str = typer.Option("01:00:00", "--time", help="Time limit per task (SLURM format)."),
+    cpus: int = typer.Option(2, "--cpus", min=1, help="CPUs per task (Numba threads)."),
+    mem: str = typer.Option("4G", "--mem", help="Memory per task (SLURM format)."),
+    copy: bool = typer.Option(False, "--copy", help="HDF5: finalize into one self-contained file."),
+    submit: bool = typer.Option(False, "--submit", help="Submit both jobs with sbatch."),
+) -> None:
+    """Write an sbatch array job that builds the shards and a finalize job that runs
+    after it (afterok), into <out>/slurm/; --submit submits both."""
+    from .config import load_config
+    from .slurm import sbatch_scripts, submit as submit_jobs, write_scripts
+
+    cfg = load_config(config)
+    cfg.select(only)
+    build_script, fin_script = write_scripts(
+        sbatch_scripts(config, out, shards, fmt.value, only, partition, time_limit, cpus, mem, copy),
+        Path(out) / "slurm")
+    typer.echo(f"wrote {build_script}\nwrote {fin_script}")
+    if submit:
+        array, fin = submit_jobs(build_script, fin_script)
+        typer.echo(f"submitted array job {array} ({shards} tasks) and finalize job {fin} (afterok:{array})")
+    else:
+        typer.echo(f"submit with: jid=$(sbatch --parsable {build_script}) && "
+                   f"sbatch --dependency=afterok:$jid {fin_script}")
 
 
 @app.command()

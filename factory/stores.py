@@ -114,6 +114,10 @@ class HDF5Writer:
             data = batch[name]
             dset[start:start + len(data)] = data
 
+    def set_attrs(self, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
+
     def close(self) -> None:
         self.file.close()
 
@@ -152,6 +156,9 @@ class ZarrWriter:
         for name, arr in self.arrays.items():
             data = batch[name]
             arr[start:start + len(data)] = data
+
+    def set_attrs(self, attrs: dict) -> None:
+        self.group.attrs.update(attrs)
 
     def close(self) -> None:
         pass

@@ -26,6 +26,7 @@ class _LazyStore:
         self.path = Path(path)
         self._store = None
         self._pid = None
+        self._small = None
         with Store(self.path) as st:
             self.length = len(st)
             self.names = st.names
@@ -38,12 +39,30 @@ class _LazyStore:
         if self._store is None or self._pid != os.getpid():
             self._store = Store(self.path)
             self._pid = os.getpid()
+            self._small = None
         return self._store
+
+    SMALL = ("centroids", "n_particles", "diffusion")
+    SMALL_LIMIT = 64 * 2**20  # bytes of per-image metadata worth holding in memory
+
+    def small(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows a..b of a per-image metadata array, from memory when it is small.
+
+        Reading these whole once per process saves three reads per batch (each read of
+        a Zarr array costs about a millisecond however small)."""
+        st = self.get()
+        if self._small is None:
+            size = sum(np.prod(st[n].shape) * st[n].dtype.itemsize for n in self.SMALL)
+            self._small = {n: st.read(n) for n in self.SMALL} if size <= self.SMALL_LIMIT else {}
+        if name in self._small:
+            return self._small[name][a:b]
+        return np.asarray(st[name][a:b])
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_store"] = None
         state["_pid"] = None
+        state["_small"] = None
         return state
 
     def close(self) -> None:
@@ -86,8 +105,8 @@ class StoreDataset(Dataset):
         st = self.store.get()
         j = int(self.indices[i])
         image = np.asarray(st["images"][j], np.float32)
-        target = _targets(st["centroids"][j:j + 1], st["n_particles"][j:j + 1],
-                          st["diffusion"][j:j + 1])[0]
+        s = self.store.small
+        target = _targets(s("centroids", j, j + 1), s("n_particles", j, j + 1), s("diffusion", j, j + 1))[0]
         image = torch.from_numpy(image)[None]
         target["index"] = j
         if self.transform is not None:
@@ -138,12 +157,8 @@ class StoreBatches(Dataset):
         a = self.start + b * self.batch_size
         z = min(a + self.batch_size, self.stop)
         images = np.asarray(st["images"][a:z], np.float32)
-        targets = {
-            "centroids": np.asarray(st["centroids"][a:z]),
-            "n_particles": np.asarray(st["n_particles"][a:z]),
-            "diffusion": np.asarray(st["diffusion"][a:z]),
-            "index": np.arange(a, z),
-        }
+        targets = {name: self.store.small(name, a, z) for name in _LazyStore.SMALL}
+        targets["index"] = np.arange(a, z)
         if self.shuffle_within:
             perm = np.random.default_rng([self.seed, self.epoch, b]).permutation(z - a)
             images = images[perm]

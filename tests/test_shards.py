@@ -1,0 +1,197 @@
+"""Sharded builds: invariance to the split, resume after SIGKILL, finalize and verify."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run_cli
+from factory.shards import parse_shard, shard_range
+from factory.stores import Store
+
+CONFIG = {
+    "seed": 21,
+    "defaults": {"output": {"chunk_images": 64}},
+    "datasets": {
+        "a": {"n_images": 900},
+        "b": {"n_images": 150, "particles": {"count": {"type": "poisson", "mean": 2, "max": 4}}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    cfg = root / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    for fmt in ("hdf5", "zarr"):
+        r = run_cli("build", cfg, "--out", root / f"single-{fmt}", "--format", fmt, "-q")
+        assert r.returncode == 0, r.stderr
+    return root, cfg
+
+
+def arrays(path):
+    with Store(path) as st:
+        return {n: st.read(n) for n in st.names}
+
+
+def assert_identical(a, b):
+    a, b = arrays(a), arrays(b)
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes(), n
+
+
+def shard_cmd(cfg, out, fmt, spec):
+    return [sys.executable, "-m", "factory.cli", "build", str(cfg), "--out", str(out),
+            "--format", fmt, "--shard", spec, "-q"]
+
+
+EXT = {"hdf5": ".h5", "zarr": ".zarr"}
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+@pytest.mark.parametrize("count", [1, 3, 7])
+def test_any_split_gives_the_single_process_bytes(setup, fmt, count):
+    root, cfg = setup
+    out = root / f"{fmt}-{count}"
+    # All shards at once (3 and 7 processes race to create the Zarr store).
+    procs = [subprocess.Popen(shard_cmd(cfg, out, fmt, f"{i}/{count}"), stderr=subprocess.PIPE)
+             for i in range(count)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q")
+    assert r.returncode == 0, r.stderr
+    for name in ("a", "b"):
+        assert_identical(root / f"single-{fmt}" / f"{name}{EXT[fmt]}", out / f"{name}{EXT[fmt]}")
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and r.stdout.count(": ok") == 2, r.stderr
+
+
+def test_copy_finalize_is_self_contained(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "o"
+    for i in range(3):
+        assert run_cli("build", cfg, "--out", out, "--shard", f"{i}/3", "-q").returncode == 0
+    assert run_cli("finalize", cfg, "--out", out, "--copy", "-q").returncode == 0
+    import shutil
+
+    shutil.rmtree(out / "a.shards")
+    assert_identical(root / "single-hdf5" / "a.h5", out / "a.h5")
+    assert run_cli("verify", out / "a.h5").returncode == 0
+
+
+def test_shard_ranges_are_whole_chunks_covering_everything():
+    for n, chunk, count in [(900, 64, 7), (150, 64, 3), (64, 64, 5), (10**6, 256, 100)]:
+        ranges = [shard_range(n, chunk, i, count) for i in range(count)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        for (a, b), (c, d) in zip(ranges, ranges[1:]):
+            assert b == c
+        for a, b in ranges:
+            assert a % chunk == 0 and (b % chunk == 0 or b == n)
+
+
+def test_shard_auto_reads_slurm_variables():
+    env = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10"}
+    assert parse_shard("auto", env) == (2, 4)
+    assert parse_shard("3/8") == (3, 8)
+    from factory.errors import FactoryError
+
+    for bad in ("8/8", "x", "-1/3"):
+        with pytest.raises(FactoryError):
+            parse_shard(bad)
+    with pytest.raises(FactoryError, match="SLURM_ARRAY_TASK_ID"):
+        parse_shard("auto", {})
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_sigkill_mid_way_then_rerun_gives_the_same_bytes(setup, tmp_path, fmt):
+    root, _ = setup
+    big = dict(CONFIG, datasets={"k": {"n_images": 60000, "output": {"chunk_images": 256}}})
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text(yaml.safe_dump(big))
+    ref = tmp_path / "ref"
+    assert run_cli("build", cfg, "--out", ref, "--format", fmt, "-q").returncode == 0
+    out = tmp_path / "o"
+    for i in range(2):
+        proc = subprocess.Popen(shard_cmd(cfg, out, fmt, f"{i}/2"))
+        # Kill each shard once it has started writing (or at the latest after 20 s).
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+            if any(p.stat().st_size > 1_000_000 for p in written):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Nothing looks complete after the kill.
+        assert run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q").returncode == 2
+        assert not (out / f"k{EXT[fmt]}").exists() or run_cli("verify", out / f"k{EXT[fmt]}").returncode != 0
+    for i in range(2):
+        assert run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", f"{i}/2", "-q").returncode == 0
+    r = run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", "1/2")
+    assert "complete and valid, skipped" in r.stdout
+    assert run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q").returncode == 0
+    assert_identical(ref / f"k{EXT[fmt]}", out / f"k{EXT[fmt]}")
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_deleted_or_corrupted_shard_is_named(setup, tmp_path, fmt):
+    _, cfg = setup
+    out = tmp_path / "o"
+    for i in range(3):
+        assert run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", f"{i}/3", "-q").returncode == 0
+    assert run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q").returncode == 0
+    if fmt == "hdf5":
+        victim = out / "a.shards" / "shard-00001-of-00003.h5"
+        data = bytearray(victim.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4000] = bytes(4000)
+        victim.write_bytes(bytes(data))
+        (out / "b.shards" / "shard-00002-of-00003.h5").unlink()
+    else:
+        chunk = sorted((out / "a.zarr" / "images" / "c").iterdir(), key=lambda p: int(p.name))[5]
+        for f in chunk.rglob("*"):
+            if f.is_file():
+                f.unlink()
+        (out / "b.zarr.shards" / "shard-00002-of-00003.json").unlink()
+    r = run_cli("verify", out)
+    assert r.returncode == 1 and "shard-00001-of-00003" in r.stderr, r.stderr
+    if fmt == "hdf5":
+        assert "b.shards/shard-00002-of-00003.h5 is missing" in r.stderr
+    r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q", "--only", "a")
+    assert r.returncode == 2 and "shard-00001-of-00003" in r.stderr and "--shard 1/3" in r.stderr
+    r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q", "--only", "b")
+    assert r.returncode == 2 and "shard-00002-of-00003 (" in r.stderr and "missing" in r.stderr and "--shard 2/3" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_different_split_in_the_same_folder_is_refused(setup, tmp_path):
+    _, cfg = setup
+    out = tmp_path / "o"
+    assert run_cli("build", cfg, "--out", out, "--shard", "0/3", "-q", "--only", "a").returncode == 0
+    r = run_cli("build", cfg, "--out", out, "--shard", "0/4", "-q", "--only", "a")
+    assert r.returncode == 2 and "3-way split" in r.stderr
+
+
+def test_slurm_scripts(setup, tmp_path):
+    _, cfg = setup
+    r = run_cli("slurm", cfg, "--shards", "5", "--out", tmp_path / "o", "--partition", "short",
+                "--time", "00:30:00", "--cpus", "4", "--mem", "8G")
+    assert r.returncode == 0, r.stderr
+    build = (tmp_path / "o" / "slurm" / "build.sbatch").read_text()
+    fin = (tmp_path / "o" / "slurm" / "finalize.sbatch").read_text()
+    for needle in ("#SBATCH --array=0-4", "#SBATCH --cpus-per-task=4", "#SBATCH --partition=short",
+                   "#SBATCH --time=00:30:00", "#SBATCH --mem=8G", "build_%A_%a.out",
+                   'NUMBA_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', "NUMBA_CACHE_DIR=", "${SLURM_JOB_ID}",
+                   "HDF5_USE_FILE_LOCKING=FALSE", "--shard auto"):
+        assert needle in build, needle
+    assert "factory.cli finalize" in fin and "--kill-on-invalid-dep=yes" in fin
+    assert "afterok" in r.stdout
+    r = run_cli("slurm", cfg, "--shards", "5", "--out", tmp_path / "o", "--time", "soon")
+    assert r.returncode == 2 and "--time soon" in r.stderr
