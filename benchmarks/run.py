@@ -173,6 +173,44 @@ def bench_loader(args):
     return results
 
 
+@section("shards")
+def bench_shards(args):
+    """Sharded build throughput with 1 and 2 local processes; projection for 10M images."""
+    import yaml
+
+    n = 60000
+    cfg_text = {"seed": 1, "datasets": {"big": {"n_images": n}}}
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        cfg = Path(tmp) / "big.yaml"
+        cfg.write_text(yaml.safe_dump(cfg_text))
+
+        def run(procs: int, threads: int) -> float:
+            out = Path(tmp) / f"o{procs}"
+            cmds = [[sys.executable, "-m", "factory.cli", "build", str(cfg), "--out", str(out),
+                     "--shard", f"{i}/{procs}", "--overwrite", "-q"] for i in range(procs)]
+            env = {**os.environ, "NUMBA_NUM_THREADS": str(threads)}
+            t0 = time.perf_counter()
+            ps = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in cmds]
+            assert all(p.wait() == 0 for p in ps)
+            return time.perf_counter() - t0
+
+        run(1, 1)  # warm the JIT cache
+        one = statistics.median(run(1, 1) for _ in range(3))
+        two = statistics.median(run(2, 1) for _ in range(3))
+        print(f"1 process  x 1 thread : {n / one:8.0f} images/s ({one:.2f} s for {n}, process start included)")
+        print(f"2 processes x 1 thread: {n / two:8.0f} images/s ({two:.2f} s), speed-up {one / two:.2f}x")
+        per_core = n / one
+        tasks, total, cores = 100, 10_000_000, 4
+        secs = total / tasks / (per_core * cores * 0.9)
+        print(f"projection: 10M images (trajectories included, ~{total * 7465 / 1e6 / 1e3:.0f} GB) on a "
+              f"{tasks}-task array with {cores} cores per task at 90% scaling: about {secs:.0f} s per task "
+              f"plus start-up and JIT (~10 s)")
+        results = {"one_process_images_s": n / one, "two_processes_images_s": n / two,
+                   "projection_10M_100_tasks_s": secs}
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")
