@@ -211,6 +211,36 @@ def bench_shards(args):
     return results
 
 
+@section("predict")
+def bench_predict(args):
+    """Prediction throughput on the CPU: the default model vs the TrackPy baseline."""
+    from factory.config import load_config
+    from factory.kernel import simulate
+    from factory.perf import tune_malloc
+    from models.registry import NetDetector, family
+    from models.trackpy_detector import TrackPyDetector
+
+    tune_malloc()
+    cfg = load_config(ROOT / "datasets.yaml")
+    images = simulate(cfg.datasets["test_d075"], cfg.seed, 0, 1000)["images"]
+    fam = family("spotnet")
+    # Speed does not depend on the weights: an untrained SpotNet as shipped (flip TTA on).
+    results = {}
+    tp = TrackPyDetector()
+    tp.detect(images[:20])
+    t_tp = median_time(lambda: tp.detect(images), repeats=3)
+    print(f"TrackPy (locate, diameter 7):         {len(images) / t_tp:8.0f} images/s  (reference)")
+    results["trackpy"] = len(images) / t_tp
+    for label, params in (("SpotNet, flip TTA (default)", {}), ("SpotNet, no TTA", {"flip_tta": False})):
+        det = NetDetector(fam, fam.build(**{**fam.defaults, **params}))
+        det.detect(images[:64])
+        t = median_time(lambda: det.detect(images), repeats=3)
+        r = len(images) / t
+        print(f"{label:<37} {r:8.0f} images/s  ({r * t_tp / len(images):.2f}x TrackPy; goal 10x)")
+        results[label] = r
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")

@@ -280,6 +280,83 @@ def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: st
     return det
 
 
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+@user_errors
+def train(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="spotnet (default model), gridnet, densitynet or keypointrcnn."),
+    data: Path = typer.Option(..., "--data", "-d", help="Folder with the train and val stores (factory build)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, best.pt, last.pt, metrics.json."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/); --model overrides its model."),
+    device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model already in --out."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's epochs."),
+    max_train_images: Optional[int] = typer.Option(None, "--max-train-images", min=1, help="Use only the first N training images."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a detector on simulated data, keeping the epoch with the best validation AUC.
+
+    Optimiser, schedule and seed come from the config; the run folder can be passed to
+    `factory evaluate --model` and `factory predict`."""
+    from models.train import fit, load_train_config
+
+    overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images}.items() if v is not None}
+    cfg = load_train_config(config, model, overrides)
+    if overwrite and not resume:
+        for name in ("best.pt", "last.pt", "metrics.json", "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+    m = fit(cfg, data, out, device.value, resume, progress=not quiet)
+    best = m["history"][m["best_epoch"] - 1]["val_auc"]
+    typer.echo(f"{out}: best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
+               f"{best['70']:.3f} / {best['140']:.3f} / {best['210']:.3f} at 70 / 140 / 210 nm, "
+               f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
+
+
+@app.command()
+@user_errors
+def predict(
+    model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy'."),
+    input: Path = typer.Argument(..., help="TIFF (one image or a T x H x W stack), .npy, or a store."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: frame, x, y, score (+ sigma), pixel-centre origin."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-6, help="Also write x_um, y_um (and sigma_um)."),
+    all_scores: bool = typer.Option(False, "--all", help="Keep every candidate, not only those above the model's tuned threshold."),
+    device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Localise particles in real recordings with a trained model (any image size)."""
+    from models.predict import load_detector, predict as run_predict, read_images
+
+    if out.suffix.lower() != ".csv":
+        raise FactoryError(f"{out}: --out must be a .csv file")
+    det = load_detector(model, device.value)
+    images = read_images(input)
+    table = run_predict(det, images, pixel_size_um, progress=not quiet)
+    thr = getattr(det, "threshold", None)
+    if thr is not None and not all_scores:
+        table = table[table.score >= thr]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    typer.echo(f"{out}: {len(table)} localisations in {len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px")
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Path = typer.Argument(..., help="Folder holding evaluation run folders (e.g. runs/demo)."),
+    data: Path = typer.Option(Path("data"), "--data", "-d", help="Folder with the test stores."),
+) -> None:
+    """Write <runs>/report.md: Table 1 with the paper's rows and every evaluated detector,
+    the other metrics, PR curves and predictions drawn over test images."""
+    from models.report import write_report
+
+    typer.echo(str(write_report(runs, data)))
+
+
 @app.command()
 def schema() -> None:
     """List every config field with its type, default (the paper's values) and limits."""
@@ -293,7 +370,10 @@ def schema() -> None:
 
 
 def main() -> None:
+    from .perf import tune_malloc
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tune_malloc()
     app()
 
 

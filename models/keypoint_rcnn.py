@@ -1,0 +1,90 @@
+"""Keypoint R-CNN, the seed paper's detector (torchvision), sized for small images.
+
+torchvision's default transform rescales images to 800 px; a 24 x 25 image is instead
+rescaled to ``min_size`` (128 px by default, x 5.3), so a 6 px spot box becomes about
+32 px and the anchors (one square size per FPN level, 16 - 128 px) are chosen for that.
+One class (particle) and one keypoint (the trajectory centroid).  Weights: trained
+from scratch by default; ``weights_path`` loads a user-supplied file (for example
+torchvision's COCO keypoint weights fetched elsewhere), keeping every tensor whose
+shape fits (the COCO heads with 91 classes / 17 keypoints are re-initialised).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torchvision.models.detection import KeypointRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from loaders.targets import keypoint_decode, keypoint_target
+
+from .nets import normalize_images
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"backbone": "resnet18", "min_size": 128, "max_size": 1024, "box_half_px": 3.0,
+            "weights_path": None}
+TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 8}
+
+
+class SmallKeypointRCNN(torch.nn.Module):
+    def __init__(self, backbone: str = "resnet18", min_size: int = 128, max_size: int = 1024,
+                 box_half_px: float = 3.0, weights_path: str | None = None):
+        super().__init__()
+        self.box_half_px = box_half_px
+        fpn = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5)
+        anchors = AnchorGenerator(sizes=((16,), (32,), (48,), (64,), (128,)), aspect_ratios=((1.0,),) * 5)
+        self.net = KeypointRCNN(
+            fpn, num_classes=2, num_keypoints=1, min_size=min_size, max_size=max_size,
+            # Images arrive standardised per image: no ImageNet statistics.
+            image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+            rpn_anchor_generator=anchors, box_score_thresh=0.0, box_detections_per_img=100,
+        )
+        if weights_path:
+            load_matching(self.net, weights_path)
+
+    def inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = normalize_images(images)
+        return [im.expand(3, -1, -1) for im in x]
+
+    def forward(self, images: torch.Tensor, targets=None):
+        return self.net(self.inputs(images), targets)
+
+
+def load_matching(model: torch.nn.Module, path: str) -> None:
+    """Load every tensor of a state dict whose name and shape match the model."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(keep, strict=False)
+    log.info("loaded %d of %d tensors from %s", len(keep), len(own), path)
+
+
+def build(**params) -> SmallKeypointRCNN:
+    return SmallKeypointRCNN(**{**DEFAULTS, **params})
+
+
+def loss(model: SmallKeypointRCNN, images: torch.Tensor, centroids: torch.Tensor):
+    model.train()
+    targets = []
+    for c in centroids:
+        c = c[torch.isfinite(c).all(-1)]
+        t = keypoint_target(c.cpu().numpy(), model.box_half_px)
+        targets.append({k: v.to(images.device) for k, v in t.items()})
+    losses = model(images, targets)
+    return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+
+
+@torch.no_grad()
+def predict(model: SmallKeypointRCNN, images: torch.Tensor, min_score: float = 0.01):
+    model.eval()
+    res = []
+    for out in model(images):
+        keep = out["scores"] >= min_score
+        xy, s = keypoint_decode({"keypoints": out["keypoints"][keep], "scores": out["scores"][keep]})
+        res.append((xy, s, None))
+    return res
+

@@ -1,0 +1,94 @@
+"""Building blocks shared by the networks: convolutions, squeeze-excitation, residual
+blocks, a U-Net, and padding so any image size works."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation: counts of any gain or background become comparable."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True)
+    return (x - mean) / (std + 1e-3)
+
+
+def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (replicate) bottom/right to a multiple of ``m``; returns the original (H, W)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int, dilation: int = 1, norm: str = "batch"):
+        layers = [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False)]
+        layers.append(nn.BatchNorm2d(cout) if norm == "batch" else nn.InstanceNorm2d(cout, affine=True))
+        layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention of deepBlink's blocks."""
+
+    def __init__(self, c: int, r: int = 4):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c, max(c // r, 4)), nn.ReLU(inplace=True),
+                                nn.Linear(max(c // r, 4), c), nn.Sigmoid())
+
+    def forward(self, x):
+        w = self.fc(x.mean(dim=(-2, -1)))
+        return x * w[:, :, None, None]
+
+
+class ResBlock(nn.Module):
+    """Two 3 x 3 convolutions with a skip; optional squeeze-excitation."""
+
+    def __init__(self, cin: int, cout: int, dilation: int = 1, se: bool = False, norm: str = "batch"):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBlock(cin, cout, dilation, norm),
+            nn.Conv2d(cout, cout, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout) if norm == "batch" else nn.InstanceNorm2d(cout, affine=True),
+        )
+        self.se = SqueezeExcite(cout) if se else nn.Identity()
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return F.relu(self.se(self.body(x)) + self.skip(x))
+
+
+class UNet(nn.Module):
+    """A small U-Net: ``depth`` poolings, residual blocks, dilated bottleneck.
+
+    Returns full-resolution features with ``widths[0]`` channels, or, with
+    ``out_stride`` = 2**k, the decoder's features at that stride."""
+
+    def __init__(self, cin: int = 1, widths=(32, 64, 128), se: bool = False, norm: str = "batch",
+                 out_stride: int = 1, bottleneck_dilations=(1, 2)):
+        super().__init__()
+        self.depth = len(widths) - 1
+        self.stem = ResBlock(cin, widths[0], se=se, norm=norm)
+        self.down = nn.ModuleList(ResBlock(widths[i], widths[i + 1], se=se, norm=norm) for i in range(self.depth))
+        self.mid = nn.Sequential(*[ResBlock(widths[-1], widths[-1], dilation=d, se=se, norm=norm)
+                                   for d in bottleneck_dilations])
+        levels = self.depth - (out_stride.bit_length() - 1)
+        self.up = nn.ModuleList(ResBlock(widths[i + 1] + widths[i], widths[i], se=se, norm=norm)
+                                for i in reversed(range(self.depth - levels, self.depth)))
+        self.multiple = 2 ** self.depth
+        self.out_channels = widths[self.depth - levels]
+
+    def forward(self, x):
+        skips = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        y = self.mid(skips.pop())
+        for up in self.up:
+            skip = skips.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="nearest")
+            y = up(torch.cat([y, skip], dim=1))
+        return y

@@ -1,0 +1,80 @@
+"""Run a detector on users' recordings: TIFF, .npy or a store -> a localisation CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from factory.errors import FactoryError
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store."""
+    path = Path(path)
+    if not path.exists():
+        raise FactoryError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            a = tifffile.imread(path)
+        elif suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+        elif suffix in (".h5", ".hdf5", ".zarr"):
+            from factory.stores import Store
+
+            with Store(path) as st:
+                a = st.read("images")
+        else:
+            raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
+    except FactoryError:
+        raise
+    except Exception as exc:  # a corrupt file can raise anything from the reader
+        raise FactoryError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4:
+        raise FactoryError(f"{path}: looks like a colour image {a.shape}; give single-channel frames (H x W or T x H x W)")
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise FactoryError(f"{path}: expected one image (H x W) or a stack (T x H x W), got shape {a.shape}")
+    if min(a.shape[1:]) < 8:
+        raise FactoryError(f"{path}: images of {a.shape[1]} x {a.shape[2]} px are too small (at least 8 x 8)")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise FactoryError(f"{path}: contains NaN or infinite pixels")
+    return a
+
+
+def load_detector(spec: str | Path, device: str = "cpu"):
+    """'trackpy', a TrackPy parameter JSON, or a model run folder."""
+    from .registry import load_model
+    from .trackpy_detector import TrackPyDetector
+
+    if str(spec) == "trackpy":
+        return TrackPyDetector()
+    p = Path(spec)
+    if p.suffix == ".json" and p.is_file():
+        try:
+            return TrackPyDetector.from_json(p)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FactoryError(f"{p}: not a TrackPy parameter file ({exc})") from None
+    if not p.exists():
+        raise FactoryError(f"{p}: no such model (a run folder from `factory train`, a trackpy.json, or 'trackpy')")
+    return load_model(p, device)
+
+
+def predict(detector, images: np.ndarray, pixel_size_um: float | None = None,
+            progress: bool = False) -> pd.DataFrame:
+    table = detector.detect(images, progress=progress)
+    if pixel_size_um is not None:
+        table["x_um"] = table["x"] * pixel_size_um
+        table["y_um"] = table["y"] * pixel_size_um
+        if "sigma" in table:
+            table["sigma_um"] = table["sigma"] * pixel_size_um
+    return table

@@ -1,0 +1,69 @@
+"""The demo report: every evaluated detector of a runs folder in one Table 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from factory.stores import Store
+
+from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, table1
+
+
+def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
+    """label -> (folder, metrics) for every evaluation run folder under ``runs``."""
+    found = {}
+    for m in sorted(Path(runs).glob("*/metrics.json")):
+        data = json.loads(m.read_text())
+        if "datasets" in data and "detector" in data:
+            found[data["detector"]] = (m.parent, data)
+    return found
+
+
+def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
+    from factory.preview import preview
+
+    runs = Path(runs)
+    evals = collect(runs)
+    tests = {p.stem: p for p in find_test_stores(data)}
+    diffusions = {}
+    for name, p in tests.items():
+        with Store(p) as st:
+            diffusions[name] = dataset_diffusion(st)
+    rows = {label: {} for label in PAPER_ROWS}
+    # TrackPy first, then the networks, as in the paper's table.
+    for label, (_, m) in sorted(evals.items(), key=lambda kv: (not kv[0].startswith("TrackPy"), kv[0])):
+        rows[label] = m["datasets"]
+    md, df = table1(rows, diffusions)
+    df.to_csv(runs / "report_table.csv", index=False)
+    lines = ["# Demo report", "", "AUC of the precision-recall curve at 70 / 140 / 210 nm gates "
+             "(seed paper, Table 1), on the default test sets built from `datasets.yaml`.", "", md]
+    lines += ["", "## Other metrics (F1 at 2 px, RMSE of matched pairs, deepBlink's F1 integral)", "",
+              "| detector | dataset | F1 integral | F1 | RMSE (px) |", "| --- | --- | --- | --- | --- |"]
+    for label, (_, m) in evals.items():
+        for name, v in m["datasets"].items():
+            lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_px']:.3f} |")
+    lines += ["", "## PR curves", ""]
+    for label, (folder, _) in evals.items():
+        pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())
+        lines.append(f"**{label}**  \n{pics}\n")
+    # Predictions of the best network (or TrackPy) drawn over a few test images.
+    nets = [(label, folder) for label, (folder, _) in evals.items() if not label.startswith("TrackPy")]
+    label, folder = (nets or [(lbl, f) for lbl, (f, _) in evals.items()])[0]
+    first = next(iter(tests))
+    pred_csv = folder / f"predictions_{first}.csv"
+    if pred_csv.exists():
+        pred = pd.read_csv(pred_csv)
+        thr = json.loads((folder / "metrics.json").read_text()).get("threshold")
+        if thr is not None:
+            pred = pred[pred.score >= thr]
+        preview(tests[first], runs / "preview_predictions.png", preview_n, 0, pred)
+        lines += ["## Predictions", "",
+                  f"{label} on the first {preview_n} images of {first}: true trajectories (green lines), "
+                  "true centroids (green crosses), predictions above the F1 threshold (magenta circles).", "",
+                  "![predictions](preview_predictions.png)", ""]
+    out = runs / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,151 @@
+"""SpotNet, the default model: a U-Net with a full-resolution centre-point head.
+
+For every pixel it predicts a logit that a trajectory centroid lies in the pixel, the
+centroid's sub-pixel offset (dx, dy) from the pixel centre, and a log standard
+deviation of that offset.  Training uses CenterNet's penalty-reduced focal loss on a
+Gaussian heat map and a Gaussian negative log-likelihood on the offsets, so ``sigma``
+is a calibrated per-detection uncertainty in pixels.  Detections are the 3 x 3 local
+maxima of the heat map.  Fully convolutional: any image size, any number of spots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nets import UNet, normalize_images, pad_to_multiple
+
+HEAT_SIGMA_PX = 1.0
+
+
+class SpotNet(nn.Module):
+    def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True):
+        super().__init__()
+        self.flip_tta = flip_tta  # average over the four flips at inference
+        self.unet = UNet(1, tuple(widths), se=se)
+        c = self.unet.out_channels
+        self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 4, 1))
+        # Start from a low prior probability of a spot in each pixel (focal loss practice).
+        nn.init.constant_(self.head[-1].bias, 0.0)
+        with torch.no_grad():
+            self.head[-1].bias[0] = -math.log((1 - 0.01) / 0.01)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) counts -> (B, 4, H, W): heat logit, dx, dy, log sigma."""
+        x, (h, w) = pad_to_multiple(normalize_images(images), self.unet.multiple)
+        return self.head(self.unet(x))[..., :h, :w]
+
+
+def _valid(centroids: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(centroids).all(-1)
+
+
+def heat_target(centroids: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian heat map (B, H, W) peaking at 1 on each centroid's pixel, and the (b, p)
+    index and integer pixel of every valid centroid."""
+    valid = _valid(centroids)
+    px_all = torch.nan_to_num(centroids, nan=0.0).round().long()
+    px_all[..., 0].clamp_(0, w - 1)
+    px_all[..., 1].clamp_(0, h - 1)
+    yy = torch.arange(h, device=centroids.device).view(1, 1, h, 1)
+    xx = torch.arange(w, device=centroids.device).view(1, 1, 1, w)
+    g = torch.exp(-((xx - px_all[..., 0, None, None]) ** 2 + (yy - px_all[..., 1, None, None]) ** 2)
+                  / (2 * HEAT_SIGMA_PX**2)) * valid[..., None, None]
+    heat = g.amax(dim=1) if centroids.shape[1] else torch.zeros(centroids.shape[0], h, w, device=centroids.device)
+    b_idx, p_idx = torch.nonzero(valid, as_tuple=True)
+    return heat.float(), torch.stack([b_idx, p_idx], 1), px_all[b_idx, p_idx]
+
+
+OFFSET_RADIUS_PX = 2  # offsets are trained on the 5 x 5 pixels around each centroid
+
+
+def loss(model: nn.Module, images: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    out = model(images)
+    h, w = out.shape[-2:]
+    heat, idx, px = heat_target(centroids, h, w)
+    logit = out[:, 0]
+    p = torch.sigmoid(logit)
+    pos = torch.zeros_like(heat, dtype=torch.bool)
+    pos[idx[:, 0], px[:, 1], px[:, 0]] = True
+    # CenterNet focal loss, in log-sigmoid form for stability.
+    log_p, log_1p = F.logsigmoid(logit), F.logsigmoid(-logit)
+    pos_loss = -((1 - p) ** 2 * log_p)[pos].sum()
+    neg_loss = -((1 - heat) ** 4 * p**2 * log_1p)[~pos].sum()
+    n = max(int(pos.sum()), 1)
+    focal = (pos_loss + neg_loss) / n
+    if len(idx):
+        # Every pixel near a centroid learns to point at it, so the offset read at a
+        # heat peak one pixel off is still right.  Nearer pixels weigh more.
+        r = OFFSET_RADIUS_PX
+        d = torch.arange(-r, r + 1, device=out.device)
+        dy, dx = torch.meshgrid(d, d, indexing="ij")
+        qx = (px[:, 0, None] + dx.reshape(1, -1))
+        qy = (px[:, 1, None] + dy.reshape(1, -1))
+        inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
+        weight = torch.exp(-(dx**2 + dy**2).reshape(1, -1).float() / (2 * HEAT_SIGMA_PX**2)) * inside
+        b = idx[:, 0, None].expand_as(qx)
+        qxc, qyc = qx.clamp(0, w - 1), qy.clamp(0, h - 1)
+        xy = centroids[idx[:, 0], idx[:, 1]]
+        target = torch.stack([xy[:, 0, None] - qxc, xy[:, 1, None] - qyc], -1)  # (M, K, 2)
+        pred = torch.stack([out[b, 1, qyc, qxc], out[b, 2, qyc, qxc]], -1)
+        log_s = out[b, 3, qyc, qxc].clamp(-6, 3)
+        d2 = ((pred - target) ** 2).sum(-1)
+        norm = weight.sum()
+        l1 = ((pred - target).abs().sum(-1) * weight).sum() / norm
+        nll = ((0.5 * d2 * torch.exp(-2 * log_s) + 2 * log_s) * weight).sum() / norm
+    else:
+        l1 = nll = out.sum() * 0.0
+    total = focal + l1 + 0.1 * nll
+    return total, {"focal": focal.item(), "l1": l1.item(), "nll": nll.item()}
+
+
+@torch.no_grad()
+def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Mean output over the four flips of the input (test-time augmentation).
+
+    Flips are symmetries of the problem (Brownian motion is isotropic and reversible),
+    so each flipped prediction is mapped back (a mirrored x flips the sign of dx) and
+    the four are averaged."""
+    outs = []
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        o = model(images.flip(dims) if dims else images)
+        o = o.flip(dims) if dims else o
+        if -1 in dims:
+            o = torch.cat([o[:, :1], -o[:, 1:2], o[:, 2:]], dim=1)
+        if -2 in dims:
+            o = torch.cat([o[:, :2], -o[:, 2:3], o[:, 3:]], dim=1)
+        outs.append(o)
+    return torch.stack(outs).mean(0)
+
+
+@torch.no_grad()
+def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256):
+    """Local maxima of the heat map -> per image (xy (n, 2), score (n,), sigma (n,)).
+
+    The position is the probability-weighted mean of the centroid estimates
+    (pixel + offset) of the 3 x 3 pixels around each peak."""
+    p = torch.sigmoid(out[:, 0])
+    peak = (p == F.max_pool2d(p[:, None], 3, 1, 1)[:, 0]) & (p >= min_score)
+    h, w = p.shape[-2:]
+    rows = torch.arange(h, dtype=out.dtype).view(1, h, 1).expand_as(p)
+    cols = torch.arange(w, dtype=out.dtype).view(1, 1, w).expand_as(p)
+    ex, ey = cols + out[:, 1], rows + out[:, 2]
+    pool = lambda t: F.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+    pw = pool(p)
+    mx, my = pool(p * ex) / pw, pool(p * ey) / pw
+    results = []
+    for b in range(out.shape[0]):
+        r, c = torch.nonzero(peak[b], as_tuple=True)
+        s = p[b, r, c]
+        if len(s) > max_per_image:
+            keep = torch.topk(s, max_per_image).indices
+            r, c, s = r[keep], c[keep], s[keep]
+        sigma = torch.exp(out[b, 3, r, c].clamp(-6, 3))
+        xy = torch.stack([mx[b, r, c], my[b, r, c]], 1)
+        results.append((xy.cpu().numpy().astype(np.float64), s.cpu().numpy().astype(np.float64),
+                        sigma.cpu().numpy().astype(np.float64)))
+    return results
