@@ -17,6 +17,8 @@ import torch
 from torchvision.models.detection import KeypointRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 
 from loaders.targets import keypoint_decode, keypoint_target
 
@@ -25,22 +27,40 @@ from .nets import normalize_images
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"backbone": "resnet18", "min_size": 128, "max_size": 1024, "box_half_px": 3.0,
-            "weights_path": None}
+            "keypoint_head": [64, 64, 64, 64], "box_head": 256, "proposals": 32, "weights_path": None}
 TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 8}
 
 
 class SmallKeypointRCNN(torch.nn.Module):
     def __init__(self, backbone: str = "resnet18", min_size: int = 128, max_size: int = 1024,
-                 box_half_px: float = 3.0, weights_path: str | None = None):
+                 box_half_px: float = 3.0, keypoint_head: list[int] | None = (64, 64, 64, 64),
+                 box_head: int | None = 256, proposals: int | None = 32, weights_path: str | None = None):
+        """``keypoint_head``: channels of the keypoint head's convolutions; None keeps
+        torchvision's (8 x 512, about 3.7 GFLOP per region: fine on a GPU, hours on a
+        CPU).  ``box_head``: width of the box head's two layers (None: torchvision's
+        1024).  ``proposals``: regions sampled per image (None: torchvision's 2000/512);
+        32 is plenty for images holding a few spots."""
         super().__init__()
         self.box_half_px = box_half_px
         fpn = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5)
         anchors = AnchorGenerator(sizes=((16,), (32,), (48,), (64,), (128,)), aspect_ratios=((1.0,),) * 5)
+        extra = {}
+        if keypoint_head is not None:
+            extra["keypoint_head"] = KeypointRCNNHeads(fpn.out_channels, list(keypoint_head))
+            extra["keypoint_predictor"] = KeypointRCNNPredictor(list(keypoint_head)[-1], 1)
+        if box_head is not None:
+            extra["box_head"] = TwoMLPHead(fpn.out_channels * 7 * 7, box_head)
+            extra["box_predictor"] = FastRCNNPredictor(box_head, 2)
+        if proposals is not None:
+            extra.update(rpn_pre_nms_top_n_train=4 * proposals, rpn_post_nms_top_n_train=proposals,
+                         rpn_pre_nms_top_n_test=2 * proposals, rpn_post_nms_top_n_test=proposals // 2,
+                         rpn_batch_size_per_image=proposals, box_batch_size_per_image=proposals)
         self.net = KeypointRCNN(
-            fpn, num_classes=2, num_keypoints=1, min_size=min_size, max_size=max_size,
+            fpn, num_classes=None if box_head is not None else 2, num_keypoints=None if keypoint_head is not None else 1,
+            min_size=min_size, max_size=max_size,
             # Images arrive standardised per image: no ImageNet statistics.
             image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
-            rpn_anchor_generator=anchors, box_score_thresh=0.0, box_detections_per_img=100,
+            rpn_anchor_generator=anchors, box_score_thresh=0.0, box_detections_per_img=100, **extra,
         )
         if weights_path:
             load_matching(self.net, weights_path)

@@ -49,6 +49,7 @@ class TrainConfig(StrictModel):
     augment_flips: bool = True
     seed: int = 0
     min_score: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    val_tta: bool = False  # flip TTA while selecting epochs (4x slower; applied at deployment anyway)
     threads: Optional[Annotated[int, Field(ge=1)]] = None
 
 
@@ -208,7 +209,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, device: str = "cpu", resume: bo
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         t0 = time.perf_counter()
         stats = train_one_epoch(model, fam, opt, sched, loader, cfg, epoch, device, steps, progress)
-        v = validate(detector, val_images, val_gt)
+        with _tta(model, cfg.val_tta):
+            v = validate(detector, val_images, val_gt)
         model.train()
         row = {"epoch": epoch + 1, "loss": stats["loss"], "val_auc": dict(zip(("70", "140", "210"), v["auc"])),
                "val_mean_auc": v["mean_auc"], "seconds": time.perf_counter() - t0}
@@ -233,6 +235,22 @@ def fit(cfg: TrainConfig, data: Path, out: Path, device: str = "cpu", resume: bo
                "train_seconds": time.perf_counter() - t_start, "device": device}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+class _tta:
+    """Temporarily switch a model's flip test-time augmentation (if it has one)."""
+
+    def __init__(self, model, on: bool):
+        self.model, self.on = model, on
+
+    def __enter__(self):
+        self.saved = getattr(self.model, "flip_tta", None)
+        if self.saved is not None:
+            self.model.flip_tta = self.on
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.model.flip_tta = self.saved
 
 
 def _find_store(data: Path, name: str) -> Path:
