@@ -64,16 +64,16 @@ def test_network_detectors_follow_the_contract(trained, small_set):
     table = det.detect(images[:4])
     assert list(table.columns[:4]) == COLUMNS and table["frame"].dtype == np.int64
     assert np.isfinite(table[["x", "y", "score"]].to_numpy()).all()
-    # Any size: the same spots pasted into a larger noisy field are found at the shifted
-    # place (shifts by multiples of 8 px, the networks' largest pooling stride).
+    # Any size: spots pasted into a larger noisy field are found at the shifted place
+    # (shifts by multiples of 8 px, the networks' largest pooling stride).
+    _, centroids = small_set
     big = np.random.default_rng(1).poisson(8.4, (2, 56, 72)).astype(np.float32)
     big[:, 16:40, 32:57] = images[:2]
     t_big = det.detect(big)
-    t_small = det.detect(images[:2])
     for f in range(2):
-        a = t_small[t_small.frame == f].sort_values("score").iloc[-1]
         b = t_big[t_big.frame == f].sort_values("score").iloc[-1]
-        assert abs(b.x - 32 - a.x) < 0.5 and abs(b.y - 16 - a.y) < 0.5, (name, a, b)
+        err = np.hypot(b.x - 32 - centroids[f, 0, 0], b.y - 16 - centroids[f, 0, 1])
+        assert err < 1.0, (name, f, err)
 
 
 def test_spotnet_sigma_is_a_positive_uncertainty(trained, small_set):
@@ -92,13 +92,14 @@ def test_keypoint_rcnn_trains_and_answers_in_the_contract(small_set):
     torch.manual_seed(0)
     model = fam.build(**{**fam.defaults, "min_size": 64})
     x, c = torch.from_numpy(images[:4])[:, None], torch.from_numpy(centroids[:4])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     losses = []
     for _ in range(8):
         value, parts = fam.loss(model, x, c)
         assert torch.isfinite(value) and set(parts) >= {"loss_keypoint", "loss_classifier"}
         opt.zero_grad()
         value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as the trainer does
         opt.step()
         losses.append(value.item())
     assert losses[-1] < losses[0]

@@ -109,6 +109,17 @@ def test_shard_auto_reads_slurm_variables():
         parse_shard("auto", {})
 
 
+def _written_bytes(out) -> int:
+    """Bytes under ``out``; files vanish while the writer renames its temporaries."""
+    total = 0
+    for p in out.rglob("*") if out.exists() else []:
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
+
+
 @pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
 def test_sigkill_mid_way_then_rerun_gives_the_same_bytes(setup, tmp_path, fmt):
     root, _ = setup
@@ -122,10 +133,7 @@ def test_sigkill_mid_way_then_rerun_gives_the_same_bytes(setup, tmp_path, fmt):
         proc = subprocess.Popen(shard_cmd(cfg, out, fmt, f"{i}/2"))
         # Kill each shard once it has started writing (or at the latest after 20 s).
         deadline = time.time() + 20
-        while time.time() < deadline:
-            written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-            if any(p.stat().st_size > 1_000_000 for p in written):
-                break
+        while time.time() < deadline and _written_bytes(out) < 1_000_000:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
