@@ -31,7 +31,7 @@ class Family:
     predict: Callable  # (model, images, min_score) -> [(xy, score, sigma|None)]
     defaults: dict = field(default_factory=dict)  # network parameters
     train_defaults: dict = field(default_factory=dict)  # overrides of TrainConfig
-    pixels_per_batch: int = 2**22  # inference batch size by image area
+    pixels_per_batch: int = 2**16  # inference batch size by image area (small batches stay in cache)
 
 
 FAMILIES: dict[str, Family] = {}
