@@ -15,6 +15,9 @@ from models.registry import NetDetector, family
 STEPS = {"spotnet": 150, "gridnet": 400, "densitynet": 200}
 # deepBlink's dice loss saturates a sigmoid cell that starts wrong: its gentler rate.
 LR = {"spotnet": 3e-3, "gridnet": 1e-3, "densitynet": 3e-3}
+# Keypoint R-CNN: 8 images rescaled to 64 px (x 2.7) keep the run short on a CPU.
+KRCNN_IMAGES, KRCNN_STEPS, KRCNN_LR = 8, 100, 1e-3
+KRCNN_PARAMS = {"min_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -84,28 +87,30 @@ def test_spotnet_sigma_is_a_positive_uncertainty(trained, small_set):
     assert (table["sigma"] > 0).all() and table["sigma"].median() < 1.0
 
 
-def test_keypoint_rcnn_trains_and_answers_in_the_contract(small_set):
-    """Keypoint R-CNN: a finite loss that falls over a few steps, and contract-shaped
-    output with keypoints converted from torchvision's pixel-corner origin."""
-    images, centroids = small_set
+def test_keypoint_rcnn_overfits_a_small_set_and_answers_in_the_contract(small_set):
+    """Keypoint R-CNN (torchvision, from scratch): boxes, keypoint targets and the
+    pixel-corner conversion agree, so a few images are learnt to sub-pixel precision;
+    the output follows the contract."""
+    images, centroids = small_set[0][:KRCNN_IMAGES], small_set[1][:KRCNN_IMAGES]
     fam = family("keypointrcnn")
     torch.manual_seed(0)
-    model = fam.build(**{**fam.defaults, "min_size": 64})
-    x, c = torch.from_numpy(images[:4])[:, None], torch.from_numpy(centroids[:4])
-    opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
-    losses = []
-    for _ in range(8):
+    model = fam.build(**{**fam.defaults, **KRCNN_PARAMS})
+    x, c = torch.from_numpy(images)[:, None], torch.from_numpy(centroids)
+    opt = torch.optim.Adam(model.parameters(), lr=KRCNN_LR)
+    for _ in range(KRCNN_STEPS):
         value, parts = fam.loss(model, x, c)
         assert torch.isfinite(value) and set(parts) >= {"loss_keypoint", "loss_classifier"}
         opt.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as the trainer does
         opt.step()
-        losses.append(value.item())
-    assert losses[-1] < losses[0]
-    table = NetDetector(fam, model, min_score=0.0).detect(images[:4])
-    assert list(table.columns[:4]) == COLUMNS and len(table) > 0
+    table = NetDetector(fam, model, min_score=0.0).detect(images)
+    assert list(table.columns[:4]) == COLUMNS and table["frame"].dtype == np.int64
     assert table["x"].between(-0.5, 24.5).all() and table["y"].between(-0.5, 23.5).all()
+    top = table.sort_values("score", ascending=False).groupby("frame").head(1).set_index("frame")
+    assert len(top) == len(images)
+    d = np.hypot(top["x"] - centroids[top.index, 0, 0], top["y"] - centroids[top.index, 0, 1])
+    assert np.median(d) < 0.35 and d.max() < 1.0, np.round(d.to_numpy(), 2)
 
 
 # --- the adaptive wing loss and the weight map ----------------------------------------------
