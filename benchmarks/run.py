@@ -217,27 +217,36 @@ def bench_predict(args):
     from factory.config import load_config
     from factory.kernel import simulate
     from factory.perf import tune_malloc
-    from models.registry import NetDetector, family
+    from models.registry import NetDetector, family, load_model
     from models.trackpy_detector import TrackPyDetector
 
     tune_malloc()
     cfg = load_config(ROOT / "datasets.yaml")
     images = simulate(cfg.datasets["test_d075"], cfg.seed, 0, 1000)["images"]
     fam = family("spotnet")
-    # Speed does not depend on the weights: an untrained SpotNet as shipped (flip TTA on).
+    if args.model and (Path(args.model) / "best.pt").exists():
+        trained = load_model(args.model)
+        fam, model, label = trained.family, trained.model, f"trained model {args.model}"
+    else:
+        # Speed hardly depends on the weights; an untrained net finds more (spurious)
+        # peaks to decode, so this errs on the slow side.
+        model, label = fam.build(**fam.defaults), "untrained SpotNet (no runs/demo/model yet)"
+    print(f"1000 images 24 x 25; {label}")
     results = {}
     tp = TrackPyDetector()
     tp.detect(images[:20])
     t_tp = median_time(lambda: tp.detect(images), repeats=3)
     print(f"TrackPy (locate, diameter 7):         {len(images) / t_tp:8.0f} images/s  (reference)")
     results["trackpy"] = len(images) / t_tp
-    for label, params in (("SpotNet, flip TTA (default)", {}), ("SpotNet, no TTA", {"flip_tta": False})):
-        det = NetDetector(fam, fam.build(**{**fam.defaults, **params}))
+    for label, tta in (("SpotNet, flip TTA (default)", True), ("SpotNet, no TTA", False)):
+        model.flip_tta = tta
+        det = NetDetector(fam, model)
         det.detect(images[:64])
         t = median_time(lambda: det.detect(images), repeats=3)
         r = len(images) / t
         print(f"{label:<37} {r:8.0f} images/s  ({r * t_tp / len(images):.2f}x TrackPy; goal 10x)")
         results[label] = r
+    model.flip_tta = True
     return results
 
 
@@ -246,6 +255,8 @@ def main():
     ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    ap.add_argument("--model", default=str(ROOT / "runs" / "demo" / "model"),
+                    help="run folder of the model timed by the predict section (default: the demo's)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores; numba threads: {__import__('numba').get_num_threads()}")
     results = {}

@@ -49,9 +49,13 @@ def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
     for label, (folder, _) in evals.items():
         pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())
         lines.append(f"**{label}**  \n{pics}\n")
-    # Predictions of the best network (or TrackPy) drawn over a few test images.
-    nets = [(label, folder) for label, (folder, _) in evals.items() if not label.startswith("TrackPy")]
-    label, folder = (nets or [(lbl, f) for lbl, (f, _) in evals.items()])[0]
+    # Predictions of the best network (highest mean AUC over all test sets; TrackPy if
+    # there is no network) drawn over a few test images.
+    def mean_auc(m: dict) -> float:
+        return float(pd.DataFrame([v["auc"] for v in m["datasets"].values()]).to_numpy().mean())
+
+    nets = [(mean_auc(m), label, folder) for label, (folder, m) in evals.items() if not label.startswith("TrackPy")]
+    _, label, folder = max(nets or [(mean_auc(m), lbl, f) for lbl, (f, m) in evals.items()], key=lambda t: t[0])
     first = next(iter(tests))
     pred_csv = folder / f"predictions_{first}.csv"
     if pred_csv.exists():

@@ -69,6 +69,27 @@ def test_score_a_users_csv(data, tmp_path):
     assert m["auc"]["70"] == 0.0 and m["auc"]["140"] == 1.0
 
 
+def test_report_gathers_every_evaluation_and_previews_the_best(data, tmp_path):
+    runs = tmp_path / "runs"
+    for name, shift in (("perfect", 0.0), ("offset", 1.5)):
+        csv = tmp_path / f"{name}.csv"
+        truth_csv(data / "test_d075.h5", csv, shift=shift)
+        r = run_cli("evaluate", "--predictions", csv, "--data", data, "--datasets", "test_d075",
+                    "--out", runs / name, "-q")
+        assert r.returncode == 0, r.stderr
+    r = run_cli("report", runs, "--data", data)
+    assert r.returncode == 0, r.stderr
+    md = (runs / "report.md").read_text()
+    table1 = md.split("## Other metrics")[0]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table1.splitlines() if ln.startswith("| ")}
+    assert "TrackPy (paper)" in rows and "Keypoint R-CNN (paper)" in rows
+    assert "| 1.00 | 1.00 | 1.00 |" in rows["perfect"]  # D = 0.75: every gate
+    assert "| 0.00 | 1.00 | 1.00 |" in rows["offset"]  # 1.5 px = 105 nm off
+    assert "perfect on the first" in md  # the preview shows the better detector
+    assert (runs / "preview_predictions.png").read_bytes()[:4] == b"\x89PNG"
+    assert "offset/pr_test_d075.png" in md
+
+
 def bad(r, *needles):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
