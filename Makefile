@@ -29,6 +29,7 @@ test: $(STAMP)
 CROWDED_EPOCHS ?= 3
 crowded: $(STAMP)
 	$(VENV)/bin/factory build crowded.yaml --out data/crowded --overwrite
+	$(VENV)/bin/factory evaluate --detector trackpy --data data/crowded --out runs/crowded/trackpy --quiet
 	for m in spotnet gridnet densitynet; do \
 	  $(VENV)/bin/factory train --config configs/$$m.yaml --data data/crowded --out runs/crowded/$$m-model \
 	    --epochs $(CROWDED_EPOCHS) --overwrite --quiet && \

@@ -38,8 +38,10 @@ def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
         rows[label] = m["datasets"]
     md, df = table1(rows, diffusions)
     df.to_csv(runs / "report_table.csv", index=False)
-    lines = ["# Demo report", "", "AUC of the precision-recall curve at 70 / 140 / 210 nm gates "
-             "(seed paper, Table 1), on the default test sets built from `datasets.yaml`.", "", md]
+    names = ", ".join(f"`{n}`" for n in tests)
+    lines = [f"# Report: {runs.name}", "", "AUC of the precision-recall curve at 70 / 140 / 210 nm gates "
+             f"(seed paper, Table 1) on the test stores of `{data}` ({names}); the paper's rows where "
+             "its diffusion coefficients match.", "", md]
     lines += ["", "## Other metrics (F1 at 2 px, RMSE of matched pairs, deepBlink's F1 integral)", "",
               "| detector | dataset | F1 integral | F1 | RMSE (px) |", "| --- | --- | --- | --- | --- |"]
     for label, (_, m) in evals.items():
