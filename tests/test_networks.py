@@ -123,7 +123,7 @@ def test_awing_is_continuous_with_matching_slope_at_theta(y):
     below = torch.tensor([y + THETA - eps], dtype=torch.float64, requires_grad=True)
     above = torch.tensor([y + THETA + eps], dtype=torch.float64, requires_grad=True)
     lb, la = awing(below, t), awing(above, t)
-    assert float(lb) == pytest.approx(float(la), abs=1e-5)
+    assert lb.item() == pytest.approx(la.item(), abs=1e-5)
     (gb,) = torch.autograd.grad(lb.sum(), below)
     (ga,) = torch.autograd.grad(la.sum(), above)
     assert float(gb) == pytest.approx(float(ga), rel=1e-4)
