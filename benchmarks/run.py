@@ -230,7 +230,10 @@ def bench_predict(args):
     else:
         # Speed hardly depends on the weights; an untrained net finds more (spurious)
         # peaks to decode, so this errs on the slow side.
-        model, label = fam.build(**fam.defaults), "untrained SpotNet (no runs/demo/model yet)"
+        import yaml
+
+        demo = yaml.safe_load((ROOT / "configs" / "spotnet_demo.yaml").read_text())["model_params"]
+        model, label = fam.build(**{**fam.defaults, **demo}), "untrained SpotNet, demo recipe (no runs/demo/model yet)"
     print(f"1000 images 24 x 25; {label}")
     results = {}
     tp = TrackPyDetector()
@@ -238,7 +241,8 @@ def bench_predict(args):
     t_tp = median_time(lambda: tp.detect(images), repeats=3)
     print(f"TrackPy (locate, diameter 7):         {len(images) / t_tp:8.0f} images/s  (reference)")
     results["trackpy"] = len(images) / t_tp
-    for label, tta in (("SpotNet, flip TTA (default)", True), ("SpotNet, no TTA", False)):
+    as_trained = getattr(model, "flip_tta", False)
+    for label, tta in (("SpotNet, no flip averaging", False), ("SpotNet, flip averaging (4 passes)", True)):
         model.flip_tta = tta
         det = NetDetector(fam, model)
         det.detect(images[:64])
@@ -246,7 +250,7 @@ def bench_predict(args):
         r = len(images) / t
         print(f"{label:<37} {r:8.0f} images/s  ({r * t_tp / len(images):.2f}x TrackPy; goal 10x)")
         results[label] = r
-    model.flip_tta = True
+    model.flip_tta = as_trained
     return results
 
 
