@@ -218,6 +218,7 @@ def bench_predict(args):
     from factory.kernel import simulate
     from factory.perf import tune_malloc
     from models.registry import NetDetector, family, load_model
+    from models.train import load_train_config
     from models.trackpy_detector import TrackPyDetector
 
     tune_malloc()
@@ -230,10 +231,8 @@ def bench_predict(args):
     else:
         # Speed hardly depends on the weights; an untrained net finds more (spurious)
         # peaks to decode, so this errs on the slow side.
-        import yaml
-
-        demo = yaml.safe_load((ROOT / "configs" / "spotnet_demo.yaml").read_text())["model_params"]
-        model, label = fam.build(**{**fam.defaults, **demo}), "untrained SpotNet, demo recipe (no runs/demo/model yet)"
+        demo = load_train_config(ROOT / "configs" / "spotnet_demo.yaml", None)
+        model, label = fam.build(**demo.model_params), "untrained SpotNet, demo recipe (no runs/demo/model yet)"
     print(f"1000 images 24 x 25; {label}")
     results = {}
     tp = TrackPyDetector()

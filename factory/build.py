@@ -25,7 +25,7 @@ from .config import Dataset, FactoryConfig, config_from_json, dataset_hash
 from .errors import FactoryError, StoreError
 from .kernel import allocate_batch, kernel_params, run_batch
 from .rng import dataset_key
-from .shards import (Checksums, _mismatch, check_shard, discover_count, make_manifest, read_manifest,
+from .shards import (Checksums, checksum_mismatch, check_shard, discover_count, make_manifest, read_manifest,
                      region_checksums, shard_range, shard_stem, shards_dir, write_json_atomic)
 from .stores import (COORDINATES, FORMATS, UNITS, ArraySpec, HDF5Writer, ZarrWriter, array_specs,
                      make_writer, remove_path, replace_path)
@@ -390,9 +390,10 @@ def verify_store(path: Path) -> list[str]:
             except (OSError, ValueError) as exc:
                 problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} unreadable ({str(exc).splitlines()[0]})")
                 continue
-            why = _mismatch(m["checksums"], sums)
+            why = checksum_mismatch(m["checksums"], sums)
             if why:
-                problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} (images {m['start']}..{m['stop'] - 1}) {why}")
+                where = f"{shard_stem(m['shard'], m['shards'])} (images {m['start']}..{m['stop'] - 1})"
+                problems.append(f"{path}: {where} {why}")
     return problems
 
 

@@ -145,7 +145,7 @@ class ShardProblem:
         return f"{shard_stem(self.index, self.count)} ({self.reason})"
 
 
-def _mismatch(expected: dict, sums: dict) -> str | None:
+def checksum_mismatch(expected: dict, sums: dict) -> str | None:
     bad = [n for n in sums if sums[n] != expected.get(n)]
     return f"checksum mismatch in {', '.join(bad)}" if bad else None
 
@@ -171,7 +171,7 @@ def _check_hdf5_shard(sdir: Path, index: int, count: int, expect_hash: str, deep
             sums = region_checksums(arrays, 0, m["stop"] - m["start"], step)
     except (OSError, KeyError, ValueError) as exc:
         return f"unreadable: {str(exc).splitlines()[0]}"
-    return _mismatch(m["checksums"], sums)
+    return checksum_mismatch(m["checksums"], sums)
 
 
 def _check_zarr_shard(store_path: Path, sdir: Path, index: int, count: int, expect_hash: str,
@@ -193,7 +193,7 @@ def _check_zarr_shard(store_path: Path, sdir: Path, index: int, count: int, expe
         sums = region_checksums(arrays, m["start"], m["stop"], step)
     except (OSError, KeyError, ValueError) as exc:
         return f"unreadable: {str(exc).splitlines()[0]}"
-    return _mismatch(m["checksums"], sums)
+    return checksum_mismatch(m["checksums"], sums)
 
 
 def check_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,

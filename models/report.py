@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from factory.stores import Store
@@ -53,11 +54,10 @@ def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
         lines.append(f"**{label}**  \n{pics}\n")
     # Predictions of the best network (highest mean AUC over all test sets; TrackPy if
     # there is no network) drawn over a few test images.
-    def mean_auc(m: dict) -> float:
-        return float(pd.DataFrame([v["auc"] for v in m["datasets"].values()]).to_numpy().mean())
-
-    nets = [(mean_auc(m), label, folder) for label, (folder, m) in evals.items() if not label.startswith("TrackPy")]
-    _, label, folder = max(nets or [(mean_auc(m), lbl, f) for lbl, (f, m) in evals.items()], key=lambda t: t[0])
+    scored = [(float(np.mean([a for v in m["datasets"].values() for a in v["auc"].values()])), label, folder)
+              for label, (folder, m) in evals.items()]
+    nets = [t for t in scored if not t[1].startswith("TrackPy")]
+    _, label, folder = max(nets or scored, key=lambda t: t[0])
     first = next(iter(tests))
     pred_csv = folder / f"predictions_{first}.csv"
     if pred_csv.exists():
