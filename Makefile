@@ -16,6 +16,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/factory build datasets.yaml --out data --overwrite
 	$(VENV)/bin/factory inspect data --brief
+	$(VENV)/bin/factory evaluate --detector trackpy-paper --data data --out runs/demo/trackpy-paper --quiet
 	$(VENV)/bin/factory evaluate --detector trackpy --data data --out runs/demo/trackpy --quiet
 	$(VENV)/bin/factory train --config configs/spotnet_demo.yaml --data data --out runs/demo/model --overwrite
 	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --quiet

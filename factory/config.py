@@ -35,7 +35,8 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 class StrictModel(BaseModel):
     """Base of every config section: unknown keys and silent coercions are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: "24" is not an int and "yes" is not a bool (ints still pass as floats).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 # --- distributions --------------------------------------------------------------------
@@ -229,6 +230,9 @@ class OutputSpec(StrictModel):
     expected: bool = True
     trajectories: bool = True
     chunk_images: Annotated[int, Field(ge=64, le=65536)] = 256
+    # HDF5 only (Zarr stores use Blosc-LZ4): gzip (deflate + shuffle) opens in every HDF5
+    # reader; blosc-lz4 is faster to read and write but needs the Blosc filter plugin.
+    compression: Literal["gzip", "blosc-lz4"] = "gzip"
 
 
 class DatasetSpec(StrictModel):

@@ -10,26 +10,9 @@ import numpy as np
 from pydantic import BaseModel
 
 from .config import DatasetSpec
-from .errors import StoreError
 from .stores import Store
 
 _SAMPLE = 4096  # images read for photon statistics
-
-
-def find_stores(path: str | Path) -> list[Path]:
-    """A store path itself, or the stores inside a folder."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: no such file or directory")
-    if path.suffix in (".h5", ".hdf5", ".zarr"):
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir()
-                       if p.suffix in (".h5", ".hdf5", ".zarr") and not p.name.startswith("."))
-        if not found:
-            raise StoreError(f"{path}: no .h5 or .zarr stores in this folder")
-        return found
-    raise StoreError(f"{path}: not a store (.h5 or .zarr) or a folder of stores")
 
 
 def summarize(path: Path) -> dict:
@@ -51,6 +34,7 @@ def summarize(path: Path) -> dict:
             "seed": cfg["seed"],
             "package_version": st.attrs.get("package_version"),
             "dataset_hash": st.attrs.get("dataset_hash"),
+            "compression": st.attrs.get("compression", "blosc-lz4"),
             "parameters": {
                 "image_px": [ds["image"]["height_px"], ds["image"]["width_px"]],
                 "pixel_size_um": ds["image"]["pixel_size_um"],
@@ -91,7 +75,7 @@ def format_summary(s: dict, brief: bool = False) -> str:
         return (f"{Path(s['path']).name}: {s['n_images']} images {h}x{w}, {drange}, "
                 f"mean count {st['mean_count']:.2f}, mean peak {st['mean_peak_count']:.1f}, "
                 f"{st['particles_per_image']:.2f} particles/image")
-    lines = [f"{s['path']} ({s['format']}, {s['n_images']} images, seed {s['seed']}, "
+    lines = [f"{s['path']} ({s['format']} {s['compression']}, {s['n_images']} images, seed {s['seed']}, "
              f"package {s['package_version']}, hash {s['dataset_hash']})", "  arrays:"]
     for name, a in s["arrays"].items():
         lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")

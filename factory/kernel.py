@@ -19,8 +19,8 @@ from .config import Dataset, FixedCount, FixedStart, FixedZ, NormalZ, PMTDetecto
 from .detector import PMT, POISSON, record
 from .motion import brownian_step
 from .psf import eq1_amplitude, eq1_signal
-from .rng import STATE_SIZE, normal, poisson, seed_state, uniform
-from .scan import pixel_of_step
+from .rng import STATE_SIZE, dataset_key, normal, poisson, seed_state, uniform
+from .scan import FrameSchedule, frame_schedule
 
 # Distribution codes understood by the kernel.
 FIXED, UNIFORM, NORMAL, POISSON_COUNT = 0, 1, 2, 3
@@ -31,9 +31,7 @@ class KernelParams(NamedTuple):
     width: int
     pixel_size_um: float
     dwell_s: float
-    retrace_s: float
     substeps: int
-    bidirectional: bool
     sigma_xy_um: float
     sigma_z_um: float
     focal_z_um: float
@@ -94,8 +92,7 @@ def kernel_params(ds: Dataset) -> KernelParams:
         detector = (POISSON, 1.0, 1.0, 0.0)
     return KernelParams(
         ds.image.height_px, ds.image.width_px, ds.image.pixel_size_um,
-        ds.scan.dwell_us * 1e-6, ds.scan.line_retrace_ms * 1e-3, ds.scan.substeps_per_dwell,
-        ds.scan.direction == "bidirectional",
+        ds.scan.dwell_us * 1e-6, ds.scan.substeps_per_dwell,
         ds.psf.sigma_xy_um, ds.psf.sigma_z_um, ds.psf.focal_z_um, ds.background.n_bkg,
         count_mode, count_value, p.max_particles,
         d_mode, d_low, d_high, q_mode, q_low, q_high,
@@ -113,11 +110,12 @@ def _draw(state, mode, a, b):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def simulate_batch(k, key, first_index, images, expected, trajectories, centroids,
-                   n_particles, diffusion, n_qd, want_expected, want_traj):
+def simulate_batch(k, rows, cols, directions, dt_after_s, key, first_index, images, expected,
+                   trajectories, centroids, n_particles, diffusion, n_qd, want_expected, want_traj):
     """Fill the batch arrays with images ``first_index .. first_index + len(images) - 1``.
 
-    Arrays (B = batch size, P = max particles, T = H * W):
+    ``rows, cols, directions, dt_after_s`` are the frame's scan schedule
+    (``scan.frame_schedule``).  Arrays (B = batch size, P = max particles, T = H * W):
     images (B, H, W) uint16, expected (B, H, W) float32 (or (1, 1, 1) when not wanted),
     trajectories (B, P, T, 3) float32 (or (1, 1, 1, 3)), centroids (B, P, 2) float32,
     n_particles (B,) int32, diffusion and n_qd (B, P) float32.
@@ -167,7 +165,7 @@ def simulate_batch(k, key, first_index, images, expected, trajectories, centroid
 
         # The joint walk, in the order the pixels are recorded.
         for t in range(T):
-            row, col, direction = pixel_of_step(t, W, k.bidirectional)
+            row, col, direction = rows[t], cols[t], directions[t]
             signal = 0.0
             for p in range(n):
                 acc[p, 0] = 0.0
@@ -186,8 +184,8 @@ def simulate_batch(k, key, first_index, images, expected, trajectories, centroid
                     acc[p, 2] += pos[p, 2]
                 if t < T - 1 or s < S - 1:
                     dt = dt_sub
-                    if s == S - 1 and (t + 1) % W == 0:
-                        dt += k.retrace_s
+                    if s == S - 1:
+                        dt += dt_after_s[t]
                     for p in range(n):
                         brownian_step(state, pos, p, dcoef[p], dt, px)
             lam = k.n_bkg + signal / S
@@ -228,11 +226,17 @@ def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool
     }
 
 
-def run_batch(k: KernelParams, key, first_index: int, arrays: dict,
+def schedule_of(ds: Dataset) -> FrameSchedule:
+    """The frame's scan schedule, from the validated config."""
+    return frame_schedule(ds.image.height_px, ds.image.width_px, ds.scan.dwell_us,
+                          ds.scan.line_retrace_ms, ds.scan.direction == "bidirectional")
+
+
+def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: dict,
               want_expected: bool, want_traj: bool) -> dict:
     """Run the kernel over preallocated ``arrays``; returns the arrays that were filled."""
     simulate_batch(
-        k, np.uint64(key), np.int64(first_index), arrays["images"], arrays["expected"],
+        k, s.row, s.col, s.direction, s.dt_after_s, np.uint64(key), np.int64(first_index), arrays["images"], arrays["expected"],
         arrays["trajectories"], arrays["centroids"], arrays["n_particles"],
         arrays["diffusion"], arrays["n_qd"], want_expected, want_traj,
     )
@@ -246,11 +250,9 @@ def run_batch(k: KernelParams, key, first_index: int, arrays: dict,
 
 def simulate(ds: Dataset, seed: int, start: int = 0, stop: int | None = None) -> dict:
     """Simulate images ``start .. stop`` of dataset ``ds`` in memory (tests, notebooks)."""
-    from .rng import dataset_key
-
     stop = ds.n_images if stop is None else stop
     k = kernel_params(ds)
     want_e, want_t = ds.output.expected, ds.output.trajectories
     arrays = allocate_batch(k, stop - start, want_e, want_t)
-    return run_batch(k, dataset_key(seed, ds.name), start, arrays, want_e, want_t)
+    return run_batch(k, schedule_of(ds), dataset_key(seed, ds.name), start, arrays, want_e, want_t)
 

@@ -1,49 +1,76 @@
-"""Scan timing of a laser-scanning microscope.
+"""Scan timing of a laser-scanning microscope: the one place that knows it.
 
 The beam moves along x (columns) at constant speed, one pixel per dwell, then retraces
 to the next line (y, rows) without recording.  Time order is the order in which pixels
 are recorded: pixel step ``t`` belongs to row ``t // W``.  Bidirectional scans record
 every odd line right to left.
+
+Both engines walk the schedule built here (``frame_schedule``), so the pixel order and
+the time between steps are defined once.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-from numba import njit
 
 
-@njit(inline="always", cache=True)
-def pixel_of_step(t, width, bidirectional):
-    """(row, column, direction) of the pixel recorded at time step ``t``."""
+class FrameSchedule(NamedTuple):
+    """One frame's pixel steps in time order (T = H * W entries each)."""
+
+    row: np.ndarray  # (T,) int64: the row recorded at step t
+    col: np.ndarray  # (T,) int64: its column
+    direction: np.ndarray  # (T,) float64: +1 left to right, -1 right to left
+    start_s: np.ndarray  # (T,) float64: start time of the step's dwell, from the frame start
+    dt_after_s: np.ndarray  # (T,) float64: time from the end of step t's dwell to the next step
+    # (0 within a line, the retrace after a line's last pixel, 0 after the frame's last)
+
+
+def scan_order(height: int, width: int, bidirectional: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, direction) of every pixel step, in time order."""
+    t = np.arange(height * width)
     row = t // width
     k = t - row * width
-    if bidirectional and (row % 2 == 1):
-        return row, width - 1 - k, -1.0
-    return row, k, 1.0
+    reverse = bool(bidirectional) & (row % 2 == 1)
+    col = np.where(reverse, width - 1 - k, k)
+    return row.astype(np.int64), col.astype(np.int64), np.where(reverse, -1.0, 1.0)
+
+
+def line_period_s(width: int, dwell_us: float, retrace_ms: float) -> float:
+    """Time from the start of one line to the start of the next."""
+    return width * dwell_us * 1e-6 + retrace_ms * 1e-3
+
+
+def frame_schedule(height: int, width: int, dwell_us: float, retrace_ms: float,
+                   bidirectional: bool = False) -> FrameSchedule:
+    row, col, direction = scan_order(height, width, bidirectional)
+    t = np.arange(height * width)
+    k = t % width
+    start = row * line_period_s(width, dwell_us, retrace_ms) + k * (dwell_us * 1e-6)
+    dt_after = np.where(k == width - 1, retrace_ms * 1e-3, 0.0)
+    dt_after[-1] = 0.0
+    return FrameSchedule(row, col, direction, start, dt_after)
 
 
 def pixel_times_s(height: int, width: int, dwell_us: float, retrace_ms: float,
                   bidirectional: bool = False) -> np.ndarray:
-    """Start time (s) of every pixel's dwell, as an (H, W) array.
+    """Start time (s) of every pixel's dwell, as an (H, W) image.
 
     A line lasts ``W * dwell`` and is followed by the retrace, so pixel (r, c) of a
     unidirectional scan starts at ``r * (W * dwell + retrace) + c * dwell``.
     """
-    dwell = dwell_us * 1e-6
-    line = width * dwell + retrace_ms * 1e-3
-    rows = np.arange(height)[:, None]
-    cols = np.arange(width)[None, :]
-    k = np.where((rows % 2 == 1) & bidirectional, width - 1 - cols, cols)
-    return rows * line + k * dwell
+    s = frame_schedule(height, width, dwell_us, retrace_ms, bidirectional)
+    out = np.empty((height, width))
+    out[s.row, s.col] = s.start_s
+    return out
 
 
 def step_times_s(height: int, width: int, dwell_us: float, retrace_ms: float) -> np.ndarray:
     """Start time (s) of every pixel time step, in time order (length H * W)."""
-    t = np.arange(height * width)
-    dwell = dwell_us * 1e-6
-    return (t // width) * (width * dwell + retrace_ms * 1e-3) + (t % width) * dwell
+    return frame_schedule(height, width, dwell_us, retrace_ms).start_s
 
 
 def frame_time_s(height: int, width: int, dwell_us: float, retrace_ms: float) -> float:
     """Duration of one frame including every line's retrace."""
-    return height * (width * dwell_us * 1e-6 + retrace_ms * 1e-3)
+    return height * line_period_s(width, dwell_us, retrace_ms)

@@ -1,4 +1,4 @@
-"""Sharded builds for HPC array jobs: shard, resume, finalize and verify.
+"""Sharded builds for HPC array jobs: shard arithmetic, building and checking a shard.
 
 A dataset of N images split into S shards: shard i covers a run of whole chunks, so no
 two shards ever write the same chunk.  Because every image has its own random stream,
@@ -19,20 +19,19 @@ chunk-aligned region directly and then its manifest into ``<out>/<name>.zarr.sha
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
-
-from . import __version__
+from .build import (BuildResult, progress_bar, remove_stale, select_for_build, specs_for, store_attrs,
+                    store_path, tmp_name, write_range)
+from .checksums import (Checksums, checksum_mismatch, make_manifest, read_manifest, region_checksums,
+                        write_json_atomic)
 from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError, StoreError
+from .stores import HDF5Writer, Store, ZarrWriter, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -80,58 +79,6 @@ def shards_dir(out: Path, name: str, fmt: str) -> Path:
     return Path(out) / (f"{name}.shards" if fmt == "hdf5" else f"{name}.zarr.shards")
 
 
-# --- checksums ----------------------------------------------------------------------------
-
-
-class Checksums:
-    """Streaming BLAKE2b of each array's bytes, in image order."""
-
-    def __init__(self, names):
-        self._h = {n: hashlib.blake2b(digest_size=16) for n in names}
-
-    def update(self, arrays: dict) -> None:
-        for name, h in self._h.items():
-            h.update(np.ascontiguousarray(arrays[name]).data)
-
-    def hexdigest(self) -> dict:
-        return {n: h.hexdigest() for n, h in self._h.items()}
-
-
-def region_checksums(store_arrays: dict, start: int, stop: int, step: int) -> dict:
-    """Checksums of rows [start, stop) of arrays that support slicing (read in blocks)."""
-    c = Checksums(list(store_arrays))
-    for a in range(start, stop, step):
-        b = min(a + step, stop)
-        c.update({n: np.asarray(arr[a:b]) for n, arr in store_arrays.items()})
-    return c.hexdigest()
-
-
-# --- manifests ----------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def make_manifest(cfg: FactoryConfig, ds: Dataset, fmt: str, index: int, count: int,
-                  start: int, stop: int, checksums: dict) -> dict:
-    return {
-        "dataset": ds.name, "format": fmt, "shard": index, "shards": count,
-        "start": start, "stop": stop, "dataset_hash": dataset_hash(cfg.seed, ds),
-        "checksums": checksums, "package_version": __version__,
-        "host": socket.gethostname(),
-    }
-
-
 # --- checking shards ----------------------------------------------------------------------
 
 
@@ -145,9 +92,14 @@ class ShardProblem:
         return f"{shard_stem(self.index, self.count)} ({self.reason})"
 
 
-def checksum_mismatch(expected: dict, sums: dict) -> str | None:
-    bad = [n for n in sums if sums[n] != expected.get(n)]
-    return f"checksum mismatch in {', '.join(bad)}" if bad else None
+def _deep_check(path: Path, m: dict, offset: int) -> str | None:
+    try:
+        with Store(path) as st:
+            arrays = {n: st[n] for n in m["checksums"]}
+            sums = region_checksums(arrays, m["start"] - offset, m["stop"] - offset, st.chunk_rows * 16)
+    except (StoreError, OSError, KeyError, ValueError) as exc:
+        return f"unreadable: {str(exc).splitlines()[0]}"
+    return checksum_mismatch(m["checksums"], sums)
 
 
 def _check_hdf5_shard(sdir: Path, index: int, count: int, expect_hash: str, deep: bool) -> str | None:
@@ -162,22 +114,11 @@ def _check_hdf5_shard(sdir: Path, index: int, count: int, expect_hash: str, deep
     path = sdir / f"{stem}.h5"
     if not path.exists():
         return "data file missing"
-    if not deep:
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            arrays = {n: f[n] for n in m["checksums"]}
-            step = int(f["images"].chunks[0]) * 16
-            sums = region_checksums(arrays, 0, m["stop"] - m["start"], step)
-    except (OSError, KeyError, ValueError) as exc:
-        return f"unreadable: {str(exc).splitlines()[0]}"
-    return checksum_mismatch(m["checksums"], sums)
+    return _deep_check(path, m, m["start"]) if deep else None
 
 
 def _check_zarr_shard(store_path: Path, sdir: Path, index: int, count: int, expect_hash: str,
                       deep: bool) -> str | None:
-    import zarr
-
     stem = shard_stem(index, count)
     m = read_manifest(sdir / f"{stem}.json")
     if m is None:
@@ -186,14 +127,7 @@ def _check_zarr_shard(store_path: Path, sdir: Path, index: int, count: int, expe
         return "built from another config"
     if not deep or m["start"] == m["stop"]:
         return None
-    try:
-        g = zarr.open_group(str(store_path), mode="r")
-        arrays = {n: g[n] for n in m["checksums"]}
-        step = int(g["images"].chunks[0]) * 16
-        sums = region_checksums(arrays, m["start"], m["stop"], step)
-    except (OSError, KeyError, ValueError) as exc:
-        return f"unreadable: {str(exc).splitlines()[0]}"
-    return checksum_mismatch(m["checksums"], sums)
+    return _deep_check(store_path, m, 0)
 
 
 def check_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,
@@ -220,3 +154,92 @@ def discover_count(sdir: Path) -> int | None:
         raise StoreError(f"{sdir}: shards of different splits ({', '.join(map(str, sorted(counts)))}); "
                          "remove the folder and rebuild with one --shard N")
     return counts.pop() if counts else None
+
+
+# --- building shards -------------------------------------------------------------------------
+
+
+def ensure_zarr_store(cfg: FactoryConfig, ds: Dataset, out: Path) -> Path:
+    """Create the shared Zarr store once, however many tasks try at the same moment."""
+    final = store_path(out, ds.name, "zarr")
+    expect = dataset_hash(cfg.seed, ds)
+    if not final.exists():
+        tmp = tmp_name(final)
+        ZarrWriter(tmp, specs_for(ds), {**store_attrs(cfg, ds, "zarr"), "complete": False})
+        try:
+            os.rename(tmp, final)  # atomic: one creator wins, the others find it there
+        except OSError:
+            remove_path(tmp)
+    try:
+        with Store(final) as st:
+            found = st.attrs.get("dataset_hash")
+    except StoreError:
+        found = None
+    if found != expect:
+        raise StoreError(f"{final}: exists but was built from another config (dataset hash {found}, "
+                         f"expected {expect}); remove it or build into another --out")
+    return final
+
+
+def build_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,
+                redo: bool = False, progress: bool = True) -> BuildResult:
+    """Build shard ``index`` of ``count`` of ``ds``; skip it when already complete and valid."""
+    start, stop = shard_range(ds.n_images, ds.output.chunk_images, index, count)
+    sdir = shards_dir(out, ds.name, fmt)
+    sdir.mkdir(parents=True, exist_ok=True)
+    found = discover_count(sdir)
+    if found is not None and found != count:
+        raise StoreError(f"{sdir}: holds shards of a {found}-way split, not {count}; "
+                         f"use --shard I/{found} or remove the folder")
+    stem = shard_stem(index, count)
+    manifest = sdir / f"{stem}.json"
+    desc = f"{ds.name} {index}/{count}"
+    if not redo and manifest.exists():
+        if fmt == "zarr":
+            ensure_zarr_store(cfg, ds, out)
+        problem = check_shard(cfg, ds, out, fmt, index, count)
+        if problem is None:
+            log.info("%s shard %d/%d is complete: skipped", ds.name, index, count)
+            return BuildResult(ds.name, manifest, stop - start, 0.0, 0, skipped=True)
+        log.warning("%s shard %d/%d: %s; rebuilding it", ds.name, index, count, problem)
+    # The manifest marks completion: remove it first so a crash never leaves a stale one.
+    remove_path(manifest)
+    t0 = time.perf_counter()
+    bar = progress_bar(ds, stop - start, progress, desc)
+    try:
+        if fmt == "hdf5":
+            data = sdir / f"{stem}.h5"
+            remove_stale(data)
+            remove_path(data)
+            if stop > start:
+                tmp = tmp_name(data)
+                try:
+                    attrs = {**store_attrs(cfg, ds), "shard": index, "shards": count,
+                             "start": start, "stop": stop}
+                    writer = HDF5Writer(tmp, specs_for(ds, stop - start), attrs, ds.output.compression)
+                    try:
+                        sums = write_range(cfg, ds, writer, start, stop, start, bar)
+                    finally:
+                        writer.close()
+                    os.replace(tmp, data)
+                except BaseException:
+                    remove_path(tmp)
+                    raise
+            else:
+                sums = Checksums([s.name for s in specs_for(ds, 1)]).hexdigest()
+        else:
+            final = ensure_zarr_store(cfg, ds, out)
+            writer = ZarrWriter(final, specs_for(ds), {}, create=False)
+            sums = write_range(cfg, ds, writer, start, stop, 0, bar)
+        write_json_atomic(manifest, make_manifest(cfg, ds, fmt, index, count, start, stop, sums))
+    finally:
+        bar.close()
+    return BuildResult(ds.name, manifest, stop - start, time.perf_counter() - t0, 0)
+
+
+
+def build_shards(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None, shard: tuple[int, int],
+                 redo: bool = False, progress: bool = True) -> list[BuildResult]:
+    """Build shard ``shard = (I, N)`` of every selected dataset (checks first, then work)."""
+    selected = select_for_build(cfg, out, fmt, only)
+    return [build_shard(cfg, ds, Path(out), fmt, shard[0], shard[1], redo, progress) for ds in selected]

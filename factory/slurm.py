@@ -49,7 +49,7 @@ def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only
         f"#SBATCH --output={logs}/build_%A_%a.out",
         f"#SBATCH --error={logs}/build_%A_%a.err",
         *env,
-        f"{shlex.quote(python)} -m factory.cli build {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
+        f"{shlex.quote(python)} -m cli build {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
         f"--format {fmt}{sel} --shard auto --quiet",
         "",
     ])
@@ -63,7 +63,7 @@ def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only
         f"#SBATCH --output={logs}/finalize_%j.out",
         f"#SBATCH --error={logs}/finalize_%j.err",
         *env,
-        f"{shlex.quote(python)} -m factory.cli finalize {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
+        f"{shlex.quote(python)} -m cli finalize {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
         f"--format {fmt}{sel}{' --copy' if copy else ''} --quiet",
         "",
     ])

@@ -1,4 +1,4 @@
-"""Augmentations that respect the laser scan.
+"""Augmentations that respect the laser scan: the one place that knows how flips act.
 
 A 2PM image is recorded along x (fast axis) then y (slow axis), so the two axes are not
 interchangeable: transposes and 90-degree rotations would swap the fast and slow scan
@@ -16,22 +16,38 @@ import torch
 
 ALLOWED = ("hflip", "vflip")
 FORBIDDEN = ("transpose", "rot90", "rotate90", "rot270")
+# op -> (image axis it mirrors, point coordinate it mirrors: 0 = x, 1 = y)
+AXES = {"hflip": (-1, 0), "vflip": (-2, 1)}
+# The four flips of test-time averaging: identity, x, y, both.
+ALL_FLIPS = ((), ("hflip",), ("vflip",), ("hflip", "vflip"))
+
+
+def mirror(coord, size: int):
+    """A pixel-centre coordinate after mirroring an axis of ``size`` pixels."""
+    return (size - 1) - coord
+
+
+def flip(image: torch.Tensor, points: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror an image (..., H, W) and its points (..., 2) along x (hflip) or y (vflip)."""
+    axis, k = AXES[op]
+    p = points.clone()
+    p[..., k] = mirror(p[..., k], image.shape[axis])
+    return image.flip(axis), p
 
 
 def hflip(image: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror along x: column c -> W - 1 - c."""
-    w = image.shape[-1]
-    p = points.clone()
-    p[..., 0] = (w - 1) - p[..., 0]
-    return image.flip(-1), p
+    return flip(image, points, "hflip")
 
 
 def vflip(image: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror along y: row r -> H - 1 - r."""
-    h = image.shape[-2]
-    p = points.clone()
-    p[..., 1] = (h - 1) - p[..., 1]
-    return image.flip(-2), p
+    return flip(image, points, "vflip")
+
+
+def image_dims(ops) -> tuple[int, ...]:
+    """The image axes a sequence of flips mirrors (for ``tensor.flip``)."""
+    return tuple(AXES[o][0] for o in ops)
 
 
 class RandomFlips:
@@ -52,19 +68,14 @@ class RandomFlips:
         pts = target["centroids"]
         for op in self.ops:
             if rng.random() < self.p:
-                image, pts = (hflip if op == "hflip" else vflip)(image, pts)
+                image, pts = flip(image, pts, op)
         return image, {**target, "centroids": pts}
 
 
 def flip_batch(images: torch.Tensor, centroids: torch.Tensor, generator: torch.Generator | None = None):
     """Flip each image of a batch (B, 1, H, W) at random, with its (B, P, 2) centroids."""
-    b, _, h, w = images.shape
-    fx = torch.rand(b, generator=generator) < 0.5
-    fy = torch.rand(b, generator=generator) < 0.5
-    images = images.clone()
-    c = centroids.clone()
-    images[fx] = images[fx].flip(-1)
-    images[fy] = images[fy].flip(-2)
-    c[fx, :, 0] = (w - 1) - c[fx, :, 0]
-    c[fy, :, 1] = (h - 1) - c[fy, :, 1]
+    chosen = {op: torch.rand(images.shape[0], generator=generator) < 0.5 for op in ALLOWED}
+    images, c = images.clone(), centroids.clone()
+    for op, sel in chosen.items():
+        images[sel], c[sel] = flip(images[sel], c[sel], op)
     return images, c

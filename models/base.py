@@ -7,7 +7,7 @@ the origin at the centre of pixel (0, 0).  Higher scores mean more confident.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -50,15 +50,3 @@ def check_images(images) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"images must be (N, H, W) or (H, W), got shape {a.shape}")
     return a.astype(np.float32, copy=False)
-
-
-# name -> factory(**params) of a detector; filled by the modules that define them.
-REGISTRY: dict[str, Callable[..., Detector]] = {}
-
-
-def register(name: str):
-    def deco(factory):
-        REGISTRY[name] = factory
-        return factory
-
-    return deco

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from factory.errors import FactoryError, StoreError
-from factory.stores import Store
+from factory.stores import Store, find_stores, is_store_path
 
 from .base import COLUMNS
-from .metrics import GATES_PX, Points, evaluate_points, pr_curve
+from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ def ground_truth(store: Store) -> Points:
     return Points.from_centroids(store.read("centroids"), store.read("n_particles"))
 
 
+def pixel_size_um(store: Store) -> float:
+    return float(store.config["dataset"]["image"]["pixel_size_um"])
+
+
 def dataset_diffusion(store: Store) -> float | None:
     """The store's D when it is fixed (the paper's test sets), else None."""
     d = store.config["dataset"]["particles"]["diffusion_um2_s"]
@@ -48,10 +52,9 @@ def find_test_stores(data: Path, names: list[str] | None = None) -> list[Path]:
     data = Path(data)
     if not data.exists():
         raise StoreError(f"{data}: no such data folder or store")
-    if data.suffix in (".h5", ".hdf5", ".zarr"):
+    if is_store_path(data):
         return [data]
-    stores = {p.stem: p for p in sorted(data.iterdir())
-              if p.suffix in (".h5", ".hdf5", ".zarr") and not p.name.startswith(".")}
+    stores = {p.stem: p for p in find_stores(data)}
     if names:
         missing = [n for n in names if n not in stores]
         if missing:
@@ -91,30 +94,42 @@ def read_predictions_csv(path: Path, n_frames: int | None = None) -> pd.DataFram
     return table
 
 
-def score_table(table: pd.DataFrame, gt: Points, threshold: float | None = None,
-                pixel_size_um: float = 0.07) -> dict:
+def score_table(table: pd.DataFrame, gt: Points, pixel_size_um: float, threshold: float | None = None,
+                gates_nm=GATES_NM) -> dict:
     pred = Points.from_arrays(table["frame"], table["x"], table["y"], gt.n_frames)
-    return evaluate_points(pred, table["score"].to_numpy(np.float64), gt, threshold,
-                           pixel_size_um=pixel_size_um)
+    return evaluate_points(pred, table["score"].to_numpy(np.float64), gt, pixel_size_um, threshold, gates_nm)
 
 
-def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], threshold: float | None) -> dict:
-    """All test sets scored as one (frames renumbered)."""
+def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], pixel_sizes_um: list[float],
+                   threshold: float | None, gates_nm=GATES_NM) -> dict:
+    """All test sets scored as one (frames renumbered).
+
+    Stores with one pixel size are pooled in pixels; with several, every coordinate is
+    converted to micrometres first, so the gates keep their physical size (the pooled
+    ``rmse_px`` is then undefined and reported as None)."""
+    same = len(set(pixel_sizes_um)) == 1
+    scale = [1.0 if same else px for px in pixel_sizes_um]
     offset = 0
     frames, pframes, xys, pxy, scores = [], [], [], [], []
-    for t, g in zip(tables, gts):
+    for t, g, s in zip(tables, gts, scale):
         frames.append(g.frame + offset)
-        xys.append(g.xy)
+        xys.append(g.xy * s)
         pframes.append(t["frame"].to_numpy() + offset)
-        pxy.append(t[["x", "y"]].to_numpy(np.float64))
+        pxy.append(t[["x", "y"]].to_numpy(np.float64) * s)
         scores.append(t["score"].to_numpy(np.float64))
         offset += g.n_frames
     gt = Points(np.concatenate(frames), np.concatenate(xys), offset)
     pred = Points(np.concatenate(pframes), np.concatenate(pxy).reshape(-1, 2), offset)
-    return evaluate_points(pred, np.concatenate(scores), gt, threshold)
+    m = evaluate_points(pred, np.concatenate(scores), gt, pixel_sizes_um[0] if same else 1.0, threshold, gates_nm)
+    if not same:
+        m["rmse_px"] = None
+        m["pixel_size_um"] = None
+        m["pooled_in"] = "um (the stores have different pixel sizes)"
+    return m
 
 
-def plot_pr(table: pd.DataFrame, gt: Points, title: str, out: Path, pixel_size_um: float = 0.07) -> None:
+def plot_pr(table: pd.DataFrame, gt: Points, title: str, out: Path, pixel_size_um: float,
+            gates_nm=GATES_NM) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,9 +137,9 @@ def plot_pr(table: pd.DataFrame, gt: Points, title: str, out: Path, pixel_size_u
 
     pred = Points.from_arrays(table["frame"], table["x"], table["y"], gt.n_frames)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    for gate in GATES_PX:
-        p, r = pr_curve(pred, table["score"].to_numpy(np.float64), gt, gate)
-        ax.plot(np.r_[0, r], np.r_[p[:1], p] if len(p) else [0], label=f"{gate * pixel_size_um * 1000:.0f} nm")
+    for gate in gates_nm:
+        p, r = pr_curve(pred, table["score"].to_numpy(np.float64), gt, nm_to_px(gate, pixel_size_um))
+        ax.plot(np.r_[0, r], np.r_[p[:1], p] if len(p) else [0], label=f"{gate_key(gate)} nm")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
@@ -136,62 +151,74 @@ def plot_pr(table: pd.DataFrame, gt: Points, title: str, out: Path, pixel_size_u
     plt.close(fig)
 
 
-def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None]) -> tuple[str, pd.DataFrame]:
-    """Table 1 as markdown and as a DataFrame; ``rows`` is label -> dataset -> metrics."""
+def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None],
+           gates_nm=GATES_NM) -> tuple[str, pd.DataFrame]:
+    """Table 1 as markdown and as a DataFrame; ``rows`` is label -> dataset -> metrics.
+
+    The paper's rows are filled in where the gates are the paper's and a store's D
+    matches one of its columns."""
+    keys = [gate_key(g) for g in gates_nm]
+    paper_gates = tuple(keys) == tuple(gate_key(g) for g in GATES_NM)
     datasets = list(diffusions)
     cols = [(name, diffusions[name]) for name in datasets]
-    header1 = ["D (um^2/s)"] + sum([[f"{d:g}" if d is not None else name, "", ""] for name, d in cols], [])
-    header2 = ["eps (nm)"] + ["70", "140", "210"] * len(cols)
+    header1 = ["D (um^2/s)"] + sum([[f"{d:g}" if d is not None else name] + [""] * (len(keys) - 1)
+                                    for name, d in cols], [])
+    header2 = ["eps (nm)"] + keys * len(cols)
     lines = ["| " + " | ".join(header1) + " |", "|" + " --- |" * len(header1), "| " + " | ".join(header2) + " |"]
     records = []
     for label, per in rows.items():
         cells = []
         for name, d in cols:
             if label in PAPER_ROWS:
-                vals = PAPER_ROWS[label].get(d)
-                vals = list(vals) if vals else [None] * 3
+                vals = PAPER_ROWS[label].get(d) if paper_gates else None
+                vals = list(vals) if vals else [None] * len(keys)
             else:
                 m = per.get(name)
-                vals = [m["auc"][k] for k in ("70", "140", "210")] if m else [None] * 3
+                vals = [m["auc"].get(k) for k in keys] if m else [None] * len(keys)
             cells += vals
-            for gate, v in zip(("70", "140", "210"), vals):
-                records.append({"detector": label, "dataset": name, "diffusion_um2_s": d, "eps_nm": int(gate), "auc": v})
+            for gate, v in zip(keys, vals):
+                records.append({"detector": label, "dataset": name, "diffusion_um2_s": d,
+                                "eps_nm": float(gate), "auc": v})
         lines.append("| " + " | ".join([label] + ["" if v is None else f"{v:.2f}" for v in cells]) + " |")
     return "\n".join(lines) + "\n", pd.DataFrame.from_records(records)
 
 
 def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], data_paths: dict[str, Path],
-                     threshold: float | None = None, extra: dict | None = None) -> dict:
+                     threshold: float | None = None, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
     """Score ``tables`` (dataset -> localisation table) and write the run folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics, gts, diffusions = {}, [], {}
+    metrics, gts, diffusions, sizes = {}, [], {}, []
     for name, table in tables.items():
         with Store(data_paths[name]) as st:
             gt = ground_truth(st)
             diffusions[name] = dataset_diffusion(st)
-            px = st.config["dataset"]["image"]["pixel_size_um"]
-        metrics[name] = score_table(table, gt, threshold, px)
+            px = pixel_size_um(st)
+        metrics[name] = score_table(table, gt, px, threshold, gates_nm)
         gts.append(gt)
-        plot_pr(table, gt, f"{label}: {name}", out / f"pr_{name}.png", px)
+        sizes.append(px)
+        plot_pr(table, gt, f"{label}: {name}", out / f"pr_{name}.png", px, gates_nm)
         table.to_csv(out / f"predictions_{name}.csv", index=False)
-    result = {"detector": label, "threshold": threshold, "datasets": metrics}
+    result = {"detector": label, "threshold": threshold, "gates_nm": [float(g) for g in gates_nm],
+              "datasets": metrics}
     if len(tables) > 1:
-        result["pooled"] = pooled_metrics(list(tables.values()), gts, threshold)
+        result["pooled"] = pooled_metrics(list(tables.values()), gts, sizes, threshold, gates_nm)
     result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     rows = {"TrackPy (paper)": {}, "Keypoint R-CNN (paper)": {}, label: metrics}
-    md, df = table1(rows, diffusions)
-    more = ["", "| dataset | F1 integral | F1 (2 px) | RMSE (px) | images |", "| --- | --- | --- | --- | --- |"]
+    md, df = table1(rows, diffusions, gates_nm)
+    more = ["", "| dataset | F1 integral | F1 (140 nm) | RMSE (nm) | RMSE (px) | images |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for name, m in metrics.items():
-        more.append(f"| {name} | {m['f1_integral']:.3f} | {m['f1']:.3f} | {m['rmse_px']:.3f} | {m['n_images']} |")
+        more.append(f"| {name} | {m['f1_integral']:.3f} | {m['f1']:.3f} | {m['rmse_nm']:.1f} | "
+                    f"{m['rmse_px']:.3f} | {m['n_images']} |")
     (out / "table.md").write_text(md + "\n".join(more) + "\n")
     df.to_csv(out / "table.csv", index=False)
     return result
 
 
 def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None = None,
-                      progress: bool = True, extra: dict | None = None) -> dict:
+                      progress: bool = True, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
     """Run ``detector`` on the test stores of ``data`` and write the run folder."""
     paths = {p.stem: p for p in find_test_stores(data, names)}
     tables, seconds = {}, {}
@@ -204,4 +231,4 @@ def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None =
         log.info("%s on %s: %d localisations in %.1f s", detector.name, name, len(tables[name]), seconds[name])
     extra = {**(extra or {}), "detect_seconds": seconds}
     return write_evaluation(out, getattr(detector, "label", detector.name), tables, paths,
-                            getattr(detector, "threshold", None), extra)
+                            getattr(detector, "threshold", None), extra, gates_nm)

@@ -11,6 +11,10 @@ negative.  Precision and recall along the ranking give the PR curve; the AUC is 
 area by the trapezoid rule, with the curve held flat from recall 0 to the first point.
 Predictions with equal scores enter the curve together (one point per distinct score)
 and are matched in (frame, x, y) order, so the result does not depend on input order.
+
+Gates are physical distances (the paper's 70 / 140 / 210 nm) and are converted to
+pixels per store from its ``pixel_size_um`` (``nm_to_px``); result keys are always the
+gates in nanometres.  The matching functions themselves work in pixels.
 """
 
 from __future__ import annotations
@@ -21,9 +25,24 @@ import numpy as np
 from numba import njit
 from scipy.optimize import linear_sum_assignment
 
-GATES_PX = (1.0, 2.0, 3.0)  # 70, 140, 210 nm at 0.07 um per pixel
-F1_CUTOFFS_PX = np.linspace(0.0, 3.0, 50)  # deepBlink's F1 integral
-F1_GATE_PX = 2.0  # gate of the single-number F1 and RMSE
+GATES_NM = (70, 140, 210)  # the seed paper's Table 1 (1, 2, 3 px of 0.07 um)
+F1_GATE_NM = 140  # gate of the single-number F1 and RMSE
+F1_INTEGRAL_MAX_NM = 210  # deepBlink's F1 integral runs over cutoffs 0 .. 3 px of 0.07 um
+F1_INTEGRAL_STEPS = 50
+
+
+def nm_to_px(distance_nm: float, pixel_size_um: float) -> float:
+    """A physical distance in pixels of ``pixel_size_um``.
+
+    Rounded to 9 decimals so that 210 nm at 0.07 um is exactly 3 px, not 2.9999999999999996."""
+    if not pixel_size_um > 0:
+        raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+    return round(float(distance_nm) / (float(pixel_size_um) * 1000.0), 9)
+
+
+def gate_key(gate_nm: float) -> str:
+    """The metrics key of a gate: '70', '140', '210' (or '87.5')."""
+    return f"{float(gate_nm):g}"
 
 
 @dataclass
@@ -165,8 +184,14 @@ def match_counts(pred: Points, gt: Points, cutoffs_px) -> tuple[np.ndarray, list
     return tp, [np.concatenate(x) if x else np.zeros(0) for x in dists]
 
 
-def f1_integral(pred: Points, gt: Points, cutoffs_px=F1_CUTOFFS_PX) -> float:
-    """deepBlink's F1 integral: F1 = 2 TP / (n_pred + n_true) integrated over cutoffs / 3."""
+def f1_cutoffs_px(pixel_size_um: float) -> np.ndarray:
+    """deepBlink's F1-integral cutoffs (50 from 0 to 210 nm) in pixels."""
+    return np.linspace(0.0, nm_to_px(F1_INTEGRAL_MAX_NM, pixel_size_um), F1_INTEGRAL_STEPS)
+
+
+def f1_integral(pred: Points, gt: Points, cutoffs_px) -> float:
+    """deepBlink's F1 integral: F1 = 2 TP / (n_pred + n_true) integrated over the
+    cutoffs and divided by their range."""
     cutoffs = np.asarray(cutoffs_px, np.float64)
     tp, _ = match_counts(pred, gt, cutoffs)
     denom = len(pred.frame) + len(gt.frame)
@@ -174,7 +199,7 @@ def f1_integral(pred: Points, gt: Points, cutoffs_px=F1_CUTOFFS_PX) -> float:
     return float(np.trapezoid(f1, cutoffs) / (cutoffs[-1] - cutoffs[0]))
 
 
-def f1_rmse(pred: Points, gt: Points, gate_px: float = F1_GATE_PX) -> tuple[float, float]:
+def f1_rmse(pred: Points, gt: Points, gate_px: float) -> tuple[float, float]:
     """F1 and the RMSE (px) of Hungarian-matched pairs within ``gate_px``."""
     tp, dists = match_counts(pred, gt, [gate_px])
     denom = len(pred.frame) + len(gt.frame)
@@ -183,25 +208,46 @@ def f1_rmse(pred: Points, gt: Points, gate_px: float = F1_GATE_PX) -> tuple[floa
     return float(f1), rmse
 
 
-def evaluate_points(pred: Points, score: np.ndarray, gt: Points, threshold: float | None = None,
-                    gates_px=GATES_PX, pixel_size_um: float = 0.07) -> dict:
-    """Every metric of one test set.
+def best_f1_threshold(frame, xy, score, gt: Points, gate_px: float, n_cuts: int = 200) -> float:
+    """The score cut that maximises F1 at ``gate_px`` (candidate cuts: score quantiles).
+
+    Used to pick every detector's operating point on its tuning or validation data."""
+    score = np.asarray(score, np.float64)
+    if len(score) == 0:
+        return 0.5
+    frame, xy = np.asarray(frame, np.int64), np.asarray(xy, np.float64).reshape(-1, 2)
+    cuts = np.unique(np.quantile(score, np.linspace(0, 0.995, n_cuts)))
+    best, best_f1 = float(cuts[0]), -1.0
+    for c in cuts:
+        keep = score >= c
+        f1, _ = f1_rmse(Points(frame[keep], xy[keep], gt.n_frames), gt, gate_px)
+        if f1 > best_f1:
+            best, best_f1 = float(c), f1
+    return best
+
+
+def evaluate_points(pred: Points, score: np.ndarray, gt: Points, pixel_size_um: float,
+                    threshold: float | None = None, gates_nm=GATES_NM) -> dict:
+    """Every metric of one test set, with physical gates.
 
     The AUCs use every prediction ranked by score; F1, the F1 integral and RMSE use the
-    predictions with ``score >= threshold`` (all when None).
+    predictions with ``score >= threshold`` (all when None).  ``pixel_size_um`` converts
+    the gates (nm) to the coordinates' pixels.
     """
     score = np.asarray(score, np.float64)
-    auc = {str(int(round(g * pixel_size_um * 1000))): pr_auc(pred, score, gt, g) for g in gates_px}
+    auc = {gate_key(g): pr_auc(pred, score, gt, nm_to_px(g, pixel_size_um)) for g in gates_nm}
     if threshold is not None:
         keep = score >= threshold
         pred = Points(pred.frame[keep], pred.xy[keep], pred.n_frames)
-    f1, rmse = f1_rmse(pred, gt)
+    f1, rmse_px = f1_rmse(pred, gt, nm_to_px(F1_GATE_NM, pixel_size_um))
     return {
         "auc": auc,
-        "f1_integral": f1_integral(pred, gt),
+        "f1_integral": f1_integral(pred, gt, f1_cutoffs_px(pixel_size_um)),
         "f1": f1,
-        "f1_gate_px": F1_GATE_PX,
-        "rmse_px": rmse,
+        "f1_gate_nm": F1_GATE_NM,
+        "rmse_nm": rmse_px * pixel_size_um * 1000.0,
+        "rmse_px": rmse_px,
+        "pixel_size_um": pixel_size_um,
         "n_images": gt.n_frames,
         "n_true": int(len(gt.frame)),
         "n_predictions": int(len(pred.frame)),

@@ -8,6 +8,10 @@ import numpy as np
 import pandas as pd
 
 from factory.errors import FactoryError
+from factory.stores import Store, is_store_path
+
+from .runs import load_model
+from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
 
 
 def read_images(path: str | Path) -> np.ndarray:
@@ -23,9 +27,7 @@ def read_images(path: str | Path) -> np.ndarray:
             a = tifffile.imread(path)
         elif suffix == ".npy":
             a = np.load(path, allow_pickle=False)
-        elif suffix in (".h5", ".hdf5", ".zarr"):
-            from factory.stores import Store
-
+        elif is_store_path(path):
             with Store(path) as st:
                 a = st.read("images")
         else:
@@ -52,18 +54,12 @@ def read_images(path: str | Path) -> np.ndarray:
 
 
 def load_detector(spec: str | Path, device: str = "cpu"):
-    """'trackpy', a TrackPy parameter JSON, or a model run folder."""
-    from .registry import load_model
-    from .trackpy_detector import TrackPyDetector
-
+    """'trackpy' (the paper's settings), a TrackPy parameter JSON, or a model run folder."""
     if str(spec) == "trackpy":
-        return TrackPyDetector()
+        return TrackPyDetector(PAPER, label=PAPER_LABEL)
     p = Path(spec)
     if p.suffix == ".json" and p.is_file():
-        try:
-            return TrackPyDetector.from_json(p)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise FactoryError(f"{p}: not a TrackPy parameter file ({exc})") from None
+        return TrackPyDetector.from_json(p)
     if not p.exists():
         raise FactoryError(f"{p}: no such model (a run folder from `factory train`, a trackpy.json, or 'trackpy')")
     return load_model(p, device)

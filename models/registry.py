@@ -1,72 +1,94 @@
-"""Model families behind one interface, and the detector that wraps a trained network.
+"""The one registry of detectors: TrackPy and every network family.
 
-A family knows how to build its network from parameters, compute its training loss from
-images and NaN-padded centroids (B, P, 2), and turn network output into localisations.
-A run folder (``factory train``) holds ``config.yaml`` and ``best.pt``; ``load_model``
-turns it into a detector with the same contract as TrackPy.
+A family has a name, a label for tables, typed parameters (a strict pydantic model:
+unknown keys and wrong types are errors) and, for networks, how to build the network
+from them, its training loss (images and NaN-padded centroids (B, P, 2) in), and its
+decoding into localisations.  ``NetDetector`` puts a network behind the detector
+contract that TrackPy follows (``models.base``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
+from pydantic import ValidationError
 
-from factory.errors import FactoryError
+from factory.config import StrictModel
+from factory.errors import ConfigError, FactoryError
 
+from . import trackpy_baseline
 from .base import as_table, check_images, empty_table
+from .networks import densitynet, gridnet, keypoint_rcnn, spotnet
 
 
-@dataclass
+@dataclass(frozen=True)
 class Family:
     name: str
     label: str
-    build: Callable[..., torch.nn.Module]
-    loss: Callable  # (model, images, centroids) -> (loss, parts)
-    predict: Callable  # (model, images, min_score) -> [(xy, score, sigma|None)]
-    defaults: dict = field(default_factory=dict)  # network parameters
-    train_defaults: dict = field(default_factory=dict)  # overrides of TrainConfig
-    pixels_per_batch: int = 2**16  # inference batch size by image area (small batches stay in cache)
+    Params: type[StrictModel]
+    kind: Literal["network", "classical"]
+    build: Callable[[Any], torch.nn.Module] | None = None
+    loss: Callable | None = None  # (model, images, centroids) -> (loss, parts)
+    predict: Callable | None = None  # (model, images, min_score) -> [(xy, score, sigma|None)]
+    train_defaults: dict = field(default_factory=dict)  # overrides of TrainConfig's defaults
+    pixels_per_batch: int = 2**16  # inference batch size by image area
 
 
-FAMILIES: dict[str, Family] = {}
+def _network(name: str, module: ModuleType) -> Family:
+    return Family(name, module.LABEL, module.Params, "network", module.build, module.loss, module.predict,
+                  dict(module.TRAIN_DEFAULTS), module.PIXELS_PER_BATCH)
+
+
+FAMILIES: dict[str, Family] = {
+    "spotnet": _network("spotnet", spotnet),
+    "gridnet": _network("gridnet", gridnet),
+    "densitynet": _network("densitynet", densitynet),
+    "keypointrcnn": _network("keypointrcnn", keypoint_rcnn),
+    "trackpy": Family("trackpy", trackpy_baseline.LABEL, trackpy_baseline.Params, "classical"),
+}
+NETWORKS = tuple(n for n, f in FAMILIES.items() if f.kind == "network")
 
 
 def family(name: str) -> Family:
-    _load_families()
     if name not in FAMILIES:
-        raise FactoryError(f"--model {name}: unknown (have: {', '.join(sorted(FAMILIES))})")
+        raise FactoryError(f"{name}: unknown detector (have: {', '.join(FAMILIES)})")
     return FAMILIES[name]
 
 
-def _load_families() -> None:
-    if FAMILIES:
-        return
-    from . import densitynet, gridnet, keypoint_rcnn, spotnet
+def parse_params(name: str, raw: Any, source: str = "config", prefix: str = "model_params") -> StrictModel:
+    """A family's typed parameters from a mapping; errors name the file and field."""
+    fam = family(name)
+    if raw is None:
+        raw = {}
+    if isinstance(raw, StrictModel):
+        raw = raw.model_dump()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix}: must be a mapping of {name}'s parameters")
+    try:
+        return fam.Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join([prefix] + [str(p) for p in err["loc"]])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{source}: {loc}: {msg} (allowed: {', '.join(fam.Params.model_fields)})") from None
 
-    FAMILIES["spotnet"] = Family(
-        "spotnet", "SpotNet (ours)", lambda **p: spotnet.SpotNet(**p), spotnet.loss,
-        lambda m, x, s: spotnet.decode(spotnet.forward_flips(m, x) if m.flip_tta else m(x), s),
-        {"widths": [32, 64, 128], "flip_tta": True})
-    FAMILIES["gridnet"] = Family(
-        "gridnet", "Grid-cell net (deepBlink-style)", lambda **p: gridnet.GridNet(**p), gridnet.loss,
-        lambda m, x, s: gridnet.decode(m(x), s), {"widths": [32, 64, 128]},
-        {"optimizer": "amsgrad", "lr": 1e-3})
-    FAMILIES["densitynet"] = Family(
-        "densitynet", "Density-map net (DM-DetNet-style)", lambda **p: densitynet.DensityNet(**p),
-        densitynet.loss, lambda m, x, s: densitynet.decode(m(x), s), {"widths": [32, 64, 128]})
-    FAMILIES["keypointrcnn"] = Family(
-        "keypointrcnn", "Keypoint R-CNN (ours)", keypoint_rcnn.build, keypoint_rcnn.loss,
-        keypoint_rcnn.predict, keypoint_rcnn.DEFAULTS, keypoint_rcnn.TRAIN_DEFAULTS, pixels_per_batch=2**16)
+
+def make_detector(name: str, params: Any = None, **kwargs):
+    """An untrained detector of any family (TrackPy is ready to use as it is)."""
+    fam = family(name)
+    p = parse_params(name, params)
+    if fam.kind == "classical":
+        return trackpy_baseline.TrackPyDetector(p, **kwargs)
+    return NetDetector(fam, fam.build(p), **kwargs)
 
 
 class NetDetector:
-    """A trained network behind the detector contract (frame, x, y, score, sigma)."""
+    """A network behind the detector contract (frame, x, y, score, sigma)."""
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
                  min_score: float = 0.01, device: str = "cpu", label: str | None = None):
@@ -98,25 +120,3 @@ class NetDetector:
         xy = np.concatenate(xys)
         return as_table(np.concatenate(frames), xy[:, 0], xy[:, 1], np.concatenate(scores),
                         sigma=np.concatenate(sigmas))
-
-
-def load_model(run_dir: str | Path, device: str = "cpu", weights: str = "best.pt") -> NetDetector:
-    """A detector from a run folder written by ``factory train``."""
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not run.is_dir() or not cfg_path.exists():
-        raise FactoryError(f"{run}: not a model run folder (no config.yaml; made by `factory train`)")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    fam = family(cfg["model"])
-    path = run / weights
-    if not path.exists():
-        raise FactoryError(f"{path}: no weights (training did not finish an epoch?)")
-    model = fam.build(**cfg.get("model_params", {}))
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"] if "model" in state else state)
-    threshold = cfg.get("threshold")
-    if (run / "metrics.json").exists():
-        import json
-
-        threshold = json.loads((run / "metrics.json").read_text()).get("threshold", threshold)
-    return NetDetector(fam, model, threshold, cfg.get("min_score", 0.01), device)

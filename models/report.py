@@ -14,13 +14,18 @@ from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, table1
 
 
 def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
-    """label -> (folder, metrics) for every evaluation run folder under ``runs``."""
-    found = {}
+    """Row label -> (folder, metrics) for every evaluation run folder under ``runs``.
+
+    Every folder gets its row: the detector's label, followed by the folder's name
+    where two folders evaluated detectors with the same label."""
+    found = []
     for m in sorted(Path(runs).glob("*/metrics.json")):
         data = json.loads(m.read_text())
         if "datasets" in data and "detector" in data:
-            found[data["detector"]] = (m.parent, data)
-    return found
+            found.append((m.parent, data))
+    labels = [d["detector"] for _, d in found]
+    return {(d["detector"] if labels.count(d["detector"]) == 1 else f"{d['detector']} [{folder.name}]"): (folder, d)
+            for folder, d in found}
 
 
 def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
@@ -43,11 +48,11 @@ def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
     lines = [f"# Report: {runs.name}", "", "AUC of the precision-recall curve at 70 / 140 / 210 nm gates "
              f"(seed paper, Table 1) on the test stores of `{data}` ({names}); the paper's rows where "
              "its diffusion coefficients match.", "", md]
-    lines += ["", "## Other metrics (F1 at 2 px, RMSE of matched pairs, deepBlink's F1 integral)", "",
-              "| detector | dataset | F1 integral | F1 | RMSE (px) |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Other metrics (F1 at 140 nm, RMSE of matched pairs, deepBlink's F1 integral)", "",
+              "| detector | dataset | F1 integral | F1 | RMSE (nm) |", "| --- | --- | --- | --- | --- |"]
     for label, (_, m) in evals.items():
         for name, v in m["datasets"].items():
-            lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_px']:.3f} |")
+            lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_nm']:.1f} |")
     lines += ["", "## PR curves", ""]
     for label, (folder, _) in evals.items():
         pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())

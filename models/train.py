@@ -1,80 +1,31 @@
 """The trainer: plain ``train_one_epoch`` and ``validate`` functions and ``fit``.
 
-A run folder holds ``config.yaml`` (the full training config), ``best.pt`` (best
-validation AUC), ``last.pt`` (model, optimiser, scheduler, epoch, history: what
-``--resume`` needs), and ``metrics.json`` (per-epoch history, best epoch, the F1
-threshold tuned on the validation set).  Training stops on a non-finite loss.
+``fit`` writes a run folder (``models.runs.RunFolder``): the config, the best and last
+checkpoints, and the metrics with the F1 threshold tuned on the validation set.
+Training stops on a non-finite loss.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
-import yaml
-from pydantic import Field, ValidationError
 
-from factory.config import StrictModel
-from factory.errors import ConfigError, FactoryError
-from factory.stores import Store
+from factory.errors import FactoryError
+from factory.stores import Store, find_store
 from loaders.augment import flip_batch
 from loaders.datasets import StoreBatches
 
-from .metrics import GATES_PX, Points, f1_rmse, pr_auc
+from .config import TrainConfig
+from .metrics import F1_GATE_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
 from .registry import NetDetector, family
+from .runs import RunFolder
 
 log = logging.getLogger(__name__)
-
-
-class TrainConfig(StrictModel):
-    model: str = "spotnet"
-    model_params: dict[str, Any] = {}
-    train: str = "train"  # store names inside --data
-    val: str = "val"
-    max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
-    val_images: Annotated[int, Field(ge=10)] = 3000
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
-    optimizer: Literal["adamw", "sgd", "amsgrad"] = "adamw"
-    lr: Annotated[float, Field(gt=0, le=10)] = 2e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    augment_flips: bool = True
-    seed: int = 0
-    min_score: Annotated[float, Field(ge=0, lt=1)] = 0.01
-    val_tta: bool = False  # flip TTA while selecting epochs (4x slower; applied at deployment anyway)
-    threads: Optional[Annotated[int, Field(ge=1)]] = None
-
-
-def load_train_config(path: Path | None, model: str | None, overrides: dict | None = None) -> TrainConfig:
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).exists():
-            raise ConfigError(f"{path}: no such file")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of training settings")
-    if model is not None:
-        raw["model"] = model
-    fam = family(raw.get("model", "spotnet"))
-    merged = {**fam.train_defaults, **raw, **(overrides or {})}
-    merged["model_params"] = {**fam.defaults, **raw.get("model_params", {})}
-    try:
-        return TrainConfig.model_validate(merged)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path or 'training config'}: {where}: {err['msg']}") from None
 
 
 def make_optimizer(cfg: TrainConfig, params):
@@ -129,62 +80,60 @@ def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int
     return {"loss": total / max(n, 1), "steps": n}
 
 
-def validate(detector: NetDetector, images: np.ndarray, gt: Points) -> dict:
+def validate(detector: NetDetector, images: np.ndarray, gt: Points, pixel_size_um: float) -> dict:
     """Validation AUCs at the three gates and their mean (the model-selection score)."""
     table = detector.detect(images)
     pred = Points.from_arrays(table.frame, table.x, table.y, len(images))
-    aucs = [pr_auc(pred, table.score.to_numpy(), gt, g) for g in GATES_PX]
+    aucs = [pr_auc(pred, table.score.to_numpy(), gt, nm_to_px(g, pixel_size_um)) for g in GATES_NM]
     return {"auc": aucs, "mean_auc": float(np.mean(aucs)), "table": table}
 
 
-def tune_threshold(table, gt: Points, n: int) -> float:
-    """The score cut maximising F1 at 2 px on the validation set."""
-    if len(table) == 0:
-        return 0.5
-    cuts = np.unique(np.quantile(table.score, np.linspace(0, 0.995, 200)))
-    best, best_f1 = float(cuts[0]), -1.0
-    for c in cuts:
-        sel = table[table.score >= c]
-        f1, _ = f1_rmse(Points.from_arrays(sel.frame, sel.x, sel.y, n), gt)
-        if f1 > best_f1:
-            best, best_f1 = float(c), f1
-    return best
-
-
-def _checkpoint(model, opt, sched, cfg, epoch, history, best):
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "config": cfg.model_dump(), "epoch": epoch, "history": history, "best": best}
-
-
-def fit(cfg: TrainConfig, data: Path, out: Path, device: str = "cpu", resume: bool = False,
+def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", resume: bool = False,
         progress: bool = True) -> dict:
-    """Train ``cfg.model`` on ``<data>/<cfg.train>``, select on ``<data>/<cfg.val>``."""
+    """Train ``cfg.model`` on the data folder's ``cfg.train`` store, select on ``cfg.val``.
+
+    ``data`` (``--data``) overrides the config's ``data``; the run folder's config
+    records the folder used."""
     from tqdm.auto import tqdm
 
-    data, out = Path(data), Path(out)
+    if data is None and cfg.data is None:
+        raise FactoryError("no training data: give --data DIR (or `data:` in the training config)")
+    data = Path(data if data is not None else cfg.data)
+    cfg = cfg.model_copy(update={"data": str(data)})
+    run = RunFolder(out)
     fam = family(cfg.model)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FactoryError("--device cuda: no CUDA device available (use --device cpu)")
-    train_path = _find_store(data, cfg.train)
-    val_path = _find_store(data, cfg.val)
+    if not data.is_dir():
+        raise FactoryError(f"{data}: no such data folder (build one with `factory build`)")
+    train_path = find_store(data, cfg.train)
+    val_path = find_store(data, cfg.val)
+    if resume and not run.file(run.LAST).exists():
+        raise FactoryError(f"{run.file(run.LAST)}: nothing to resume (no last checkpoint)")
+    if not resume and run.has_model():
+        raise FactoryError(f"{out}: already holds a trained model (use --resume, --overwrite, or another --out)")
+    if resume:
+        before = run.read_config()
+        if before.model_copy(update={"epochs": cfg.epochs, "data": cfg.data}) != cfg:
+            raise FactoryError(f"{run.file(run.CONFIG)}: --resume continues the run's own config "
+                               "(only --epochs may change)")
+        if cfg.epochs != before.epochs and cfg.schedule != "constant":
+            raise FactoryError(f"--epochs {cfg.epochs}: the {cfg.schedule} schedule of {run.path} was laid out "
+                               f"for {before.epochs} epochs; resume it as it is, or train anew")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    last = out / "last.pt"
-    if resume and not last.exists():
-        raise FactoryError(f"{last}: nothing to resume (no last checkpoint)")
-    if not resume and (out / "best.pt").exists():
-        raise FactoryError(f"{out}: already holds a trained model (use --resume, or another --out)")
+    run.create()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = fam.build(**cfg.model_params).to(device)
+        model = fam.build(cfg.params()).to(device)
     with Store(val_path) as st:
         nv = min(cfg.val_images, len(st))
         val_images = st.read("images", 0, nv)
         val_gt = Points.from_centroids(st.read("centroids", 0, nv), st.read("n_particles", 0, nv))
+        pixel_size_um = float(st.config["dataset"]["image"]["pixel_size_um"])
     with Store(train_path) as st:
-        chunk = int(st["images"].chunks[0]) if st["images"].chunks else 256
+        chunk = st.chunk_rows or 256
         n_train = min(len(st), cfg.max_train_images or len(st))
     block = chunk * max(1, 2048 // chunk)
     batches = StoreBatches(train_path, batch_size=block, stop=n_train, shuffle_within=True, seed=cfg.seed)
@@ -193,12 +142,12 @@ def fit(cfg: TrainConfig, data: Path, out: Path, device: str = "cpu", resume: bo
     sched = make_scheduler(cfg, opt, steps)
     history, best, start = [], -1.0, 0
     if resume:
-        ck = torch.load(last, map_location=device, weights_only=False)
+        ck = run.load(run.LAST, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
-    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.model_dump(), "data": str(data)}, sort_keys=False))
+        history, best, start = list(ck["history"]), float(ck["best"]), int(ck["epoch"]) + 1
+    run.write_config(cfg)
     detector = NetDetector(fam, model, None, cfg.min_score, device)
     t_start = time.perf_counter()
     epochs = tqdm(range(start, cfg.epochs), desc=f"train {cfg.model}", unit="epoch", disable=not progress)
@@ -210,30 +159,33 @@ def fit(cfg: TrainConfig, data: Path, out: Path, device: str = "cpu", resume: bo
         t0 = time.perf_counter()
         stats = train_one_epoch(model, fam, opt, sched, loader, cfg, epoch, device, steps, progress)
         with _tta(model, cfg.val_tta):
-            v = validate(detector, val_images, val_gt)
+            v = validate(detector, val_images, val_gt, pixel_size_um)
         model.train()
-        row = {"epoch": epoch + 1, "loss": stats["loss"], "val_auc": dict(zip(("70", "140", "210"), v["auc"])),
+        row = {"epoch": epoch + 1, "loss": stats["loss"],
+               "val_auc": {str(g): a for g, a in zip(GATES_NM, v["auc"])},
                "val_mean_auc": v["mean_auc"], "seconds": time.perf_counter() - t0}
         history.append(row)
         improved = v["mean_auc"] > best
         if improved:
             best = v["mean_auc"]
-            torch.save({"model": model.state_dict(), "config": cfg.model_dump(), "epoch": epoch}, out / "best.pt")
-        torch.save(_checkpoint(model, opt, sched, cfg, epoch, history, best), last)
+            run.save_best(model, epoch)
+        run.save_last(model, opt, sched, epoch, history, best)
         epochs.set_postfix(loss=f"{stats['loss']:.4f}", val_auc=f"{v['mean_auc']:.3f}", best=f"{best:.3f}")
         log.info("epoch %d: loss %.4f, val AUC %s%s", epoch + 1, stats["loss"],
                  [round(a, 3) for a in v["auc"]], " (best)" if improved else "")
     # The F1 operating point of the best model, on the validation set.
-    state = torch.load(out / "best.pt", map_location=device, weights_only=False)
+    state = run.load(run.BEST, map_location=device)
     model.load_state_dict(state["model"])
-    v = validate(detector, val_images, val_gt)
-    threshold = tune_threshold(v["table"], val_gt, len(val_images))
+    v = validate(detector, val_images, val_gt, pixel_size_um)
+    t = v["table"]
+    threshold = best_f1_threshold(t.frame, t[["x", "y"]].to_numpy(), t.score, val_gt,
+                                  nm_to_px(F1_GATE_NM, pixel_size_um))
     best_epoch = int(state["epoch"]) + 1
     metrics = {"model": cfg.model, "best_epoch": best_epoch, "best_val_mean_auc": best,
-               "threshold": threshold, "history": history,
-               "train_images": n_train, "val_images": len(val_images),
+               "threshold": threshold, "history": history, "data": str(data),
+               "train_images": n_train, "val_images": len(val_images), "pixel_size_um": pixel_size_um,
                "train_seconds": time.perf_counter() - t_start, "device": device}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run.write_metrics(metrics)
     return metrics
 
 
@@ -251,10 +203,3 @@ class _tta:
     def __exit__(self, *exc):
         if self.saved is not None:
             self.model.flip_tta = self.saved
-
-
-def _find_store(data: Path, name: str) -> Path:
-    for ext in (".h5", ".zarr", ".hdf5"):
-        if (data / f"{name}{ext}").exists():
-            return data / f"{name}{ext}"
-    raise FactoryError(f"{data}: no store named {name} (.h5 or .zarr); build it with `factory build`")

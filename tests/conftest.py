@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from factory.config import parse_config
-from factory.kernel import kernel_params, simulate
+from factory.kernel import simulate
 from factory.reference import simulate_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def engine(request):
         cfg, ds = dataset(n_images, seed, **sections)
         if request.param == "numba":
             return simulate(ds, cfg.seed)
-        return simulate_numpy(kernel_params(ds), n_images, np.random.default_rng(seed))
+        return simulate_numpy(ds, n_images, np.random.default_rng(seed))
 
     run.name = request.param
     return run
@@ -48,5 +48,61 @@ def run_cli(*args, cwd=None, env=None):
     """Run the installed `factory` command; returns CompletedProcess."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "factory.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+
+
+# --- trained detectors, shared by the network tests and the contract suite ---------------
+
+# Steps and learning rates that overfit 16 bright images (8 for Keypoint R-CNN, whose
+# images are rescaled to 64 px to keep the run short on a CPU).
+OVERFIT = {
+    "spotnet": {"steps": 150, "lr": 3e-3},
+    "gridnet": {"steps": 400, "lr": 1e-3, "amsgrad": True},  # deepBlink's dice saturates a wrong cell: gentler
+    "densitynet": {"steps": 200, "lr": 3e-3},
+    "keypointrcnn": {"steps": 100, "lr": 1e-3, "images": 8, "params": {"min_size": 64}, "clip": 10.0},
+}
+_TRAINED: dict = {}
+
+
+def small_training_set():
+    """Bright, slowly moving particles: the shape is easy, so overfitting is quick."""
+    cfg, ds = dataset(16, seed=3, particles={"diffusion_um2_s": 0.2, "n_qd": 40.0})
+    out = simulate(ds, cfg.seed)
+    return out["images"].astype(np.float32), out["centroids"]
+
+
+def overfit(name: str):
+    """A network of family ``name`` trained from scratch on the small set (cached)."""
+    if name in _TRAINED:
+        return _TRAINED[name]
+    import torch
+
+    from models.registry import NetDetector, family, parse_params
+
+    recipe = OVERFIT[name]
+    images, centroids = small_training_set()
+    n = recipe.get("images", len(images))
+    fam = family(name)
+    torch.manual_seed(0)
+    model = fam.build(parse_params(name, recipe.get("params", {})))
+    opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], amsgrad=recipe.get("amsgrad", False))
+    x, c = torch.from_numpy(images[:n])[:, None], torch.from_numpy(centroids[:n])
+    model.train()
+    for _ in range(recipe["steps"]):
+        value, parts = fam.loss(model, x, c)
+        assert torch.isfinite(value), parts
+        opt.zero_grad()
+        value.backward()
+        if "clip" in recipe:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])  # as the trainer does
+        opt.step()
+    _TRAINED[name] = NetDetector(fam, model, min_score=0.05 if name != "keypointrcnn" else 0.0)
+    return _TRAINED[name]
+
+
+def ready_detector(name: str):
+    """Any registered detector, ready to run: TrackPy as it is, networks overfitted."""
+    from models.registry import family, make_detector
+
+    return make_detector(name) if family(name).kind == "classical" else overfit(name)

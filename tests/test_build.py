@@ -150,6 +150,12 @@ BAD = [
     ("margin too large", {"datasets": {"a": {"n_images": 5, "particles": {"xy_start": {"margin_px": 12}}}}},
      "margin_px = 12.0 leaves no room"),
     ("unknown top-level", {"sed": 3}, "sed: unknown key"),
+    ("a number as a string", {"datasets": {"a": {"n_images": 5, "image": {"height_px": "24"}}}},
+     "datasets.a.image.height_px: Input should be a valid integer"),
+    ("a bool as a string", {"datasets": {"a": {"n_images": 5, "output": {"expected": "yes"}}}},
+     "datasets.a.output.expected: Input should be a valid boolean"),
+    ("unknown compression", {"datasets": {"a": {"n_images": 5, "output": {"compression": "lzf"}}}},
+     "datasets.a.output.compression"),
 ]
 
 
@@ -204,7 +210,7 @@ def test_interrupted_build_leaves_no_store(tmp_path):
     cfg = tmp_path / "big.yaml"
     cfg.write_text(yaml.safe_dump({"seed": 1, "datasets": {"big": {"n_images": 400000}}}))
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "build", str(cfg), "--out", str(out), "-q"])
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "build", str(cfg), "--out", str(out), "-q"])
     import time
 
     deadline = time.time() + 60
@@ -240,3 +246,42 @@ def test_cli_help_describes_commands():
         assert cmd in r.stdout
     r = run_cli("build", "--help")
     assert "--overwrite" in r.stdout and "--format" in r.stdout
+
+
+def test_default_hdf5_opens_without_any_plugin(tmp_path):
+    """Deflate + shuffle are built into every HDF5 library: plain h5py (no hdf5plugin
+    imported) reads every array, equal to what the simulator produced, and h5dump does
+    too where it is installed."""
+    import shutil
+
+    cfg, ds = dataset(300, output={"chunk_images": 64})
+    build(cfg, tmp_path, progress=False)
+    ref = simulate(ds, cfg.seed)
+    np.savez(tmp_path / "ref.npz", **ref)
+    code = textwrap.dedent(f"""
+        import sys, h5py, numpy as np
+        ref = np.load({str(tmp_path / 'ref.npz')!r})
+        with h5py.File({str(tmp_path / 'd.h5')!r}, 'r') as f:
+            assert f.attrs['compression'] == 'gzip'
+            for name in ref.files:
+                assert f[name].compression == 'gzip' and f[name].shuffle, name
+                a = f[name][:]
+                assert np.array_equal(a, ref[name], equal_nan=True), name
+        assert 'hdf5plugin' not in sys.modules
+        print('read', len(ref.files))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "read 7", r.stderr
+    if shutil.which("h5dump"):
+        r = subprocess.run(["h5dump", "-d", "/n_particles", str(tmp_path / "d.h5")], capture_output=True, text=True)
+        assert r.returncode == 0 and "(0): 1, 1, 1" in r.stdout, r.stderr
+
+
+def test_blosc_stays_an_option_with_the_same_arrays(tmp_path):
+    cfg, ds = dataset(200, output={"chunk_images": 64, "compression": "blosc-lz4"})
+    build(cfg, tmp_path, progress=False)
+    ref = simulate(ds, cfg.seed)
+    with Store(tmp_path / "d.h5") as st:
+        assert st.attrs["compression"] == "blosc-lz4"
+        for name, a in ref.items():
+            np.testing.assert_array_equal(st.read(name), a)

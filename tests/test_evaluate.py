@@ -43,7 +43,7 @@ def test_trackpy_run_folder(data, tmp_path):
     tuned = json.loads((out / "trackpy.json").read_text())
     assert tuned["tuned_on"].endswith("val.h5") and len(tuned["grid"]) > 1
     md = (out / "table.md").read_text()
-    assert "TrackPy (paper)" in md and "Keypoint R-CNN (paper)" in md and "TrackPy (ours)" in md
+    assert "TrackPy (paper)" in md and "Keypoint R-CNN (paper)" in md and "TrackPy (ours, tuned on val)" in md
     assert "| 0.06 | 0.42 | 0.73 |" in md  # the paper's row under D = 0.75
     assert (out / "pr_test_d075.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(out / "table.csv")
@@ -64,9 +64,59 @@ def test_score_a_users_csv(data, tmp_path):
     assert m["auc"] == {"70": 1.0, "140": 1.0, "210": 1.0} and m["f1"] == 1.0 and m["rmse_px"] < 1e-5
     off = tmp_path / "off.csv"
     truth_csv(data / "test_d075.h5", off, shift=1.5)
-    run_cli("evaluate", "--predictions", off, "--data", data, "--datasets", "test_d075", "--out", tmp_path / "o2")
+    r = run_cli("evaluate", "--predictions", off, "--data", data, "--datasets", "test_d075", "--out", tmp_path / "o2")
+    assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "o2" / "metrics.json").read_text())["datasets"]["test_d075"]
     assert m["auc"]["70"] == 0.0 and m["auc"]["140"] == 1.0
+
+
+def test_trackpy_with_the_papers_settings(data, tmp_path):
+    out = tmp_path / "paper"
+    r = run_cli("evaluate", "--detector", "trackpy-paper", "--data", data, "--out", out, "-q", "--tune-images", "60")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["detector"] == "TrackPy (ours, paper settings)"
+    assert m["params"] == {"diameter": 7, "minmass": 0.0, "separation": 7.0, "percentile": 64.0, "preprocess": False}
+    assert m["threshold"] is not None  # its F1 operating point, chosen on val
+
+
+def test_gates_are_physical_on_a_store_with_other_pixels(tmp_path):
+    """0.1 um pixels: 70 / 140 / 210 nm are 0.7 / 1.4 / 2.1 px, keys stay in nm, and a
+    prediction 1.5 px (150 nm) from the truth counts at 210 nm but not at 140 nm."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 5, "datasets": {"test_coarse": {
+        "n_images": 80, "image": {"pixel_size_um": 0.1}, "output": {"chunk_images": 64}}}}))
+    assert run_cli("build", cfg, "--out", tmp_path / "data", "-q").returncode == 0
+    csv = tmp_path / "off.csv"
+    truth_csv(tmp_path / "data" / "test_coarse.h5", csv, shift=1.5)
+    r = run_cli("evaluate", "--predictions", csv, "--data", tmp_path / "data", "--out", tmp_path / "o", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())["datasets"]["test_coarse"]
+    assert m["auc"] == {"70": 0.0, "140": 0.0, "210": 1.0}
+    assert m["pixel_size_um"] == 0.1
+    r = run_cli("evaluate", "--predictions", csv, "--data", tmp_path / "data", "--out", tmp_path / "o2", "-q",
+                "--gates-nm", "100,160")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "o2" / "metrics.json").read_text())["datasets"]["test_coarse"]
+    assert m["auc"] == {"100": 0.0, "160": 1.0}
+    bad(run_cli("evaluate", "--predictions", csv, "--data", tmp_path / "data", "--out", tmp_path / "o3",
+                "--gates-nm", "70,-1"), "--gates-nm 70,-1")
+
+
+def test_pooled_metrics_over_stores_of_different_pixel_sizes():
+    """Pooled in um: the gates keep their physical size in every store."""
+    from models.evaluate import pooled_metrics
+    from models.metrics import Points
+
+    gt = [Points.from_arrays([0, 1], [5.0, 5.0], [5.0, 5.0], 2)] * 2
+    # 1.5 px off: 105 nm at 0.07 um, 150 nm at 0.1 um.
+    # The first store's pair ranks first (score 1): within 140 nm; the second's (0.5) not.
+    tables = [pd.DataFrame({"frame": [0, 1], "x": [6.5, 6.5], "y": [5.0, 5.0], "score": [s, s]}) for s in (1.0, 0.5)]
+    m = pooled_metrics(tables, gt, [0.07, 0.1], None)
+    assert m["auc"]["140"] == pytest.approx(0.5) and m["auc"]["210"] == pytest.approx(1.0)
+    assert m["rmse_px"] is None and m["rmse_nm"] == pytest.approx(105.0)  # pairs within 140 nm only
+    same = pooled_metrics(tables, gt, [0.07, 0.07], None)
+    assert same["auc"]["140"] == pytest.approx(1.0) and same["rmse_px"] == pytest.approx(1.5)
 
 
 def test_report_gathers_every_evaluation_and_previews_the_best(data, tmp_path):

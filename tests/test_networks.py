@@ -6,111 +6,36 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import dataset, run_cli
-from factory.kernel import simulate
-from models.base import COLUMNS
-from models.densitynet import ALPHA, EPSILON, OMEGA, THETA, awing, weight_map
-from models.registry import NetDetector, family
-
-STEPS = {"spotnet": 150, "gridnet": 400, "densitynet": 200}
-# deepBlink's dice loss saturates a sigmoid cell that starts wrong: its gentler rate.
-LR = {"spotnet": 3e-3, "gridnet": 1e-3, "densitynet": 3e-3}
-# Keypoint R-CNN: 8 images rescaled to 64 px (x 2.7) keep the run short on a CPU.
-KRCNN_IMAGES, KRCNN_STEPS, KRCNN_LR = 8, 100, 1e-3
-KRCNN_PARAMS = {"min_size": 64}
+from conftest import overfit, run_cli, small_training_set
+from models.networks.densitynet import ALPHA, EPSILON, OMEGA, THETA, awing, weight_map
 
 
 @pytest.fixture(scope="module")
 def small_set():
-    # Bright, slowly moving particles: the shape is easy, so overfitting is quick.
-    cfg, ds = dataset(16, seed=3, particles={"diffusion_um2_s": 0.2, "n_qd": 40.0})
-    out = simulate(ds, cfg.seed)
-    return out["images"].astype(np.float32), out["centroids"]
+    return small_training_set()
 
 
-def overfit(name, images, centroids):
-    fam = family(name)
-    torch.manual_seed(0)
-    params = dict(fam.defaults)
-    model = fam.build(**params)
-    opt = torch.optim.Adam(model.parameters(), lr=LR[name], amsgrad=name == "gridnet")
-    x = torch.from_numpy(images)[:, None]
-    c = torch.from_numpy(centroids)
-    model.train()
-    for _ in range(STEPS[name]):
-        value, _ = fam.loss(model, x, c)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-    return NetDetector(fam, model, min_score=0.05)
-
-
-@pytest.fixture(scope="module", params=["spotnet", "gridnet", "densitynet"])
-def trained(request, small_set):
-    images, centroids = small_set
-    return request.param, overfit(request.param, images, centroids)
+@pytest.fixture(scope="module", params=["spotnet", "gridnet", "densitynet", "keypointrcnn"])
+def trained(request):
+    return request.param, overfit(request.param)
 
 
 def test_overfits_a_small_set_to_near_perfect_localisation(trained, small_set):
+    """Targets, losses and decoding agree: a few images are learnt to sub-pixel precision
+    (Keypoint R-CNN also checks torchvision's pixel-corner conversion)."""
     name, det = trained
     images, centroids = small_set
-    table = det.detect(images)
+    n = 8 if name == "keypointrcnn" else len(images)
+    table = det.detect(images[:n])
     top = table.sort_values("score", ascending=False).groupby("frame").head(1).set_index("frame")
-    assert len(top) == len(images), f"{name}: {len(top)} of {len(images)} images detected"
+    assert len(top) == n, f"{name}: {len(top)} of {n} images detected"
     d = np.hypot(top["x"] - centroids[top.index, 0, 0], top["y"] - centroids[top.index, 0, 1])
     assert np.median(d) < 0.35 and d.max() < 1.0, (name, np.round(d.to_numpy(), 2))
 
 
-def test_network_detectors_follow_the_contract(trained, small_set):
-    name, det = trained
-    images, _ = small_set
-    table = det.detect(images[:4])
-    assert list(table.columns[:4]) == COLUMNS and table["frame"].dtype == np.int64
-    assert np.isfinite(table[["x", "y", "score"]].to_numpy()).all()
-    # Any size: spots pasted into a larger noisy field are found at the shifted place
-    # (shifts by multiples of 8 px, the networks' largest pooling stride).
-    _, centroids = small_set
-    big = np.random.default_rng(1).poisson(8.4, (2, 56, 72)).astype(np.float32)
-    big[:, 16:40, 32:57] = images[:2]
-    t_big = det.detect(big)
-    for f in range(2):
-        b = t_big[t_big.frame == f].sort_values("score").iloc[-1]
-        err = np.hypot(b.x - 32 - centroids[f, 0, 0], b.y - 16 - centroids[f, 0, 1])
-        assert err < 1.0, (name, f, err)
-
-
-def test_spotnet_sigma_is_a_positive_uncertainty(trained, small_set):
-    name, det = trained
-    if name != "spotnet":
-        pytest.skip("sigma is SpotNet's")
-    table = det.detect(small_set[0])
+def test_spotnet_sigma_is_a_positive_uncertainty(small_set):
+    table = overfit("spotnet").detect(small_set[0])
     assert (table["sigma"] > 0).all() and table["sigma"].median() < 1.0
-
-
-def test_keypoint_rcnn_overfits_a_small_set_and_answers_in_the_contract(small_set):
-    """Keypoint R-CNN (torchvision, from scratch): boxes, keypoint targets and the
-    pixel-corner conversion agree, so a few images are learnt to sub-pixel precision;
-    the output follows the contract."""
-    images, centroids = small_set[0][:KRCNN_IMAGES], small_set[1][:KRCNN_IMAGES]
-    fam = family("keypointrcnn")
-    torch.manual_seed(0)
-    model = fam.build(**{**fam.defaults, **KRCNN_PARAMS})
-    x, c = torch.from_numpy(images)[:, None], torch.from_numpy(centroids)
-    opt = torch.optim.Adam(model.parameters(), lr=KRCNN_LR)
-    for _ in range(KRCNN_STEPS):
-        value, parts = fam.loss(model, x, c)
-        assert torch.isfinite(value) and set(parts) >= {"loss_keypoint", "loss_classifier"}
-        opt.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as the trainer does
-        opt.step()
-    table = NetDetector(fam, model, min_score=0.0).detect(images)
-    assert list(table.columns[:4]) == COLUMNS and table["frame"].dtype == np.int64
-    assert table["x"].between(-0.5, 24.5).all() and table["y"].between(-0.5, 23.5).all()
-    top = table.sort_values("score", ascending=False).groupby("frame").head(1).set_index("frame")
-    assert len(top) == len(images)
-    d = np.hypot(top["x"] - centroids[top.index, 0, 0], top["y"] - centroids[top.index, 0, 1])
-    assert np.median(d) < 0.35 and d.max() < 1.0, np.round(d.to_numpy(), 2)
 
 
 # --- the adaptive wing loss and the weight map ----------------------------------------------
@@ -155,24 +80,23 @@ def test_weight_map_is_lambda_plus_one_around_spots():
 # --- predict ----------------------------------------------------------------------------------
 
 
-def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, trained, small_set):
-    name, det = trained
-    if name != "spotnet":
-        pytest.skip("one network is enough for the CLI round trip")
+def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, small_set):
     import tifffile
-    import yaml
 
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"model": det.model.state_dict()}, run / "best.pt")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": "spotnet", "model_params": family("spotnet").defaults,
-                                                     "min_score": 0.05}))
+    from models.config import parse_train_config
+    from models.runs import RunFolder
+
+    det = overfit("spotnet")
+    run = RunFolder(tmp_path / "run")
+    run.create()
+    run.write_config(parse_train_config({"model": "spotnet", "min_score": 0.05}))
+    run.save_best(det.model, 0)
     images, centroids = small_set
     stack = np.random.default_rng(2).poisson(8.4, (3, 64, 80)).astype(np.float32)
     for k in range(3):
         stack[k, 16:40, 40:65] = images[k]
     tifffile.imwrite(tmp_path / "rec.tif", stack.astype(np.uint16), photometric="minisblack")
-    r = run_cli("predict", run, tmp_path / "rec.tif", "--out", tmp_path / "p.csv", "--pixel-size-um", "0.07", "-q")
+    r = run_cli("predict", run.path, tmp_path / "rec.tif", "--out", tmp_path / "p.csv", "--pixel-size-um", "0.07", "-q")
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path / "p.csv")
     assert {"frame", "x", "y", "score", "sigma", "x_um", "y_um"} <= set(t.columns)
@@ -182,10 +106,11 @@ def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, trained, sm
         assert best.x_um == pytest.approx(best.x * 0.07)
     # Bad input: one line, non-zero exit.
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
-    r = run_cli("predict", run, tmp_path / "bad.tif", "--out", tmp_path / "q.csv")
+    r = run_cli("predict", run.path, tmp_path / "bad.tif", "--out", tmp_path / "q.csv")
     assert r.returncode == 2 and "bad.tif: cannot read" in r.stderr and "Traceback" not in r.stderr
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 16, 16)))
-    r = run_cli("predict", run, tmp_path / "cube.npy", "--out", tmp_path / "q.csv")
+    r = run_cli("predict", run.path, tmp_path / "cube.npy", "--out", tmp_path / "q.csv")
     assert r.returncode == 2 and "expected one image (H x W) or a stack" in r.stderr
     r = run_cli("predict", tmp_path / "nomodel", tmp_path / "rec.tif", "--out", tmp_path / "q.csv")
     assert r.returncode == 2 and "no such model" in r.stderr
+    assert not (tmp_path / "q.csv").exists()

@@ -146,7 +146,18 @@ def test_substeps_average_eq1_across_the_dwell(engine):
     np.testing.assert_allclose(out["expected"][0], truth, rtol=1e-5)
 
 
-def test_frame_time_matches_the_paper():
-    assert frame_time_s(24, 25, 2.0, 1.1) == pytest.approx(0.0276)
-    # The motion blur scale of the SPEC: about 4 px per axis at D = 1.75 over a frame.
-    assert np.sqrt(2 * 1.75 * 0.0276) / PX == pytest.approx(4.4, abs=0.1)
+def test_frame_time_matches_the_paper_and_the_walk(engine):
+    """24 lines of 25 pixels x 2 us plus a 1.1 ms retrace each: 24 x 1.15 ms = 27.6 ms
+    (SPEC).  The stored walk agrees: over its first to last pixel step (one dwell and one
+    retrace short of a frame) the displacement variance is 2 D t, which at D = 1.75 is
+    the SPEC's blur of about 4 px per axis over a frame."""
+    assert frame_time_s(24, 25, 2.0, 1.1) == pytest.approx(24 * (25 * 2e-6 + 1.1e-3), rel=1e-12)
+    assert frame_time_s(24, 25, 2.0, 1.1) == pytest.approx(0.0276, rel=1e-12)
+    D = 1.75
+    out = engine(2000, particles={"diffusion_um2_s": D})
+    tr = out["trajectories"][:, 0].astype(np.float64)
+    span = frame_time_s(24, 25, 2.0, 1.1) - 2e-6 - 1.1e-3
+    d = (tr[:, -1, 0] - tr[:, 0, 0]) * PX
+    assert abs(d.var() / (2 * D * span) - 1) < 5 * np.sqrt(2 / len(d))
+    assert np.sqrt(d.var()) / PX == pytest.approx(np.sqrt(2 * D * 0.0276) / PX, rel=0.15)
+    assert 3.6 < np.sqrt(d.var()) / PX < 5.2

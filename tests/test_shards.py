@@ -48,7 +48,7 @@ def assert_identical(a, b):
 
 
 def shard_cmd(cfg, out, fmt, spec):
-    return [sys.executable, "-m", "factory.cli", "build", str(cfg), "--out", str(out),
+    return [sys.executable, "-m", "cli", "build", str(cfg), "--out", str(out),
             "--format", fmt, "--shard", spec, "-q"]
 
 
@@ -199,7 +199,7 @@ def test_slurm_scripts(setup, tmp_path):
                    'NUMBA_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', "NUMBA_CACHE_DIR=", "${SLURM_JOB_ID}",
                    "HDF5_USE_FILE_LOCKING=FALSE", "--shard auto"):
         assert needle in build, needle
-    assert "factory.cli finalize" in fin and "--kill-on-invalid-dep=yes" in fin
+    assert "-m cli finalize" in fin and "--kill-on-invalid-dep=yes" in fin
     assert "afterok" in r.stdout
     r = run_cli("slurm", cfg, "--shards", "5", "--out", tmp_path / "o", "--time", "soon")
     assert r.returncode == 2 and "--time soon" in r.stderr

@@ -12,23 +12,40 @@ shape fits (the COCO heads with 91 classes / 17 keypoints are re-initialised).
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal, Optional
 
 import torch
+from pydantic import Field
 from torchvision.models.detection import KeypointRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 
+from factory.config import StrictModel
 from loaders.targets import keypoint_decode, keypoint_target
 
-from .nets import normalize_images
+from ..weights import load_weights, state_dict_of
+from .blocks import normalize_images
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"backbone": "resnet18", "min_size": 128, "max_size": 1024, "box_half_px": 3.0,
-            "keypoint_head": [64, 64, 64, 64], "box_head": 256, "proposals": 32, "weights_path": None}
+LABEL = "Keypoint R-CNN (ours)"
 TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 8}
+PIXELS_PER_BATCH = 2**16
+
+
+class Params(StrictModel):
+    """Keypoint R-CNN's parameters; see ``SmallKeypointRCNN`` for what each changes."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    min_size: Annotated[int, Field(ge=16, le=4096)] = 128
+    max_size: Annotated[int, Field(ge=16, le=8192)] = 1024
+    box_half_px: Annotated[float, Field(gt=0, le=64)] = 3.0
+    keypoint_head: Optional[list[Annotated[int, Field(ge=1, le=1024)]]] = [64, 64, 64, 64]
+    box_head: Optional[Annotated[int, Field(ge=1, le=4096)]] = 256
+    proposals: Optional[Annotated[int, Field(ge=2, le=4096)]] = 32
+    weights_path: Optional[str] = None  # a user-supplied weights file (e.g. COCO keypoints)
 
 
 class SmallKeypointRCNN(torch.nn.Module):
@@ -75,16 +92,15 @@ class SmallKeypointRCNN(torch.nn.Module):
 
 def load_matching(model: torch.nn.Module, path: str) -> None:
     """Load every tensor of a state dict whose name and shape match the model."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = state_dict_of(load_weights(path))
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(keep, strict=False)
     log.info("loaded %d of %d tensors from %s", len(keep), len(own), path)
 
 
-def build(**params) -> SmallKeypointRCNN:
-    return SmallKeypointRCNN(**{**DEFAULTS, **params})
+def build(params: Params) -> SmallKeypointRCNN:
+    return SmallKeypointRCNN(**params.model_dump())
 
 
 def loss(model: SmallKeypointRCNN, images: torch.Tensor, centroids: torch.Tensor):

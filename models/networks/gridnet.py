@@ -8,13 +8,26 @@ Loss: dice on the probabilities + 2 x RMSE of the offsets in cells holding a spo
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from loaders.targets import CELL_PX, grid_decode, grid_target
 
-from .nets import UNet, normalize_images, pad_to_multiple
+from factory.config import StrictModel
+
+from .blocks import UNet, normalize_images, pad_to_multiple
+
+LABEL = "Grid-cell net (deepBlink-style)"
+TRAIN_DEFAULTS = {"optimizer": "amsgrad", "lr": 1e-3}  # deepBlink trains with AMSGrad
+PIXELS_PER_BATCH = 2**16
+
+
+class Params(StrictModel):
+    widths: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default=[32, 64, 128], min_length=2)
 
 
 class GridNet(nn.Module):
@@ -30,6 +43,10 @@ class GridNet(nn.Module):
         x, _ = pad_to_multiple(normalize_images(images), self.unet.multiple)
         out = torch.sigmoid(self.head(self.unet(x)))
         return out[..., : -(-h // CELL_PX), : -(-w // CELL_PX)]
+
+
+def build(params: Params) -> GridNet:
+    return GridNet(params.widths)
 
 
 def targets(centroids: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -52,6 +69,10 @@ def loss(model, images, centroids):
     else:
         rmse = out.sum() * 0.0
     return dice + 2 * rmse, {"dice": dice.item(), "rmse_cells": rmse.item()}
+
+
+def predict(model: GridNet, images: torch.Tensor, min_score: float = 0.01):
+    return decode(model(images), min_score)
 
 
 @torch.no_grad()

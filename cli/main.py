@@ -1,4 +1,4 @@
-"""The `factory` command line: thin wrappers that validate, then call the library."""
+"""The `factory` command: thin wrappers that validate, then call the library."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import List, Optional
 
 import typer
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 app = typer.Typer(
     name="factory",
     help=(
         "Simulate two-photon laser-scanning microscopy of diffusing nanoparticles, "
-        "build training sets (HDF5 or Zarr), and inspect them."
+        "build training sets (HDF5 or Zarr), train and evaluate detectors, and localise particles in recordings."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -67,13 +67,17 @@ def build(
     --shard, rerunning skips shards that are complete and valid; `factory finalize`
     then assembles them.
     """
-    from .build import build as build_stores
-    from .config import load_config
-    from .shards import parse_shard
+    from factory.build import build as build_stores
+    from factory.config import load_config
+    from factory.shards import build_shards, parse_shard
 
     cfg = load_config(config)
-    shard_spec = parse_shard(shard) if shard is not None else None
-    results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet, shard=shard_spec)
+    if shard is not None:
+        shard_spec = parse_shard(shard)
+        results = build_shards(cfg, out, fmt.value, only, shard_spec, overwrite, progress=not quiet)
+    else:
+        shard_spec = None
+        results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet)
     for r in results:
         if r.skipped:
             typer.echo(f"{r.path}: complete and valid, skipped")
@@ -100,8 +104,8 @@ def finalize(
     recorded in the store and its metadata consolidated.  A missing or corrupt shard
     is an error naming the shards to rerun.
     """
-    from .build import finalize as finalize_stores
-    from .config import load_config
+    from factory.config import load_config
+    from factory.finalize import finalize as finalize_stores
 
     cfg = load_config(config)
     for path in finalize_stores(cfg, out, fmt.value, only, copy, progress=not quiet):
@@ -114,8 +118,8 @@ def verify(
     path: Path = typer.Argument(..., help="A store (.h5 / .zarr) or a folder of stores."),
 ) -> None:
     """Check finished stores: complete, every shard's checksums, config hash."""
-    from .build import verify_store
-    from .inspect_store import find_stores
+    from factory.finalize import verify_store
+    from factory.stores import find_stores
 
     failed = False
     for p in find_stores(path):
@@ -147,8 +151,8 @@ def slurm(
 ) -> None:
     """Write an sbatch array job that builds the shards and a finalize job that runs
     after it (afterok), into <out>/slurm/; --submit submits both."""
-    from .config import load_config
-    from .slurm import sbatch_scripts, submit as submit_jobs, write_scripts
+    from factory.config import load_config
+    from factory.slurm import sbatch_scripts, submit as submit_jobs, write_scripts
 
     cfg = load_config(config)
     cfg.select(only)
@@ -172,7 +176,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show shapes, generation parameters and photon statistics of stores."""
-    from .inspect_store import find_stores, format_summary, summarize
+    from factory.inspect_store import format_summary, summarize
+    from factory.stores import find_stores
 
     summaries = [summarize(p) for p in find_stores(path)]
     if as_json:
@@ -191,12 +196,12 @@ def preview(
     start: int = typer.Option(0, "--start", min=0, help="Index of the first image."),
 ) -> None:
     """Draw a montage of images with their true trajectories and centroids."""
-    from .errors import StoreError
-    from .preview import preview as draw
+    from factory.errors import StoreError
+    from factory.preview import preview as draw
+    from factory.stores import Store
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
         raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg or .jpg")
-    from .stores import Store
 
     with Store(path) as st:
         if start >= len(st):
@@ -204,12 +209,22 @@ def preview(
     typer.echo(str(draw(path, out, n, start)))
 
 
+def _gates(text: str) -> tuple[float, ...]:
+    try:
+        gates = tuple(float(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise FactoryError(f"--gates-nm {text}: expected comma-separated distances in nm, e.g. 70,140,210") from None
+    if not gates or any(not g > 0 for g in gates):
+        raise FactoryError(f"--gates-nm {text}: every gate must be a distance > 0 nm")
+    return gates
+
+
 @app.command()
 @user_errors
 def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="Folder of stores (its test* stores are scored) or one store."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder for metrics.json, table.md, table.csv, pr_*.png."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="A built-in detector to run: trackpy."),
+    out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder for metrics.json, table.md, table.csv, pr_*.png."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="A built-in detector: trackpy (tuned on --tune-on) or trackpy-paper (the seed paper's settings: diameter 7, separation 7, no preprocessing)."),
     model: Optional[Path] = typer.Option(None, "--model", help="A trained model's run folder (factory train)."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a CSV (frame, x, y, score; pixel-centre origin) against --data (one store)."),
     datasets: Optional[List[str]] = typer.Option(None, "--datasets", help="Score only these stores of --data (repeatable)."),
@@ -217,12 +232,16 @@ def evaluate(
     tune_on: str = typer.Option("val", "--tune-on", help="Store of --data to tune TrackPy on (never a test set)."),
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
+    gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
-    deepBlink's F1 integral, F1 and RMSE at 2 px; Table 1 beside the paper's rows."""
+    deepBlink's F1 integral, F1 and RMSE at 140 nm; Table 1 beside the paper's rows.
+
+    Gates are physical distances, converted to pixels with each store's pixel size."""
     from models.evaluate import evaluate_detector, find_test_stores, read_predictions_csv, write_evaluation
 
+    gates = _gates(gates_nm)
     chosen = [x for x in (detector, model, predictions) if x is not None]
     if len(chosen) != 1:
         raise FactoryError("give exactly one of --detector, --model or --predictions")
@@ -236,47 +255,52 @@ def evaluate(
         with Store(stores[0]) as st:
             n = len(st)
         table = read_predictions_csv(predictions, n)
-        result = write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]}, threshold)
+        write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]}, threshold,
+                         gates_nm=gates)
     elif detector is not None:
-        if detector != "trackpy":
-            raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy; trained networks: --model RUN_DIR)")
-        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet)
-        result = evaluate_detector(det, data, out, datasets, progress=not quiet,
-                                   extra={"params": det.params.to_json()})
+        if detector not in ("trackpy", "trackpy-paper"):
+            raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
+                               "trained networks: --model RUN_DIR)")
+        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet, paper=detector == "trackpy-paper")
+        evaluate_detector(det, data, out, datasets, progress=not quiet,
+                          extra={"params": det.params.model_dump()}, gates_nm=gates)
     else:
-        from models.registry import load_model
+        from models.runs import load_model
 
         det = load_model(model)
-        result = evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)})
+        evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)}, gates_nm=gates)
     typer.echo((out / "table.md").read_text())
-    _ = result
 
 
-def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool):
-    """The TrackPy baseline: given parameters, or tuned on a non-test store."""
-    from models.trackpy_detector import TrackPyDetector, tune
+def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool,
+                      paper: bool = False):
+    """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
+
+    The F1 threshold (a mass) is chosen on the tuning store in every case."""
+    from factory.stores import Store
+    from models.evaluate import find_test_stores, pixel_size_um
+    from models.trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
 
     if params is not None:
-        if not params.exists():
-            raise FactoryError(f"{params}: no such file")
-        try:
-            return TrackPyDetector.from_json(params)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FactoryError(f"{params}: not a TrackPy parameter file ({exc})") from None
+        return TrackPyDetector.from_json(params)
     if tune_on.startswith("test"):
         raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
-    from models.evaluate import find_test_stores
-    from factory.stores import Store
-
     path = find_test_stores(data, [tune_on])[0]
     with Store(path) as st:
         n = min(tune_images, len(st))
         images, cen, cnt = st.read("images", 0, n), st.read("centroids", 0, n), st.read("n_particles", 0, n)
-    if not quiet:
-        typer.echo(f"tuning TrackPy on {path} ({n} images)...", err=True)
-    det, grid = tune(images, cen, cnt)
+        px = pixel_size_um(st)
+    if paper:
+        det = TrackPyDetector(PAPER, label=PAPER_LABEL)
+        det.threshold = operating_point(det, images, cen, cnt, px)
+        info = {"threshold_tuned_on": str(path), "tune_images": n}
+    else:
+        if not quiet:
+            typer.echo(f"tuning TrackPy on {path} ({n} images)...", err=True)
+        det, grid = tune(images, cen, cnt, px)
+        info = {"tuned_on": str(path), "tune_images": n, "grid": grid}
     out.mkdir(parents=True, exist_ok=True)
-    det.save(out / "trackpy.json", {"tuned_on": str(path), "tune_images": n, "grid": grid})
+    det.save(out / "trackpy.json", info)
     return det
 
 
@@ -288,10 +312,10 @@ class Device(str, Enum):
 @app.command()
 @user_errors
 def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="spotnet (default model), gridnet, densitynet or keypointrcnn."),
-    data: Path = typer.Option(..., "--data", "-d", help="Folder with the train and val stores (factory build)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="spotnet (default model), gridnet, densitynet or keypointrcnn; without --config, that family's built-in parameters."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Folder with the train and val stores (factory build); default: the config's data."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, best.pt, last.pt, metrics.json."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/); --model overrides its model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/, or a run folder's config.yaml to reproduce it); --model overrides its model."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model already in --out."),
@@ -302,14 +326,18 @@ def train(
     """Train a detector on simulated data, keeping the epoch with the best validation AUC.
 
     Optimiser, schedule and seed come from the config; the run folder can be passed to
-    `factory evaluate --model` and `factory predict`."""
-    from models.train import fit, load_train_config
+    `factory evaluate --model` and `factory predict`, and its config.yaml back to
+    `factory train --config` to reproduce the run."""
+    from models.config import load_train_config
+    from models.runs import RunFolder
+    from models.train import fit
 
     overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images}.items() if v is not None}
+    if resume and config is None:
+        config = RunFolder(out).file(RunFolder.CONFIG)
     cfg = load_train_config(config, model, overrides)
     if overwrite and not resume:
-        for name in ("best.pt", "last.pt", "metrics.json", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
+        RunFolder(out).clear()
     m = fit(cfg, data, out, device.value, resume, progress=not quiet)
     best = m["history"][m["best_epoch"] - 1]["val_auc"]
     typer.echo(f"{out}: best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
@@ -320,7 +348,7 @@ def train(
 @app.command()
 @user_errors
 def predict(
-    model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy'."),
+    model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="TIFF (one image or a T x H x W stack), .npy, or a store."),
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: frame, x, y, score (+ sigma), pixel-centre origin."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-6, help="Also write x_um, y_um (and sigma_um)."),
@@ -360,7 +388,7 @@ def report(
 @app.command()
 def schema() -> None:
     """List every config field with its type, default (the paper's values) and limits."""
-    from .inspect_store import schema_lines
+    from factory.inspect_store import schema_lines
 
     typer.echo("Top level: seed (int), defaults (the fields below), datasets (name -> "
                "n_images plus any field below to override).\n")
@@ -370,7 +398,7 @@ def schema() -> None:
 
 
 def main() -> None:
-    from .perf import tune_malloc
+    from factory.perf import tune_malloc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_malloc()

@@ -11,15 +11,31 @@ maxima of the heat map.  Fully convolutional: any image size, any number of spot
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from .nets import UNet, normalize_images, pad_to_multiple
+from factory.config import StrictModel
+from loaders.augment import ALL_FLIPS, image_dims
+
+from .blocks import UNet, normalize_images, pad_to_multiple
 
 HEAT_SIGMA_PX = 1.0
+LABEL = "SpotNet (ours)"
+TRAIN_DEFAULTS: dict = {}
+PIXELS_PER_BATCH = 2**16  # inference batches by image area: small batches stay in cache
+
+
+class Params(StrictModel):
+    """SpotNet's network parameters (``model_params`` of a training config)."""
+
+    widths: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default=[32, 64, 128], min_length=2)
+    se: bool = False  # squeeze-excitation in the U-Net blocks
+    flip_tta: bool = True  # average the four flips at prediction (4x slower)
 
 
 class SpotNet(nn.Module):
@@ -106,6 +122,10 @@ def loss(model: nn.Module, images: torch.Tensor, centroids: torch.Tensor) -> tup
     return total, {"focal": focal.item(), "l1": l1.item(), "nll": nll.item()}
 
 
+def build(params: Params) -> SpotNet:
+    return SpotNet(params.widths, params.se, params.flip_tta)
+
+
 @torch.no_grad()
 def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Mean output over the four flips of the input (test-time augmentation).
@@ -114,11 +134,18 @@ def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     so each flipped prediction is mapped back (a mirrored x flips the sign of dx) and
     the four are averaged."""
     n = images.shape[0]
+    dims = [image_dims(ops) for ops in ALL_FLIPS]
     # One forward pass over the four flipped copies: larger batches run faster on a CPU.
-    o = model(torch.cat([images, images.flip(-1), images.flip(-2), images.flip((-2, -1))]))
-    o = torch.stack([o[:n], o[n:2 * n].flip(-1), o[2 * n:3 * n].flip(-2), o[3 * n:].flip((-2, -1))])
-    sign = torch.tensor([[1, 1, 1, 1], [1, -1, 1, 1], [1, 1, -1, 1], [1, -1, -1, 1]], dtype=o.dtype, device=o.device)
-    return (o * sign[:, None, :, None, None]).mean(0)
+    o = model(torch.cat([images.flip(d) if d else images for d in dims]))
+    back = torch.stack([o[i * n:(i + 1) * n].flip(d) if d else o[i * n:(i + 1) * n] for i, d in enumerate(dims)])
+    # Channels: heat logit, dx, dy, log sigma; a mirrored axis negates its offset.
+    sign = torch.tensor([[1, -1 if "hflip" in ops else 1, -1 if "vflip" in ops else 1, 1] for ops in ALL_FLIPS],
+                        dtype=o.dtype, device=o.device)
+    return (back * sign[:, None, :, None, None]).mean(0)
+
+
+def predict(model: SpotNet, images: torch.Tensor, min_score: float = 0.01):
+    return decode(forward_flips(model, images) if model.flip_tta else model(images), min_score)
 
 
 @torch.no_grad()

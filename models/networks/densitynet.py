@@ -6,14 +6,27 @@ detections.  The loss and weight map work on 2D maps and 3D stacks alike.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from loaders.targets import density_target, local_maxima, subpixel_peak
 
-from .nets import UNet, normalize_images, pad_to_multiple
+from factory.config import StrictModel
+
+from .blocks import UNet, normalize_images, pad_to_multiple
+
+LABEL = "Density-map net (DM-DetNet-style)"
+TRAIN_DEFAULTS: dict = {}
+PIXELS_PER_BATCH = 2**16
+
+
+class Params(StrictModel):
+    widths: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default=[32, 64, 128], min_length=2)
 
 # DM-DetNet's constants.
 ALPHA, OMEGA, EPSILON, THETA = 2.1, 14.0, 1.0, 0.5
@@ -60,6 +73,10 @@ def weight_map(target: torch.Tensor, lam: float = LAMBDA, threshold: float = WEI
     return 1 + lam * (dil > threshold).float()
 
 
+def build(params: Params) -> DensityNet:
+    return DensityNet(params.widths)
+
+
 def targets(centroids: torch.Tensor, h: int, w: int) -> torch.Tensor:
     c = centroids.cpu().numpy()
     return torch.from_numpy(np.stack([density_target(ci[np.isfinite(ci).all(-1)], h, w) for ci in c])).to(centroids.device)
@@ -70,6 +87,10 @@ def loss(model, images, centroids):
     t = targets(centroids, images.shape[-2], images.shape[-1])
     value = (awing(pred, t) * weight_map(t)).mean()
     return value, {"awing": value.item()}
+
+
+def predict(model: DensityNet, images: torch.Tensor, min_score: float = 0.01):
+    return decode(model(images), min_score)
 
 
 @torch.no_grad()

@@ -1,0 +1,129 @@
+"""Publish and check sharded builds: ``finalize`` assembles the shards into a store
+(a virtual HDF5 dataset over the shard files, one copied file, or a consolidated Zarr
+store) after checking every one; ``verify`` proves a finished store whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .build import progress_bar, specs_for, store_attrs, store_path, tmp_name
+from .checksums import checksum_mismatch, read_manifest, region_checksums
+from .config import Dataset, FactoryConfig, config_from_json, dataset_hash
+from .errors import FactoryError, StoreError
+from .shards import check_shard, discover_count, shard_stem, shards_dir
+from .stores import FORMATS, HDF5Writer, Store, consolidate_zarr, remove_path, replace_path, write_virtual_hdf5
+
+
+def finalize_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, copy: bool = False,
+                     progress: bool = True) -> Path:
+    """Check every shard, then publish the store (virtual or copied HDF5; Zarr metadata)."""
+    sdir = shards_dir(out, ds.name, fmt)
+    count = discover_count(sdir)
+    if count is None:
+        raise StoreError(f"{sdir}: no shards found; run `factory build CONFIG --shard I/N` first")
+    problems, rerun = [], []
+    for i in range(count):
+        why = check_shard(cfg, ds, out, fmt, i, count)
+        if why is not None:
+            problems.append(f"{shard_stem(i, count)} ({why})")
+            rerun.append(f"--shard {i}/{count}")
+    if problems:
+        raise StoreError(f"{sdir}: {len(problems)} of {count} shards not usable: {'; '.join(problems)}; "
+                         f"rerun `factory build` with {', '.join(rerun)}")
+    manifests = [read_manifest(sdir / f"{shard_stem(i, count)}.json") for i in range(count)]
+    shard_list = json.dumps(manifests)
+    final = store_path(out, ds.name, fmt)
+    if fmt == "zarr":
+        consolidate_zarr(final, {"shards": shard_list, "complete": True})
+        return final
+    tmp = tmp_name(final)
+    try:
+        specs = specs_for(ds)
+        attrs = {**store_attrs(cfg, ds, fmt), "shards": shard_list, "complete": True}
+        if copy:
+            writer = HDF5Writer(tmp, specs, attrs, ds.output.compression)
+            bar = progress_bar(ds, ds.n_images, progress, f"{ds.name} copy")
+            try:
+                for m in manifests:
+                    if m["stop"] == m["start"]:
+                        continue
+                    with Store(sdir / f"{shard_stem(m['shard'], count)}.h5") as f:
+                        step = f.chunk_rows * 16
+                        for a in range(0, m["stop"] - m["start"], step):
+                            b = min(a + step, m["stop"] - m["start"])
+                            writer.write(m["start"] + a, {s.name: f.read(s.name, a, b) for s in specs})
+                            bar.update(b - a)
+            finally:
+                writer.close()
+                bar.close()
+        else:
+            write_virtual_hdf5(tmp, specs, attrs, [
+                (f"{sdir.name}/{shard_stem(m['shard'], count)}.h5", m["start"], m["stop"]) for m in manifests])
+        replace_path(tmp, final)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    return final
+
+
+def verify_store(path: Path) -> list[str]:
+    """Problems with a finished store (empty when it is complete and intact)."""
+    path = Path(path)
+    try:
+        st = Store(path)
+    except StoreError as exc:
+        return [str(exc)]
+    problems = []
+    with st:
+        attrs = st.attrs
+        try:
+            cfg_json = json.loads(attrs["config"])
+            ds = config_from_json(json.dumps({"seed": cfg_json["seed"], "datasets": {
+                cfg_json["dataset"]["name"]: cfg_json["dataset"]}})).datasets[cfg_json["dataset"]["name"]]
+        except (KeyError, ValueError) as exc:
+            return [f"{path}: no valid config in the attributes ({exc})"]
+        expect = dataset_hash(cfg_json["seed"], ds)
+        if attrs.get("dataset_hash") != expect:
+            problems.append(f"{path}: config hash {attrs.get('dataset_hash')} does not match the stored "
+                            f"config ({expect})")
+        if not attrs.get("complete"):
+            problems.append(f"{path}: incomplete (shards not finalized: run `factory finalize`)")
+            return problems
+        shards = json.loads(attrs.get("shards", "[]"))
+        if not shards:
+            return problems + [f"{path}: no shard checksums recorded"]
+        covered = sorted((m["start"], m["stop"]) for m in shards)
+        if covered[0][0] != 0 or covered[-1][1] != len(st) or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            problems.append(f"{path}: the shards do not cover images 0..{len(st) - 1} exactly")
+        # A virtual dataset returns fill values for a missing source file: check them first.
+        missing = st.missing_sources()
+        if missing:
+            return problems + [f"{path}: shard file {m} is missing" for m in missing]
+        arrays = {n: st[n] for n in shards[0]["checksums"]}
+        step = ds.output.chunk_images * 16  # whole chunks (a virtual dataset has no chunks)
+        for m in shards:
+            if m.get("dataset_hash") != expect:
+                problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} was built from another config")
+                continue
+            try:
+                sums = region_checksums(arrays, m["start"], m["stop"], step)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} unreadable ({str(exc).splitlines()[0]})")
+                continue
+            why = checksum_mismatch(m["checksums"], sums)
+            if why:
+                where = f"{shard_stem(m['shard'], m['shards'])} (images {m['start']}..{m['stop'] - 1})"
+                problems.append(f"{path}: {where} {why}")
+    return problems
+
+
+def finalize(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
+             copy: bool = False, progress: bool = True) -> list[Path]:
+    if fmt not in FORMATS:
+        raise FactoryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if copy and fmt != "hdf5":
+        raise FactoryError("--copy applies to HDF5 (a Zarr store is already one folder)")
+    return [finalize_dataset(cfg, ds, Path(out), fmt, copy, progress) for ds in cfg.select(only)]
+

@@ -1,0 +1,97 @@
+"""The training config: one strict pydantic model, written to and read from a run
+folder's ``config.yaml`` by the same code, so ``factory train --config RUN/config.yaml``
+reproduces a run.
+
+``model_params`` is validated by the chosen family's own parameter model (unknown keys
+and wrong types name the file and field) and stored complete, defaults filled in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError
+
+from factory.config import StrictModel
+from factory.errors import ConfigError
+
+from .registry import NETWORKS, family, parse_params
+
+
+class TrainConfig(StrictModel):
+    model: Literal[NETWORKS] = "spotnet"  # type: ignore[valid-type]
+    model_params: dict[str, Any] = {}
+    data: Optional[str] = None  # folder holding the train and val stores (--data overrides)
+    train: str = "train"  # store names inside the data folder
+    val: str = "val"
+    max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
+    val_images: Annotated[int, Field(ge=10)] = 3000
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    optimizer: Literal["adamw", "sgd", "amsgrad"] = "adamw"
+    lr: Annotated[float, Field(gt=0, le=10)] = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    augment_flips: bool = True
+    seed: Annotated[int, Field(ge=0)] = 0
+    min_score: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    val_tta: bool = False  # flip TTA while selecting epochs (4x slower; applied at deployment anyway)
+    threads: Optional[Annotated[int, Field(ge=1)]] = None
+
+    def params(self) -> StrictModel:
+        """The family's typed network parameters."""
+        return parse_params(self.model, self.model_params)
+
+
+def parse_train_config(raw: Any, source: str = "training config", overrides: dict | None = None) -> TrainConfig:
+    """Validate a training config mapping: the family's training defaults, then ``raw``,
+    then ``overrides``; ``model_params`` by the family's parameter model."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of training settings")
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if k != "model_params"}}
+    name = raw.get("model", "spotnet")
+    if name not in NETWORKS:
+        raise ConfigError(f"{source}: model: {name!r} is not a trainable network (have: {', '.join(NETWORKS)})")
+    params = parse_params(name, raw.get("model_params"), source)
+    merged = {**family(name).train_defaults, **raw, "model_params": params.model_dump()}
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{source}: {where}: {msg}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def load_train_config(path: Path | None, model: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A training config from a YAML file (or the defaults), ``--model`` and overrides."""
+    raw = dict(read_yaml(path) or {}) if path is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of training settings")
+    if model is not None and model != raw.get("model", model):
+        # Another family: its parameters do not carry over.
+        raw.pop("model_params", None)
+    if model is not None:
+        raw["model"] = model
+    return parse_train_config(raw, str(path) if path is not None else "training config", overrides)
+
+
+def dump_train_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The network families: building blocks, and one module per family."""

@@ -1,0 +1,118 @@
+"""The run folder of a trained model: one type that writes and reads its own files.
+
+    config.yaml    the full training config (``models.config.TrainConfig``); passing it
+                   back to ``factory train --config`` reproduces the run
+    best.pt        {"model": state dict, "epoch": int}: the epoch with the best
+                   validation score
+    last.pt        model, optimiser and scheduler state, epoch, history: what
+                   ``--resume`` continues from
+    metrics.json   per-epoch history, best epoch, the data used, and the score
+                   threshold that maximises F1 on the validation set
+
+Weights hold tensors and plain values only and are read with ``weights_only=True``;
+anything else is refused (``models.weights``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from factory.errors import FactoryError
+
+from .config import TrainConfig, dump_train_config, parse_train_config, read_yaml
+from .registry import NetDetector, family
+from .weights import load_weights, state_dict_of
+
+
+class RunFolder:
+    CONFIG, BEST, LAST, METRICS = "config.yaml", "best.pt", "last.pt", "metrics.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # --- writing --------------------------------------------------------------------
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FactoryError(f"{self.path}: cannot create the run folder: {exc.strerror}") from None
+
+    def clear(self) -> None:
+        """Remove a previous run's files (``--overwrite``)."""
+        for name in (self.CONFIG, self.BEST, self.LAST, self.METRICS):
+            self.file(name).unlink(missing_ok=True)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        self.file(self.CONFIG).write_text(dump_train_config(cfg))
+
+    def save_best(self, model: torch.nn.Module, epoch: int) -> None:
+        torch.save({"model": model.state_dict(), "epoch": epoch}, self.file(self.BEST))
+
+    def save_last(self, model, optimizer, scheduler, epoch: int, history: list, best: float) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                    "best": best}, self.file(self.LAST))
+
+    def write_metrics(self, metrics: dict) -> None:
+        self.file(self.METRICS).write_text(json.dumps(metrics, indent=2))
+
+    # --- reading --------------------------------------------------------------------
+
+    def check(self) -> None:
+        if not self.path.is_dir() or not self.file(self.CONFIG).is_file():
+            raise FactoryError(f"{self.path}: not a model run folder (no {self.CONFIG}; made by `factory train`)")
+
+    def has_model(self) -> bool:
+        return self.file(self.BEST).exists()
+
+    def read_config(self) -> TrainConfig:
+        self.check()
+        path = self.file(self.CONFIG)
+        return parse_train_config(read_yaml(path), str(path))
+
+    def load(self, name: str, map_location="cpu") -> dict:
+        path = self.file(name)
+        if not path.exists():
+            raise FactoryError(f"{path}: no weights (training did not finish an epoch?)")
+        return load_weights(path, map_location)
+
+    def read_metrics(self) -> dict:
+        path = self.file(self.METRICS)
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise FactoryError(f"{path}: not valid JSON ({exc})") from None
+
+    @property
+    def threshold(self) -> float | None:
+        t = self.read_metrics().get("threshold")
+        if t is not None and not isinstance(t, (int, float)):
+            raise FactoryError(f"{self.file(self.METRICS)}: threshold must be a number")
+        return t
+
+    def detector(self, device: str = "cpu", weights: str = BEST) -> NetDetector:
+        """The trained network behind the detector contract, with its tuned threshold."""
+        cfg = self.read_config()
+        fam = family(cfg.model)
+        state = state_dict_of(self.load(weights))
+        model = fam.build(cfg.params())
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise FactoryError(f"{self.file(weights)}: weights do not fit the network of {self.CONFIG} "
+                               f"({str(exc).splitlines()[0]})") from None
+        return NetDetector(fam, model, self.threshold, cfg.min_score, device)
+
+
+def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST) -> NetDetector:
+    """A detector from a run folder written by ``factory train``."""
+    return RunFolder(run_dir).detector(device, weights)

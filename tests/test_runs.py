@@ -1,0 +1,164 @@
+"""Run folders end to end through the CLI: train -> contents -> resume -> evaluate ->
+predict, reproduction from the run's own config.yaml, the non-finite-loss stop, and
+refusing weight files that are code."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import yaml
+
+from conftest import run_cli
+from models.runs import RunFolder
+
+TINY = {"model": "spotnet", "model_params": {"widths": [8, 16], "flip_tta": False}, "epochs": 1,
+        "batch_size": 8, "schedule": "constant", "lr": 0.005, "val_images": 64, "seed": 1,
+        "min_score": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cfg = root / "d.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 11, "defaults": {"output": {"chunk_images": 64, "trajectories": False},
+                                                            "particles": {"n_qd": 40.0}},
+                                   "datasets": {"train": {"n_images": 640}, "val": {"n_images": 64},
+                                                "test_d075": {"n_images": 64, "particles": {"diffusion_um2_s": 0.75}}}}))
+    r = run_cli("build", cfg, "--out", root / "data", "-q")
+    assert r.returncode == 0, r.stderr
+    return root / "data"
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_train_resume_evaluate_predict_and_reproduce(data, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    run = RunFolder(tmp_path / "run")
+    r = run_cli("train", "--config", recipe, "--data", data, "--out", run.path, "-q")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in run.path.iterdir()} == {"config.yaml", "best.pt", "last.pt", "metrics.json"}
+    cfg = run.read_config()
+    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False} and cfg.data == str(data)
+    m = run.read_metrics()
+    assert len(m["history"]) == 1 and m["best_epoch"] == 1 and 0 <= m["threshold"] < 1
+    assert set(m["history"][0]["val_auc"]) == {"70", "140", "210"}
+    last = torch.load(run.file("last.pt"), weights_only=True)
+    assert last["epoch"] == 0 and set(last) >= {"model", "optimizer", "scheduler", "history"}
+
+    # --resume continues from last.pt: epoch 1 is kept as it was, epoch 2 is added.
+    r = run_cli("train", "--data", data, "--out", run.path, "--resume", "--epochs", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    m2 = run.read_metrics()
+    assert [h["epoch"] for h in m2["history"]] == [1, 2]
+    assert m2["history"][0] == m["history"][0]
+    assert run.read_config().epochs == 2
+
+    # The run's own config.yaml reproduces it (same data, seed, schedule: same losses).
+    r = run_cli("train", "--config", run.file("config.yaml"), "--out", tmp_path / "again", "-q")
+    assert r.returncode == 0, r.stderr
+    again = RunFolder(tmp_path / "again").read_metrics()
+    np.testing.assert_allclose([h["loss"] for h in again["history"]], [h["loss"] for h in m2["history"]], rtol=1e-5)
+
+    # evaluate --model on both runs; the report gives each its row.
+    for name in ("run", "again"):
+        r = run_cli("evaluate", "--model", tmp_path / name, "--data", data, "--out", tmp_path / "evals" / name, "-q")
+        assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path / "evals" / "run" / "metrics.json").read_text())
+    assert ev["threshold"] == m2["threshold"] and set(ev["datasets"]["test_d075"]["auc"]) == {"70", "140", "210"}
+    r = run_cli("report", tmp_path / "evals", "--data", data)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "evals" / "report.md").read_text().split("## Other metrics")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| SpotNet")]
+    assert len(rows) == 2 and any("[run]" in r for r in rows) and any("[again]" in r for r in rows), rows
+
+    # predict: above the tuned threshold by default, every candidate with --all.
+    from factory.stores import Store
+
+    with Store(data / "test_d075.h5") as st:
+        tifffile.imwrite(tmp_path / "movie.tif", st.read("images", 0, 10))
+    r = run_cli("predict", run.path, tmp_path / "movie.tif", "--out", tmp_path / "p.csv", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("predict", run.path, tmp_path / "movie.tif", "--out", tmp_path / "all.csv", "--all", "-q")
+    assert r.returncode == 0, r.stderr
+    cut, every = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "all.csv")
+    assert len(every) > len(cut) > 0
+    assert (cut.score >= m2["threshold"]).all() and (every.score < m2["threshold"]).any()
+    pd.testing.assert_frame_equal(cut.reset_index(drop=True),
+                                  every[every.score >= m2["threshold"]].reset_index(drop=True))
+
+
+def test_a_typo_in_model_params_names_the_file_and_field(data, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "model_params": {"widthz": [4, 8]}}))
+    r = run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "o")
+    one_line_error(r, "bad.yaml", "model_params.widthz: unknown key")
+    bad.write_text(yaml.safe_dump({**TINY, "epochs": "2"}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "o"), "bad.yaml", "epochs")
+    assert not (tmp_path / "o" / "best.pt").exists()
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_message(data, tmp_path):
+    """A store whose truth was corrupted (a centroid at 3e38 px) makes the offset loss
+    overflow: training stops at once, naming the epoch and step."""
+    import h5py
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train.h5", "val.h5"):
+        shutil.copy(data / name, corrupt / name)
+    with h5py.File(corrupt / "train.h5", "r+") as f:
+        c = f["centroids"][:]
+        c[:, 0, 0] = 3e38
+        f["centroids"][:] = c
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    r = run_cli("train", "--config", recipe, "--data", corrupt, "--out", tmp_path / "o", "-q")
+    one_line_error(r, "non-finite loss at epoch 1, step 1")
+    assert not (tmp_path / "o" / "best.pt").exists()
+
+
+class _RunsACommand:
+    """A pickle that runs a shell command when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_weights_that_are_code_are_refused_and_never_run(data, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    assert run_cli("train", "--config", recipe, "--data", data, "--out", run, "-q").returncode == 0
+    marker = tmp_path / "pwned"
+    torch.save({"model": _RunsACommand(marker)}, run / "best.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).poisson(8.4, (2, 24, 25)).astype(np.float32))
+    r = run_cli("predict", run, tmp_path / "x.npy", "--out", tmp_path / "p.csv")
+    one_line_error(r, "best.pt: not a plain weights file")
+    r = run_cli("evaluate", "--model", run, "--data", data, "--out", tmp_path / "ev")
+    one_line_error(r, "best.pt: not a plain weights file")
+    assert not marker.exists()
+    assert not (tmp_path / "p.csv").exists()
+    # The same for a user's weights file handed to Keypoint R-CNN.
+    torch.save(_RunsACommand(marker), tmp_path / "coco.pth")
+    krcnn = tmp_path / "krcnn.yaml"
+    krcnn.write_text(yaml.safe_dump({"model": "keypointrcnn", "epochs": 1, "max_train_images": 16, "val_images": 16,
+                                     "model_params": {"weights_path": str(tmp_path / "coco.pth"), "min_size": 32}}))
+    r = run_cli("train", "--config", krcnn, "--data", data, "--out", tmp_path / "k")
+    one_line_error(r, "coco.pth: not a plain weights file")
+    assert not marker.exists()
