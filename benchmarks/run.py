@@ -231,7 +231,7 @@ def bench_predict(args):
     from models.config import load_train_config
     from models.registry import NetDetector, family
     from models.runs import load_model
-    from models.trackpy_baseline import PAPER, TrackPyDetector
+    from models.trackpy_baseline import TrackPyDetector
 
     tune_malloc()
     cfg = load_config(ROOT / "datasets.yaml")
@@ -247,10 +247,10 @@ def bench_predict(args):
         model, label = fam.build(demo.params()), "untrained SpotNet, demo recipe (no runs/demo/model yet)"
     print(f"1000 images 24 x 25; {label}")
     results = {}
-    tp = TrackPyDetector(PAPER)
+    tp = TrackPyDetector()
     tp.detect(images[:20])
     t_tp = median_time(lambda: tp.detect(images), repeats=3)
-    print(f"TrackPy (locate, paper's settings):   {len(images) / t_tp:8.0f} images/s  (reference)")
+    print(f"TrackPy (locate, diameter 7):         {len(images) / t_tp:8.0f} images/s  (reference)")
     results["trackpy"] = len(images) / t_tp
     as_trained = getattr(model, "flip_tta", False)
     for label, tta in (("SpotNet, no flip averaging", False), ("SpotNet, flip averaging (4 passes)", True)):
