@@ -292,8 +292,12 @@ class FactoryConfig(StrictModel):
 
 
 def dataset_hash(seed: int, ds: Dataset) -> str:
-    """Hash of everything that determines a dataset's bytes."""
-    return config_hash({"seed": seed, "dataset": ds.model_dump(mode="json")})
+    """Hash of everything that determines a dataset's arrays.
+
+    The compression codec changes the file, not the arrays, so it is left out: stores
+    built before it was a setting keep their hash, and shards compressed differently
+    still hold the same dataset."""
+    return config_hash({"seed": seed, "dataset": ds.model_dump(mode="json", exclude={"output": {"compression"}})})
 
 
 def config_hash(obj: Any) -> str:
