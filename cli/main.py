@@ -350,20 +350,52 @@ def train(
 def predict(
     model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="TIFF (one image or a T x H x W stack), .npy, or a store."),
-    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: frame, x, y, score (+ sigma), pixel-centre origin."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: frame, t_s, x, y, score (+ sigma), pixel-centre origin."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-6, help="Also write x_um, y_um (and sigma_um)."),
+    dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us) of the recording."),
+    line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction of the recording."),
     all_scores: bool = typer.Option(False, "--all", help="Keep every candidate, not only those above the model's tuned threshold."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Localise particles in real recordings with a trained model (any image size)."""
-    from models.predict import load_detector, predict as run_predict, read_images
+    """Localise particles in recordings (any image size) and time-stamp each one.
+
+    t_s (seconds from the recording's first pixel) is the scan time at the localisation
+    for exposure-target models and TrackPy, and the frame's mean pixel time for
+    centroid-target models.  Scan timing: the flags, else the store's own (store input),
+    else the model's training data, else the seed paper's; the output says which."""
+    from models.predict import ScanTiming, load_detector, predict as run_predict, read_images, training_timing
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
+    if dwell_us is not None and not dwell_us > 0:
+        raise FactoryError(f"--dwell-us {dwell_us}: the dwell time must be > 0")
+    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
+        if value is not None and not value >= 0:
+            raise FactoryError(f"{flag} {value}: a time must be >= 0")
     det = load_detector(model, device.value)
     images = read_images(input)
-    table = run_predict(det, images, pixel_size_um, progress=not quiet)
+    frame_start = None
+    from factory.stores import Store, is_store_path
+
+    if is_store_path(input):
+        with Store(input) as st:
+            timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {input}")
+            frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
+    else:
+        timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
+    flags = {k: v for k, v in {"dwell_us": dwell_us, "line_retrace_ms": line_retrace_ms,
+                               "frame_flyback_ms": frame_flyback_ms, "bidirectional": bidirectional}.items()
+             if v is not None}
+    if flags:
+        import dataclasses
+
+        timing = dataclasses.replace(timing, **flags, source=f"the command line ({', '.join(flags)}) and {timing.source}")
+    if not quiet:
+        typer.echo(f"scan timing: {timing.describe()}", err=True)
+    table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start)
     thr = getattr(det, "threshold", None)
     if thr is not None and not all_scores:
         table = table[table.score >= thr]

@@ -64,15 +64,15 @@ def store_attrs(cfg: FactoryConfig, ds: Dataset, fmt: str = "hdf5") -> dict:
 
 def specs_for(ds: Dataset, n: int | None = None) -> list[ArraySpec]:
     return array_specs(ds.n_images if n is None else n, ds.image.height_px, ds.image.width_px,
-                       ds.particles.max_particles, ds.output.chunk_images,
+                       ds.particles.max_particles, ds.chunk_rows,
                        ds.output.expected, ds.output.trajectories)
 
 
 def batch_images(ds: Dataset) -> int:
-    """Images per kernel call: whole chunks, about BATCH_BYTES of arrays."""
-    chunk = ds.output.chunk_images
+    """Images per kernel call: whole chunks (so whole movies), about BATCH_BYTES of arrays."""
+    chunk = ds.chunk_rows
     h, w, p = ds.image.height_px, ds.image.width_px, ds.particles.max_particles
-    per_image = h * w * (2 + 4 * ds.output.expected) + p * (20 + 12 * h * w * ds.output.trajectories)
+    per_image = (h * w * (2 + 4 * ds.output.expected) + p * (45 + 12 * h * w * ds.output.trajectories) + 12)
     return chunk * max(1, BATCH_BYTES // (chunk * per_image))
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -235,6 +235,21 @@ class OutputSpec(StrictModel):
     compression: Literal["gzip", "blosc-lz4"] = "gzip"
 
 
+class MovieSpec(StrictModel):
+    """Recordings of consecutive raster frames.
+
+    Particles live in a region larger than the field of view (``margin_um`` beyond every
+    edge) with reflecting walls, so they enter and leave the field as in a real recording
+    and a particle just outside still lights the edge pixels.  They keep walking through
+    every line retrace and the flyback between frames.  A uniform ``xy_start`` covers
+    the whole region (``margin_px`` does not apply)."""
+
+    n_frames: Annotated[int, Field(ge=1, le=100000)]
+    frame_flyback_ms: Optional[NonNegativeFloat] = None  # None: one line retrace
+    margin_um: NonNegativeFloat = 1.0
+    walls: Literal["reflecting"] = "reflecting"
+
+
 class DatasetSpec(StrictModel):
     """Everything that defines one dataset except its size."""
 
@@ -245,6 +260,25 @@ class DatasetSpec(StrictModel):
     background: BackgroundSpec = BackgroundSpec()
     detector: DetectorSpec = PoissonDetector()
     output: OutputSpec = OutputSpec()
+    movie: Optional[MovieSpec] = None  # a set of movies instead of independent images
+
+    @property
+    def frames_per_movie(self) -> int:
+        """Frames simulated from one random stream (1 for independent images)."""
+        return self.movie.n_frames if self.movie is not None else 1
+
+    @property
+    def flyback_ms(self) -> float:
+        """Time from the last pixel of a frame to the first of the next."""
+        m = self.movie
+        return self.scan.line_retrace_ms if m is None or m.frame_flyback_ms is None else m.frame_flyback_ms
+
+    @property
+    def chunk_rows(self) -> int:
+        """Images per chunk: ``output.chunk_images`` rounded up to whole movies, so chunks,
+        batches and shards always hold whole movies."""
+        f = self.frames_per_movie
+        return -(-self.output.chunk_images // f) * f
 
     @model_validator(mode="before")
     @classmethod
@@ -257,7 +291,7 @@ class DatasetSpec(StrictModel):
     def _start_fits(self) -> "DatasetSpec":
         start = self.particles.xy_start
         h, w = self.image.height_px, self.image.width_px
-        if isinstance(start, UniformStart):
+        if isinstance(start, UniformStart) and self.movie is None:
             if w - 1 - 2 * start.margin_px < 0 or h - 1 - 2 * start.margin_px < 0:
                 raise ValueError(
                     f"particles.xy_start.margin_px = {start.margin_px} leaves no room in a "
@@ -267,8 +301,34 @@ class DatasetSpec(StrictModel):
 
 
 class Dataset(DatasetSpec):
+    """A named dataset and its size: ``n_images``, or for movies ``n_movies`` (then
+    ``n_images`` = ``n_movies * movie.n_frames`` frames)."""
+
     name: str
     n_images: Annotated[int, Field(ge=1, le=10**10)]
+    n_movies: Optional[Annotated[int, Field(ge=1, le=10**9)]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frames_of_movies(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("n_movies") is not None:
+            movie = data.get("movie")
+            frames = movie.get("n_frames") if isinstance(movie, dict) else getattr(movie, "n_frames", None)
+            if not isinstance(frames, int) or isinstance(frames, bool):
+                raise ValueError("n_movies needs a movie section with n_frames")
+            if "n_images" in data and data["n_images"] != data["n_movies"] * frames:
+                raise ValueError(f"n_images ({data['n_images']}) must be n_movies x movie.n_frames; give one of them")
+            data = {**data, "n_images": data["n_movies"] * frames}
+        return data
+
+    @model_validator(mode="after")
+    def _whole_movies(self) -> "Dataset":
+        if self.n_images % self.frames_per_movie:
+            raise ValueError(f"n_images ({self.n_images}) must be a whole number of movies of "
+                             f"{self.frames_per_movie} frames (or give n_movies)")
+        if self.n_movies is None and self.movie is not None:
+            object.__setattr__(self, "n_movies", self.n_images // self.frames_per_movie)
+        return self
 
 
 class FactoryConfig(StrictModel):
@@ -297,7 +357,11 @@ def dataset_hash(seed: int, ds: Dataset) -> str:
     The compression codec changes the file, not the arrays, so it is left out: stores
     built before it was a setting keep their hash, and shards compressed differently
     still hold the same dataset."""
-    return config_hash({"seed": seed, "dataset": ds.model_dump(mode="json", exclude={"output": {"compression"}})})
+    d = ds.model_dump(mode="json", exclude={"output": {"compression"}})
+    for key in ("movie", "n_movies"):  # absent from stores built before movies existed
+        if d.get(key) is None:
+            d.pop(key, None)
+    return config_hash({"seed": seed, "dataset": d})
 
 
 def config_hash(obj: Any) -> str:

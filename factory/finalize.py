@@ -102,7 +102,7 @@ def verify_store(path: Path) -> list[str]:
         if missing:
             return problems + [f"{path}: shard file {m} is missing" for m in missing]
         arrays = {n: st[n] for n in shards[0]["checksums"]}
-        step = ds.output.chunk_images * 16  # whole chunks (a virtual dataset has no chunks)
+        step = ds.chunk_rows * 16  # whole chunks (a virtual dataset has no chunks)
         for m in shards:
             if m.get("dataset_hash") != expect:
                 problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} was built from another config")

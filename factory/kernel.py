@@ -1,11 +1,18 @@
 """The simulation kernel: laser and particles walked jointly at the dwell time step.
 
-For every image (in parallel) the kernel seeds the image's own stream, draws the
-particles (count, D, N_qd, start), then walks the scan in time order.  At each pixel
-(and each sub-step of its dwell) the laser sits at its current position and every
-particle contributes Eq. 1; the particles then take a Brownian step of one sub-dwell,
-plus the retrace time after the last pixel of a line.  The per-pixel expectation is
-the mean of Eq. 1 over the dwell's sub-steps; noise is drawn last.
+For every movie (in parallel; an independent image is a movie of one frame) the kernel
+seeds the movie's own stream, draws the particles (count, D, N_qd, start), then walks
+the scan of each frame in time order.  At each pixel (and each sub-step of its dwell)
+the laser sits at its current position and every particle contributes Eq. 1; the
+particles then take a Brownian step of one sub-dwell, plus the retrace time after the
+last pixel of a line, plus the flyback after the last pixel of a frame.  The per-pixel
+expectation is the mean of Eq. 1 over the dwell's sub-steps; noise is drawn last.
+
+Per frame and particle the kernel also accumulates the trajectory centroid (the mean
+position over the frame's pixel steps) and the exposure-weighted position and time
+(weighted by the particle's own Eq. 1 signal at each sample: what the laser saw, and
+when).  In movies the particles live in a region larger than the field, with
+reflecting walls.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ from .detector import PMT, POISSON, record
 from .motion import brownian_step
 from .psf import eq1_amplitude, eq1_signal
 from .rng import STATE_SIZE, dataset_key, normal, poisson, seed_state, uniform
-from .scan import FrameSchedule, frame_schedule
+from .scan import FrameSchedule, frame_period_s, frame_schedule
 
 # Distribution codes understood by the kernel.
-FIXED, UNIFORM, NORMAL, POISSON_COUNT = 0, 1, 2, 3
+FIXED, UNIFORM, NORMAL, POISSON_COUNT, REGION = 0, 1, 2, 3, 4
 
 
 class KernelParams(NamedTuple):
@@ -56,6 +63,13 @@ class KernelParams(NamedTuple):
     gain: float
     gamma_shape: float
     offset: float
+    n_frames: int  # frames per movie (1: independent images)
+    frame_period_s: float
+    walls: bool  # reflecting walls at the region's edges (movies)
+    region_x0: float  # region in px (pixel-centre origin)
+    region_x1: float
+    region_y0: float
+    region_y1: float
 
 
 def _dist(d) -> tuple[int, float, float]:
@@ -75,8 +89,15 @@ def kernel_params(ds: Dataset) -> KernelParams:
         count_mode, count_value = POISSON_COUNT, p.count.mean
     if isinstance(p.xy_start, FixedStart):
         start = (FIXED, 0.0, p.xy_start.x_px, p.xy_start.y_px)
+    elif ds.movie is not None:
+        start = (REGION, 0.0, 0.0, 0.0)
     else:
         start = (UNIFORM, p.xy_start.margin_px, 0.0, 0.0)
+    h, w, px = ds.image.height_px, ds.image.width_px, ds.image.pixel_size_um
+    m_px = ds.movie.margin_um / px if ds.movie is not None else 0.0
+    sched = schedule_of(ds)
+    movie = (ds.frames_per_movie, frame_period_s(sched), ds.movie is not None,
+             -0.5 - m_px, w - 0.5 + m_px, -0.5 - m_px, h - 0.5 + m_px)
     z = p.z_start_um
     if isinstance(z, FixedZ):
         zs = (FIXED, z.value, z.value)
@@ -96,7 +117,7 @@ def kernel_params(ds: Dataset) -> KernelParams:
         ds.psf.sigma_xy_um, ds.psf.sigma_z_um, ds.psf.focal_z_um, ds.background.n_bkg,
         count_mode, count_value, p.max_particles,
         d_mode, d_low, d_high, q_mode, q_low, q_high,
-        *start, *zs, *detector,
+        *start, *zs, *detector, *movie,
     )
 
 
@@ -109,32 +130,46 @@ def _draw(state, mode, a, b):
     return a
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def simulate_batch(k, rows, cols, directions, dt_after_s, key, first_index, images, expected,
-                   trajectories, centroids, n_particles, diffusion, n_qd, want_expected, want_traj):
-    """Fill the batch arrays with images ``first_index .. first_index + len(images) - 1``.
+@njit(inline="always", cache=True)
+def _reflect(v, lo, hi):
+    """Fold a coordinate into [lo, hi] as reflecting walls do (any number of bounces)."""
+    span = hi - lo
+    u = (v - lo) % (2.0 * span)
+    return lo + (u if u <= span else 2.0 * span - u)
 
-    ``rows, cols, directions, dt_after_s`` are the frame's scan schedule
-    (``scan.frame_schedule``).  Arrays (B = batch size, P = max particles, T = H * W):
-    images (B, H, W) uint16, expected (B, H, W) float32 (or (1, 1, 1) when not wanted),
-    trajectories (B, P, T, 3) float32 (or (1, 1, 1, 3)), centroids (B, P, 2) float32,
-    n_particles (B,) int32, diffusion and n_qd (B, P) float32.
+
+@njit(parallel=True, nogil=True, cache=True)
+def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_movie, images, expected,
+                   trajectories, centroids, n_particles, diffusion, n_qd, exposure_xy, exposure_t_s,
+                   in_view, frame_start_s, want_expected, want_traj):
+    """Fill the batch arrays with the frames of movies ``first_movie ..`` (one movie per
+    ``k.n_frames`` consecutive rows; an image is a movie of one frame).
+
+    ``rows, cols, directions, starts_s, dt_after_s`` are the frame's scan schedule
+    (``scan.frame_schedule``).  Arrays (B = frames in the batch, P = max particles,
+    T = H * W): images (B, H, W) uint16, expected (B, H, W) float32 (or (1, 1, 1) when
+    not wanted), trajectories (B, P, T, 3) float32 (or (1, 1, 1, 3)), centroids and
+    exposure_xy (B, P, 2) float32, n_particles (B,) int32, diffusion and n_qd (B, P)
+    float32, exposure_t_s (B, P) float64 (from the movie's start), in_view (B, P) uint8,
+    frame_start_s (B,) float64.
     """
-    B = images.shape[0]
+    F = k.n_frames
+    M = images.shape[0] // F
     H, W = k.height, k.width
     P = k.max_particles
     S = k.substeps
     T = H * W
     px = k.pixel_size_um
     dt_sub = k.dwell_s / S
-    for b in prange(B):
+    for m in prange(M):
         state = np.empty(STATE_SIZE, np.uint64)
-        seed_state(key, first_index + b, state)
+        seed_state(key, first_movie + m, state)
         pos = np.zeros((P, 3))
         amp = np.zeros(P)
         dcoef = np.zeros(P)
         acc = np.zeros((P, 3))
         sums = np.zeros((P, 2))
+        wsum = np.zeros((P, 4))  # weight, weight * x, weight * y, weight * t
 
         # Particles: count, then each one's D, brightness and start.
         if k.count_mode == POISSON_COUNT:
@@ -143,73 +178,107 @@ def simulate_batch(k, rows, cols, directions, dt_after_s, key, first_index, imag
                 n = P
         else:
             n = int(k.count_value)
-        n_particles[b] = n
-        for p in range(P):
-            centroids[b, p, 0] = np.nan
-            centroids[b, p, 1] = np.nan
-            diffusion[b, p] = np.nan
-            n_qd[b, p] = np.nan
         for p in range(n):
             dcoef[p] = _draw(state, k.d_mode, k.d_low, k.d_high)
             q = _draw(state, k.nqd_mode, k.nqd_low, k.nqd_high)
             amp[p] = eq1_amplitude(q, k.sigma_xy_um, k.sigma_z_um)
-            diffusion[b, p] = dcoef[p]
-            n_qd[b, p] = q
+            for f in range(F):
+                diffusion[m * F + f, p] = dcoef[p]
+                n_qd[m * F + f, p] = q
             if k.start_mode == FIXED:
                 pos[p, 0] = k.start_x_px
                 pos[p, 1] = k.start_y_px
+            elif k.start_mode == REGION:
+                pos[p, 0] = k.region_x0 + (k.region_x1 - k.region_x0) * uniform(state)
+                pos[p, 1] = k.region_y0 + (k.region_y1 - k.region_y0) * uniform(state)
             else:
                 pos[p, 0] = k.margin_px + (W - 1 - 2.0 * k.margin_px) * uniform(state)
                 pos[p, 1] = k.margin_px + (H - 1 - 2.0 * k.margin_px) * uniform(state)
             pos[p, 2] = _draw(state, k.z_mode, k.z_a, k.z_b)
 
-        # The joint walk, in the order the pixels are recorded.
-        for t in range(T):
-            row, col, direction = rows[t], cols[t], directions[t]
-            signal = 0.0
+        for f in range(F):
+            b = m * F + f
+            n_particles[b] = n
+            frame_start_s[b] = f * k.frame_period_s
+            for p in range(P):
+                centroids[b, p, 0] = np.nan
+                centroids[b, p, 1] = np.nan
+                exposure_xy[b, p, 0] = np.nan
+                exposure_xy[b, p, 1] = np.nan
+                exposure_t_s[b, p] = np.nan
+                in_view[b, p] = 0
+                if p >= n:
+                    diffusion[b, p] = np.nan
+                    n_qd[b, p] = np.nan
             for p in range(n):
-                acc[p, 0] = 0.0
-                acc[p, 1] = 0.0
-                acc[p, 2] = 0.0
-            for s in range(S):
-                # Sub-step centres sweep across the pixel in the scan direction.
-                lx = col + direction * ((s + 0.5) / S - 0.5)
+                sums[p, 0] = 0.0
+                sums[p, 1] = 0.0
+                for j in range(4):
+                    wsum[p, j] = 0.0
+
+            # The joint walk, in the order the pixels are recorded.
+            for t in range(T):
+                row, col, direction = rows[t], cols[t], directions[t]
+                signal = 0.0
                 for p in range(n):
-                    signal += eq1_signal(
-                        amp[p], (pos[p, 0] - lx) * px, (pos[p, 1] - row) * px,
-                        pos[p, 2] - k.focal_z_um, k.sigma_xy_um, k.sigma_z_um,
-                    )
-                    acc[p, 0] += pos[p, 0]
-                    acc[p, 1] += pos[p, 1]
-                    acc[p, 2] += pos[p, 2]
-                if t < T - 1 or s < S - 1:
-                    dt = dt_sub
-                    if s == S - 1:
-                        dt += dt_after_s[t]
+                    acc[p, 0] = 0.0
+                    acc[p, 1] = 0.0
+                    acc[p, 2] = 0.0
+                for s in range(S):
+                    # Sub-step centres sweep across the pixel in the scan direction.
+                    lx = col + direction * ((s + 0.5) / S - 0.5)
+                    ts = starts_s[t] + s * dt_sub
                     for p in range(n):
-                        brownian_step(state, pos, p, dcoef[p], dt, px)
-            lam = k.n_bkg + signal / S
-            if want_expected:
-                expected[b, row, col] = lam
-            images[b, row, col] = record(state, lam, k.detector, k.gain, k.gamma_shape, k.offset)
+                        sig = eq1_signal(
+                            amp[p], (pos[p, 0] - lx) * px, (pos[p, 1] - row) * px,
+                            pos[p, 2] - k.focal_z_um, k.sigma_xy_um, k.sigma_z_um,
+                        )
+                        signal += sig
+                        acc[p, 0] += pos[p, 0]
+                        acc[p, 1] += pos[p, 1]
+                        acc[p, 2] += pos[p, 2]
+                        wsum[p, 0] += sig
+                        wsum[p, 1] += sig * pos[p, 0]
+                        wsum[p, 2] += sig * pos[p, 1]
+                        wsum[p, 3] += sig * ts
+                    if f < F - 1 or t < T - 1 or s < S - 1:
+                        dt = dt_sub
+                        if s == S - 1:
+                            dt += dt_after_s[t]
+                        for p in range(n):
+                            brownian_step(state, pos, p, dcoef[p], dt, px)
+                            if k.walls:
+                                pos[p, 0] = _reflect(pos[p, 0], k.region_x0, k.region_x1)
+                                pos[p, 1] = _reflect(pos[p, 1], k.region_y0, k.region_y1)
+                lam = k.n_bkg + signal / S
+                if want_expected:
+                    expected[b, row, col] = lam
+                images[b, row, col] = record(state, lam, k.detector, k.gain, k.gamma_shape, k.offset)
+                for p in range(n):
+                    mx = acc[p, 0] / S
+                    my = acc[p, 1] / S
+                    sums[p, 0] += mx
+                    sums[p, 1] += my
+                    if want_traj:
+                        trajectories[b, p, t, 0] = mx
+                        trajectories[b, p, t, 1] = my
+                        trajectories[b, p, t, 2] = acc[p, 2] / S
+            if want_traj:
+                for p in range(n, P):
+                    for t in range(T):
+                        trajectories[b, p, t, 0] = np.nan
+                        trajectories[b, p, t, 1] = np.nan
+                        trajectories[b, p, t, 2] = np.nan
             for p in range(n):
-                mx = acc[p, 0] / S
-                my = acc[p, 1] / S
-                sums[p, 0] += mx
-                sums[p, 1] += my
-                if want_traj:
-                    trajectories[b, p, t, 0] = mx
-                    trajectories[b, p, t, 1] = my
-                    trajectories[b, p, t, 2] = acc[p, 2] / S
-        if want_traj:
-            for p in range(n, P):
-                for t in range(T):
-                    trajectories[b, p, t, 0] = np.nan
-                    trajectories[b, p, t, 1] = np.nan
-                    trajectories[b, p, t, 2] = np.nan
-        for p in range(n):
-            centroids[b, p, 0] = sums[p, 0] / T
-            centroids[b, p, 1] = sums[p, 1] / T
+                cx = sums[p, 0] / T
+                cy = sums[p, 1] / T
+                centroids[b, p, 0] = cx
+                centroids[b, p, 1] = cy
+                in_view[b, p] = -0.5 <= cx < W - 0.5 and -0.5 <= cy < H - 0.5
+                if wsum[p, 0] > 0.0:
+                    exposure_xy[b, p, 0] = wsum[p, 1] / wsum[p, 0]
+                    exposure_xy[b, p, 1] = wsum[p, 2] / wsum[p, 0]
+                    exposure_t_s[b, p] = frame_start_s[b] + wsum[p, 3] / wsum[p, 0]
 
 
 def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool) -> dict:
@@ -223,22 +292,32 @@ def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool
         "n_particles": np.empty(n, np.int32),
         "diffusion": np.empty((n, P), np.float32),
         "n_qd": np.empty((n, P), np.float32),
+        "exposure_xy": np.empty((n, P, 2), np.float32),
+        "exposure_t_s": np.empty((n, P), np.float64),
+        "in_view": np.empty((n, P), np.uint8),
+        "frame_start_s": np.empty(n, np.float64),
     }
 
 
 def schedule_of(ds: Dataset) -> FrameSchedule:
     """The frame's scan schedule, from the validated config."""
     return frame_schedule(ds.image.height_px, ds.image.width_px, ds.scan.dwell_us,
-                          ds.scan.line_retrace_ms, ds.scan.direction == "bidirectional")
+                          ds.scan.line_retrace_ms, ds.scan.direction == "bidirectional", ds.flyback_ms)
 
 
 def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: dict,
               want_expected: bool, want_traj: bool) -> dict:
-    """Run the kernel over preallocated ``arrays``; returns the arrays that were filled."""
+    """Run the kernel over preallocated ``arrays`` (whole movies from frame
+    ``first_index`` on); returns the arrays that were filled."""
+    if first_index % k.n_frames or len(arrays["images"]) % k.n_frames:
+        raise ValueError(f"batches hold whole movies of {k.n_frames} frames "
+                         f"(got frames {first_index}..{first_index + len(arrays['images']) - 1})")
     simulate_batch(
-        k, s.row, s.col, s.direction, s.dt_after_s, np.uint64(key), np.int64(first_index), arrays["images"], arrays["expected"],
+        k, s.row, s.col, s.direction, s.start_s, s.dt_after_s, np.uint64(key),
+        np.int64(first_index // k.n_frames), arrays["images"], arrays["expected"],
         arrays["trajectories"], arrays["centroids"], arrays["n_particles"],
-        arrays["diffusion"], arrays["n_qd"], want_expected, want_traj,
+        arrays["diffusion"], arrays["n_qd"], arrays["exposure_xy"], arrays["exposure_t_s"],
+        arrays["in_view"], arrays["frame_start_s"], want_expected, want_traj,
     )
     out = dict(arrays)
     if not want_expected:

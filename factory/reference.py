@@ -39,62 +39,100 @@ def _draw_z(rng, dist, size) -> np.ndarray:
 
 
 def laser_samples(ds: Dataset):
-    """Laser x, y (px) and time (s) of every sample (pixel step x sub-step), in time order,
-    and the (row, col) of every pixel step.
+    """Laser x, y (px) and time (s, from the movie's start) of every sample (frame x
+    pixel step x sub-step) of a movie, in time order, and the (row, col) of every pixel
+    step of a frame.
 
     With S sub-steps the laser sweeps the pixel along the scan direction: the samples sit
-    at the centres of S equal parts of the pixel, each lasting dwell / S."""
+    at the centres of S equal parts of the pixel, each lasting dwell / S.  Frames follow
+    each other every H W dwell + (H - 1) retrace + flyback."""
     scan, img = ds.scan, ds.image
-    S = scan.substeps_per_dwell
-    sched = frame_schedule(img.height_px, img.width_px, scan.dwell_us, scan.line_retrace_ms,
-                           scan.direction == "bidirectional")
+    S, F = scan.substeps_per_dwell, ds.frames_per_movie
+    H, W, dwell = img.height_px, img.width_px, scan.dwell_us * 1e-6
+    sched = frame_schedule(H, W, scan.dwell_us, scan.line_retrace_ms, scan.direction == "bidirectional")
     frac = (np.arange(S) + 0.5) / S - 0.5
     lx = sched.col[:, None] + sched.direction[:, None] * frac[None, :]
     ly = np.broadcast_to(sched.row[:, None].astype(np.float64), lx.shape)
-    t = sched.start_s[:, None] + np.arange(S)[None, :] * (scan.dwell_us * 1e-6 / S)
-    return lx.reshape(-1), ly.reshape(-1), t.reshape(-1), sched.row, sched.col
+    t = sched.start_s[:, None] + np.arange(S)[None, :] * (dwell / S)
+    # Written from the SPEC's frame period, not from the kernel's schedule.
+    period = H * W * dwell + (H - 1) * scan.line_retrace_ms * 1e-3 + ds.flyback_ms * 1e-3
+    t_all = (np.arange(F)[:, None] * period + t.reshape(1, -1)).reshape(-1)
+    return np.tile(lx.reshape(-1), F), np.tile(ly.reshape(-1), F), t_all, sched.row, sched.col
+
+
+def _fold(v, lo, hi):
+    """Reflecting walls: the free walk folded into [lo, hi] (equal in law to reflecting
+    every step, since the steps are symmetric)."""
+    span = hi - lo
+    u = np.mod(v - lo, 2 * span)
+    return lo + np.where(u <= span, u, 2 * span - u)
 
 
 def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
-    """Simulate ``n`` images of ``ds``, vectorised over images, particles and time."""
+    """Simulate ``n`` frames (whole movies) of ``ds``, vectorised over movies, particles
+    and time."""
     H, W = ds.image.height_px, ds.image.width_px
     px = ds.image.pixel_size_um
-    S = ds.scan.substeps_per_dwell
+    S, F = ds.scan.substeps_per_dwell, ds.frames_per_movie
     p, psf = ds.particles, ds.psf
     P = p.max_particles
     T = H * W
+    if n % F:
+        raise ValueError(f"{n} frames are not whole movies of {F}")
+    nm = n // F
     if isinstance(p.count, FixedCount):
-        counts = np.full(n, p.count.n)
+        counts = np.full(nm, p.count.n)
     else:
-        counts = np.minimum(rng.poisson(p.count.mean, n), P)
+        counts = np.minimum(rng.poisson(p.count.mean, nm), P)
     present = np.arange(P)[None, :] < counts[:, None]
-    D = _draw(rng, p.diffusion_um2_s, (n, P))
-    nqd = _draw(rng, p.n_qd, (n, P))
+    D = _draw(rng, p.diffusion_um2_s, (nm, P))
+    nqd = _draw(rng, p.n_qd, (nm, P))
+    margin = ds.movie.margin_um / px if ds.movie is not None else 0.0
+    lo_x, hi_x, lo_y, hi_y = -0.5 - margin, W - 0.5 + margin, -0.5 - margin, H - 0.5 + margin
     if isinstance(p.xy_start, FixedStart):
-        x0 = np.full((n, P), p.xy_start.x_px)
-        y0 = np.full((n, P), p.xy_start.y_px)
+        x0 = np.full((nm, P), p.xy_start.x_px)
+        y0 = np.full((nm, P), p.xy_start.y_px)
+    elif ds.movie is not None:  # uniform over the whole region of the movie
+        x0 = rng.uniform(lo_x, hi_x, (nm, P))
+        y0 = rng.uniform(lo_y, hi_y, (nm, P))
     else:
         m = p.xy_start.margin_px
-        x0 = m + (W - 1 - 2 * m) * rng.random((n, P))
-        y0 = m + (H - 1 - 2 * m) * rng.random((n, P))
-    z0 = _draw_z(rng, p.z_start_um, (n, P))
+        x0 = m + (W - 1 - 2 * m) * rng.random((nm, P))
+        y0 = m + (H - 1 - 2 * m) * rng.random((nm, P))
+    z0 = _draw_z(rng, p.z_start_um, (nm, P))
 
     # Random walk: steps between consecutive samples, N(0, 2 D dt) per axis.
     lx, ly, t, row, col = laser_samples(ds)
-    dt = np.diff(t)  # (T*S - 1,)
-    std_um = np.sqrt(2.0 * D[:, :, None] * dt[None, None, :])  # (n, P, T*S-1)
-    steps = rng.standard_normal((n, P, T * S - 1, 3)) * std_um[..., None]
+    dt = np.diff(t)  # (F*T*S - 1,)
+    std_um = np.sqrt(2.0 * D[:, :, None] * dt[None, None, :])
+    steps = rng.standard_normal((nm, P, F * T * S - 1, 3)) * std_um[..., None]
     steps[..., :2] /= px
     start = np.stack([x0, y0, z0], axis=-1)[:, :, None, :]
-    pos = np.concatenate([start, start + np.cumsum(steps, axis=2)], axis=2)  # (n, P, T*S, 3)
+    pos = np.concatenate([start, start + np.cumsum(steps, axis=2)], axis=2)  # (nm, P, F*T*S, 3)
+    if ds.movie is not None:
+        pos[..., 0] = _fold(pos[..., 0], lo_x, hi_x)
+        pos[..., 1] = _fold(pos[..., 1], lo_y, hi_y)
 
     amp = _amplitude(nqd, psf.sigma_xy_um, psf.sigma_z_um)
-    signal = _signal(amp[..., None], (pos[..., 0] - lx) * px, (pos[..., 1] - ly) * px,
-                        pos[..., 2] - psf.focal_z_um, psf.sigma_xy_um, psf.sigma_z_um)
-    signal = np.where(present[..., None], signal, 0.0).sum(axis=1)  # (n, T*S)
-    lam_t = ds.background.n_bkg + signal.reshape(n, T, S).mean(axis=2)
+    own = _signal(amp[..., None], (pos[..., 0] - lx) * px, (pos[..., 1] - ly) * px,
+                  pos[..., 2] - psf.focal_z_um, psf.sigma_xy_um, psf.sigma_z_um)
+    own = np.where(present[..., None], own, 0.0)  # (nm, P, F*T*S): each particle's signal
+    signal = own.sum(axis=1)
+    lam_t = ds.background.n_bkg + signal.reshape(nm * F, T, S).mean(axis=2)
     expected = np.empty((n, H, W))
     expected[:, row, col] = lam_t
+
+    # Exposure-weighted position and time per frame: weights = each particle's own signal.
+    w = own.reshape(nm, P, F, T * S)
+    wsum = w.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ex = (w * pos[..., 0].reshape(nm, P, F, T * S)).sum(-1) / wsum
+        ey = (w * pos[..., 1].reshape(nm, P, F, T * S)).sum(-1) / wsum
+        et = (w * t.reshape(F, T * S)[None, None]).sum(-1) / wsum
+    exposure = np.stack([ex, ey], -1).transpose(0, 2, 1, 3).reshape(n, P, 2)
+    exposure_t = et.transpose(0, 2, 1).reshape(n, P)
+    exposure = np.where(present.repeat(F, 0)[..., None], exposure, np.nan)
+    exposure_t = np.where(present.repeat(F, 0), exposure_t, np.nan)
 
     counts_img = rng.poisson(expected)
     det = ds.detector
@@ -108,15 +146,24 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
         images = counts_img.astype(np.float64)
     images = np.minimum(images, UINT16_MAX).astype(np.uint16)
 
-    traj = pos.reshape(n, P, T, S, 3).mean(axis=3)
-    traj[~present] = np.nan
+    # Per frame: (n, P, T, 3) with frames of a movie consecutive, as the stores hold them.
+    traj = pos.reshape(nm, P, F, T, S, 3).mean(axis=4).transpose(0, 2, 1, 3, 4).reshape(n, P, T, 3)
+    pres = present.repeat(F, 0)
+    traj[~pres] = np.nan
     centroids = traj[..., :2].mean(axis=2)
+    in_view = pres & (centroids[..., 0] >= -0.5) & (centroids[..., 0] < W - 0.5) \
+        & (centroids[..., 1] >= -0.5) & (centroids[..., 1] < H - 0.5)
+    period = t[T * S] if F > 1 else 0.0
     return {
         "images": images,
         "expected": expected.astype(np.float32),
         "trajectories": traj.astype(np.float32),
         "centroids": centroids.astype(np.float32),
-        "n_particles": counts.astype(np.int32),
-        "diffusion": np.where(present, D, np.nan).astype(np.float32),
-        "n_qd": np.where(present, nqd, np.nan).astype(np.float32),
+        "n_particles": counts.repeat(F).astype(np.int32),
+        "diffusion": np.where(pres, D.repeat(F, 0), np.nan).astype(np.float32),
+        "n_qd": np.where(pres, nqd.repeat(F, 0), np.nan).astype(np.float32),
+        "exposure_xy": exposure.astype(np.float32),
+        "exposure_t_s": exposure_t,
+        "in_view": in_view.astype(np.uint8),
+        "frame_start_s": np.tile(np.arange(F) * period, nm),
     }

@@ -24,7 +24,9 @@ class FrameSchedule(NamedTuple):
     direction: np.ndarray  # (T,) float64: +1 left to right, -1 right to left
     start_s: np.ndarray  # (T,) float64: start time of the step's dwell, from the frame start
     dt_after_s: np.ndarray  # (T,) float64: time from the end of step t's dwell to the next step
-    # (0 within a line, the retrace after a line's last pixel, 0 after the frame's last)
+    # (0 within a line, the retrace after a line's last pixel, the frame flyback after the
+    # frame's last pixel)
+    dwell_s: float
 
 
 def scan_order(height: int, width: int, bidirectional: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,14 +45,33 @@ def line_period_s(width: int, dwell_us: float, retrace_ms: float) -> float:
 
 
 def frame_schedule(height: int, width: int, dwell_us: float, retrace_ms: float,
-                   bidirectional: bool = False) -> FrameSchedule:
+                   bidirectional: bool = False, flyback_ms: float | None = None) -> FrameSchedule:
+    """The frame's pixel steps; ``flyback_ms`` (default: one line retrace) separates the
+    last pixel of a frame from the first of the next."""
     row, col, direction = scan_order(height, width, bidirectional)
     t = np.arange(height * width)
     k = t % width
     start = row * line_period_s(width, dwell_us, retrace_ms) + k * (dwell_us * 1e-6)
     dt_after = np.where(k == width - 1, retrace_ms * 1e-3, 0.0)
-    dt_after[-1] = 0.0
-    return FrameSchedule(row, col, direction, start, dt_after)
+    dt_after[-1] = (retrace_ms if flyback_ms is None else flyback_ms) * 1e-3
+    return FrameSchedule(row, col, direction, start, dt_after, dwell_us * 1e-6)
+
+
+def frame_period_s(s: FrameSchedule) -> float:
+    """Start of one frame to the start of the next: H W dwell + (H - 1) retrace + flyback."""
+    return float(s.start_s[-1] + s.dwell_s + s.dt_after_s[-1])
+
+
+def scan_time_s(x, y, height: int, width: int, dwell_us: float, retrace_ms: float,
+                bidirectional: bool = False):
+    """When the laser passes a (sub-pixel) position, from the frame's start:
+    ``y * line period + x * dwell``, with x counted from the right on the reversed
+    (odd) lines of a bidirectional scan."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if bidirectional:
+        odd = np.rint(y).astype(np.int64) % 2 == 1
+        x = np.where(odd, (width - 1) - x, x)
+    return y * line_period_s(width, dwell_us, retrace_ms) + x * (dwell_us * 1e-6)
 
 
 def pixel_times_s(height: int, width: int, dwell_us: float, retrace_ms: float,

@@ -184,7 +184,7 @@ def ensure_zarr_store(cfg: FactoryConfig, ds: Dataset, out: Path) -> Path:
 def build_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,
                 redo: bool = False, progress: bool = True) -> BuildResult:
     """Build shard ``index`` of ``count`` of ``ds``; skip it when already complete and valid."""
-    start, stop = shard_range(ds.n_images, ds.output.chunk_images, index, count)
+    start, stop = shard_range(ds.n_images, ds.chunk_rows, index, count)
     sdir = shards_dir(out, ds.name, fmt)
     sdir.mkdir(parents=True, exist_ok=True)
     found = discover_count(sdir)

@@ -13,7 +13,15 @@ centroids          (N, P, 2)       float32  trajectory centroids (x, y) px, NaN 
 trajectories       (N, P, T, 3)    float32  (x px, y px, z um) per pixel step (optional)
 diffusion          (N, P)          float32  D in um^2/s, NaN padded
 n_qd               (N, P)          float32  particle brightness N_qd, NaN padded
+exposure_xy        (N, P, 2)       float32  exposure-weighted position (x, y) px
+exposure_t_s       (N, P)          float64  its exposure-weighted time, s from the movie start
+in_view            (N, P)          uint8    1 where the centroid lies inside the field
+frame_start_s      (N,)            float64  start of the frame, s from the movie start
 =================  ==============  =======  ==========================================
+
+A movie store holds its movies' frames one after the other (movie ``i // n_frames``,
+frame ``i % n_frames``); particle slot p is the same particle in every frame of a
+movie.
 
 Every array is chunked along N only, so a chunk holds whole images.  HDF5 arrays are
 compressed with deflate (gzip) after byte shuffling by default: both filters are built
@@ -57,6 +65,10 @@ UNITS = {
     "trajectories": "x px, y px, z um",
     "diffusion": "um^2/s",
     "n_qd": "photons (Eq. 1 N_qd)",
+    "exposure_xy": "px (x = column, y = row), weighted by the particle's own Eq. 1 signal",
+    "exposure_t_s": "s from the movie's first pixel, weighted by the particle's own Eq. 1 signal",
+    "in_view": "1 if the trajectory centroid lies inside the field",
+    "frame_start_s": "s from the movie's first pixel",
 }
 COORDINATES = (
     "pixels; x = column, y = row; origin at the centre of pixel (0, 0) (TrackPy's convention)"
@@ -96,6 +108,10 @@ def array_specs(n: int, height: int, width: int, max_particles: int, chunk: int,
     specs += [
         ArraySpec("diffusion", (n, P), np.float32, (c, P), np.nan),
         ArraySpec("n_qd", (n, P), np.float32, (c, P), np.nan),
+        ArraySpec("exposure_xy", (n, P, 2), np.float32, (c, P, 2), np.nan),
+        ArraySpec("exposure_t_s", (n, P), np.float64, (c, P), np.nan),
+        ArraySpec("in_view", (n, P), np.uint8, (c, P), 0),
+        ArraySpec("frame_start_s", (n,), np.float64, (c,), np.nan),
     ]
     return specs
 

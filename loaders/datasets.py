@@ -18,6 +18,28 @@ from torch.utils.data import Dataset
 
 from factory.stores import Store
 
+# Training targets: the store array holding each one's (x, y) per image and particle.
+TARGETS = {"centroid": "centroids", "exposure": "exposure_xy"}
+
+
+def truth_points(points: np.ndarray, n_particles: np.ndarray, in_view: np.ndarray | None,
+                 movie: bool, height: int, width: int) -> np.ndarray:
+    """(N, P, 2) target points with NaN where a particle is not a detection target.
+
+    Images: the first ``n_particles`` slots (the paper's convention, whatever the
+    centroid).  Movies: particles whose centroid lies in the field (``in_view``), and for
+    the exposure target also whose exposure position does (a particle just outside
+    lights the edge pixels but is not in the recording)."""
+    pts = np.array(points, np.float32, copy=True)
+    keep = np.arange(pts.shape[1])[None, :] < np.asarray(n_particles)[:, None]
+    if movie:
+        keep &= np.asarray(in_view).astype(bool)
+        x, y = pts[..., 0], pts[..., 1]
+        with np.errstate(invalid="ignore"):
+            keep &= (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+    pts[~keep] = np.nan
+    return pts
+
 
 class _LazyStore:
     """A Store opened on first use in each process (re-opened after a fork)."""
@@ -34,6 +56,7 @@ class _LazyStore:
             self.image_shape = tuple(st["images"].shape[1:])
             self.chunk = int(st["images"].chunks[0])
             self.max_particles = int(st["centroids"].shape[1])
+            self.movie = st.config["dataset"].get("movie") is not None
 
     def get(self) -> Store:
         if self._store is None or self._pid != os.getpid():
@@ -42,7 +65,7 @@ class _LazyStore:
             self._small = None
         return self._store
 
-    SMALL = ("centroids", "n_particles", "diffusion")
+    SMALL = ("centroids", "n_particles", "diffusion", "exposure_xy", "in_view")
     SMALL_LIMIT = 64 * 2**20  # bytes of per-image metadata worth holding in memory
 
     def small(self, name: str, a: int, b: int) -> np.ndarray:
@@ -52,8 +75,9 @@ class _LazyStore:
         a Zarr array costs about a millisecond however small)."""
         st = self.get()
         if self._small is None:
-            size = sum(np.prod(st[n].shape) * st[n].dtype.itemsize for n in self.SMALL)
-            self._small = {n: st.read(n) for n in self.SMALL} if size <= self.SMALL_LIMIT else {}
+            names = [n for n in self.SMALL if n in st]
+            size = sum(np.prod(st[n].shape) * st[n].dtype.itemsize for n in names)
+            self._small = {n: st.read(n) for n in names} if size <= self.SMALL_LIMIT else {}
         if name in self._small:
             return self._small[name][a:b]
         return np.asarray(st[name][a:b])
@@ -126,14 +150,21 @@ class StoreBatches(Dataset):
     (deterministically from ``seed`` and the epoch set by ``set_epoch``).
 
     An item is ``(images (B, 1, H, W) float32, targets)`` where ``targets`` holds
-    ``centroids`` (B, P, 2) NaN-padded, ``n_particles`` (B,), ``diffusion`` (B, P) and
-    ``index`` (B,).
+    ``points`` (B, P, 2): the chosen ``target`` (``centroid`` or ``exposure``), NaN where
+    a particle is not a detection target (``truth_points``), ``centroids`` (B, P, 2),
+    ``n_particles`` (B,), ``diffusion`` (B, P) and ``index`` (B,).
     """
 
     def __init__(self, path: str | Path, batch_size: int = 256, align: bool = True,
                  start: int = 0, stop: int | None = None, shuffle_within: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, target: str = "centroid"):
         self.store = _LazyStore(path)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if TARGETS[target] not in self.store.names:
+            raise ValueError(f"{path}: has no {TARGETS[target]} array for the {target} target "
+                             "(built by an older version: rebuild it)")
+        self.target = target
         stop = self.store.length if stop is None else min(stop, self.store.length)
         chunk = self.store.chunk
         if align:
@@ -157,7 +188,12 @@ class StoreBatches(Dataset):
         a = self.start + b * self.batch_size
         z = min(a + self.batch_size, self.stop)
         images = np.asarray(st["images"][a:z], np.float32)
-        targets = {name: self.store.small(name, a, z) for name in _LazyStore.SMALL}
+        names = [n for n in ("centroids", "n_particles", "diffusion") if n in self.store.names]
+        targets = {name: self.store.small(name, a, z) for name in names}
+        h, w = self.store.image_shape
+        in_view = self.store.small("in_view", a, z) if self.store.movie else None
+        targets["points"] = truth_points(self.store.small(TARGETS[self.target], a, z), targets["n_particles"],
+                                         in_view, self.store.movie, h, w)
         targets["index"] = np.arange(a, z)
         if self.shuffle_within:
             perm = np.random.default_rng([self.seed, self.epoch, b]).permutation(z - a)

@@ -26,6 +26,10 @@ class TrainConfig(StrictModel):
     data: Optional[str] = None  # folder holding the train and val stores (--data overrides)
     train: str = "train"  # store names inside the data folder
     val: str = "val"
+    # What the network learns to find: the paper's whole-frame trajectory centroid, or
+    # the exposure-weighted position (what the laser saw; its time stamp is the scan
+    # time at the predicted position).
+    target: Literal["centroid", "exposure"] = "centroid"
     max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
     val_images: Annotated[int, Field(ge=10)] = 3000
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8

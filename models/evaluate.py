@@ -20,6 +20,7 @@ import pandas as pd
 
 from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores, is_store_path
+from loaders.datasets import TARGETS, truth_points
 
 from .base import COLUMNS
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
@@ -33,8 +34,25 @@ PAPER_ROWS = {
 }
 
 
-def ground_truth(store: Store) -> Points:
-    return Points.from_centroids(store.read("centroids"), store.read("n_particles"))
+def is_movie_store(store: Store) -> bool:
+    return store.config["dataset"].get("movie") is not None
+
+
+def targets_of(store: Store) -> list[str]:
+    """The truths a store can score against (stores from before the exposure target
+    hold centroids only)."""
+    return [t for t, name in TARGETS.items() if name in store]
+
+
+def ground_truth(store: Store, target: str = "centroid", start: int = 0, stop: int | None = None) -> Points:
+    """The detection targets of images ``start .. stop`` (``loaders.datasets.truth_points``)."""
+    if TARGETS[target] not in store:
+        raise StoreError(f"{store.path}: no {TARGETS[target]} array for the {target} target (rebuild the store)")
+    movie = is_movie_store(store)
+    h, w = store["images"].shape[1:]
+    pts = truth_points(store.read(TARGETS[target], start, stop), store.read("n_particles", start, stop),
+                       store.read("in_view", start, stop) if movie else None, movie, h, w)
+    return Points.from_masked(pts)
 
 
 def pixel_size_um(store: Store) -> float:
@@ -184,23 +202,31 @@ def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None]
 
 
 def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], data_paths: dict[str, Path],
-                     threshold: float | None = None, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
-    """Score ``tables`` (dataset -> localisation table) and write the run folder."""
+                     threshold: float | None = None, extra: dict | None = None, gates_nm=GATES_NM,
+                     target: str = "centroid") -> dict:
+    """Score ``tables`` (dataset -> localisation table) and write the run folder.
+
+    ``datasets`` holds the scores against the detector's own ``target``; ``by_target``
+    the scores against every truth the store holds (centroid and exposure)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics, gts, diffusions, sizes = {}, [], {}, []
+    metrics, gts, diffusions, sizes, by_target = {}, [], {}, [], {}
     for name, table in tables.items():
         with Store(data_paths[name]) as st:
-            gt = ground_truth(st)
+            available = targets_of(st)
+            own = target if target in available else "centroid"
+            truths = {t: ground_truth(st, t) for t in available}
             diffusions[name] = dataset_diffusion(st)
             px = pixel_size_um(st)
-        metrics[name] = score_table(table, gt, px, threshold, gates_nm)
+        gt = truths[own]
+        metrics[name] = {**score_table(table, gt, px, threshold, gates_nm), "target": own}
+        by_target[name] = {t: score_table(table, g, px, threshold, gates_nm) for t, g in truths.items()}
         gts.append(gt)
         sizes.append(px)
         plot_pr(table, gt, f"{label}: {name}", out / f"pr_{name}.png", px, gates_nm)
         table.to_csv(out / f"predictions_{name}.csv", index=False)
-    result = {"detector": label, "threshold": threshold, "gates_nm": [float(g) for g in gates_nm],
-              "datasets": metrics}
+    result = {"detector": label, "target": target, "threshold": threshold,
+              "gates_nm": [float(g) for g in gates_nm], "datasets": metrics, "by_target": by_target}
     if len(tables) > 1:
         result["pooled"] = pooled_metrics(list(tables.values()), gts, sizes, threshold, gates_nm)
     result.update(extra or {})
@@ -231,4 +257,5 @@ def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None =
         log.info("%s on %s: %d localisations in %.1f s", detector.name, name, len(tables[name]), seconds[name])
     extra = {**(extra or {}), "detect_seconds": seconds}
     return write_evaluation(out, getattr(detector, "label", detector.name), tables, paths,
-                            getattr(detector, "threshold", None), extra, gates_nm)
+                            getattr(detector, "threshold", None), extra, gates_nm,
+                            getattr(detector, "target", "centroid"))

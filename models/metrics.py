@@ -68,6 +68,13 @@ class Points:
         xy = centroids[mask].astype(np.float64)
         return cls(frame.astype(np.int64), xy.reshape(-1, 2), n)
 
+    @classmethod
+    def from_masked(cls, points: np.ndarray) -> "Points":
+        """Ground truth from (N, P, 2) points that are NaN where there is no target."""
+        mask = np.isfinite(points).all(-1)
+        frame = np.nonzero(mask)[0]
+        return cls(frame.astype(np.int64), points[mask].astype(np.float64).reshape(-1, 2), len(points))
+
     def offsets(self) -> tuple[np.ndarray, np.ndarray]:
         """(order, offsets): points of frame f are ``order[offsets[f]:offsets[f+1]]``."""
         order = np.argsort(self.frame, kind="stable")

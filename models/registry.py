@@ -91,10 +91,14 @@ class NetDetector:
     """A network behind the detector contract (frame, x, y, score, sigma)."""
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
-                 min_score: float = 0.01, device: str = "cpu", label: str | None = None):
+                 min_score: float = 0.01, device: str = "cpu", label: str | None = None,
+                 target: str = "centroid"):
         self.family = fam
+        self.target = target  # the truth it was trained on: "centroid" or "exposure"
+        # A centroid is the whole frame's; an exposure position is where the laser saw it.
+        self.timestamps = "scan" if target == "exposure" else "frame"
         self.name = fam.name
-        self.label = label or fam.label
+        self.label = label or (fam.label if target == "centroid" else f"{fam.label}, exposure target")
         self.model = model.to(device).eval()
         self.threshold = threshold
         self.min_score = min_score

@@ -110,7 +110,7 @@ class RunFolder:
         except RuntimeError as exc:
             raise FactoryError(f"{self.file(weights)}: weights do not fit the network of {self.CONFIG} "
                                f"({str(exc).splitlines()[0]})") from None
-        return NetDetector(fam, model, self.threshold, cfg.min_score, device)
+        return NetDetector(fam, model, self.threshold, cfg.min_score, device, target=cfg.target)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST) -> NetDetector:

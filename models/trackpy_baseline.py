@@ -55,6 +55,8 @@ class TrackPyDetector:
         # Mass above which a localisation counts for F1 (the AUCs rank every one).
         self.threshold = threshold
         self.label = label
+        self.target = "centroid"  # scored against the paper's truth first (both where a store has both)
+        self.timestamps = "scan"  # an intensity peak is where the laser saw the particle
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrackPyDetector":

@@ -20,6 +20,7 @@ from factory.stores import Store, find_store
 from loaders.augment import flip_batch
 from loaders.datasets import StoreBatches
 
+from .evaluate import ground_truth, pixel_size_um as store_pixel_size
 from .config import TrainConfig
 from .metrics import F1_GATE_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
 from .registry import NetDetector, family
@@ -47,7 +48,7 @@ def minibatches(loader, batch_size: int):
     """Split the loader's chunk-aligned blocks into training minibatches."""
     for images, t in loader:
         for a in range(0, len(images), batch_size):
-            yield images[a:a + batch_size], t["centroids"][a:a + batch_size]
+            yield images[a:a + batch_size], t["points"][a:a + batch_size]
 
 
 def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int, device: str,
@@ -130,13 +131,17 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     with Store(val_path) as st:
         nv = min(cfg.val_images, len(st))
         val_images = st.read("images", 0, nv)
-        val_gt = Points.from_centroids(st.read("centroids", 0, nv), st.read("n_particles", 0, nv))
-        pixel_size_um = float(st.config["dataset"]["image"]["pixel_size_um"])
+        val_gt = ground_truth(st, cfg.target, 0, nv)
+        pixel_size_um = store_pixel_size(st)
     with Store(train_path) as st:
         chunk = st.chunk_rows or 256
         n_train = min(len(st), cfg.max_train_images or len(st))
     block = chunk * max(1, 2048 // chunk)
-    batches = StoreBatches(train_path, batch_size=block, stop=n_train, shuffle_within=True, seed=cfg.seed)
+    try:
+        batches = StoreBatches(train_path, batch_size=block, stop=n_train, shuffle_within=True, seed=cfg.seed,
+                               target=cfg.target)
+    except ValueError as exc:
+        raise FactoryError(str(exc)) from None
     steps = sum(math.ceil(min(block, n_train - a) / cfg.batch_size) for a in range(0, n_train, batches.batch_size))
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = make_scheduler(cfg, opt, steps)
@@ -148,7 +153,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         sched.load_state_dict(ck["scheduler"])
         history, best, start = list(ck["history"]), float(ck["best"]), int(ck["epoch"]) + 1
     run.write_config(cfg)
-    detector = NetDetector(fam, model, None, cfg.min_score, device)
+    detector = NetDetector(fam, model, None, cfg.min_score, device, target=cfg.target)
     t_start = time.perf_counter()
     epochs = tqdm(range(start, cfg.epochs), desc=f"train {cfg.model}", unit="epoch", disable=not progress)
     for epoch in epochs:
@@ -181,7 +186,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     threshold = best_f1_threshold(t.frame, t[["x", "y"]].to_numpy(), t.score, val_gt,
                                   nm_to_px(F1_GATE_NM, pixel_size_um))
     best_epoch = int(state["epoch"]) + 1
-    metrics = {"model": cfg.model, "best_epoch": best_epoch, "best_val_mean_auc": best,
+    metrics = {"model": cfg.model, "target": cfg.target, "best_epoch": best_epoch, "best_val_mean_auc": best,
                "threshold": threshold, "history": history, "data": str(data),
                "train_images": n_train, "val_images": len(val_images), "pixel_size_um": pixel_size_um,
                "train_seconds": time.perf_counter() - t_start, "device": device}

@@ -25,8 +25,10 @@ def deep_update(base: dict, over: dict) -> dict:
 
 
 def dataset(n_images=256, seed=7, name="d", **sections):
-    """A validated Dataset with the paper's defaults and ``sections`` overriding them."""
-    cfg = parse_config({"seed": seed, "datasets": {name: {"n_images": n_images, **sections}}})
+    """A validated Dataset with the paper's defaults and ``sections`` overriding them
+    (``n_images=None, n_movies=M, movie={...}`` for movies)."""
+    size = {} if n_images is None else {"n_images": n_images}
+    cfg = parse_config({"seed": seed, "datasets": {name: {**size, **sections}}})
     return cfg, cfg.datasets[name]
 
 
@@ -38,7 +40,7 @@ def engine(request):
         cfg, ds = dataset(n_images, seed, **sections)
         if request.param == "numba":
             return simulate(ds, cfg.seed)
-        return simulate_numpy(ds, n_images, np.random.default_rng(seed))
+        return simulate_numpy(ds, ds.n_images, np.random.default_rng(seed))
 
     run.name = request.param
     return run

@@ -96,6 +96,25 @@ def test_identical_with_one_and_two_threads_and_any_batching():
     assert_same(one, joined)
 
 
+def test_movies_are_identical_with_one_and_two_threads_and_any_batch_of_whole_movies():
+    cfg, ds = dataset(n_images=None, n_movies=12, movie={"n_frames": 5},
+                      particles={"count": {"type": "poisson", "mean": 3, "max": 5}},
+                      image={"height_px": 16, "width_px": 16})
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = simulate(ds, cfg.seed)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = simulate(ds, cfg.seed)
+    finally:
+        numba.set_num_threads(before)
+    assert_same(one, two)
+    pieces = [simulate(ds, cfg.seed, a, b) for a, b in [(0, 5), (5, 35), (35, 60)]]
+    assert_same(one, {k: np.concatenate([p[k] for p in pieces]) for k in one})
+    with pytest.raises(ValueError, match="whole movies"):
+        simulate(ds, cfg.seed, 0, 7)
+
+
 def test_threads_in_a_fresh_process_give_the_same_bytes(tmp_path):
     """NUMBA_NUM_THREADS=1 vs 2 in separate processes writing real stores."""
     cfg = small_config(tmp_path)

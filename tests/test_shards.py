@@ -20,6 +20,11 @@ CONFIG = {
     "datasets": {
         "a": {"n_images": 900},
         "b": {"n_images": 150, "particles": {"count": {"type": "poisson", "mean": 2, "max": 4}}},
+        # Movies: 23 of 7 frames; chunks of 64 images round up to 70 (whole movies), so
+        # every shard holds whole movies.
+        "m": {"n_movies": 23, "movie": {"n_frames": 7, "margin_um": 0.5},
+              "image": {"height_px": 16, "width_px": 20},
+              "particles": {"count": {"type": "poisson", "mean": 3, "max": 6}}},
     },
 }
 
@@ -67,10 +72,10 @@ def test_any_split_gives_the_single_process_bytes(setup, fmt, count):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q")
     assert r.returncode == 0, r.stderr
-    for name in ("a", "b"):
+    for name in ("a", "b", "m"):
         assert_identical(root / f"single-{fmt}" / f"{name}{EXT[fmt]}", out / f"{name}{EXT[fmt]}")
     r = run_cli("verify", out)
-    assert r.returncode == 0 and r.stdout.count(": ok") == 2, r.stderr
+    assert r.returncode == 0 and r.stdout.count(": ok") == 3, r.stderr
 
 
 def test_copy_finalize_is_self_contained(setup, tmp_path):
