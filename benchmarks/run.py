@@ -121,6 +121,14 @@ def bench_build(args):
 
         kernel_only()
         t_kernel = median_time(kernel_only, repeats=3)
+        movies = [n for n, d in cfg.datasets.items() if d.movie is not None]
+        if movies:
+            t_movies = median_time(lambda: [simulate_range(cfg, cfg.datasets[n], 0, cfg.datasets[n].n_images,
+                                                           lambda i0, a: None) for n in movies], repeats=3)
+            frames = sum(cfg.datasets[n].n_images for n in movies)
+            print(f"movie sets ({', '.join(movies)}: {frames} frames): kernel {t_movies:.2f} s of the suite's "
+                  f"{t_kernel:.2f} s ({100 * t_movies / t_kernel:.0f}%)")
+            results["movie_share_of_kernel"] = t_movies / t_kernel
         for label, c, fmt in (("hdf5 gzip", cfg, "hdf5"), ("hdf5 blosc-lz4", blosc_cfg, "hdf5"), ("zarr", cfg, "zarr")):
             out = Path(tmp) / f"inproc-{label.replace(' ', '-')}"
             t_build = median_time(lambda: build(c, out, fmt, overwrite=True, progress=False), repeats=3)

@@ -31,6 +31,11 @@ class Format(str, Enum):
     zarr = "zarr"
 
 
+class Target(str, Enum):
+    centroid = "centroid"
+    exposure = "exposure"
+
+
 def user_errors(fn):
     """Turn a FactoryError into one line on stderr and exit status 2 (no traceback)."""
 
@@ -191,21 +196,31 @@ def inspect(
 @user_errors
 def preview(
     path: Path = typer.Argument(..., help="A store (.h5 / .zarr)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Picture to write (.png, .pdf, .svg)."),
-    n: int = typer.Option(16, "--n", min=1, max=400, help="Number of images in the montage."),
+    out: Path = typer.Option(..., "--out", "-o", help="Picture to write (.png, .pdf, .svg; .gif animates a movie)."),
+    n: int = typer.Option(16, "--n", min=1, max=400, help="Images in the montage (frames in a movie strip)."),
     start: int = typer.Option(0, "--start", min=0, help="Index of the first image."),
+    movie: int = typer.Option(0, "--movie", min=0, help="Movie stores: which movie to show."),
 ) -> None:
-    """Draw a montage of images with their true trajectories and centroids."""
+    """Draw images with their true trajectories and centroids; for a movie store, a strip
+    of one movie's frames (or a .gif of it) with each particle's path and both truths."""
     from factory.errors import StoreError
-    from factory.preview import preview as draw
+    from factory.preview import movie_preview, preview as draw
     from factory.stores import Store
 
-    if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
-        raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg or .jpg")
-
+    if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".gif"):
+        raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
     with Store(path) as st:
+        is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
         if start >= len(st):
             raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
+    if is_movie:
+        try:
+            typer.echo(str(movie_preview(path, out, movie, n)))
+        except ValueError as exc:
+            raise StoreError(f"{path}: --movie: {exc}") from None
+        return
+    if out.suffix.lower() == ".gif":
+        raise FactoryError(f"{out}: a .gif animates a movie store; {path} holds independent images")
     typer.echo(str(draw(path, out, n, start)))
 
 
@@ -233,6 +248,7 @@ def evaluate(
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
     gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
+    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy: the truth it is tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Models use their own."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
@@ -261,7 +277,8 @@ def evaluate(
         if detector not in ("trackpy", "trackpy-paper"):
             raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
                                "trained networks: --model RUN_DIR)")
-        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet, paper=detector == "trackpy-paper")
+        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet, paper=detector == "trackpy-paper",
+                                target=target.value)
         evaluate_detector(det, data, out, datasets, progress=not quiet,
                           extra={"params": det.params.model_dump()}, gates_nm=gates)
     else:
@@ -273,32 +290,34 @@ def evaluate(
 
 
 def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool,
-                      paper: bool = False):
+                      paper: bool = False, target: str = "centroid"):
     """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
 
     The F1 threshold (a mass) is chosen on the tuning store in every case."""
     from factory.stores import Store
-    from models.evaluate import find_test_stores, pixel_size_um
+    from models.evaluate import find_test_stores, ground_truth, pixel_size_um
     from models.trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
 
     if params is not None:
-        return TrackPyDetector.from_json(params)
+        det = TrackPyDetector.from_json(params)
+        det.target = target
+        return det
     if tune_on.startswith("test"):
         raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
     path = find_test_stores(data, [tune_on])[0]
     with Store(path) as st:
         n = min(tune_images, len(st))
-        images, cen, cnt = st.read("images", 0, n), st.read("centroids", 0, n), st.read("n_particles", 0, n)
-        px = pixel_size_um(st)
+        images, gt, px = st.read("images", 0, n), ground_truth(st, target, 0, n), pixel_size_um(st)
     if paper:
         det = TrackPyDetector(PAPER, label=PAPER_LABEL)
-        det.threshold = operating_point(det, images, cen, cnt, px)
-        info = {"threshold_tuned_on": str(path), "tune_images": n}
+        det.threshold = operating_point(det, images, gt, px)
+        info = {"threshold_tuned_on": str(path), "tune_images": n, "target": target}
     else:
         if not quiet:
-            typer.echo(f"tuning TrackPy on {path} ({n} images)...", err=True)
-        det, grid = tune(images, cen, cnt, px)
-        info = {"tuned_on": str(path), "tune_images": n, "grid": grid}
+            typer.echo(f"tuning TrackPy on {path} ({n} images, {target} target)...", err=True)
+        det, grid = tune(images, gt, px)
+        info = {"tuned_on": str(path), "tune_images": n, "target": target, "grid": grid}
+    det.target = target
     out.mkdir(parents=True, exist_ok=True)
     det.save(out / "trackpy.json", info)
     return det
@@ -409,12 +428,13 @@ def predict(
 def report(
     runs: Path = typer.Argument(..., help="Folder holding evaluation run folders (e.g. runs/demo)."),
     data: Path = typer.Option(Path("data"), "--data", "-d", help="Folder with the test stores."),
+    datasets: Optional[List[str]] = typer.Option(None, "--datasets", help="Report only these test stores of --data (repeatable)."),
 ) -> None:
     """Write <runs>/report.md: Table 1 with the paper's rows and every evaluated detector,
     the other metrics, PR curves and predictions drawn over test images."""
     from models.report import write_report
 
-    typer.echo(str(write_report(runs, data)))
+    typer.echo(str(write_report(runs, data, datasets=datasets)))
 
 
 @app.command()

@@ -47,6 +47,7 @@ def summarize(path: Path) -> dict:
                 "detector": ds["detector"]["type"],
                 "diffusion_um2_s": ds["particles"]["diffusion_um2_s"],
                 "n_qd": ds["particles"]["n_qd"],
+                "movie": ds.get("movie"),
             },
             "stats": {
                 "sampled_images": m,
@@ -59,6 +60,11 @@ def summarize(path: Path) -> dict:
                 if np.isfinite(diffusion).any() else None,
             },
         }
+        if ds.get("movie") is not None and "in_view" in st:
+            out["n_movies"] = n // ds["movie"]["n_frames"]
+            out["stats"]["particles_in_view_per_frame"] = float(st.read("in_view", 0, m).sum(1).mean())
+            fs = st.read("frame_start_s", 0, min(n, 2))
+            out["stats"]["frame_period_ms"] = float(1000 * (fs[1] - fs[0])) if len(fs) > 1 else None
         if "expected" in st:
             expected = st.read("expected", 0, m).astype(np.float64)
             out["stats"]["mean_expected"] = float(expected.mean())
@@ -72,7 +78,8 @@ def format_summary(s: dict, brief: bool = False) -> str:
         d = st["diffusion_um2_s_range"]
         drange = f"D {d[0]:.2f}-{d[1]:.2f} um^2/s" if d else "no particles"
         h, w = s["parameters"]["image_px"]
-        return (f"{Path(s['path']).name}: {s['n_images']} images {h}x{w}, {drange}, "
+        movies = f" ({s['n_movies']} movies)" if s.get("n_movies") else ""
+        return (f"{Path(s['path']).name}: {s['n_images']} images{movies} {h}x{w}, {drange}, "
                 f"mean count {st['mean_count']:.2f}, mean peak {st['mean_peak_count']:.1f}, "
                 f"{st['particles_per_image']:.2f} particles/image")
     lines = [f"{s['path']} ({s['format']} {s['compression']}, {s['n_images']} images, seed {s['seed']}, "

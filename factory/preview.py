@@ -58,3 +58,70 @@ def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def movie_preview(path: str | Path, out: str | Path, movie: int = 0, n_frames: int = 8) -> Path:
+    """A strip of a movie's frames with each particle's path and both truths.
+
+    Every particle has its colour: its path of exposure positions over the whole movie
+    (thin line), the whole-frame trajectory centroid (x) and the exposure-weighted
+    position (o, what the laser saw) in each frame, drawn where the particle is in view.
+    An output ending in .gif is an animation of the whole movie instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    with Store(path) as st:
+        cfg = st.config["dataset"]
+        F = (cfg.get("movie") or {}).get("n_frames", 1)
+        n_movies = len(st) // F
+        if not 0 <= movie < n_movies:
+            raise ValueError(f"movie {movie} is out of range (the store has movies 0..{n_movies - 1})")
+        a, b = movie * F, (movie + 1) * F
+        images = st.read("images", a, b)
+        centroids, exposure = st.read("centroids", a, b), st.read("exposure_xy", a, b)
+        in_view, count = st.read("in_view", a, b).astype(bool), int(st.read("n_particles", a, a + 1)[0])
+        diffusion, t0 = st.read("diffusion", a, a + 1)[0], st.read("frame_start_s", a, b)
+    h, w = images.shape[1:]
+    colours = plt.cm.tab10(np.arange(max(count, 1)) % 10)
+    vmax = np.percentile(images, 99.5)
+
+    def draw(ax, f):
+        ax.imshow(images[f], cmap="gray", interpolation="nearest", vmin=0, vmax=vmax)
+        for p in range(count):
+            ax.plot(exposure[:, p, 0], exposure[:, p, 1], color=colours[p], lw=0.6, alpha=0.6)
+            if in_view[f, p]:
+                ax.plot(*centroids[f, p], marker="x", color=colours[p], ms=6, mew=1.5)
+                ax.plot(*exposure[f, p], marker="o", mfc="none", mec=colours[p], ms=8, mew=1.2)
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        ax.axis("off")
+        ax.set_title(f"frame {f}, t = {1000 * t0[f]:.0f} ms", fontsize=8)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (f"{Path(path).name} movie {movie}: {count} particles, D "
+             + ", ".join(f"{d:.2f}" for d in diffusion[:count]) + " um^2/s; x centroid, o exposure position")
+    if out.suffix.lower() == ".gif":
+        from matplotlib.animation import FuncAnimation, PillowWriter
+
+        fig, ax = plt.subplots(figsize=(4, 4 * h / w + 0.4))
+
+        def update(f):
+            ax.clear()
+            draw(ax, f)
+
+        anim = FuncAnimation(fig, update, frames=F)
+        anim.save(out, writer=PillowWriter(fps=max(1, int(round(1 / max(t0[1] - t0[0], 1e-3)))) if F > 1 else 1))
+        plt.close(fig)
+        return out
+    k = min(n_frames, F)
+    fig, axes = plt.subplots(1, k, figsize=(2.3 * k, 2.3 * h / w + 0.5), squeeze=False)
+    for f in range(k):
+        draw(axes[0, f], f)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -10,7 +10,7 @@ import pandas as pd
 
 from factory.stores import Store
 
-from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, table1
+from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, is_movie_store, table1
 
 
 def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
@@ -28,12 +28,12 @@ def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
             for folder, d in found}
 
 
-def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
+def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str] | None = None) -> Path:
     from factory.preview import preview
 
     runs = Path(runs)
     evals = collect(runs)
-    tests = {p.stem: p for p in find_test_stores(data)}
+    tests = {p.stem: p for p in find_test_stores(data, datasets)}
     diffusions = {}
     for name, p in tests.items():
         with Store(p) as st:
@@ -53,6 +53,26 @@ def write_report(runs: Path, data: Path, preview_n: int = 8) -> Path:
     for label, (_, m) in evals.items():
         for name, v in m["datasets"].items():
             lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_nm']:.1f} |")
+    movies = []
+    for name, p in tests.items():
+        with Store(p) as st:
+            if is_movie_store(st):
+                movies.append(name)
+    if movies:
+        lines += ["", "## Movies: every detector against both truths", "",
+                  "The paper's target is the whole-frame trajectory centroid; the exposure-weighted position is "
+                  "what the laser saw (the particle's position weighted by its own signal over the frame). "
+                  "Each detector is scored against both; its own target is marked *.", "",
+                  "| detector | dataset | truth | AUC 70 / 140 / 210 nm | F1 integral | F1 | RMSE (nm) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for label, (_, m) in evals.items():
+            for name in movies:
+                own = m["datasets"].get(name, {}).get("target")
+                for truth, v in m.get("by_target", {}).get(name, {}).items():
+                    auc = " / ".join(f"{v['auc'][k]:.3f}" for k in v["auc"])
+                    mark = " *" if truth == own else ""
+                    lines.append(f"| {label} | {name} | {truth}{mark} | {auc} | {v['f1_integral']:.3f} | "
+                                 f"{v['f1']:.3f} | {v['rmse_nm']:.1f} |")
     lines += ["", "## PR curves", ""]
     for label, (folder, _) in evals.items():
         pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())

@@ -123,13 +123,12 @@ def _f1_threshold(table: pd.DataFrame, gt: Points, pixel_size_um: float) -> floa
                              nm_to_px(F1_GATE_NM, pixel_size_um))
 
 
-def operating_point(det: TrackPyDetector, images: np.ndarray, centroids: np.ndarray, n_particles: np.ndarray,
-                    pixel_size_um: float) -> float:
+def operating_point(det: TrackPyDetector, images: np.ndarray, gt: Points, pixel_size_um: float) -> float:
     """The mass threshold maximising F1 on tuning data (for fixed parameters)."""
-    return _f1_threshold(det.detect(images), Points.from_centroids(centroids, n_particles), pixel_size_um)
+    return _f1_threshold(det.detect(images), gt, pixel_size_um)
 
 
-def tune(images: np.ndarray, centroids: np.ndarray, n_particles: np.ndarray, pixel_size_um: float,
+def tune(images: np.ndarray, gt: Points, pixel_size_um: float,
          grid: dict | None = None) -> tuple[TrackPyDetector, list[dict]]:
     """Grid search maximising the mean PR-AUC over the three gates on tuning data.
 
@@ -137,7 +136,6 @@ def tune(images: np.ndarray, centroids: np.ndarray, n_particles: np.ndarray, pix
     mass) is the one that maximises F1 on the same data.
     """
     grid = {**DEFAULT_GRID, **(grid or {})}
-    gt = Points.from_centroids(centroids, n_particles)
     gates_px = [nm_to_px(g, pixel_size_um) for g in GATES_NM]
     results = []
     keys = list(grid)

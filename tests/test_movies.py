@@ -166,3 +166,63 @@ def test_predict_stamps_each_localisation_with_the_scan_time_of_a_fixed_particle
     r = run_cli("predict", run.path, tmp_path / "movie.tif", "--out", tmp_path / "q.csv", "--line-retrace-ms", "-1")
     assert r.returncode == 2 and "--line-retrace-ms -1.0: a time must be >= 0" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "q.csv").exists()
+
+
+# --- stores, loaders, inspect and preview of movies ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def movie_store(tmp_path_factory):
+    import yaml
+
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("movies")
+    cfg = root / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 4, "datasets": {"test_m": {
+        "n_movies": 15, "movie": {"n_frames": 5, "margin_um": 0.5}, "image": {"height_px": 20, "width_px": 20},
+        "particles": {"count": {"type": "poisson", "mean": 4, "max": 8}, "diffusion_um2_s": 0.5, "n_qd": 30.0},
+        "output": {"chunk_images": 64}}}}))
+    r = run_cli("build", cfg, "--out", root, "-q")
+    assert r.returncode == 0, r.stderr
+    return root / "test_m.h5"
+
+
+def test_loader_targets_are_the_particles_in_view(movie_store):
+    from factory.stores import Store
+    from loaders.datasets import StoreBatches
+
+    with Store(movie_store) as st:
+        exp, cen, view = st.read("exposure_xy"), st.read("centroids"), st.read("in_view").astype(bool)
+        assert st.chunk_rows == 65  # 64 rounded up to whole movies of 5 frames
+    for target, truth in (("exposure", exp), ("centroid", cen)):
+        images, t = StoreBatches(movie_store, batch_size=30, target=target)[0]  # one chunk: 65 frames
+        pts = t["points"].numpy()
+        n = len(pts)
+        view_b, truth_b = view[:n], truth[:n]
+        kept = np.isfinite(pts).all(-1)
+        assert n == 65 and kept.sum() > 10 and not (kept & ~view_b).any()  # only particles in view
+        np.testing.assert_array_equal(pts[kept], truth_b[kept])
+        inside = (pts[kept] >= -0.5).all() and (pts[kept] < 19.5).all()
+        assert inside
+
+
+def test_inspect_and_preview_show_movies(movie_store, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    r = run_cli("inspect", movie_store, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)[0]
+    assert s["n_movies"] == 15 and s["parameters"]["movie"]["n_frames"] == 5
+    assert 0 < s["stats"]["particles_in_view_per_frame"] <= 8
+    assert s["stats"]["frame_period_ms"] == pytest.approx(400 * 2e-3 + 19 * 1.1 + 1.1)
+    for name in ("strip.png", "movie.gif"):
+        r = run_cli("preview", movie_store, "--out", tmp_path / name, "--movie", "2")
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "strip.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "movie.gif").read_bytes()[:6] == b"GIF89a"
+    r = run_cli("preview", movie_store, "--out", tmp_path / "x.png", "--movie", "15")
+    assert r.returncode == 2 and "movie 15 is out of range (the store has movies 0..14)" in r.stderr
+    assert "Traceback" not in r.stderr
