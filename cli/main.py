@@ -248,7 +248,7 @@ def evaluate(
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
     gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
-    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy: the truth it is tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Models use their own."),
+    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Trained models use their own; every store is also scored against each truth it holds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
@@ -272,7 +272,7 @@ def evaluate(
             n = len(st)
         table = read_predictions_csv(predictions, n)
         write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]}, threshold,
-                         gates_nm=gates)
+                         gates_nm=gates, target=target.value)
     elif detector is not None:
         if detector not in ("trackpy", "trackpy-paper"):
             raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
