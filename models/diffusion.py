@@ -1,0 +1,126 @@
+"""Diffusion coefficients of tracks: the covariance-based estimator and the MSD fit.
+
+Positions sampled at times t_n with localisation variance s^2 and motion-blur
+coefficient R have, per axis (Berglund 2010):
+
+    <dx_n^2>          = 2 D dt + 2 (s^2 - 2 R D dt)
+    <dx_n dx_{n+1}>   = -(s^2 - 2 R D dt)
+
+so the covariance-based estimator (CVE; Vestergaard, Blainey & Flyvbjerg, Phys. Rev. E
+89, 022726, 2014) is, per axis,
+
+    D   = <dx^2> / (2 dt) + <dx_n dx_{n+1}> / dt
+    s^2 = R <dx^2> + (2 R - 1) <dx_n dx_{n+1}>
+
+The D estimate does not depend on R.  Each localisation carries its own time stamp
+(the scan time at the particle for what the laser saw), so the steps are irregular:
+``dt`` is the mean of the track's own steps, which keeps the moment estimator unbiased
+(the optimal weights of Vestergaard et al. 2016 are not used).  Its variance, per axis,
+is D^2 [(6 + 4 e + 2 e^2) / N + 4 (1 + e)^2 / N^2] with e = s^2 / (D dt) - 2 R and N
+displacements (Vestergaard et al. 2014, Eq. 17); x and y are independent, so the
+two-axis estimate has half that variance.
+
+The MSD fit (``msd_fit``) is the alternative: a straight line through the first p
+points of the MSD curve, p chosen as Michalet (2010) advises for the slope,
+p = 2 + 2.3 x^0.52 with the reduced localisation error x = s^2 / (D dt), iterated from
+the fit's own x.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+
+@dataclass(frozen=True)
+class DiffusionEstimate:
+    D_um2_s: float
+    D_low_um2_s: float
+    D_high_um2_s: float
+    sigma_loc_um: float  # localisation error per axis (NaN where the estimate of s^2 < 0)
+    n_displacements: int
+    method: str
+    sigma2_loc_um2: float = float("nan")  # the (unbiased, possibly negative) estimate of s^2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _steps(t_s, xy_um):
+    t = np.asarray(t_s, np.float64)
+    xy = np.asarray(xy_um, np.float64).reshape(len(t), -1)
+    order = np.argsort(t, kind="stable")
+    t, xy = t[order], xy[order]
+    return np.diff(t), np.diff(xy, axis=0)
+
+
+def blur_coefficient_uniform(exposure_s: float, interval_s: float) -> float:
+    """R for a position averaged uniformly over ``exposure_s`` of each ``interval_s``
+    (Berglund 2010): R = exposure / (6 interval).  1/6 for continuous illumination."""
+    return exposure_s / (6.0 * interval_s)
+
+
+def blur_coefficient_gaussian(window_sd_s: float, interval_s: float) -> float:
+    """R for a position weighted in time by a Gaussian of standard deviation
+    ``window_sd_s`` (the laser's pass over a particle): R = (1 / dt) integral S (1 - S)
+    = window_sd / (sqrt(pi) dt), with S the Gaussian's cumulative distribution."""
+    return window_sd_s / (math.sqrt(math.pi) * interval_s)
+
+
+def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionEstimate:
+    """Covariance-based estimate of D (um^2/s) from one track: times (n,) in s and
+    positions (n, d) in um, d axes treated as independent and pooled."""
+    dt, dx = _steps(t_s, xy_um)
+    n = len(dt)
+    if n < 2:
+        nan = float("nan")
+        return DiffusionEstimate(nan, nan, nan, nan, n, "cve", nan)
+    mean_dt = float(dt.mean())
+    m2 = (dx**2).mean(axis=0)
+    m11 = (dx[1:] * dx[:-1]).mean(axis=0)
+    d_axes = m2 / (2 * mean_dt) + m11 / mean_dt
+    D = float(d_axes.mean())
+    s2 = float((blur_r * m2 + (2 * blur_r - 1) * m11).mean())
+    var = _cve_variance(max(D, 1e-12), max(s2, 0.0), mean_dt, blur_r, n) / dx.shape[1]
+    z = norm.ppf(0.5 + confidence / 2)
+    half = z * math.sqrt(var)
+    return DiffusionEstimate(D, D - half, D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
+
+
+def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
+    e = s2 / (D * dt) - 2 * R
+    return D**2 * ((6 + 4 * e + 2 * e**2) / n + 4 * (1 + e) ** 2 / n**2)
+
+
+def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> DiffusionEstimate:
+    """D from a least-squares line through the first p points of the time-averaged MSD
+    (lags in frames of the track's mean step), p by Michalet's rule, iterated."""
+    t = np.sort(np.asarray(t_s, np.float64))
+    xy = np.asarray(xy_um, np.float64)[np.argsort(np.asarray(t_s, np.float64), kind="stable")]
+    n = len(t) - 1
+    d = xy.shape[1]
+    if n < 3:
+        nan = float("nan")
+        return DiffusionEstimate(nan, nan, nan, nan, n, "msd")
+    dt = float(np.diff(t).mean())
+    lags = np.arange(1, n)
+    msd = np.array([((xy[k:] - xy[:-k]) ** 2).sum(1).mean() for k in lags])
+    p = 2
+    for _ in range(max_iter):
+        slope, offset = np.polyfit(lags[:p] * dt, msd[:p], 1)
+        D = slope / (2 * d)
+        s2 = offset / (2 * d)
+        x = max(s2, 0.0) / max(D * dt, 1e-12)
+        p_new = int(min(max(2, round(2 + 2.3 * x**0.52)), n - 1))
+        if p_new == p:
+            break
+        p = p_new
+    # Uncertainty: the CVE's variance formula at the same D and s^2 (an approximation
+    # for the fit; the MSD points are correlated).
+    var = _cve_variance(max(D, 1e-12), max(s2, 0.0), dt, 0.0, n) / d
+    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
+    return DiffusionEstimate(float(D), float(D - half), float(D + half),
+                             math.sqrt(s2) if s2 > 0 else float("nan"), n, f"msd (p={p})", float(s2))
