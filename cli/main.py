@@ -385,7 +385,8 @@ def predict(
     for exposure-target models and TrackPy, and the frame's mean pixel time for
     centroid-target models.  Scan timing: the flags, else the store's own (store input),
     else the model's training data, else the seed paper's; the output says which."""
-    from models.predict import ScanTiming, load_detector, predict as run_predict, read_images, training_timing
+    from models.predict import load_detector, predict as run_predict, read_images, training_timing
+    from models.timing import ScanTiming
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
@@ -421,6 +422,93 @@ def predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     typer.echo(f"{out}: {len(table)} localisations in {len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px")
+
+
+@app.command()
+@user_errors
+def track(
+    model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
+    input: Path = typer.Argument(..., help="A movie: a T x H x W TIFF, or a movie store (every movie tracked)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for tracks.csv, diffusion.csv and tracks.png."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Pixel size (um); default: the store's, else the model's training data."),
+    dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us)."),
+    line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction."),
+    max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected: sets the linking radius (default: the training data's or the store's largest D)."),
+    search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D and the frame period."),
+    memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
+    linker: str = typer.Option("trackpy", "--linker", help="Linking algorithm: trackpy (Crocker-Grier)."),
+    device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
+    each track (covariance-based estimator on each localisation's own time stamp, with
+    its 95% confidence interval and the localisation error)."""
+    import dataclasses
+    import json
+
+    from factory.stores import Store, is_store_path
+    from models.predict import load_detector, read_images, training_data_config
+    from models.timing import ScanTiming
+    from models.tracks import plot_tracks, track_recording
+
+    if linker != "trackpy":
+        raise FactoryError(f"--linker {linker}: unknown (have: trackpy)")
+    for flag, value in (("--dwell-us", dwell_us), ("--pixel-size-um", pixel_size_um),
+                        ("--max-diffusion-um2-s", max_diffusion), ("--search-range-um", search_range_um)):
+        if value is not None and not value > 0:
+            raise FactoryError(f"{flag} {value}: must be > 0")
+    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
+        if value is not None and not value >= 0:
+            raise FactoryError(f"{flag} {value}: a time must be >= 0")
+    if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
+        raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
+    det = load_detector(model, device.value)
+    images = read_images(input)
+    if len(images) < 2:
+        raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
+    frame_start, movie_frames = None, None
+    if is_store_path(input):
+        with Store(input) as st:
+            cfg = st.config["dataset"]
+            source = f"the store {input}"
+            if cfg.get("movie") is None:
+                raise FactoryError(f"{input}: holds independent images, not movies")
+            frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
+    else:
+        cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
+    timing = ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming()
+    flags = {k: v for k, v in {"dwell_us": dwell_us, "line_retrace_ms": line_retrace_ms,
+                               "frame_flyback_ms": frame_flyback_ms, "bidirectional": bidirectional}.items()
+             if v is not None}
+    if flags:
+        timing = dataclasses.replace(timing, **flags, source=f"the command line ({', '.join(flags)}) and {timing.source}")
+    px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else 0.07)
+    d_max = max_diffusion or (_max_d(cfg) if cfg else 1.75)
+    sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
+    if not quiet:
+        typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
+    tracks, diff, used = track_recording(det, images, timing, px, d_max,
+                                         search_range_um / px if search_range_um else None, memory, sigma_xy,
+                                         frame_start, movie_frames, progress=not quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["movie"] if "movie" in tracks else []
+    cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
+    tracks[cols].to_csv(out / "tracks.csv", index=False)
+    diff.to_csv(out / "diffusion.csv", index=False)
+    first = tracks[tracks["movie"] == 0] if "movie" in tracks else tracks
+    frames = images[:movie_frames] if movie_frames else images
+    plot_tracks(frames, first, out / "tracks.png", f"{Path(input).name}: {first['track'].nunique()} tracks")
+    (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
+                                                 "max_diffusion_um2_s": d_max, "model": str(model)}, indent=2))
+    typer.echo(f"{out}: {tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
+               f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
+
+
+def _max_d(dataset: dict) -> float:
+    d = dataset["particles"]["diffusion_um2_s"]
+    return float(d["high"] if d["type"] == "uniform" else d["value"])
 
 
 @app.command()

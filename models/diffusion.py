@@ -87,7 +87,8 @@ def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionE
     var = _cve_variance(max(D, 1e-12), max(s2, 0.0), mean_dt, blur_r, n) / dx.shape[1]
     z = norm.ppf(0.5 + confidence / 2)
     half = z * math.sqrt(var)
-    return DiffusionEstimate(D, D - half, D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
+    # D >= 0: the interval's lower end stops at 0 (the estimate itself is left unbiased).
+    return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
 
 
 def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
@@ -122,5 +123,5 @@ def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> Diffusi
     # for the fit; the MSD points are correlated).
     var = _cve_variance(max(D, 1e-12), max(s2, 0.0), dt, 0.0, n) / d
     half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
-    return DiffusionEstimate(float(D), float(D - half), float(D + half),
+    return DiffusionEstimate(float(D), max(float(D - half), 0.0), float(D + half),
                              math.sqrt(s2) if s2 > 0 else float("nan"), n, f"msd (p={p})", float(s2))

@@ -24,6 +24,8 @@ from loaders.datasets import TARGETS, truth_points
 
 from .base import COLUMNS
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
+from .timing import ScanTiming, time_stamps
+from .tracks import blur_r, d_errors, diffusion_table, link, score_tracks, search_range_px, truth_tracks
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +245,58 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
     return result
 
 
+def max_diffusion(dataset: dict) -> float:
+    d = dataset["particles"]["diffusion_um2_s"]
+    return float(d["high"] if d["type"] == "uniform" else d["value"])
+
+
+def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
+                    threshold: float | None) -> dict:
+    """Link each movie's localisations (above ``threshold``), estimate D per track, and
+    score links and D against the store's truth of ``target``; the same for the true
+    positions as tracks (the floor)."""
+    cfg = store.config["dataset"]
+    F = cfg["movie"]["n_frames"]
+    h, w = store["images"].shape[1:]
+    px = pixel_size_um(store)
+    timing = ScanTiming.of_store_config(cfg, str(store.path))
+    period = timing.frame_period_s(h, w)
+    r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
+    search = search_range_px(max_diffusion(cfg), period, px)
+    gate = nm_to_px(max(GATES_NM), px)
+    truth_all = truth_points(store.read(TARGETS[target]), store.read("n_particles"), store.read("in_view"),
+                             True, h, w)
+    diffusion = store.read("diffusion")
+    starts = store.read("frame_start_s")
+    t_truth = (store.read("exposure_t_s") if target == "exposure"
+               else starts[:, None] + timing.schedule(h, w).start_s.mean() + np.zeros_like(diffusion, np.float64))
+    if threshold is not None:
+        table = table[table["score"] >= threshold]
+    table = table.assign(t_s=time_stamps(table, h, w, timing, stamps, starts), movie=table["frame"] // F)
+    links = matched = correct = 0
+    ests, floors = [], []
+    for m in range(len(store) // F):
+        a, b = m * F, (m + 1) * F
+        sel = table[table["movie"] == m].assign(frame=lambda d: d["frame"] - a)
+        linked = link(sel, search)
+        counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r)
+        links += counts["links"]
+        matched += counts["matched_links"]
+        correct += counts["correct_links"]
+        ests.append(est)
+        tt = truth_tracks(truth_all[a:b], t_truth[a:b])
+        fl = diffusion_table(tt, px, r)
+        fl["true_D_um2_s"] = np.asarray([diffusion[a, tt[tt.track == k]["slot"].iloc[0]] for k in fl["track"]],
+                                        np.float64)
+        floors.append(fl)
+    est = pd.concat(ests, ignore_index=True) if ests else pd.DataFrame()
+    floor = pd.concat(floors, ignore_index=True) if floors else pd.DataFrame()
+    return {"search_range_px": search, "blur_r": r, "links": links, "links_between_matched": matched,
+            "correct_link_fraction": correct / matched if matched else None,
+            "links_to_unmatched_fraction": (links - matched) / links if links else None,
+            "d": d_errors(est) if len(est) else None, "d_floor_truth_positions": d_errors(floor) if len(floor) else None}
+
+
 def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None = None,
                       progress: bool = True, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
     """Run ``detector`` on the test stores of ``data`` and write the run folder."""
@@ -256,6 +310,16 @@ def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None =
         seconds[name] = time.perf_counter() - t0
         log.info("%s on %s: %d localisations in %.1f s", detector.name, name, len(tables[name]), seconds[name])
     extra = {**(extra or {}), "detect_seconds": seconds}
+    tracks = {}
+    target = getattr(detector, "target", "centroid")
+    for name, path in paths.items():
+        with Store(path) as st:
+            if is_movie_store(st) and "exposure_t_s" in st:
+                tracks[name] = evaluate_tracks(tables[name], st, target if target in targets_of(st) else "centroid",
+                                               getattr(detector, "timestamps", "scan"),
+                                               getattr(detector, "threshold", None))
+    if tracks:
+        extra["tracks"] = tracks
     return write_evaluation(out, getattr(detector, "label", detector.name), tables, paths,
                             getattr(detector, "threshold", None), extra, gates_nm,
                             getattr(detector, "target", "centroid"))

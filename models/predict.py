@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from factory.errors import FactoryError
-from factory.scan import frame_period_s, frame_schedule, scan_time_s
 from factory.stores import Store, find_store, is_store_path
 
 from .runs import load_model
+from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
 
 
@@ -26,7 +25,12 @@ def read_images(path: str | Path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            a = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tf:
+                shapes = {tuple(p.shape) for p in tf.pages}
+                if len(shapes) > 1:
+                    raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
+                                       "a recording's frames must all have one size")
+                a = tf.asarray()
         elif suffix == ".npy":
             a = np.load(path, allow_pickle=False)
         elif is_store_path(path):
@@ -67,58 +71,23 @@ def load_detector(spec: str | Path, device: str = "cpu"):
     return load_model(p, device)
 
 
-@dataclass(frozen=True)
-class ScanTiming:
-    """The laser's timing, to stamp each localisation with the time it was seen."""
-
-    dwell_us: float = 2.0
-    line_retrace_ms: float = 1.1
-    frame_flyback_ms: float | None = None  # None: one line retrace
-    bidirectional: bool = False
-    source: str = "the seed paper's defaults"
-
-    @classmethod
-    def of_store_config(cls, dataset: dict, source: str) -> "ScanTiming":
-        scan, movie = dataset["scan"], dataset.get("movie") or {}
-        return cls(scan["dwell_us"], scan["line_retrace_ms"], movie.get("frame_flyback_ms"),
-                   scan["direction"] == "bidirectional", source)
-
-    def describe(self) -> str:
-        fly = self.line_retrace_ms if self.frame_flyback_ms is None else self.frame_flyback_ms
-        return (f"dwell {self.dwell_us:g} us, line retrace {self.line_retrace_ms:g} ms, frame flyback {fly:g} ms, "
-                f"{'bidirectional' if self.bidirectional else 'unidirectional'} (from {self.source})")
-
-
-def training_timing(run_dir: Path) -> ScanTiming | None:
-    """The scan timing of the store a model was trained on, if it is still there."""
+def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
+    """The dataset config of the store a model was trained on, if it is still there."""
     from .runs import RunFolder
 
     try:
         cfg = RunFolder(run_dir).read_config()
         path = find_store(cfg.data, cfg.train)
         with Store(path) as st:
-            return ScanTiming.of_store_config(st.config["dataset"], f"the training data {path}")
+            return st.config["dataset"], f"the training data {path}"
     except (FactoryError, TypeError, KeyError):
-        return None
+        return None, None
 
 
-def time_stamps(table: pd.DataFrame, height: int, width: int, timing: ScanTiming, stamps: str,
-                frame_start_s: np.ndarray | None = None) -> np.ndarray:
-    """``t_s`` of every localisation, from the start of the recording.
-
-    ``stamps="scan"`` (what the laser saw: exposure-target models, TrackPy): frame start +
-    the scan time at the localisation.  ``stamps="frame"`` (centroid-target models): frame
-    start + the frame's mean pixel time, the time of a whole-frame centroid.  Frames
-    follow each other every H W dwell + (H - 1) retrace + flyback unless
-    ``frame_start_s`` gives each frame's start."""
-    sched = frame_schedule(height, width, timing.dwell_us, timing.line_retrace_ms, timing.bidirectional,
-                           timing.frame_flyback_ms)
-    frame = table["frame"].to_numpy()
-    starts = frame * frame_period_s(sched) if frame_start_s is None else np.asarray(frame_start_s)[frame]
-    if stamps == "frame":
-        return starts + sched.start_s.mean()
-    return starts + scan_time_s(table["x"], table["y"], height, width, timing.dwell_us, timing.line_retrace_ms,
-                                timing.bidirectional)
+def training_timing(run_dir: Path) -> ScanTiming | None:
+    """The scan timing of the store a model was trained on, if it is still there."""
+    cfg, source = training_data_config(run_dir)
+    return ScanTiming.of_store_config(cfg, source) if cfg else None
 
 
 def predict(detector, images: np.ndarray, pixel_size_um: float | None = None,

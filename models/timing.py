@@ -1,0 +1,66 @@
+"""Scan timing of a recording, and the time stamp of each localisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from factory.scan import frame_period_s, frame_schedule, line_period_s, scan_time_s
+
+
+@dataclass(frozen=True)
+class ScanTiming:
+    """The laser's timing, to stamp each localisation with the time it was seen."""
+
+    dwell_us: float = 2.0
+    line_retrace_ms: float = 1.1
+    frame_flyback_ms: float | None = None  # None: one line retrace
+    bidirectional: bool = False
+    source: str = "the seed paper's defaults"
+
+    @classmethod
+    def of_store_config(cls, dataset: dict, source: str) -> "ScanTiming":
+        scan, movie = dataset["scan"], dataset.get("movie") or {}
+        return cls(scan["dwell_us"], scan["line_retrace_ms"], movie.get("frame_flyback_ms"),
+                   scan["direction"] == "bidirectional", source)
+
+    def describe(self) -> str:
+        fly = self.line_retrace_ms if self.frame_flyback_ms is None else self.frame_flyback_ms
+        return (f"dwell {self.dwell_us:g} us, line retrace {self.line_retrace_ms:g} ms, frame flyback {fly:g} ms, "
+                f"{'bidirectional' if self.bidirectional else 'unidirectional'} (from {self.source})")
+
+
+    def frame_period_s(self, height: int, width: int) -> float:
+        return frame_period_s(self.schedule(height, width))
+
+    def line_period_s(self, width: int) -> float:
+        return line_period_s(width, self.dwell_us, self.line_retrace_ms)
+
+    def active_s(self, height: int, width: int) -> float:
+        """Time from a frame's first pixel to the end of its last."""
+        s = self.schedule(height, width)
+        return float(s.start_s[-1] + s.dwell_s)
+
+    def schedule(self, height: int, width: int):
+        return frame_schedule(height, width, self.dwell_us, self.line_retrace_ms, self.bidirectional,
+                              self.frame_flyback_ms)
+
+
+def time_stamps(table: pd.DataFrame, height: int, width: int, timing: ScanTiming, stamps: str,
+                frame_start_s: np.ndarray | None = None) -> np.ndarray:
+    """``t_s`` of every localisation, from the start of the recording.
+
+    ``stamps="scan"`` (what the laser saw: exposure-target models, TrackPy): frame start +
+    the scan time at the localisation.  ``stamps="frame"`` (centroid-target models): frame
+    start + the frame's mean pixel time, the time of a whole-frame centroid.  Frames
+    follow each other every H W dwell + (H - 1) retrace + flyback unless
+    ``frame_start_s`` gives each frame's start."""
+    sched = timing.schedule(height, width)
+    frame = table["frame"].to_numpy()
+    starts = frame * frame_period_s(sched) if frame_start_s is None else np.asarray(frame_start_s)[frame]
+    if stamps == "frame":
+        return starts + sched.start_s.mean()
+    return starts + scan_time_s(table["x"], table["y"], height, width, timing.dwell_us, timing.line_retrace_ms,
+                                timing.bidirectional)

@@ -1,0 +1,219 @@
+"""From localisations to tracks and diffusion coefficients, and how good they are.
+
+Linking is ``trackpy.link`` (Crocker-Grier with subnetwork resolution and ``memory``
+frames of gap closing).  Its search range follows from the largest D expected and the
+frame period: a particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of
+those (a 2D displacement beyond it has probability exp(-8) = 3e-4) plus twice the
+localisation error.  D per track is the CVE (``models.diffusion``) on the track's own
+time stamps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve
+from .timing import ScanTiming, time_stamps
+
+MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
+
+
+def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
+                    localisation_px: float = 1.0) -> float:
+    """The linking radius (px) for particles up to ``max_diffusion_um2_s``."""
+    return 4.0 * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
+
+
+def link(table: pd.DataFrame, search_range: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
+    """Add a ``track`` column (ids unique over the table; -1 never occurs).
+
+    ``group`` (e.g. ``movie``) links each group's frames separately."""
+    import trackpy
+
+    trackpy.quiet()
+    if len(table) == 0:
+        return table.assign(track=np.zeros(0, np.int64))
+    parts, next_id = [], 0
+    groups = table.groupby(group, sort=True) if group else [(None, table)]
+    for _, g in groups:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            linked = trackpy.link(g.reset_index(drop=True), search_range, memory=memory,
+                                  adaptive_stop=0.5, adaptive_step=0.9)
+        ids = linked["particle"].to_numpy()
+        _, dense = np.unique(ids, return_inverse=True)
+        linked = linked.drop(columns="particle").assign(track=dense + next_id)
+        next_id += int(dense.max()) + 1 if len(dense) else 0
+        parts.append(linked)
+    out = pd.concat(parts, ignore_index=True)
+    return out.sort_values(["track", "frame"] if not group else [group, "track", "frame"]).reset_index(drop=True)
+
+
+def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: float,
+           sigma_xy_um: float, pixel_size_um: float) -> float:
+    """Motion-blur coefficient of the positions a detector reports.
+
+    Centroid stamps: the mean over the frame's active scan time (uniform).  Scan stamps:
+    what the laser saw, a Gaussian window in time of sigma_xy / pixel lines."""
+    if stamps == "frame":
+        return blur_coefficient_uniform(active_s, frame_period_s)
+    return blur_coefficient_gaussian(sigma_xy_um / pixel_size_um * line_period_s, frame_period_s)
+
+
+def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
+                    min_points: int = MIN_TRACK_POINTS) -> pd.DataFrame:
+    """One row per track with at least ``min_points`` positions: its CVE estimate."""
+    rows = []
+    keys = ["movie", "track"] if "movie" in tracks else ["track"]
+    for key, g in tracks.groupby(keys, sort=True):
+        if len(g) < min_points:
+            continue
+        e = cve(g["t_s"].to_numpy(), g[["x", "y"]].to_numpy() * pixel_size_um, r)
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row.update({"n_frames": len(g), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
+                    "D_high_um2_s": e.D_high_um2_s, "sigma_loc_um": e.sigma_loc_um})
+        rows.append(row)
+    cols = keys + ["n_frames", "D_um2_s", "D_low_um2_s", "D_high_um2_s", "sigma_loc_um"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --- scoring tracks against a movie store's truth -----------------------------------------
+
+
+def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float) -> np.ndarray:
+    """Truth slot of every localisation (-1: none within ``gate_px``), by Hungarian
+    matching per frame; ``truth`` is (frames, P, 2), NaN where no target."""
+    slot = np.full(len(table), -1, np.int64)
+    frames = table["frame"].to_numpy()
+    xy = table[["x", "y"]].to_numpy(np.float64)
+    for f in np.unique(frames):
+        rows = np.nonzero(frames == f)[0]
+        ok = np.nonzero(np.isfinite(truth[f]).all(-1))[0]
+        if len(ok) == 0:
+            continue
+        d = np.hypot(*(xy[rows, None, :] - truth[f, ok][None]).transpose(2, 0, 1))
+        r, c = linear_sum_assignment(np.where(d <= gate_px, d, 1e9))
+        good = d[r, c] <= gate_px
+        slot[rows[r[good]]] = ok[c[good]]
+    return slot
+
+
+def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray, gate_px: float,
+                 pixel_size_um: float, r: float) -> tuple[dict, pd.DataFrame]:
+    """Link accuracy and D errors of one movie's tracks.
+
+    ``truth`` (frames, P, 2) and ``diffusion`` (P,) of the movie.  A link joins two
+    consecutive localisations of a track.  Links between two localisations matched to
+    true particles (within ``gate_px``) are correct when both are the same particle; links
+    touching a localisation that matches none (a false or badly placed detection) are
+    counted apart.  A track's true D is that of the particle most of its points match."""
+    tracks = tracks.sort_values(["track", "frame"]).reset_index(drop=True)
+    slot = match_to_truth(tracks, truth, gate_px)
+    same_track = tracks["track"].to_numpy()[1:] == tracks["track"].to_numpy()[:-1]
+    matched = same_track & (slot[1:] >= 0) & (slot[:-1] >= 0)
+    correct = matched & (slot[1:] == slot[:-1])
+    est = diffusion_table(tracks, pixel_size_um, r)
+    true_d = []
+    for tid in est["track"]:
+        s = slot[tracks["track"].to_numpy() == tid]
+        s = s[s >= 0]
+        true_d.append(float(diffusion[np.bincount(s).argmax()]) if len(s) else np.nan)
+    est["true_D_um2_s"] = np.asarray(true_d, np.float64)
+    return {"links": int(same_track.sum()), "matched_links": int(matched.sum()),
+            "correct_links": int(correct.sum())}, est
+
+
+def truth_tracks(truth: np.ndarray, t_s: np.ndarray) -> pd.DataFrame:
+    """The true positions as tracks (one per particle and run of consecutive frames in
+    view): the floor a perfect localiser and linker would reach."""
+    rows = []
+    next_id = 0
+    for p in range(truth.shape[1]):
+        ok = np.isfinite(truth[:, p]).all(-1)
+        f = 0
+        while f < len(ok):
+            if not ok[f]:
+                f += 1
+                continue
+            g = f
+            while g < len(ok) and ok[g]:
+                g += 1
+            for k in range(f, g):
+                rows.append((k, t_s[k, p], truth[k, p, 0], truth[k, p, 1], next_id, p))
+            next_id += 1
+            f = g
+    return pd.DataFrame(rows, columns=["frame", "t_s", "x", "y", "track", "slot"])
+
+
+def d_errors(est: pd.DataFrame, bins=((5, 9), (10, 14), (15, 10**9))) -> dict:
+    """Relative bias and RMSE of D per track, overall and by track length."""
+    est = est.astype({"true_D_um2_s": np.float64, "D_um2_s": np.float64, "n_frames": np.int64})
+    ok = est[np.isfinite(est["true_D_um2_s"]) & np.isfinite(est["D_um2_s"])]
+    rel = (ok["D_um2_s"] - ok["true_D_um2_s"]) / ok["true_D_um2_s"]
+
+    def summary(r):
+        return {"tracks": int(len(r)), "rel_bias": float(r.mean()) if len(r) else None,
+                "rel_rmse": float(np.sqrt((r**2).mean())) if len(r) else None}
+
+    out = summary(rel)
+    out["by_length"] = {f"{a}-{b}" if b < 10**9 else f">={a}": summary(rel[(ok["n_frames"] >= a) & (ok["n_frames"] <= b)])
+                        for a, b in bins}
+    return out
+
+
+def track_recording(detector, images: np.ndarray, timing: ScanTiming, pixel_size_um: float,
+                    max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
+                    sigma_xy_um: float = 0.21, frame_start_s: np.ndarray | None = None,
+                    movie_frames: int | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Localise (above the detector's threshold), time-stamp, link and estimate D.
+
+    ``movie_frames`` splits a stack of several movies (a movie store) into its movies,
+    linked separately.  Returns the tracks, the D table and what was used."""
+    n, h, w = images.shape
+    table = detector.detect(images, progress=progress)
+    thr = getattr(detector, "threshold", None)
+    if thr is not None:
+        table = table[table["score"] >= thr]
+    stamps = getattr(detector, "timestamps", "scan")
+    table = table.copy()
+    table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
+    period = timing.frame_period_s(h, w)
+    search = search_range if search_range is not None else search_range_px(max_diffusion_um2_s, period, pixel_size_um)
+    group = None
+    if movie_frames:
+        table["movie"] = table["frame"] // movie_frames
+        group = "movie"
+    tracks = link(table, search, memory, group)
+    tracks["x_um"] = tracks["x"] * pixel_size_um
+    tracks["y_um"] = tracks["y"] * pixel_size_um
+    r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
+    used = {"search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
+            "time_stamps": stamps}
+    return tracks, diffusion_table(tracks, pixel_size_um, r), used
+
+
+def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:
+    """The tracks over the recording's mean image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = images.shape[1:]
+    fig, ax = plt.subplots(figsize=(5, 5 * h / w + 0.3))
+    ax.imshow(images.mean(0), cmap="gray", interpolation="nearest")
+    for k, (_, g) in enumerate(tracks.groupby("track")):
+        ax.plot(g["x"], g["y"], "-", lw=1.0, color=plt.cm.tab20(k % 20))
+        ax.plot(g["x"].iloc[0], g["y"].iloc[0], "o", ms=3, color=plt.cm.tab20(k % 20))
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
