@@ -317,6 +317,8 @@ def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: st
             typer.echo(f"tuning TrackPy on {path} ({n} images, {target} target)...", err=True)
         det, grid = tune(images, gt, px)
         info = {"tuned_on": str(path), "tune_images": n, "target": target, "grid": grid}
+        if target == "exposure":
+            det.label = "TrackPy (ours, tuned on val, exposure target)"
     det.target = target
     out.mkdir(parents=True, exist_ok=True)
     det.save(out / "trackpy.json", info)

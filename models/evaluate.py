@@ -251,7 +251,7 @@ def max_diffusion(dataset: dict) -> float:
 
 
 def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
-                    threshold: float | None) -> dict:
+                    threshold: float | None) -> tuple[pd.DataFrame, dict]:
     """Link each movie's localisations (above ``threshold``), estimate D per track, and
     score links and D against the store's truth of ``target``; the same for the true
     positions as tracks (the floor)."""
@@ -274,12 +274,13 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         table = table[table["score"] >= threshold]
     table = table.assign(t_s=time_stamps(table, h, w, timing, stamps, starts), movie=table["frame"] // F)
     links = matched = correct = 0
-    ests, floors = [], []
+    ests, floors, linked_all = [], [], []
     for m in range(len(store) // F):
         a, b = m * F, (m + 1) * F
         sel = table[table["movie"] == m].assign(frame=lambda d: d["frame"] - a)
         linked = link(sel, search)
         counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r)
+        linked_all.append(linked.assign(track=linked["track"] + 1_000_000 * m))
         links += counts["links"]
         matched += counts["matched_links"]
         correct += counts["correct_links"]
@@ -291,7 +292,8 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         floors.append(fl)
     est = pd.concat(ests, ignore_index=True) if ests else pd.DataFrame()
     floor = pd.concat(floors, ignore_index=True) if floors else pd.DataFrame()
-    return {"search_range_px": search, "blur_r": r, "links": links, "links_between_matched": matched,
+    tracks = pd.concat(linked_all, ignore_index=True) if linked_all else pd.DataFrame()
+    return tracks, {"search_range_px": search, "blur_r": r, "links": links, "links_between_matched": matched,
             "correct_link_fraction": correct / matched if matched else None,
             "links_to_unmatched_fraction": (links - matched) / links if links else None,
             "d": d_errors(est) if len(est) else None, "d_floor_truth_positions": d_errors(floor) if len(floor) else None}
@@ -315,9 +317,12 @@ def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None =
     for name, path in paths.items():
         with Store(path) as st:
             if is_movie_store(st) and "exposure_t_s" in st:
-                tracks[name] = evaluate_tracks(tables[name], st, target if target in targets_of(st) else "centroid",
-                                               getattr(detector, "timestamps", "scan"),
-                                               getattr(detector, "threshold", None))
+                linked, tracks[name] = evaluate_tracks(tables[name], st,
+                                                       target if target in targets_of(st) else "centroid",
+                                                       getattr(detector, "timestamps", "scan"),
+                                                       getattr(detector, "threshold", None))
+                Path(out).mkdir(parents=True, exist_ok=True)
+                linked.to_csv(Path(out) / f"tracks_{name}.csv", index=False)
     if tracks:
         extra["tracks"] = tracks
     return write_evaluation(out, getattr(detector, "label", detector.name), tables, paths,

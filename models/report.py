@@ -34,14 +34,19 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     runs = Path(runs)
     evals = collect(runs)
     tests = {p.stem: p for p in find_test_stores(data, datasets)}
-    diffusions = {}
+    diffusions, movies = {}, []
     for name, p in tests.items():
         with Store(p) as st:
-            diffusions[name] = dataset_diffusion(st)
+            if is_movie_store(st):
+                movies.append(name)  # reported in the movie sections, not in Table 1
+            else:
+                diffusions[name] = dataset_diffusion(st)
     rows = {label: {} for label in PAPER_ROWS}
-    # TrackPy first, then the networks, as in the paper's table.
+    # TrackPy first, then the networks, as in the paper's table; only detectors scored
+    # on Table 1's stores.
     for label, (_, m) in sorted(evals.items(), key=lambda kv: (not kv[0].startswith("TrackPy"), kv[0])):
-        rows[label] = m["datasets"]
+        if any(n in m["datasets"] for n in diffusions):
+            rows[label] = m["datasets"]
     md, df = table1(rows, diffusions)
     df.to_csv(runs / "report_table.csv", index=False)
     names = ", ".join(f"`{n}`" for n in tests)
@@ -53,11 +58,6 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     for label, (_, m) in evals.items():
         for name, v in m["datasets"].items():
             lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_nm']:.1f} |")
-    movies = []
-    for name, p in tests.items():
-        with Store(p) as st:
-            if is_movie_store(st):
-                movies.append(name)
     if movies:
         lines += ["", "## Movies: every detector against both truths", "",
                   "The paper's target is the whole-frame trajectory centroid; the exposure-weighted position is "
@@ -101,17 +101,32 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             bl = (d or {}).get("by_length", {})
             lines.append(f"| true positions (floor) | {name} |  |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
                          f"| {cell(d, 'rel_rmse')} | " + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
+        # One movie's tracks, from the tracker with the smallest D error.
+        from .tracks import plot_tracks
+
+        ranked = sorted(((t.get("d") or {}).get("rel_rmse") or 1e9, label, name) for label, name, t in tracked)
+        _, label, name = ranked[0]
+        folder = evals[label][0]
+        csv = folder / f"tracks_{name}.csv"
+        if csv.exists():
+            tr = pd.read_csv(csv)
+            with Store(tests[name]) as st:
+                F = st.config["dataset"]["movie"]["n_frames"]
+                frames = st.read("images", 0, F)
+            plot_tracks(frames, tr[tr["movie"] == 0], runs / f"tracks_{name}.png",
+                        f"{label}: tracks of {name} movie 0 over its mean image")
+            lines += ["", f"![tracks](tracks_{name}.png)"]
     lines += ["", "## PR curves", ""]
     for label, (folder, _) in evals.items():
         pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())
         lines.append(f"**{label}**  \n{pics}\n")
     # Predictions of the best network (highest mean AUC over all test sets; TrackPy if
     # there is no network) drawn over a few test images.
+    first = next(iter(diffusions or tests))
     scored = [(float(np.mean([a for v in m["datasets"].values() for a in v["auc"].values()])), label, folder)
-              for label, (folder, m) in evals.items()]
+              for label, (folder, m) in evals.items() if first in m["datasets"]]
     nets = [t for t in scored if not t[1].startswith("TrackPy")]
-    _, label, folder = max(nets or scored, key=lambda t: t[0])
-    first = next(iter(tests))
+    _, label, folder = max(nets or scored or [(0.0, None, runs / "-")], key=lambda t: t[0])
     pred_csv = folder / f"predictions_{first}.csv"
     if pred_csv.exists():
         pred = pd.read_csv(pred_csv)
