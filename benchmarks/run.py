@@ -273,6 +273,46 @@ def bench_predict(args):
     return results
 
 
+@section("track")
+def bench_track(args):
+    """`factory track` frames/s on 256 x 256 px frames: the movie model vs the TrackPy pipeline."""
+    from factory.config import parse_config
+    from factory.kernel import simulate
+    from factory.perf import tune_malloc
+    from models.config import load_train_config
+    from models.registry import NetDetector, family
+    from models.runs import load_model
+    from models.timing import ScanTiming
+    from models.trackpy_baseline import PAPER, TrackPyDetector
+    from models.tracks import track_recording
+
+    tune_malloc()
+    cfg = parse_config({"seed": 1, "datasets": {"m": {
+        "n_movies": 1, "movie": {"n_frames": 10, "margin_um": 1.0}, "image": {"height_px": 256, "width_px": 256},
+        "particles": {"count": {"type": "poisson", "mean": 30, "max": 60},
+                      "diffusion_um2_s": {"type": "uniform", "low": 0.05, "high": 1.0}, "xy_start": {"type": "uniform"}},
+        "output": {"expected": False, "trajectories": False}}}})
+    images = simulate(cfg.datasets["m"], cfg.seed)["images"].astype(np.float32)
+    run = Path(args.model).parent.parent / "demo" / "movie-model" if args.model else None
+    if run is not None and (run / "best.pt").exists():
+        net, label = load_model(run), f"trained model {run}"
+    else:
+        demo = load_train_config(ROOT / "configs" / "spotnet_movies.yaml", None)
+        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5, target="exposure")
+        label = "untrained SpotNet, movie recipe (no runs/demo/movie-model yet)"
+    print(f"10 frames of 256 x 256 px, about 30 particles; {label}")
+    timing = ScanTiming()
+    results = {}
+    for name, det in (("TrackPy pipeline (paper settings)", TrackPyDetector(PAPER)), ("SpotNet pipeline", net)):
+        track_recording(det, images[:2], timing, 0.07, 1.0)
+        t = median_time(lambda: track_recording(det, images, timing, 0.07, 1.0), repeats=3)
+        results[name] = len(images) / t
+    ref = results["TrackPy pipeline (paper settings)"]
+    for name, r in results.items():
+        print(f"{name:<36} {r:8.2f} frames/s  ({r / ref:.2f}x the TrackPy pipeline)")
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")

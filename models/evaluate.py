@@ -293,7 +293,8 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     est = pd.concat(ests, ignore_index=True) if ests else pd.DataFrame()
     floor = pd.concat(floors, ignore_index=True) if floors else pd.DataFrame()
     tracks = pd.concat(linked_all, ignore_index=True) if linked_all else pd.DataFrame()
-    return tracks, {"search_range_px": search, "blur_r": r, "links": links, "links_between_matched": matched,
+    return tracks, {"target": target, "search_range_px": search, "blur_r": r, "links": links,
+                    "links_between_matched": matched,
             "correct_link_fraction": correct / matched if matched else None,
             "links_to_unmatched_fraction": (links - matched) / links if links else None,
             "d": d_errors(est) if len(est) else None, "d_floor_truth_positions": d_errors(floor) if len(floor) else None}

@@ -86,7 +86,8 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
                   "points by the covariance-based estimator on each localisation's own time stamp.  Correct "
                   "links: of the links between two localisations matched to true particles (within 210 nm), "
                   "the share joining the same particle.  D error: (estimate - true D) / true D per track.  "
-                  "The floor row applies the estimator to the true positions (each particle's runs in view).", "",
+                  "The floor rows apply the estimator to the true positions of each target (each particle's runs "
+                  "in view); each detector is scored against its own target's truth.", "",
                   "| detector | dataset | correct links | links to unmatched | tracks | D rel. bias | D rel. RMSE "
                   "| RMSE 5-9 | RMSE 10-14 | RMSE >= 15 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         floors = {}
@@ -96,10 +97,10 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             lines.append(f"| {label} | {name} | {t['correct_link_fraction']:.3f} | {t['links_to_unmatched_fraction']:.3f} "
                          f"| {d.get('tracks', 0)} | {cell(d, 'rel_bias')} | {cell(d, 'rel_rmse')} | "
                          + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
-            floors.setdefault(name, t.get("d_floor_truth_positions"))
-        for name, d in floors.items():
+            floors.setdefault((name, t.get("target", "centroid")), t.get("d_floor_truth_positions"))
+        for (name, truth), d in floors.items():
             bl = (d or {}).get("by_length", {})
-            lines.append(f"| true positions (floor) | {name} |  |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
+            lines.append(f"| true {truth} positions (floor) | {name} |  |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
                          f"| {cell(d, 'rel_rmse')} | " + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
         # One movie's tracks, from the tracker with the smallest D error.
         from .tracks import plot_tracks

@@ -17,7 +17,8 @@ from factory.config import load_config, parse_config
 from factory.kernel import simulate
 from factory.stores import Store
 
-NAMES = ["images", "expected", "n_particles", "centroids", "trajectories", "diffusion", "n_qd"]
+NAMES = ["images", "expected", "n_particles", "centroids", "trajectories", "diffusion", "n_qd",
+         "exposure_xy", "exposure_t_s", "in_view", "frame_start_s"]
 
 
 def small_config(tmp_path, seed=11, **over):
@@ -149,7 +150,11 @@ def test_optional_arrays_can_be_turned_off(tmp_path):
 def test_default_config_describes_the_paper_suite():
     cfg = load_config(ROOT / "datasets.yaml")
     sizes = {name: d.n_images for name, d in cfg.datasets.items()}
-    assert sizes == {"train": 29838, "val": 3000, "test_d075": 2570, "test_d100": 2410, "test_d175": 1870}
+    assert sizes == {"train": 29838, "val": 3000, "test_d075": 2570, "test_d100": 2410, "test_d175": 1870,
+                     "movies_train": 2400, "movies_val": 300, "test_movies": 800}
+    m = cfg.datasets["test_movies"]
+    assert m.n_movies == 40 and m.movie.n_frames == 20 and m.image.height_px == 64
+    assert m.particles.diffusion_um2_s.low == 0.05 and m.particles.diffusion_um2_s.high == 1.0
     t = cfg.datasets["test_d100"]
     assert t.particles.diffusion_um2_s.value == 1.0 and t.particles.n_qd.value == 10.0
     assert cfg.datasets["train"].particles.diffusion_um2_s.low == 0.75
@@ -290,7 +295,7 @@ def test_default_hdf5_opens_without_any_plugin(tmp_path):
         print('read', len(ref.files))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "read 7", r.stderr
+    assert r.returncode == 0 and r.stdout.strip() == f"read {len(NAMES)}", r.stderr
     if shutil.which("h5dump"):
         r = subprocess.run(["h5dump", "-d", "/n_particles", str(tmp_path / "d.h5")], capture_output=True, text=True)
         assert r.returncode == 0 and "(0): 1, 1, 1" in r.stdout, r.stderr

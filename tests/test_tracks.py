@@ -1,0 +1,100 @@
+"""Linking and `factory track` end to end on tiny movies, scored against the truth, and
+bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+
+from conftest import run_cli
+from models.tracks import link, match_to_truth, score_tracks, search_range_px
+
+
+def test_search_range_follows_d_and_the_frame_period():
+    # 4 sqrt(2 D dt) / px + 2 px of localisation error.
+    assert search_range_px(1.0, 0.08, 0.1) == pytest.approx(4 * np.sqrt(0.16) / 0.1 + 2)
+    assert search_range_px(0.25, 0.08, 0.1) < search_range_px(1.0, 0.08, 0.1)
+
+
+def test_link_and_score_two_crossing_free_walks_by_hand():
+    """Two particles far apart, one spurious detection: links within each particle are
+    correct, the spurious detection is counted apart, D truth comes per track."""
+    rng = np.random.default_rng(0)
+    F = 8
+    truth = np.zeros((F, 2, 2))
+    truth[:, 0] = np.c_[10 + np.cumsum(rng.normal(0, 0.5, F)), 10 + np.cumsum(rng.normal(0, 0.5, F))]
+    truth[:, 1] = np.c_[40 + np.cumsum(rng.normal(0, 0.5, F)), 40 + np.cumsum(rng.normal(0, 0.5, F))]
+    rows = [(f, truth[f, p, 0] + 0.1, truth[f, p, 1], 1.0, 0.08 * f) for f in range(F) for p in range(2)]
+    rows.append((3, 80.0, 5.0, 0.5, 0.24))  # nothing there
+    table = pd.DataFrame(rows, columns=["frame", "x", "y", "score", "t_s"])
+    tracks = link(table, search_range=5.0, memory=0)
+    assert tracks["track"].nunique() == 3
+    slots = match_to_truth(tracks, truth, gate_px=1.0)
+    assert (slots == -1).sum() == 1
+    counts, est = score_tracks(tracks, truth, np.array([0.3, 0.6]), 1.0, 0.07, 0.0)
+    assert counts == {"links": 14, "matched_links": 14, "correct_links": 14}
+    assert sorted(est["true_D_um2_s"]) == [0.3, 0.6]
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory):
+    root = tmp_path_factory.mktemp("track")
+    cfg = root / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 8, "datasets": {"test_m": {
+        "n_movies": 2, "movie": {"n_frames": 12, "margin_um": 0.0},
+        "image": {"height_px": 32, "width_px": 32},
+        "particles": {"count": {"type": "fixed", "n": 2}, "diffusion_um2_s": 0.1, "n_qd": 60.0},
+        "output": {"chunk_images": 64}}}}))
+    assert run_cli("build", cfg, "--out", root, "-q").returncode == 0
+    from factory.stores import Store
+
+    with Store(root / "test_m.h5") as st:
+        tifffile.imwrite(root / "movie.tif", st.read("images", 0, 12), photometric="minisblack")
+    return root
+
+
+def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
+    r = run_cli("track", "trackpy", movie / "movie.tif", "--out", tmp_path / "t", "--max-diffusion-um2-s", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert "scan timing: dwell 2 us" in r.stderr and "seed paper's defaults" in r.stderr
+    tracks = pd.read_csv(tmp_path / "t" / "tracks.csv")
+    assert list(tracks.columns) == ["frame", "t_s", "x", "y", "score", "sigma", "track", "x_um", "y_um"]
+    d = pd.read_csv(tmp_path / "t" / "diffusion.csv")
+    assert list(d.columns) == ["track", "n_frames", "D_um2_s", "D_low_um2_s", "D_high_um2_s", "sigma_loc_um"]
+    # Two bright particles over 12 frames: two long tracks whose D is of the right size.
+    long = d[d.n_frames >= 10]
+    assert len(long) >= 2 and ((long.D_um2_s > 0.01) & (long.D_um2_s < 0.5)).all(), d
+    assert (tmp_path / "t" / "tracks.png").read_bytes()[:4] == b"\x89PNG"
+    used = json.loads((tmp_path / "t" / "track.json").read_text())
+    period = 32 * 32 * 2e-6 + 31 * 1.1e-3 + 1.1e-3
+    assert used["frame_period_s"] == pytest.approx(period)
+    # Time stamps: frame start + scan time at the localisation (TrackPy sees what the laser saw).
+    row = tracks.iloc[0]
+    assert row.t_s == pytest.approx(row.frame * period + row.y * (32 * 2e-6 + 1.1e-3) + row.x * 2e-6)
+    r = run_cli("track", "trackpy", movie / "test_m.h5", "--out", tmp_path / "s", "-q")
+    assert r.returncode == 0, r.stderr
+    st = pd.read_csv(tmp_path / "s" / "tracks.csv")
+    assert set(st.movie) == {0, 1} and st.groupby("movie").frame.min().tolist() == [0, 12]
+
+
+def test_bad_input_to_track_is_one_line(movie, tmp_path):
+    def bad(r, needle):
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], r.stderr
+
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((32, 32), np.uint16))
+    bad(run_cli("track", "trackpy", tmp_path / "one.tif", "--out", tmp_path / "o"), "tracking needs a movie")
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as w:
+        w.write(np.zeros((32, 32), np.uint16), photometric="minisblack")
+        w.write(np.zeros((40, 32), np.uint16), photometric="minisblack")
+    bad(run_cli("track", "trackpy", tmp_path / "mixed.tif", "--out", tmp_path / "o"), "frames of different sizes")
+    bad(run_cli("track", "trackpy", movie / "movie.tif", "--out", tmp_path / "o", "--frame-flyback-ms", "-2"),
+        "--frame-flyback-ms -2.0: a time must be >= 0")
+    bad(run_cli("track", "trackpy", movie / "movie.tif", "--out", tmp_path / "o", "--linker", "magic"),
+        "--linker magic: unknown")
+    assert not (tmp_path / "o").exists()
