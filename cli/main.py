@@ -366,6 +366,26 @@ def train(
                f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
 
 
+def _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms, **positive) -> None:
+    """One line for a timing flag out of range (and for other quantities that must be > 0)."""
+    for flag, value in (("--dwell-us", dwell_us), *positive.items()):
+        if value is not None and not value > 0:
+            raise FactoryError(f"{flag} {value}: must be > 0")
+    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
+        if value is not None and not value >= 0:
+            raise FactoryError(f"{flag} {value}: a time must be >= 0")
+
+
+def _with_flags(timing, **flags):
+    """``timing`` with the timing flags that were given replacing its values."""
+    import dataclasses
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return timing
+    return dataclasses.replace(timing, **given, source=f"the command line ({', '.join(given)}) and {timing.source}")
+
+
 @app.command()
 @user_errors
 def predict(
@@ -392,11 +412,7 @@ def predict(
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
-    if dwell_us is not None and not dwell_us > 0:
-        raise FactoryError(f"--dwell-us {dwell_us}: the dwell time must be > 0")
-    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
-        if value is not None and not value >= 0:
-            raise FactoryError(f"{flag} {value}: a time must be >= 0")
+    _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms)
     det = load_detector(model, device.value)
     images = read_images(input)
     frame_start = None
@@ -408,13 +424,8 @@ def predict(
             frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
     else:
         timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
-    flags = {k: v for k, v in {"dwell_us": dwell_us, "line_retrace_ms": line_retrace_ms,
-                               "frame_flyback_ms": frame_flyback_ms, "bidirectional": bidirectional}.items()
-             if v is not None}
-    if flags:
-        import dataclasses
-
-        timing = dataclasses.replace(timing, **flags, source=f"the command line ({', '.join(flags)}) and {timing.source}")
+    timing = _with_flags(timing, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                         frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
     if not quiet:
         typer.echo(f"scan timing: {timing.describe()}", err=True)
     table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start)
@@ -447,23 +458,18 @@ def track(
     """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
     each track (covariance-based estimator on each localisation's own time stamp, with
     its 95% confidence interval and the localisation error)."""
-    import dataclasses
     import json
 
     from factory.stores import Store, is_store_path
+    from models.evaluate import max_diffusion as max_diffusion_of
     from models.predict import load_detector, read_images, training_data_config
     from models.timing import ScanTiming
     from models.tracks import plot_tracks, track_recording
 
     if linker != "trackpy":
         raise FactoryError(f"--linker {linker}: unknown (have: trackpy)")
-    for flag, value in (("--dwell-us", dwell_us), ("--pixel-size-um", pixel_size_um),
-                        ("--max-diffusion-um2-s", max_diffusion), ("--search-range-um", search_range_um)):
-        if value is not None and not value > 0:
-            raise FactoryError(f"{flag} {value}: must be > 0")
-    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
-        if value is not None and not value >= 0:
-            raise FactoryError(f"{flag} {value}: a time must be >= 0")
+    _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms, **{
+        "--pixel-size-um": pixel_size_um, "--max-diffusion-um2-s": max_diffusion, "--search-range-um": search_range_um})
     if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
         raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     det = load_detector(model, device.value)
@@ -480,14 +486,10 @@ def track(
             frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
     else:
         cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
-    timing = ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming()
-    flags = {k: v for k, v in {"dwell_us": dwell_us, "line_retrace_ms": line_retrace_ms,
-                               "frame_flyback_ms": frame_flyback_ms, "bidirectional": bidirectional}.items()
-             if v is not None}
-    if flags:
-        timing = dataclasses.replace(timing, **flags, source=f"the command line ({', '.join(flags)}) and {timing.source}")
+    timing = _with_flags(ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming(), dwell_us=dwell_us,
+                         line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
     px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else 0.07)
-    d_max = max_diffusion or (_max_d(cfg) if cfg else 1.75)
+    d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else 1.75)
     sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
     if not quiet:
         typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
@@ -506,11 +508,6 @@ def track(
                                                  "max_diffusion_um2_s": d_max, "model": str(model)}, indent=2))
     typer.echo(f"{out}: {tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
                f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
-
-
-def _max_d(dataset: dict) -> float:
-    d = dataset["particles"]["diffusion_um2_s"]
-    return float(d["high"] if d["type"] == "uniform" else d["value"])
 
 
 @app.command()

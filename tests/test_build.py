@@ -81,8 +81,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert not np.array_equal(a["images"][:130], b["images"])
 
 
-def test_identical_with_one_and_two_threads_and_any_batching():
-    cfg, ds = dataset(700, particles={"count": {"type": "poisson", "mean": 2, "max": 4}})
+def assert_thread_and_batch_invariant(cfg, ds, splits):
+    """1 and 2 Numba threads, and the given (start, stop) batches, give the same bytes."""
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -92,26 +92,20 @@ def test_identical_with_one_and_two_threads_and_any_batching():
     finally:
         numba.set_num_threads(before)
     assert_same(one, two)
-    pieces = [simulate(ds, cfg.seed, a, b) for a, b in [(0, 1), (1, 333), (333, 700)]]
-    joined = {k: np.concatenate([p[k] for p in pieces]) for k in one}
-    assert_same(one, joined)
+    pieces = [simulate(ds, cfg.seed, a, b) for a, b in splits]
+    assert_same(one, {k: np.concatenate([p[k] for p in pieces]) for k in one})
+
+
+def test_identical_with_one_and_two_threads_and_any_batching():
+    cfg, ds = dataset(700, particles={"count": {"type": "poisson", "mean": 2, "max": 4}})
+    assert_thread_and_batch_invariant(cfg, ds, [(0, 1), (1, 333), (333, 700)])
 
 
 def test_movies_are_identical_with_one_and_two_threads_and_any_batch_of_whole_movies():
     cfg, ds = dataset(n_images=None, n_movies=12, movie={"n_frames": 5},
                       particles={"count": {"type": "poisson", "mean": 3, "max": 5}},
                       image={"height_px": 16, "width_px": 16})
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = simulate(ds, cfg.seed)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = simulate(ds, cfg.seed)
-    finally:
-        numba.set_num_threads(before)
-    assert_same(one, two)
-    pieces = [simulate(ds, cfg.seed, a, b) for a, b in [(0, 5), (5, 35), (35, 60)]]
-    assert_same(one, {k: np.concatenate([p[k] for p in pieces]) for k in one})
+    assert_thread_and_batch_invariant(cfg, ds, [(0, 5), (5, 35), (35, 60)])
     with pytest.raises(ValueError, match="whole movies"):
         simulate(ds, cfg.seed, 0, 7)
 
