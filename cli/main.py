@@ -325,6 +325,11 @@ def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: st
     return det
 
 
+class Estimator(str, Enum):
+    cve = "cve"
+    msd = "msd"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -452,6 +457,7 @@ def track(
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
     linker: str = typer.Option("trackpy", "--linker", help="Linking algorithm: trackpy (Crocker-Grier)."),
+    estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd (MSD fit over Michalet's optimal number of lags)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -495,7 +501,7 @@ def track(
         typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
     tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                          search_range_um / px if search_range_um else None, memory, sigma_xy,
-                                         frame_start, movie_frames, progress=not quiet)
+                                         frame_start, movie_frames, progress=not quiet, estimator=estimator.value)
     out.mkdir(parents=True, exist_ok=True)
     cols = ["movie"] if "movie" in tracks else []
     cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve
+from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
 from .timing import ScanTiming, time_stamps
 
 MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
@@ -66,14 +66,16 @@ def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: f
 
 
 def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
-                    min_points: int = MIN_TRACK_POINTS) -> pd.DataFrame:
-    """One row per track with at least ``min_points`` positions: its CVE estimate."""
+                    min_points: int = MIN_TRACK_POINTS, estimator: str = "cve") -> pd.DataFrame:
+    """One row per track with at least ``min_points`` positions: its D estimate by the
+    CVE (default) or the MSD fit."""
     rows = []
     keys = ["movie", "track"] if "movie" in tracks else ["track"]
     for key, g in tracks.groupby(keys, sort=True):
         if len(g) < min_points:
             continue
-        e = cve(g["t_s"].to_numpy(), g[["x", "y"]].to_numpy() * pixel_size_um, r)
+        t, xy = g["t_s"].to_numpy(), g[["x", "y"]].to_numpy() * pixel_size_um
+        e = cve(t, xy, r) if estimator == "cve" else msd_fit(t, xy)
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row.update({"n_frames": len(g), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
                     "D_high_um2_s": e.D_high_um2_s, "sigma_loc_um": e.sigma_loc_um})
@@ -169,7 +171,8 @@ def d_errors(est: pd.DataFrame, bins=((5, 9), (10, 14), (15, 10**9))) -> dict:
 def track_recording(detector, images: np.ndarray, timing: ScanTiming, pixel_size_um: float,
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float = 0.21, frame_start_s: np.ndarray | None = None,
-                    movie_frames: int | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                    movie_frames: int | None = None, progress: bool = False,
+                    estimator: str = "cve") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
     ``movie_frames`` splits a stack of several movies (a movie store) into its movies,
@@ -193,8 +196,8 @@ def track_recording(detector, images: np.ndarray, timing: ScanTiming, pixel_size
     tracks["y_um"] = tracks["y"] * pixel_size_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
     used = {"search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
-            "time_stamps": stamps}
-    return tracks, diffusion_table(tracks, pixel_size_um, r), used
+            "time_stamps": stamps, "estimator": estimator}
+    return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
 
 
 def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:

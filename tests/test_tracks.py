@@ -74,8 +74,9 @@ def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
     # Time stamps: frame start + scan time at the localisation (TrackPy sees what the laser saw).
     row = tracks.iloc[0]
     assert row.t_s == pytest.approx(row.frame * period + row.y * (32 * 2e-6 + 1.1e-3) + row.x * 2e-6)
-    r = run_cli("track", "trackpy", movie / "test_m.h5", "--out", tmp_path / "s", "-q")
+    r = run_cli("track", "trackpy", movie / "test_m.h5", "--out", tmp_path / "s", "-q", "--estimator", "msd")
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s" / "track.json").read_text())["estimator"] == "msd"
     st = pd.read_csv(tmp_path / "s" / "tracks.csv")
     assert set(st.movie) == {0, 1} and st.groupby("movie").frame.min().tolist() == [0, 12]
 
