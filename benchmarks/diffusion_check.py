@@ -86,7 +86,6 @@ def main():
     ap.add_argument("--movies", type=int, default=200, help="movies per case")
     ap.add_argument("--trackpy", action="append", help="also a TrackPy parameter file (trackpy.json of an evaluation)")
     args = ap.parse_args()
-    import pandas as pd
 
     from factory.perf import tune_malloc
     from models.diffusion import cve

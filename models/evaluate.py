@@ -221,8 +221,8 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
             diffusions[name] = dataset_diffusion(st)
             px = pixel_size_um(st)
         gt = truths[own]
-        metrics[name] = {**score_table(table, gt, px, threshold, gates_nm), "target": own}
         by_target[name] = {t: score_table(table, g, px, threshold, gates_nm) for t, g in truths.items()}
+        metrics[name] = {**by_target[name][own], "target": own}
         gts.append(gt)
         sizes.append(px)
         plot_pr(table, gt, f"{label}: {name}", out / f"pr_{name}.png", px, gates_nm)

@@ -1,12 +1,10 @@
 """Sharded builds: invariance to the split, resume after SIGKILL, finalize and verify."""
 
-import json
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
 
