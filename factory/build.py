@@ -22,7 +22,7 @@ from . import __version__
 from .checksums import Checksums, make_manifest
 from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError
-from .kernel import allocate_batch, kernel_params, run_batch, schedule_of
+from .kernel import allocate_batch, kernel_params, run_batch, schedule_of, store_rows
 from .rng import dataset_key
 from .stores import COORDINATES, FORMATS, UNITS, ArraySpec, array_specs, make_writer, remove_path, replace_path
 
@@ -65,14 +65,16 @@ def store_attrs(cfg: FactoryConfig, ds: Dataset, fmt: str = "hdf5") -> dict:
 def specs_for(ds: Dataset, n: int | None = None) -> list[ArraySpec]:
     return array_specs(ds.n_images if n is None else n, ds.image.height_px, ds.image.width_px,
                        ds.particles.max_particles, ds.chunk_rows,
-                       ds.output.expected, ds.output.trajectories)
+                       ds.output.expected, ds.output.trajectories,
+                       ds.planes if ds.stack is not None else None)
 
 
 def batch_images(ds: Dataset) -> int:
     """Images per kernel call: whole chunks (so whole movies), about BATCH_BYTES of arrays."""
     chunk = ds.chunk_rows
     h, w, p = ds.image.height_px, ds.image.width_px, ds.particles.max_particles
-    per_image = (h * w * (2 + 4 * ds.output.expected) + p * (45 + 12 * h * w * ds.output.trajectories) + 12)
+    per_image = (h * w * (2 + 4 * ds.output.expected) + p * (61 + 12 * h * w * ds.output.trajectories) + 12)
+    per_image *= ds.planes
     return chunk * max(1, BATCH_BYTES // (chunk * per_image))
 
 
@@ -111,16 +113,17 @@ def simulate_range(cfg: FactoryConfig, ds: Dataset, start: int, stop: int, sink,
     want_e, want_t = ds.output.expected, ds.output.trajectories
     step = batch_images(ds)
     size = min(step, stop - start)
-    buffers = [allocate_batch(k, size, want_e, want_t) for _ in range(2 if stop - start > step else 1)]
+    Z = ds.planes  # kernel frames per store row (a stack's planes)
+    buffers = [allocate_batch(k, size * Z, want_e, want_t) for _ in range(2 if stop - start > step else 1)]
     wanted = {"expected": want_e, "trajectories": want_t}
     pending = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
         for j, i0 in enumerate(range(start, stop, step)):
             n = min(step, stop - i0)
             # Arrays that are not stored stay (1, ...) placeholders the kernel ignores.
-            arrays = {name: a[:n] if wanted.get(name, True) else a
+            arrays = {name: a[:n * Z] if wanted.get(name, True) else a
                       for name, a in buffers[j % len(buffers)].items()}
-            arrays = run_batch(k, sched, key, i0, arrays, want_e, want_t)
+            arrays = store_rows(ds, run_batch(k, sched, key, i0 * Z, arrays, want_e, want_t))
             if pending is not None:
                 pending.result()  # the other buffer is free again (and errors surface)
                 if progress is not None:

@@ -250,6 +250,20 @@ class MovieSpec(StrictModel):
     walls: Literal["reflecting"] = "reflecting"
 
 
+class StackSpec(StrictModel):
+    """z-stacks: the focal plane steps through ``n_planes`` planes ``z_step_um`` apart,
+    each plane a full raster frame with the scan's dwell and retrace timing, and a stage
+    or piezo move of ``plane_flyback_ms`` between planes.  Particles keep their 3D walk
+    through the whole stack, so a particle that moves is recorded at a different time in
+    every plane.  The planes are centred on ``psf.focal_z_um`` unless ``first_plane_um``
+    places the first one."""
+
+    n_planes: Annotated[int, Field(ge=1, le=4096)]
+    z_step_um: PositiveFloat
+    plane_flyback_ms: Optional[NonNegativeFloat] = None  # None: one line retrace
+    first_plane_um: Optional[FiniteFloat] = None
+
+
 class DatasetSpec(StrictModel):
     """Everything that defines one dataset except its size."""
 
@@ -261,22 +275,46 @@ class DatasetSpec(StrictModel):
     detector: DetectorSpec = PoissonDetector()
     output: OutputSpec = OutputSpec()
     movie: Optional[MovieSpec] = None  # a set of movies instead of independent images
+    stack: Optional[StackSpec] = None  # a set of z-stacks instead of independent images
 
     @property
     def frames_per_movie(self) -> int:
-        """Frames simulated from one random stream (1 for independent images)."""
+        """Raster frames simulated from one random stream: a movie's frames, a stack's
+        planes, 1 for independent images."""
+        if self.stack is not None:
+            return self.stack.n_planes
         return self.movie.n_frames if self.movie is not None else 1
 
     @property
+    def planes(self) -> int:
+        """Raster frames per store row: a stack's planes (1 for images and movies, whose
+        frames are rows of their own)."""
+        return self.stack.n_planes if self.stack is not None else 1
+
+    @property
     def flyback_ms(self) -> float:
-        """Time from the last pixel of a frame to the first of the next."""
-        m = self.movie
-        return self.scan.line_retrace_ms if m is None or m.frame_flyback_ms is None else m.frame_flyback_ms
+        """Time from the last pixel of a frame (or plane) to the first of the next."""
+        gap = self.movie.frame_flyback_ms if self.movie is not None else (
+            self.stack.plane_flyback_ms if self.stack is not None else None)
+        return self.scan.line_retrace_ms if gap is None else gap
+
+    @property
+    def plane_z_um(self) -> tuple[float, ...]:
+        """Focal z of every plane of a stack (one plane, ``psf.focal_z_um``, otherwise)."""
+        st = self.stack
+        if st is None:
+            return (self.psf.focal_z_um,)
+        first = self.psf.focal_z_um - 0.5 * (st.n_planes - 1) * st.z_step_um \
+            if st.first_plane_um is None else st.first_plane_um
+        return tuple(first + k * st.z_step_um for k in range(st.n_planes))
 
     @property
     def chunk_rows(self) -> int:
-        """Images per chunk: ``output.chunk_images`` rounded up to whole movies, so chunks,
-        batches and shards always hold whole movies."""
+        """Store rows per chunk.  Images and movies: ``output.chunk_images`` rounded up to
+        whole movies, so chunks, batches and shards always hold whole movies.  Stacks:
+        whole stacks of about ``chunk_images`` planes."""
+        if self.stack is not None:
+            return max(1, -(-self.output.chunk_images // self.stack.n_planes))
         f = self.frames_per_movie
         return -(-self.output.chunk_images // f) * f
 
@@ -289,6 +327,8 @@ class DatasetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _start_fits(self) -> "DatasetSpec":
+        if self.movie is not None and self.stack is not None:
+            raise ValueError("a dataset is movies or stacks, not both (remove movie or stack)")
         start = self.particles.xy_start
         h, w = self.image.height_px, self.image.width_px
         if isinstance(start, UniformStart) and self.movie is None:
@@ -302,11 +342,24 @@ class DatasetSpec(StrictModel):
 
 class Dataset(DatasetSpec):
     """A named dataset and its size: ``n_images``, or for movies ``n_movies`` (then
-    ``n_images`` = ``n_movies * movie.n_frames`` frames)."""
+    ``n_images`` = ``n_movies * movie.n_frames`` frames), or for stacks ``n_stacks``
+    (the store's rows: ``n_images`` = ``n_stacks``)."""
 
     name: str
     n_images: Annotated[int, Field(ge=1, le=10**10)]
     n_movies: Optional[Annotated[int, Field(ge=1, le=10**9)]] = None
+    n_stacks: Optional[Annotated[int, Field(ge=1, le=10**9)]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rows_of_stacks(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("n_stacks") is not None:
+            if data.get("stack") is None:
+                raise ValueError("n_stacks needs a stack section (n_planes, z_step_um)")
+            if "n_images" in data and data["n_images"] != data["n_stacks"]:
+                raise ValueError(f"n_images ({data['n_images']}) of a stack dataset is n_stacks; give one of them")
+            data = {**data, "n_images": data["n_stacks"]}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -323,11 +376,13 @@ class Dataset(DatasetSpec):
 
     @model_validator(mode="after")
     def _whole_movies(self) -> "Dataset":
-        if self.n_images % self.frames_per_movie:
+        if self.movie is not None and self.n_images % self.frames_per_movie:
             raise ValueError(f"n_images ({self.n_images}) must be a whole number of movies of "
                              f"{self.frames_per_movie} frames (or give n_movies)")
         if self.n_movies is None and self.movie is not None:
             object.__setattr__(self, "n_movies", self.n_images // self.frames_per_movie)
+        if self.n_stacks is None and self.stack is not None:
+            object.__setattr__(self, "n_stacks", self.n_images)
         return self
 
 
@@ -358,7 +413,7 @@ def dataset_hash(seed: int, ds: Dataset) -> str:
     built before it was a setting keep their hash, and shards compressed differently
     still hold the same dataset."""
     d = ds.model_dump(mode="json", exclude={"output": {"compression"}})
-    for key in ("movie", "n_movies"):  # absent from stores built before movies existed
+    for key in ("movie", "n_movies", "stack", "n_stacks"):  # absent from stores built before them
         if d.get(key) is None:
             d.pop(key, None)
     return config_hash({"seed": seed, "dataset": d})

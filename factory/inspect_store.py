@@ -48,6 +48,7 @@ def summarize(path: Path) -> dict:
                 "diffusion_um2_s": ds["particles"]["diffusion_um2_s"],
                 "n_qd": ds["particles"]["n_qd"],
                 "movie": ds.get("movie"),
+                **({"stack": ds["stack"]} if ds.get("stack") is not None else {}),
             },
             "stats": {
                 "sampled_images": m,
@@ -65,6 +66,12 @@ def summarize(path: Path) -> dict:
             out["stats"]["particles_in_view_per_frame"] = float(st.read("in_view", 0, m).sum(1).mean())
             fs = st.read("frame_start_s", 0, min(n, 2))
             out["stats"]["frame_period_ms"] = float(1000 * (fs[1] - fs[0])) if len(fs) > 1 else None
+        if ds.get("stack") is not None and "plane_start_s" in st:
+            out["n_stacks"] = n
+            starts = st.read("plane_start_s", 0, 1)[0]
+            out["stats"]["planes"] = len(starts)
+            out["stats"]["plane_period_ms"] = float(1000 * (starts[1] - starts[0])) if len(starts) > 1 else None
+            out["stats"]["particles_in_view_per_stack"] = float(st.read("in_view", 0, m).sum(1).mean())
         if "expected" in st:
             expected = st.read("expected", 0, m).astype(np.float64)
             out["stats"]["mean_expected"] = float(expected.mean())
@@ -79,6 +86,10 @@ def format_summary(s: dict, brief: bool = False) -> str:
         drange = f"D {d[0]:.2f}-{d[1]:.2f} um^2/s" if d else "no particles"
         h, w = s["parameters"]["image_px"]
         movies = f" ({s['n_movies']} movies)" if s.get("n_movies") else ""
+        if s.get("n_stacks"):
+            return (f"{Path(s['path']).name}: {s['n_stacks']} stacks of {st['planes']} planes {h}x{w}, {drange}, "
+                    f"mean count {st['mean_count']:.2f}, mean peak {st['mean_peak_count']:.1f}, "
+                    f"{st['particles_per_image']:.2f} particles/stack")
         return (f"{Path(s['path']).name}: {s['n_images']} images{movies} {h}x{w}, {drange}, "
                 f"mean count {st['mean_count']:.2f}, mean peak {st['mean_peak_count']:.1f}, "
                 f"{st['particles_per_image']:.2f} particles/image")

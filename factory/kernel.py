@@ -28,6 +28,7 @@ from .motion import brownian_step
 from .psf import eq1_amplitude, eq1_signal
 from .rng import STATE_SIZE, dataset_key, normal, poisson, seed_state, uniform
 from .scan import FrameSchedule, frame_period_s, frame_schedule
+from .stacks import as_rows
 
 # Distribution codes understood by the kernel.
 FIXED, UNIFORM, NORMAL, POISSON_COUNT, REGION = 0, 1, 2, 3, 4
@@ -70,6 +71,8 @@ class KernelParams(NamedTuple):
     region_x1: float
     region_y0: float
     region_y1: float
+    first_plane_um: float  # focal z of frame 0 of a stream (psf.focal_z_um but in stacks)
+    plane_step_um: float  # focal z step from one frame to the next (0 but in stacks)
 
 
 def _dist(d) -> tuple[int, float, float]:
@@ -96,8 +99,10 @@ def kernel_params(ds: Dataset) -> KernelParams:
     h, w, px = ds.image.height_px, ds.image.width_px, ds.image.pixel_size_um
     m_px = ds.movie.margin_um / px if ds.movie is not None else 0.0
     sched = schedule_of(ds)
+    planes = ds.plane_z_um
     movie = (ds.frames_per_movie, frame_period_s(sched), ds.movie is not None,
-             -0.5 - m_px, w - 0.5 + m_px, -0.5 - m_px, h - 0.5 + m_px)
+             -0.5 - m_px, w - 0.5 + m_px, -0.5 - m_px, h - 0.5 + m_px,
+             planes[0], ds.stack.z_step_um if ds.stack is not None else 0.0)
     z = p.z_start_um
     if isinstance(z, FixedZ):
         zs = (FIXED, z.value, z.value)
@@ -141,7 +146,8 @@ def _reflect(v, lo, hi):
 @njit(parallel=True, nogil=True, cache=True)
 def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_movie, images, expected,
                    trajectories, centroids, n_particles, diffusion, n_qd, exposure_xy, exposure_t_s,
-                   in_view, frame_start_s, want_expected, want_traj):
+                   in_view, frame_start_s, centroid_z_um, exposure_z_um, exposure_weight,
+                   want_expected, want_traj):
     """Fill the batch arrays with the frames of movies ``first_movie ..`` (one movie per
     ``k.n_frames`` consecutive rows; an image is a movie of one frame).
 
@@ -151,7 +157,10 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
     not wanted), trajectories (B, P, T, 3) float32 (or (1, 1, 1, 3)), centroids and
     exposure_xy (B, P, 2) float32, n_particles (B,) int32, diffusion and n_qd (B, P)
     float32, exposure_t_s (B, P) float64 (from the movie's start), in_view (B, P) uint8,
-    frame_start_s (B,) float64.
+    frame_start_s (B,) float64, centroid_z_um and exposure_z_um (B, P) float32, and
+    exposure_weight (B, P) float64 (the frame's summed Eq. 1 signal of the particle, per
+    sub-step: what combines a stack's planes).  Frame f of a stream images the focal
+    plane ``first_plane_um + f * plane_step_um``.
     """
     F = k.n_frames
     M = images.shape[0] // F
@@ -168,8 +177,8 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
         amp = np.zeros(P)
         dcoef = np.zeros(P)
         acc = np.zeros((P, 3))
-        sums = np.zeros((P, 2))
-        wsum = np.zeros((P, 4))  # weight, weight * x, weight * y, weight * t
+        sums = np.zeros((P, 3))
+        wsum = np.zeros((P, 5))  # weight, weight * x, weight * y, weight * t, weight * z
 
         # Particles: count, then each one's D, brightness and start.
         if k.count_mode == POISSON_COUNT:
@@ -200,12 +209,16 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
             b = m * F + f
             n_particles[b] = n
             frame_start_s[b] = f * k.frame_period_s
+            focal_z = k.first_plane_um + f * k.plane_step_um
             for p in range(P):
                 centroids[b, p, 0] = np.nan
                 centroids[b, p, 1] = np.nan
                 exposure_xy[b, p, 0] = np.nan
                 exposure_xy[b, p, 1] = np.nan
                 exposure_t_s[b, p] = np.nan
+                centroid_z_um[b, p] = np.nan
+                exposure_z_um[b, p] = np.nan
+                exposure_weight[b, p] = 0.0
                 in_view[b, p] = 0
                 if p >= n:
                     diffusion[b, p] = np.nan
@@ -213,7 +226,8 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
             for p in range(n):
                 sums[p, 0] = 0.0
                 sums[p, 1] = 0.0
-                for j in range(4):
+                sums[p, 2] = 0.0
+                for j in range(5):
                     wsum[p, j] = 0.0
 
             # The joint walk, in the order the pixels are recorded.
@@ -231,7 +245,7 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                     for p in range(n):
                         sig = eq1_signal(
                             amp[p], (pos[p, 0] - lx) * px, (pos[p, 1] - row) * px,
-                            pos[p, 2] - k.focal_z_um, k.sigma_xy_um, k.sigma_z_um,
+                            pos[p, 2] - focal_z, k.sigma_xy_um, k.sigma_z_um,
                         )
                         signal += sig
                         acc[p, 0] += pos[p, 0]
@@ -241,6 +255,7 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                         wsum[p, 1] += sig * pos[p, 0]
                         wsum[p, 2] += sig * pos[p, 1]
                         wsum[p, 3] += sig * ts
+                        wsum[p, 4] += sig * pos[p, 2]
                     if f < F - 1 or t < T - 1 or s < S - 1:
                         dt = dt_sub
                         if s == S - 1:
@@ -259,6 +274,7 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                     my = acc[p, 1] / S
                     sums[p, 0] += mx
                     sums[p, 1] += my
+                    sums[p, 2] += acc[p, 2] / S
                     if want_traj:
                         trajectories[b, p, t, 0] = mx
                         trajectories[b, p, t, 1] = my
@@ -274,11 +290,14 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 cy = sums[p, 1] / T
                 centroids[b, p, 0] = cx
                 centroids[b, p, 1] = cy
+                centroid_z_um[b, p] = sums[p, 2] / T
+                exposure_weight[b, p] = wsum[p, 0] / S
                 in_view[b, p] = -0.5 <= cx < W - 0.5 and -0.5 <= cy < H - 0.5
                 if wsum[p, 0] > 0.0:
                     exposure_xy[b, p, 0] = wsum[p, 1] / wsum[p, 0]
                     exposure_xy[b, p, 1] = wsum[p, 2] / wsum[p, 0]
                     exposure_t_s[b, p] = frame_start_s[b] + wsum[p, 3] / wsum[p, 0]
+                    exposure_z_um[b, p] = wsum[p, 4] / wsum[p, 0]
 
 
 def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool) -> dict:
@@ -296,6 +315,9 @@ def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool
         "exposure_t_s": np.empty((n, P), np.float64),
         "in_view": np.empty((n, P), np.uint8),
         "frame_start_s": np.empty(n, np.float64),
+        "centroid_z_um": np.empty((n, P), np.float32),
+        "exposure_z_um": np.empty((n, P), np.float32),
+        "exposure_weight": np.empty((n, P), np.float64),
     }
 
 
@@ -317,7 +339,8 @@ def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: 
         np.int64(first_index // k.n_frames), arrays["images"], arrays["expected"],
         arrays["trajectories"], arrays["centroids"], arrays["n_particles"],
         arrays["diffusion"], arrays["n_qd"], arrays["exposure_xy"], arrays["exposure_t_s"],
-        arrays["in_view"], arrays["frame_start_s"], want_expected, want_traj,
+        arrays["in_view"], arrays["frame_start_s"], arrays["centroid_z_um"], arrays["exposure_z_um"],
+        arrays["exposure_weight"], want_expected, want_traj,
     )
     out = dict(arrays)
     if not want_expected:
@@ -327,11 +350,21 @@ def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: 
     return out
 
 
-def simulate(ds: Dataset, seed: int, start: int = 0, stop: int | None = None) -> dict:
-    """Simulate images ``start .. stop`` of dataset ``ds`` in memory (tests, notebooks)."""
+def store_rows(ds: Dataset, frames: dict) -> dict:
+    """The store's rows from the kernel's frames (``stacks.as_rows``)."""
+    planes = ds.planes if ds.stack is not None else None
+    return as_rows(frames, planes, ds.plane_z_um, ds.image.height_px, ds.image.width_px)
+
+
+def simulate(ds: Dataset, seed: int, start: int = 0, stop: int | None = None, rows: bool = True) -> dict:
+    """Simulate store rows ``start .. stop`` of dataset ``ds`` in memory (tests,
+    notebooks): images, movie frames or stacks.  ``rows=False`` returns the kernel's
+    per-frame arrays instead (a stack's planes one by one, with their z truth)."""
     stop = ds.n_images if stop is None else stop
     k = kernel_params(ds)
+    Z = ds.planes
     want_e, want_t = ds.output.expected, ds.output.trajectories
-    arrays = allocate_batch(k, stop - start, want_e, want_t)
-    return run_batch(k, schedule_of(ds), dataset_key(seed, ds.name), start, arrays, want_e, want_t)
+    arrays = allocate_batch(k, (stop - start) * Z, want_e, want_t)
+    frames = run_batch(k, schedule_of(ds), dataset_key(seed, ds.name), start * Z, arrays, want_e, want_t)
+    return store_rows(ds, frames) if rows else frames
 

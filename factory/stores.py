@@ -23,6 +23,13 @@ A movie store holds its movies' frames one after the other (movie ``i // n_frame
 frame ``i % n_frames``); particle slot p is the same particle in every frame of a
 movie.
 
+A stack store holds one stack per row: ``images`` and ``expected`` are (N, Z, H, W),
+``trajectories`` (N, P, Z * T, 3) in time order through the planes, the truth is the
+stack's (``centroids`` and ``centroid_z_um``: the mean over all the stack's pixel steps;
+``exposure_xy``, ``exposure_z_um``, ``exposure_t_s``: weighted by the particle's own
+signal over the whole stack; ``in_view``: the centroid inside the field in x and y), and
+``plane_start_s`` and ``plane_z_um`` (N, Z) replace ``frame_start_s``.
+
 Every array is chunked along N only, so a chunk holds whole images.  HDF5 arrays are
 compressed with deflate (gzip) after byte shuffling by default: both filters are built
 into every HDF5 library (h5py, h5dump, MATLAB, Fiji, HDFView), so any reader opens the
@@ -69,6 +76,10 @@ UNITS = {
     "exposure_t_s": "s from the movie's first pixel, weighted by the particle's own Eq. 1 signal",
     "in_view": "1 if the trajectory centroid lies inside the field",
     "frame_start_s": "s from the movie's first pixel",
+    "centroid_z_um": "um, mean over the stack's pixel steps",
+    "exposure_z_um": "um, weighted by the particle's own Eq. 1 signal",
+    "plane_start_s": "s from the stack's first pixel",
+    "plane_z_um": "um, focal plane of each plane of the stack",
 }
 COORDINATES = (
     "pixels; x = column, y = row; origin at the centre of pixel (0, 0) (TrackPy's convention)"
@@ -93,26 +104,38 @@ class ArraySpec:
 
 
 def array_specs(n: int, height: int, width: int, max_particles: int, chunk: int,
-                expected: bool = True, trajectories: bool = True) -> list[ArraySpec]:
-    """The arrays of a store of ``n`` images, in write order."""
-    P, T, c = max_particles, height * width, min(chunk, n)
-    specs = [ArraySpec("images", (n, height, width), np.uint16, (c, height, width), 0)]
+                expected: bool = True, trajectories: bool = True, planes: int | None = None) -> list[ArraySpec]:
+    """The arrays of a store of ``n`` images (or of ``n`` stacks of ``planes``), in write order."""
+    P, c = max_particles, min(chunk, n)
+    frame = (height, width) if planes is None else (planes, height, width)
+    T = height * width * (planes or 1)
+    specs = [ArraySpec("images", (n,) + frame, np.uint16, (c,) + frame, 0)]
     if expected:
-        specs.append(ArraySpec("expected", (n, height, width), np.float32, (c, height, width), np.nan))
+        specs.append(ArraySpec("expected", (n,) + frame, np.float32, (c,) + frame, np.nan))
     specs += [
         ArraySpec("n_particles", (n,), np.int32, (c,), -1),
         ArraySpec("centroids", (n, P, 2), np.float32, (c, P, 2), np.nan),
     ]
+    if planes is not None:
+        specs.append(ArraySpec("centroid_z_um", (n, P), np.float32, (c, P), np.nan))
     if trajectories:
         specs.append(ArraySpec("trajectories", (n, P, T, 3), np.float32, (c, P, T, 3), np.nan))
     specs += [
         ArraySpec("diffusion", (n, P), np.float32, (c, P), np.nan),
         ArraySpec("n_qd", (n, P), np.float32, (c, P), np.nan),
         ArraySpec("exposure_xy", (n, P, 2), np.float32, (c, P, 2), np.nan),
+    ]
+    if planes is not None:
+        specs.append(ArraySpec("exposure_z_um", (n, P), np.float32, (c, P), np.nan))
+    specs += [
         ArraySpec("exposure_t_s", (n, P), np.float64, (c, P), np.nan),
         ArraySpec("in_view", (n, P), np.uint8, (c, P), 0),
-        ArraySpec("frame_start_s", (n,), np.float64, (c,), np.nan),
     ]
+    if planes is None:
+        specs.append(ArraySpec("frame_start_s", (n,), np.float64, (c,), np.nan))
+    else:
+        specs += [ArraySpec("plane_start_s", (n, planes), np.float64, (c, planes), np.nan),
+                  ArraySpec("plane_z_um", (n, planes), np.float32, (c, planes), np.nan)]
     return specs
 
 
