@@ -23,6 +23,11 @@ CONFIG = {
         "m": {"n_movies": 23, "movie": {"n_frames": 7, "margin_um": 0.5},
               "image": {"height_px": 16, "width_px": 20},
               "particles": {"count": {"type": "poisson", "mean": 3, "max": 6}}},
+        # Stacks: 19 of 5 planes; chunks of 64 planes hold 13 stacks.
+        "s": {"n_stacks": 19, "stack": {"n_planes": 5, "z_step_um": 0.4},
+              "image": {"height_px": 12, "width_px": 14},
+              "particles": {"count": {"type": "poisson", "mean": 2, "max": 5}, "diffusion_um2_s": 0.3,
+                            "xy_start": {"margin_px": 1}, "z_start_um": {"low": -1.0, "high": 1.0}}},
     },
 }
 
@@ -70,10 +75,10 @@ def test_any_split_gives_the_single_process_bytes(setup, fmt, count):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q")
     assert r.returncode == 0, r.stderr
-    for name in ("a", "b", "m"):
+    for name in ("a", "b", "m", "s"):
         assert_identical(root / f"single-{fmt}" / f"{name}{EXT[fmt]}", out / f"{name}{EXT[fmt]}")
     r = run_cli("verify", out)
-    assert r.returncode == 0 and r.stdout.count(": ok") == 3, r.stderr
+    assert r.returncode == 0 and r.stdout.count(": ok") == 4, r.stderr
 
 
 def test_copy_finalize_is_self_contained(setup, tmp_path):
