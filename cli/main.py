@@ -261,7 +261,9 @@ def evaluate(
     chosen = [x for x in (detector, model, predictions) if x is not None]
     if len(chosen) != 1:
         raise FactoryError("give exactly one of --detector, --model or --predictions")
-    if predictions is not None:
+    if _stack_stores(find_test_stores(data, datasets)):
+        _evaluate_stacks(data, out, detector, model, predictions, datasets, tune_on, quiet)
+    elif predictions is not None:
         stores = find_test_stores(data, datasets)
         if len(stores) != 1:
             raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME "
@@ -285,8 +287,97 @@ def evaluate(
         from models.runs import load_model
 
         det = load_model(model)
+        if det.ndim == 3:
+            raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
         evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)}, gates_nm=gates)
     typer.echo((out / "table.md").read_text())
+
+
+def _stack_stores(stores: list[Path]) -> bool:
+    """Whether the test stores are z-stacks (all of them) or images (none)."""
+    from factory.stores import Store
+    from models.volumes import is_stack_store
+
+    kinds = {}
+    for p in stores:
+        with Store(p) as st:
+            kinds[p] = is_stack_store(st)
+    if len(set(kinds.values())) > 1:
+        raise FactoryError(f"{', '.join(str(p) for p in stores)}: mixes z-stacks and images; "
+                           "score them in separate runs (--datasets)")
+    return any(kinds.values())
+
+
+def _evaluate_stacks(data: Path, out: Path, detector, model, predictions, datasets, tune_on: str, quiet: bool):
+    """``factory evaluate`` on z-stack stores: TrackPy 3D tuned on --tune-on, a 3D model,
+    or a CSV of frame, x, y, z_um, score."""
+    import numpy as np
+
+    from factory.stores import Store
+    from models.evaluate import find_test_stores
+    from models.volumes import evaluate_stacks, geometry, truth_um, tune_trackpy
+
+    stores = find_test_stores(data, datasets)
+    if predictions is not None:
+        from models.metrics import evaluate_points_3d
+        from models.volumes import stack_table
+
+        if len(stores) != 1:
+            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME")
+        with Store(stores[0]) as st:
+            gt, geom = truth_um(st), geometry(st)
+        table = _read_stack_csv(predictions, gt.n_frames)
+        pred = geom.to_um(table["frame"], table["x"], table["y"], table["z_um"] / geom.z_step_um, gt.n_frames)
+        m = {stores[0].stem: evaluate_points_3d(pred, table["score"].to_numpy(np.float64), gt)}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"kind": "stacks", "label": predictions.stem, "datasets": m},
+                                                     indent=2))
+        (out / "table.md").write_text(stack_table({predictions.stem: m}) + "\n")
+    elif detector is not None:
+        if detector != "trackpy":
+            raise FactoryError(f"--detector {detector}: z-stacks have one built-in detector, trackpy "
+                               "(TrackPy 3D, tuned on --tune-on)")
+        if tune_on.startswith("test"):
+            raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
+        path = find_test_stores(data, [tune_on])[0]
+        with Store(path) as st:
+            stacks, gt, geom = st.read("images"), truth_um(st), geometry(st)
+        if not quiet:
+            typer.echo(f"tuning TrackPy 3D on {path} ({len(stacks)} stacks)...", err=True)
+        det, grid = tune_trackpy(stacks, gt, geom)
+        out.mkdir(parents=True, exist_ok=True)
+        det.save(out / "trackpy3d.json", {"tuned_on": str(path), "tune_stacks": len(stacks), "grid": grid})
+        evaluate_stacks(det, stores, out, det.label, extra={"params": det.params.model_dump()})
+    else:
+        from models.runs import load_model
+
+        det = load_model(model)
+        if det.ndim != 3:
+            raise FactoryError(f"{model}: a 2D model scores images; {data} holds z-stacks (train dmdetnet3d)")
+        evaluate_stacks(det, stores, out, det.label, target=det.target, extra={"model": str(model)})
+
+
+def _read_stack_csv(path: Path, n_frames: int):
+    import numpy as np
+    import pandas as pd
+
+    if not path.is_file():
+        raise FactoryError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FactoryError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    need = ("frame", "x", "y", "z_um", "score")
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise FactoryError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(need)})")
+    for c in need:
+        if not pd.api.types.is_numeric_dtype(table[c]) or not np.isfinite(table[c].to_numpy(np.float64)).all():
+            raise FactoryError(f"{path}: column {c} must hold finite numbers")
+    f = table["frame"].to_numpy()
+    if len(f) and (f.min() < 0 or f.max() >= n_frames or not np.all(f == np.round(f))):
+        raise FactoryError(f"{path}: column frame must hold stack indices 0..{n_frames - 1}")
+    return table
 
 
 def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool,
@@ -367,7 +458,7 @@ def train(
     m = fit(cfg, data, out, device.value, resume, progress=not quiet)
     best = m["history"][m["best_epoch"] - 1]["val_auc"]
     typer.echo(f"{out}: best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
-               f"{best['70']:.3f} / {best['140']:.3f} / {best['210']:.3f} at 70 / 140 / 210 nm, "
+               f"{' / '.join(f'{a:.3f}' for a in best.values())} at {' / '.join(best)} nm, "
                f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
 
 
@@ -403,10 +494,16 @@ def predict(
     frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
     bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction of the recording."),
     all_scores: bool = typer.Option(False, "--all", help="Keep every candidate, not only those above the model's tuned threshold."),
+    z_step_um: Optional[float] = typer.Option(None, "--z-step-um", help="3D models: the z step of the stacks (um), where the TIFF does not record it."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Localise particles in recordings (any image size) and time-stamp each one.
+
+    3D models (dmdetnet3d) take z-stacks (Z x H x W or T x Z x H x W TIFFs, or a stack
+    store) and write frame, x, y, z_um (from the first plane), score; the z step comes
+    from --z-step-um, else the TIFF's metadata (or the store), else the model's training
+    data, and the output says which.
 
     t_s (seconds from the recording's first pixel) is the scan time at the localisation
     for exposure-target models and TrackPy, and the frame's mean pixel time for
@@ -418,7 +515,12 @@ def predict(
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
     _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms)
+    if z_step_um is not None and not z_step_um > 0:
+        raise FactoryError(f"--z-step-um {z_step_um:g}: the z step must be > 0 um")
     det = load_detector(model, device.value)
+    if getattr(det, "ndim", 2) == 3:
+        _predict_stacks(det, Path(model), input, out, z_step_um, pixel_size_um, all_scores, quiet)
+        return
     images = read_images(input)
     frame_start = None
     from factory.stores import Store, is_store_path
@@ -440,6 +542,47 @@ def predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     typer.echo(f"{out}: {len(table)} localisations in {len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px")
+
+
+def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_size_um, all_scores: bool,
+                    quiet: bool) -> None:
+    """``factory predict`` with a 3D model: stacks in, (x, y, z_um) out."""
+    from factory.stores import Store, is_store_path
+    from models.predict import read_stacks, tiff_z_step_um
+    from models.volumes import StackGeometry, with_z_um
+
+    stacks = read_stacks(input)
+    trained = det.model_params.get("z_step_um") if hasattr(det, "model_params") else None
+    source = "--z-step-um"
+    if z_step_um is None and is_store_path(input):
+        with Store(input) as st:
+            stack = st.config["dataset"].get("stack")
+        z_step_um, source = (stack or {}).get("z_step_um"), f"the store {input}"
+    if z_step_um is None and input.suffix.lower() in (".tif", ".tiff"):
+        z_step_um, source = tiff_z_step_um(input), f"the TIFF's metadata ({input})"
+    if z_step_um is None and trained:
+        z_step_um, source = trained, f"the model's training data ({model})"
+    if z_step_um is None:
+        raise FactoryError(f"{input}: the z step is not recorded; give --z-step-um")
+    if not z_step_um > 0:
+        raise FactoryError(f"{input}: z step {z_step_um:g} um (from {source}) must be > 0")
+    if not quiet:
+        typer.echo(f"z step: {z_step_um:g} um (from {source})", err=True)
+        if trained and abs(z_step_um - trained) > 1e-6 * trained:
+            typer.echo(f"note: the model was trained on stacks {trained:g} um apart; its z targets assume "
+                       "that step", err=True)
+    table = det.detect(stacks, progress=not quiet)
+    table = with_z_um(table, StackGeometry(pixel_size_um or 1.0, z_step_um))
+    if pixel_size_um is not None:
+        table["x_um"] = table["x"] * pixel_size_um
+        table["y_um"] = table["y"] * pixel_size_um
+    thr = getattr(det, "threshold", None)
+    if thr is not None and not all_scores:
+        table = table[table.score >= thr]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    n, z, h, w = stacks.shape
+    typer.echo(f"{out}: {len(table)} localisations in {n} stack(s) of {z} planes of {h} x {w} px")
 
 
 @app.command()

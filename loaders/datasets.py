@@ -18,8 +18,28 @@ from torch.utils.data import Dataset
 
 from factory.stores import Store
 
-# Training targets: the store array holding each one's (x, y) per image and particle.
+# Training targets: the store array holding each one's (x, y) per image and particle,
+# and in stack stores the one holding its z (um).
 TARGETS = {"centroid": "centroids", "exposure": "exposure_xy"}
+TARGETS_Z = {"centroid": "centroid_z_um", "exposure": "exposure_z_um"}
+
+
+def stack_points(xy: np.ndarray, z_um: np.ndarray, plane_z_um: np.ndarray, n_particles: np.ndarray,
+                 in_view: np.ndarray) -> np.ndarray:
+    """(N, P, 3) voxel coordinates (x px, y px, z in planes from the first plane) of a
+    stack store's targets, NaN where a particle is not one: those whose centroid lies in
+    the field (``in_view``) and whose z lies within half a step of the planes."""
+    plane_z_um = np.asarray(plane_z_um, np.float64)
+    Z = plane_z_um.shape[1]
+    step = plane_z_um[:, 1:2] - plane_z_um[:, :1] if Z > 1 else np.ones((len(plane_z_um), 1))
+    zi = (np.asarray(z_um, np.float64) - plane_z_um[:, :1]) / step
+    pts = np.concatenate([np.asarray(xy, np.float32), zi[..., None].astype(np.float32)], -1)
+    keep = np.arange(pts.shape[1])[None, :] < np.asarray(n_particles)[:, None]
+    keep &= np.asarray(in_view).astype(bool)
+    with np.errstate(invalid="ignore"):
+        keep &= (zi >= -0.5) & (zi <= Z - 0.5)
+    pts[~keep] = np.nan
+    return pts
 
 
 def truth_points(points: np.ndarray, n_particles: np.ndarray, in_view: np.ndarray | None,
@@ -57,6 +77,7 @@ class _LazyStore:
             self.chunk = int(st["images"].chunks[0])
             self.max_particles = int(st["centroids"].shape[1])
             self.movie = st.config["dataset"].get("movie") is not None
+            self.stack = st.config["dataset"].get("stack") is not None
 
     def get(self) -> Store:
         if self._store is None or self._pid != os.getpid():
@@ -65,7 +86,8 @@ class _LazyStore:
             self._small = None
         return self._store
 
-    SMALL = ("centroids", "n_particles", "diffusion", "exposure_xy", "in_view")
+    SMALL = ("centroids", "n_particles", "diffusion", "exposure_xy", "in_view", "centroid_z_um",
+             "exposure_z_um", "plane_z_um")
     SMALL_LIMIT = 64 * 2**20  # bytes of per-image metadata worth holding in memory
 
     def small(self, name: str, a: int, b: int) -> np.ndarray:
@@ -151,7 +173,9 @@ class StoreBatches(Dataset):
 
     An item is ``(images (B, 1, H, W) float32, targets)`` where ``targets`` holds
     ``points`` (B, P, 2): the chosen ``target`` (``centroid`` or ``exposure``), NaN where
-    a particle is not a detection target (``truth_points``), ``centroids`` (B, P, 2),
+    a particle is not a detection target (``truth_points``).  From a stack store images
+    are (B, 1, Z, H, W) and ``points`` (B, P, 3) voxel coordinates (``stack_points``).
+    Also ``centroids`` (B, P, 2),
     ``n_particles`` (B,), ``diffusion`` (B, P) and ``index`` (B,).
     """
 
@@ -190,10 +214,15 @@ class StoreBatches(Dataset):
         images = np.asarray(st["images"][a:z], np.float32)
         names = [n for n in ("centroids", "n_particles", "diffusion") if n in self.store.names]
         targets = {name: self.store.small(name, a, z) for name in names}
-        h, w = self.store.image_shape
-        in_view = self.store.small("in_view", a, z) if self.store.movie else None
-        targets["points"] = truth_points(self.store.small(TARGETS[self.target], a, z), targets["n_particles"],
-                                         in_view, self.store.movie, h, w)
+        h, w = self.store.image_shape[-2:]
+        small = self.store.small
+        if self.store.stack:  # (B, P, 3) voxel coordinates
+            targets["points"] = stack_points(small(TARGETS[self.target], a, z), small(TARGETS_Z[self.target], a, z),
+                                             small("plane_z_um", a, z), targets["n_particles"], small("in_view", a, z))
+        else:
+            in_view = small("in_view", a, z) if self.store.movie else None
+            targets["points"] = truth_points(small(TARGETS[self.target], a, z), targets["n_particles"],
+                                             in_view, self.store.movie, h, w)
         targets["index"] = np.arange(a, z)
         if self.shuffle_within:
             perm = np.random.default_rng([self.seed, self.epoch, b]).permutation(z - a)

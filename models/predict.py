@@ -105,3 +105,64 @@ def predict(detector, images: np.ndarray, pixel_size_um: float | None = None,
         if "sigma" in table:
             table["sigma_um"] = table["sigma"] * pixel_size_um
     return table
+
+
+def tiff_z_step_um(path: Path) -> float | None:
+    """The z step a TIFF records: ImageJ's ``spacing`` or OME's ``PhysicalSizeZ`` (um)."""
+    import re
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            ij = tf.imagej_metadata or {}
+            if "spacing" in ij and str(ij.get("unit", "micron")).lower() in ("micron", "um", "µm", "\\u00b5m"):
+                return float(ij["spacing"])
+            ome = tf.ome_metadata or ""
+    except Exception:  # unreadable metadata: the caller asks for --z-step-um
+        return None
+    m = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', ome)
+    unit = re.search(r'PhysicalSizeZUnit="([^"]+)"', ome)
+    if m and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+        return float(m.group(1))
+    return None
+
+
+def read_stacks(path: str | Path) -> np.ndarray:
+    """(N, Z, H, W) float32 from a TIFF (one Z x H x W stack, or T x Z x H x W), .npy or
+    a stack store."""
+    path = Path(path)
+    if not path.exists():
+        raise FactoryError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            a = tifffile.imread(path)
+        elif suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+        elif is_store_path(path):
+            with Store(path) as st:
+                a = st.read("images")
+        else:
+            raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
+    except FactoryError:
+        raise
+    except Exception as exc:
+        raise FactoryError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    a = np.asarray(a)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4:
+        raise FactoryError(f"{path}: a 3D model needs a z-stack (Z x H x W, or T x Z x H x W), "
+                           f"got an array of shape {a.shape}")
+    if a.shape[1] < 3 or min(a.shape[2:]) < 8:
+        raise FactoryError(f"{path}: stacks of {a.shape[1]} planes of {a.shape[2]} x {a.shape[3]} px are too small "
+                           "(at least 3 planes of 8 x 8 px)")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise FactoryError(f"{path}: contains NaN or infinite pixels")
+    return a

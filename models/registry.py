@@ -23,7 +23,7 @@ from factory.errors import ConfigError, FactoryError
 
 from . import trackpy_baseline
 from .base import as_table, check_images, empty_table
-from .networks import densitynet, gridnet, keypoint_rcnn, spotnet
+from .networks import densitynet, dmdetnet3d, gridnet, keypoint_rcnn, spotnet
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,13 @@ class Family:
     loss: Callable | None = None  # (model, images, centroids) -> (loss, parts)
     predict: Callable | None = None  # (model, images, min_score) -> [(xy, score, sigma|None)]
     train_defaults: dict = field(default_factory=dict)  # overrides of TrainConfig's defaults
-    pixels_per_batch: int = 2**16  # inference batch size by image area
+    pixels_per_batch: int = 2**16  # inference batch size by image area (voxels for stacks)
+    ndim: int = 2  # 2: images (N, H, W); 3: z-stacks (N, Z, H, W)
 
 
 def _network(name: str, module: ModuleType) -> Family:
     return Family(name, module.LABEL, module.Params, "network", module.build, module.loss, module.predict,
-                  dict(module.TRAIN_DEFAULTS), module.PIXELS_PER_BATCH)
+                  dict(module.TRAIN_DEFAULTS), module.PIXELS_PER_BATCH, getattr(module, "NDIM", 2))
 
 
 FAMILIES: dict[str, Family] = {
@@ -49,9 +50,11 @@ FAMILIES: dict[str, Family] = {
     "gridnet": _network("gridnet", gridnet),
     "densitynet": _network("densitynet", densitynet),
     "keypointrcnn": _network("keypointrcnn", keypoint_rcnn),
+    "dmdetnet3d": _network("dmdetnet3d", dmdetnet3d),
     "trackpy": Family("trackpy", trackpy_baseline.LABEL, trackpy_baseline.Params, "classical"),
 }
 NETWORKS = tuple(n for n, f in FAMILIES.items() if f.kind == "network")
+DETECTORS_2D = tuple(n for n, f in FAMILIES.items() if f.ndim == 2)
 
 
 def family(name: str) -> Family:
@@ -103,9 +106,12 @@ class NetDetector:
         self.threshold = threshold
         self.min_score = min_score
         self.device = device
+        self.ndim = fam.ndim
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
+        if self.ndim == 3:
+            return self._detect_stacks(images, progress)
         from tqdm.auto import tqdm
 
         images = check_images(images)
@@ -124,3 +130,25 @@ class NetDetector:
         xy = np.concatenate(xys)
         return as_table(np.concatenate(frames), xy[:, 0], xy[:, 1], np.concatenate(scores),
                         sigma=np.concatenate(sigmas))
+
+    @torch.no_grad()
+    def _detect_stacks(self, stacks, progress: bool = False) -> pd.DataFrame:
+        """(N, Z, H, W) stacks -> ``frame, x, y, z, score, sigma`` (x, y px; z in planes
+        from the first plane)."""
+        from tqdm.auto import tqdm
+
+        stacks = np.asarray(stacks)
+        if stacks.ndim != 4:
+            raise FactoryError(f"a 3D model needs (N, Z, H, W) stacks, got an array of shape {stacks.shape}")
+        n = len(stacks)
+        bs = max(1, self.family.pixels_per_batch // int(np.prod(stacks.shape[1:])))
+        parts = []
+        for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
+            x = torch.from_numpy(np.ascontiguousarray(stacks[a:a + bs], np.float32))[:, None].to(self.device)
+            for i, (xyz, s, _) in enumerate(self.family.predict(self.model, x, self.min_score)):
+                if len(s):
+                    parts.append(pd.DataFrame({"frame": a + i, "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
+                                               "score": s, "sigma": np.nan}))
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype=float) for c in ("frame", "x", "y", "z", "score", "sigma")})
+        return pd.concat(parts, ignore_index=True)

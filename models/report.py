@@ -10,7 +10,10 @@ import pandas as pd
 
 from factory.stores import Store
 
+from factory.errors import FactoryError
+
 from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, is_movie_store, table1
+from .volumes import is_stack_store, write_volume_report
 
 
 def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
@@ -32,8 +35,16 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     from factory.preview import preview
 
     runs = Path(runs)
-    evals = collect(runs)
     tests = {p.stem: p for p in find_test_stores(data, datasets)}
+    stacks = []
+    for name, p in tests.items():
+        with Store(p) as st:
+            stacks.append(is_stack_store(st))
+    if any(stacks):
+        if not all(stacks):
+            raise FactoryError(f"{data}: holds both z-stack and image test stores; report them apart (--datasets)")
+        return write_volume_report(runs, tests)
+    evals = collect(runs)
     diffusions, movies = {}, []
     for name, p in tests.items():
         with Store(p) as st:

@@ -110,7 +110,9 @@ class RunFolder:
         except RuntimeError as exc:
             raise FactoryError(f"{self.file(weights)}: weights do not fit the network of {self.CONFIG} "
                                f"({str(exc).splitlines()[0]})") from None
-        return NetDetector(fam, model, self.threshold, cfg.min_score, device, target=cfg.target)
+        det = NetDetector(fam, model, self.threshold, cfg.min_score, device, target=cfg.target)
+        det.model_params = dict(cfg.model_params)  # 3D models: the voxel size they were trained on
+        return det
 
 
 def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST) -> NetDetector:

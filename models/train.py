@@ -22,7 +22,8 @@ from loaders.datasets import StoreBatches
 
 from .evaluate import ground_truth, pixel_size_um as store_pixel_size
 from .config import TrainConfig
-from .metrics import F1_GATE_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
+from . import volumes
+from .metrics import F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
 from .registry import NetDetector, family
 from .runs import RunFolder
 
@@ -125,14 +126,32 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         torch.set_num_threads(cfg.threads)
     run.create()
 
+    with Store(train_path) as st:
+        stacks = volumes.is_stack_store(st)
+        if stacks != (fam.ndim == 3):
+            raise FactoryError(f"{train_path}: {cfg.model} trains on {'z-stacks' if fam.ndim == 3 else 'images'}, "
+                               f"this store holds {'z-stacks' if stacks else 'images'}")
+        if stacks:  # the voxel size the 3D targets are drawn in, recorded in the run's config
+            geom = volumes.geometry(st)
+            params = {"pixel_size_um": geom.pixel_size_um, "z_step_um": geom.z_step_um, **{
+                k: v for k, v in cfg.model_params.items() if v is not None}}
+            cfg = cfg.model_copy(update={"model_params": params})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = fam.build(cfg.params()).to(device)
     with Store(val_path) as st:
         nv = min(cfg.val_images, len(st))
         val_images = st.read("images", 0, nv)
-        val_gt = ground_truth(st, cfg.target, 0, nv)
+        if stacks:
+            val_gt, geom = volumes.truth_um(st, cfg.target, 0, nv), volumes.geometry(st)
+        else:
+            val_gt = ground_truth(st, cfg.target, 0, nv)
         pixel_size_um = store_pixel_size(st)
+
+    def run_validation():
+        if stacks:
+            return volumes.validate(detector, val_images, val_gt, geom)
+        return validate(detector, val_images, val_gt, pixel_size_um)
     with Store(train_path) as st:
         chunk = st.chunk_rows or 256
         n_train = min(len(st), cfg.max_train_images or len(st))
@@ -164,10 +183,10 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         t0 = time.perf_counter()
         stats = train_one_epoch(model, fam, opt, sched, loader, cfg, epoch, device, steps, progress)
         with _tta(model, cfg.val_tta):
-            v = validate(detector, val_images, val_gt, pixel_size_um)
+            v = run_validation()
         model.train()
         row = {"epoch": epoch + 1, "loss": stats["loss"],
-               "val_auc": {str(g): a for g, a in zip(GATES_NM, v["auc"])},
+               "val_auc": {str(g): a for g, a in zip(GATES_3D_NM if stacks else GATES_NM, v["auc"])},
                "val_mean_auc": v["mean_auc"], "seconds": time.perf_counter() - t0}
         history.append(row)
         improved = v["mean_auc"] > best
@@ -181,10 +200,13 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     # The F1 operating point of the best model, on the validation set.
     state = run.load(run.BEST, map_location=device)
     model.load_state_dict(state["model"])
-    v = validate(detector, val_images, val_gt, pixel_size_um)
+    v = run_validation()
     t = v["table"]
-    threshold = best_f1_threshold(t.frame, t[["x", "y"]].to_numpy(), t.score, val_gt,
-                                  nm_to_px(F1_GATE_NM, pixel_size_um))
+    if stacks:
+        threshold = volumes.f1_threshold(t, val_gt, geom)
+    else:
+        threshold = best_f1_threshold(t.frame, t[["x", "y"]].to_numpy(), t.score, val_gt,
+                                      nm_to_px(F1_GATE_NM, pixel_size_um))
     best_epoch = int(state["epoch"]) + 1
     metrics = {"model": cfg.model, "target": cfg.target, "best_epoch": best_epoch, "best_val_mean_auc": best,
                "threshold": threshold, "history": history, "data": str(data),

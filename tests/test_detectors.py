@@ -6,9 +6,9 @@ import pytest
 
 from conftest import ready_detector, small_training_set
 from models.base import COLUMNS
-from models.registry import FAMILIES
+from models.registry import DETECTORS_2D
 
-DETECTORS = list(FAMILIES)
+DETECTORS = list(DETECTORS_2D)
 
 
 @pytest.fixture(scope="module")
