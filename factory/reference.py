@@ -68,18 +68,30 @@ def _fold(v, lo, hi):
     return lo + np.where(u <= span, u, 2 * span - u)
 
 
+def plane_z_um(ds: Dataset) -> np.ndarray:
+    """Focal z of each frame of a stream: a stack's planes (centred on the PSF's focal
+    plane unless ``first_plane_um`` is given), else the focal plane for every frame."""
+    st, F = ds.stack, ds.frames_per_movie
+    if st is None:
+        return np.full(F, ds.psf.focal_z_um)
+    first = st.first_plane_um if st.first_plane_um is not None else ds.psf.focal_z_um - (F - 1) * st.z_step_um / 2
+    return first + np.arange(F) * st.z_step_um
+
+
 def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
-    """Simulate ``n`` frames (whole movies) of ``ds``, vectorised over movies, particles
-    and time."""
+    """Simulate ``n`` frames (whole movies) of ``ds``, or ``n`` stacks, vectorised over
+    movies, particles and time."""
     H, W = ds.image.height_px, ds.image.width_px
     px = ds.image.pixel_size_um
     S, F = ds.scan.substeps_per_dwell, ds.frames_per_movie
     p, psf = ds.particles, ds.psf
     P = p.max_particles
     T = H * W
-    if n % F:
+    stack = ds.stack is not None
+    if n % F and not stack:
         raise ValueError(f"{n} frames are not whole movies of {F}")
-    nm = n // F
+    nm = n if stack else n // F
+    n = nm * F  # frames
     if isinstance(p.count, FixedCount):
         counts = np.full(nm, p.count.n)
     else:
@@ -115,7 +127,7 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
 
     amp = _amplitude(nqd, psf.sigma_xy_um, psf.sigma_z_um)
     own = _signal(amp[..., None], (pos[..., 0] - lx) * px, (pos[..., 1] - ly) * px,
-                  pos[..., 2] - psf.focal_z_um, psf.sigma_xy_um, psf.sigma_z_um)
+                  pos[..., 2] - np.repeat(plane_z_um(ds), T * S), psf.sigma_xy_um, psf.sigma_z_um)
     own = np.where(present[..., None], own, 0.0)  # (nm, P, F*T*S): each particle's signal
     signal = own.sum(axis=1)
     lam_t = ds.background.n_bkg + signal.reshape(nm * F, T, S).mean(axis=2)
@@ -145,6 +157,8 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
     else:
         images = counts_img.astype(np.float64)
     images = np.minimum(images, UINT16_MAX).astype(np.uint16)
+    if stack:
+        return _stack_truth(ds, images, expected, pos, own, t, present, counts, D, nqd)
 
     # Per frame: (n, P, T, 3) with frames of a movie consecutive, as the stores hold them.
     traj = pos.reshape(nm, P, F, T, S, 3).mean(axis=4).transpose(0, 2, 1, 3, 4).reshape(n, P, T, 3)
@@ -166,4 +180,38 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
         "exposure_t_s": exposure_t,
         "in_view": in_view.astype(np.uint8),
         "frame_start_s": np.tile(np.arange(F) * period, nm),
+    }
+
+
+def _stack_truth(ds: Dataset, images, expected, pos, own, t, present, counts, D, nqd) -> dict:
+    """Stack rows computed over the whole stack's samples at once (the kernel combines
+    per-plane sums instead)."""
+    H, W = ds.image.height_px, ds.image.width_px
+    F, S = ds.frames_per_movie, ds.scan.substeps_per_dwell
+    nm, P = present.shape
+    traj = pos.reshape(nm, P, -1, S, 3).mean(axis=3)  # (nm, P, F * T, 3), time order
+    traj[~present] = np.nan
+    cen = traj.mean(axis=2)
+    wsum = own.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ex = (own[..., None] * pos).sum(2) / wsum[..., None]
+        et = (own * t[None, None]).sum(-1) / wsum
+    in_view = present & (cen[..., 0] >= -0.5) & (cen[..., 0] < W - 0.5) & (cen[..., 1] >= -0.5) & (cen[..., 1] < H - 0.5)
+    period = H * W * ds.scan.dwell_us * 1e-6 + (H - 1) * ds.scan.line_retrace_ms * 1e-3 + ds.flyback_ms * 1e-3
+    nan = lambda a: np.where(present[..., None] if a.ndim == 3 else present, a, np.nan)
+    return {
+        "images": images.reshape(nm, F, H, W),
+        "expected": expected.reshape(nm, F, H, W).astype(np.float32),
+        "trajectories": traj.astype(np.float32),
+        "centroids": cen[..., :2].astype(np.float32),
+        "centroid_z_um": cen[..., 2].astype(np.float32),
+        "n_particles": counts.astype(np.int32),
+        "diffusion": nan(D).astype(np.float32),
+        "n_qd": nan(nqd).astype(np.float32),
+        "exposure_xy": nan(ex[..., :2]).astype(np.float32),
+        "exposure_z_um": nan(ex[..., 2]).astype(np.float32),
+        "exposure_t_s": nan(et),
+        "in_view": in_view.astype(np.uint8),
+        "plane_start_s": np.tile(np.arange(F) * period, (nm, 1)),
+        "plane_z_um": np.tile(plane_z_um(ds), (nm, 1)).astype(np.float32),
     }

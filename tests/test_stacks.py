@@ -6,18 +6,28 @@ import pytest
 
 from conftest import dataset
 from factory.kernel import simulate
+from factory.reference import simulate_numpy
 
 PX, SXY, SZ, NBKG = 0.07, 0.21, 1.36, 8.4
 DWELL, RETRACE = 2e-6, 1.1e-3
 
 
-def stacks(n, planes, step, **sections):
-    stack = {"n_planes": planes, "z_step_um": step, **sections.pop("stack", {})}
-    cfg, ds = dataset(None, n_stacks=n, stack=stack, **sections)
-    return ds, simulate(ds, cfg.seed)
+@pytest.fixture(params=["numba", "numpy"])
+def stacks(request):
+    """Simulate stacks with the kernel and with the NumPy reference engine (which
+    computes the stack truth over all samples at once, not by combining planes)."""
+
+    def run(n, planes, step, **sections):
+        stack = {"n_planes": planes, "z_step_um": step, **sections.pop("stack", {})}
+        cfg, ds = dataset(None, n_stacks=n, stack=stack, **sections)
+        if request.param == "numba":
+            return ds, simulate(ds, cfg.seed)
+        return ds, simulate_numpy(ds, n, np.random.default_rng(cfg.seed))
+
+    return run
 
 
-def test_a_fixed_particles_axial_profile_across_planes_is_the_gaussian_of_sigma_z():
+def test_a_fixed_particles_axial_profile_across_planes_is_the_gaussian_of_sigma_z(stacks):
     """D = 0: every plane images the same particle, so the signal summed over a plane
     (expected minus background) follows exp(-(z - z_k)^2 / (2 sigma_z^2)) across the
     planes z_k = -(Z - 1) / 2 * step + k * step."""
@@ -39,7 +49,7 @@ def test_a_fixed_particles_axial_profile_across_planes_is_the_gaussian_of_sigma_
     np.testing.assert_allclose(out["exposure_z_um"][:, 0], z0, atol=1e-6)
 
 
-def test_the_3d_walk_runs_through_the_whole_stack_timing_with_msd_2dt():
+def test_the_3d_walk_runs_through_the_whole_stack_timing_with_msd_2dt(stacks):
     """The particle keeps walking through retraces and the piezo moves: the displacement
     from the first pixel of plane 0 to the first pixel of plane k has variance
     2 D k (H W dwell + (H - 1) retrace + plane flyback) on every axis."""
@@ -61,7 +71,7 @@ def test_the_3d_walk_runs_through_the_whole_stack_timing_with_msd_2dt():
         assert np.all(np.abs(msd - expect) < 4 * se), (k, msd, expect)
 
 
-def test_stack_truth_is_the_centroid_over_all_pixel_steps_and_the_signal_weighted_position():
+def test_stack_truth_is_the_centroid_over_all_pixel_steps_and_the_signal_weighted_position(stacks):
     """The centroid (x, y, z) is the mean of the trajectory over every pixel step of the
     stack; the exposure position and time weight each step by the particle's own Eq. 1
     signal with the focal plane of its plane."""
