@@ -82,7 +82,7 @@ def rel_rmse(d_hat, D):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=None,
-                    help="run folder(s) to check (default: runs/demo/model and runs/movies/model if present)")
+                    help="run folder(s) to check (default: runs/demo/model and runs/movies/movie-model if present)")
     ap.add_argument("--movies", type=int, default=200, help="movies per case")
     ap.add_argument("--trackpy", action="append", help="also a TrackPy parameter file (trackpy.json of an evaluation)")
     args = ap.parse_args()
@@ -94,8 +94,15 @@ def main():
     from models.tracks import blur_r, search_range_px
 
     tune_malloc()
-    models = args.model or [str(p) for p in (ROOT / "runs/demo/model", ROOT / "runs/movies/model") if (p / "best.pt").exists()]
-    detectors = {m: load_detector(m) for m in models}
+    from models.runs import RunFolder, load_model
+
+    models = args.model or [str(p) for p in (ROOT / "runs/demo/model", ROOT / "runs/movies/movie-model")
+                            if (p / "best.pt").exists()]
+    detectors = {}
+    for m in models:  # every head of a network with a head per target
+        targets = RunFolder(m).read_config().targets
+        for t in targets:
+            detectors[m if len(targets) == 1 else f"{m} ({t} head)"] = load_model(m, target=t)
     detectors["trackpy (paper settings)"] = load_detector("trackpy")
     from models.trackpy_baseline import TrackPyDetector
 

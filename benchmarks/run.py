@@ -281,7 +281,7 @@ def bench_track(args):
     from factory.perf import tune_malloc
     from models.config import load_train_config
     from models.registry import NetDetector, family
-    from models.runs import load_model
+    from models.predict import load_detector
     from models.timing import ScanTiming
     from models.trackpy_baseline import PAPER, TrackPyDetector
     from models.tracks import track_recording
@@ -293,13 +293,13 @@ def bench_track(args):
                       "diffusion_um2_s": {"type": "uniform", "low": 0.05, "high": 1.0}, "xy_start": {"type": "uniform"}},
         "output": {"expected": False, "trajectories": False}}}})
     images = simulate(cfg.datasets["m"], cfg.seed)["images"].astype(np.float32)
-    run = Path(args.model).parent.parent / "demo" / "movie-model" if args.model else None
-    if run is not None and (run / "best.pt").exists():
-        net, label = load_model(run), f"trained model {run}"
+    if args.model and (Path(args.model) / "best.pt").exists():  # the default model's exposure head
+        net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
     else:
-        demo = load_train_config(ROOT / "configs" / "spotnet_movies.yaml", None)
-        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5, target="exposure")
-        label = "untrained SpotNet, movie recipe (no runs/demo/movie-model yet)"
+        demo = load_train_config(ROOT / "configs" / "spotnet_demo.yaml", None)
+        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
+                          target="exposure", head=1)
+        label = "untrained SpotNet, demo recipe (no runs/demo/model yet)"
     print(f"10 frames of 256 x 256 px, about 30 particles; {label}")
     timing = ScanTiming()
     results = {}

@@ -248,7 +248,7 @@ def evaluate(
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
     gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
-    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Trained models use their own; every store is also scored against each truth it holds."),
+    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Trained models use their own (a model with a head per target: this head); every store is also scored against each truth it holds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
@@ -286,7 +286,10 @@ def evaluate(
     else:
         from models.runs import load_model
 
-        det = load_model(model)
+        from models.runs import RunFolder
+
+        heads = RunFolder(model).read_config().targets
+        det = load_model(model, target=target.value if len(heads) > 1 else None)
         if det.ndim == 3:
             raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
         evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)}, gates_nm=gates)
@@ -495,6 +498,7 @@ def predict(
     bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction of the recording."),
     all_scores: bool = typer.Option(False, "--all", help="Keep every candidate, not only those above the model's tuned threshold."),
     z_step_um: Optional[float] = typer.Option(None, "--z-step-um", help="3D models: the z step of the stacks (um), where the TIFF does not record it."),
+    target: Optional[Target] = typer.Option(None, "--target", help="Models with a head per target: centroid (the paper's, the default) or exposure (what the laser saw, stamped with its scan time)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -517,7 +521,10 @@ def predict(
     _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms)
     if z_step_um is not None and not z_step_um > 0:
         raise FactoryError(f"--z-step-um {z_step_um:g}: the z step must be > 0 um")
-    det = load_detector(model, device.value)
+    det = load_detector(model, device.value, prefer=target.value if target else None)
+    if target is not None and getattr(det, "target", None) != target.value:
+        raise FactoryError(f"{model}: --target {target.value}: the model has no {target.value} output "
+                           f"(it finds the {getattr(det, 'target', 'centroid')} target)")
     if getattr(det, "ndim", 2) == 3:
         _predict_stacks(det, Path(model), input, out, z_step_um, pixel_size_um, all_scores, quiet)
         return
@@ -621,7 +628,9 @@ def track(
         "--pixel-size-um": pixel_size_um, "--max-diffusion-um2-s": max_diffusion, "--search-range-um": search_range_um})
     if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
         raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
-    det = load_detector(model, device.value)
+    # What the laser saw, with its own time stamp, is what D needs: a network with a head
+    # per target tracks with its exposure head.
+    det = load_detector(model, device.value, prefer="exposure")
     images = read_images(input)
     if len(images) < 2:
         raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
@@ -654,7 +663,8 @@ def track(
     frames = images[:movie_frames] if movie_frames else images
     plot_tracks(frames, first, out / "tracks.png", f"{Path(input).name}: {first['track'].nunique()} tracks")
     (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
-                                                 "max_diffusion_um2_s": d_max, "model": str(model)}, indent=2))
+                                                 "max_diffusion_um2_s": d_max, "model": str(model),
+                                                 "target": getattr(det, "target", None)}, indent=2))
     typer.echo(f"{out}: {tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
                f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
 

@@ -12,7 +12,8 @@ from .stores import Store
 
 def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
             predictions=None) -> Path:
-    """Draw ``n`` images from a store with their trajectories and centroids.
+    """Draw ``n`` images (stacks: their maximum over z) from a store with their
+    trajectories and centroids.
 
     Trajectories are green lines, true centroids green crosses; ``predictions`` (a
     DataFrame with frame, x, y) are drawn as magenta circles.  Pixel centres sit on
@@ -32,6 +33,9 @@ def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
         counts = st.read("n_particles", start, start + n)
         traj = st.read("trajectories", start, start + n) if "trajectories" in st else None
         diffusion = st.read("diffusion", start, start + n)
+    stacks = images.ndim == 4
+    if stacks:  # z-stacks: seen from above (the maximum over the planes)
+        images = images.max(axis=1)
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     h, w = images.shape[1:]
@@ -49,7 +53,7 @@ def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
             sel = predictions[predictions["frame"] == start + i]
             ax.plot(sel["x"], sel["y"], "o", mfc="none", mec="#e377c2", ms=8, mew=1.5)
         d = diffusion[i][np.isfinite(diffusion[i])]
-        label = f"#{start + i}" + (f"  D={d[0]:.2f}" if len(d) else "")
+        label = f"#{start + i}" + (" max over z" if stacks else "") + (f"  D={d[0]:.2f}" if len(d) else "")
         ax.set_title(label, fontsize=8)
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)

@@ -173,7 +173,8 @@ class StoreBatches(Dataset):
 
     An item is ``(images (B, 1, H, W) float32, targets)`` where ``targets`` holds
     ``points`` (B, P, 2): the chosen ``target`` (``centroid`` or ``exposure``), NaN where
-    a particle is not a detection target (``truth_points``).  From a stack store images
+    a particle is not a detection target (``truth_points``); (B, P, 2, 2) for
+    ``target="both"``, centroid then exposure along axis 2.  From a stack store images
     are (B, 1, Z, H, W) and ``points`` (B, P, 3) voxel coordinates (``stack_points``).
     Also ``centroids`` (B, P, 2),
     ``n_particles`` (B,), ``diffusion`` (B, P) and ``index`` (B,).
@@ -183,11 +184,14 @@ class StoreBatches(Dataset):
                  start: int = 0, stop: int | None = None, shuffle_within: bool = False,
                  seed: int = 0, target: str = "centroid"):
         self.store = _LazyStore(path)
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if TARGETS[target] not in self.store.names:
-            raise ValueError(f"{path}: has no {TARGETS[target]} array for the {target} target "
-                             "(built by an older version: rebuild it)")
+        if target not in (*TARGETS, "both"):
+            raise ValueError(f"target must be one of {', '.join(TARGETS)} or both, got {target!r}")
+        for t in (TARGETS if target == "both" else (target,)):
+            if TARGETS[t] not in self.store.names:
+                raise ValueError(f"{path}: has no {TARGETS[t]} array for the {t} target "
+                                 "(built by an older version: rebuild it)")
+        if target == "both" and self.store.stack:
+            raise ValueError(f"{path}: target both is for images and movies, not z-stacks")
         self.target = target
         stop = self.store.length if stop is None else min(stop, self.store.length)
         chunk = self.store.chunk
@@ -221,8 +225,10 @@ class StoreBatches(Dataset):
                                              small("plane_z_um", a, z), targets["n_particles"], small("in_view", a, z))
         else:
             in_view = small("in_view", a, z) if self.store.movie else None
-            targets["points"] = truth_points(small(TARGETS[self.target], a, z), targets["n_particles"],
-                                             in_view, self.store.movie, h, w)
+            pts = [truth_points(small(TARGETS[t], a, z), targets["n_particles"], in_view, self.store.movie, h, w)
+                   for t in (TARGETS if self.target == "both" else (self.target,))]
+            # Two targets: (B, P, 2, 2), [..., k, :] the k-th (centroid, exposure).
+            targets["points"] = pts[0] if len(pts) == 1 else np.stack(pts, axis=2)
         targets["index"] = np.arange(a, z)
         if self.shuffle_within:
             perm = np.random.default_rng([self.seed, self.epoch, b]).permutation(z - a)

@@ -9,7 +9,7 @@ and wrong types name the file and field) and stored complete, defaults filled in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError
@@ -24,12 +24,15 @@ class TrainConfig(StrictModel):
     model: Literal[NETWORKS] = "spotnet"  # type: ignore[valid-type]
     model_params: dict[str, Any] = {}
     data: Optional[str] = None  # folder holding the train and val stores (--data overrides)
-    train: str = "train"  # store names inside the data folder
-    val: str = "val"
-    # What the network learns to find: the paper's whole-frame trajectory centroid, or
-    # the exposure-weighted position (what the laser saw; its time stamp is the scan
-    # time at the predicted position).
-    target: Literal["centroid", "exposure"] = "centroid"
+    # Store names inside the data folder: one, or several trained on together (their
+    # blocks shuffled together; minibatches hold ``batch_size`` images of the first
+    # store's size and proportionally fewer of larger images) and validated together.
+    train: Union[str, list[str]] = "train"
+    val: Union[str, list[str]] = "val"
+    # What the network learns to find: the paper's whole-frame trajectory centroid, the
+    # exposure-weighted position (what the laser saw; its time stamp is the scan time at
+    # the predicted position), or both from one backbone with a head each (SpotNet).
+    target: Literal["centroid", "exposure", "both"] = "centroid"
     max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
     val_images: Annotated[int, Field(ge=10)] = 3000
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8
@@ -49,6 +52,19 @@ class TrainConfig(StrictModel):
         """The family's typed network parameters."""
         return parse_params(self.model, self.model_params)
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The targets of the network's heads, in head order."""
+        return ("centroid", "exposure") if self.target == "both" else (self.target,)
+
+    @property
+    def train_stores(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    @property
+    def val_stores(self) -> list[str]:
+        return [self.val] if isinstance(self.val, str) else list(self.val)
+
 
 def parse_train_config(raw: Any, source: str = "training config", overrides: dict | None = None) -> TrainConfig:
     """Validate a training config mapping: the family's training defaults, then ``raw``,
@@ -62,6 +78,14 @@ def parse_train_config(raw: Any, source: str = "training config", overrides: dic
     if name not in NETWORKS:
         raise ConfigError(f"{source}: model: {name!r} is not a trainable network (have: {', '.join(NETWORKS)})")
     params = parse_params(name, raw.get("model_params"), source)
+    if "heads" in params.model_fields:  # one head per target
+        heads = 2 if raw.get("target") == "both" else 1
+        if (raw.get("model_params") or {}).get("heads", heads) != heads:
+            raise ConfigError(f"{source}: model_params.heads: {params.heads} does not fit target: "
+                              f"{raw.get('target', 'centroid')} (set by the target; leave it out)")
+        params = params.model_copy(update={"heads": heads})
+    elif raw.get("target") == "both":
+        raise ConfigError(f"{source}: target: both needs a network with two heads (spotnet), not {name}")
     merged = {**family(name).train_defaults, **raw, "model_params": params.model_dump()}
     try:
         return TrainConfig.model_validate(merged)

@@ -59,8 +59,9 @@ def read_images(path: str | Path) -> np.ndarray:
     return a
 
 
-def load_detector(spec: str | Path, device: str = "cpu"):
-    """'trackpy' (the paper's settings), a TrackPy parameter JSON, or a model run folder."""
+def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None):
+    """'trackpy' (the paper's settings), a TrackPy parameter JSON, or a model run folder
+    (of a network with a head per target: the ``prefer`` head, else its first)."""
     if str(spec) == "trackpy":
         return TrackPyDetector(PAPER, label=PAPER_LABEL)
     p = Path(spec)
@@ -68,6 +69,15 @@ def load_detector(spec: str | Path, device: str = "cpu"):
         return TrackPyDetector.from_json(p)
     if not p.exists():
         raise FactoryError(f"{p}: no such model (a run folder from `factory train`, a trackpy.json, or 'trackpy')")
+    if prefer is not None and p.is_dir():
+        from .runs import RunFolder
+
+        try:
+            targets = RunFolder(p).read_config().targets
+        except FactoryError:
+            targets = ()
+        if prefer in targets:
+            return load_model(p, device, target=prefer)
     return load_model(p, device)
 
 

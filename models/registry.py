@@ -95,8 +95,9 @@ class NetDetector:
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
                  min_score: float = 0.01, device: str = "cpu", label: str | None = None,
-                 target: str = "centroid"):
+                 target: str = "centroid", head: int = 0):
         self.family = fam
+        self.head = head  # which output head of a multi-target network (SpotNet, target: both)
         self.target = target  # the truth it was trained on: "centroid" or "exposure"
         # A centroid is the whole frame's; an exposure position is where the laser saw it.
         self.timestamps = "scan" if target == "exposure" else "frame"
@@ -120,7 +121,7 @@ class NetDetector:
         frames, xys, scores, sigmas = [], [], [], []
         for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(images[a:a + bs]))[:, None].to(self.device)
-            for i, (xy, s, sig) in enumerate(self.family.predict(self.model, x, self.min_score)):
+            for i, (xy, s, sig) in enumerate(self._predict(x)):
                 frames.append(np.full(len(s), a + i))
                 xys.append(xy.reshape(-1, 2))
                 scores.append(s)
@@ -130,6 +131,11 @@ class NetDetector:
         xy = np.concatenate(xys)
         return as_table(np.concatenate(frames), xy[:, 0], xy[:, 1], np.concatenate(scores),
                         sigma=np.concatenate(sigmas))
+
+    def _predict(self, x):
+        if self.head:
+            return self.family.predict(self.model, x, self.min_score, head=self.head)
+        return self.family.predict(self.model, x, self.min_score)
 
     @torch.no_grad()
     def _detect_stacks(self, stacks, progress: bool = False) -> pd.DataFrame:

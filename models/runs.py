@@ -99,9 +99,26 @@ class RunFolder:
             raise FactoryError(f"{self.file(self.METRICS)}: threshold must be a number")
         return t
 
-    def detector(self, device: str = "cpu", weights: str = BEST) -> NetDetector:
-        """The trained network behind the detector contract, with its tuned threshold."""
+    @property
+    def thresholds(self) -> dict:
+        """Per head threshold of a network with a head per target."""
+        t = self.read_metrics().get("thresholds") or {}
+        if not isinstance(t, dict) or not all(isinstance(v, (int, float)) for v in t.values()):
+            raise FactoryError(f"{self.file(self.METRICS)}: thresholds must map targets to numbers")
+        return t
+
+    def detector(self, device: str = "cpu", weights: str = BEST, target: str | None = None) -> NetDetector:
+        """The trained network behind the detector contract, with its tuned threshold.
+
+        A network with a head per target (``target: both``) gives the head of ``target``
+        (default: its first, the centroid) with that head's threshold."""
         cfg = self.read_config()
+        targets = cfg.targets
+        target = target or targets[0]
+        if target not in targets:
+            raise FactoryError(f"{self.path}: the model was trained on the {cfg.target} target; "
+                               f"it has no {target} output")
+        head = targets.index(target)
         fam = family(cfg.model)
         state = state_dict_of(self.load(weights))
         model = fam.build(cfg.params())
@@ -110,11 +127,18 @@ class RunFolder:
         except RuntimeError as exc:
             raise FactoryError(f"{self.file(weights)}: weights do not fit the network of {self.CONFIG} "
                                f"({str(exc).splitlines()[0]})") from None
-        det = NetDetector(fam, model, self.threshold, cfg.min_score, device, target=cfg.target)
+        threshold = self.thresholds.get(target, self.threshold) if len(targets) > 1 else self.threshold
+        label = None
+        if len(targets) > 1:
+            label = fam.label if target == "centroid" else f"{fam.label}, exposure head"
+        det = NetDetector(fam, model, threshold, cfg.min_score, device, label, target=target, head=head)
+        det.targets = targets
         det.model_params = dict(cfg.model_params)  # 3D models: the voxel size they were trained on
         return det
 
 
-def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST) -> NetDetector:
-    """A detector from a run folder written by ``factory train``."""
-    return RunFolder(run_dir).detector(device, weights)
+def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST,
+               target: str | None = None) -> NetDetector:
+    """A detector from a run folder written by ``factory train`` (``target``: which head
+    of a two-headed network)."""
+    return RunFolder(run_dir).detector(device, weights, target)

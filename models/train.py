@@ -23,7 +23,7 @@ from loaders.datasets import StoreBatches
 from .evaluate import ground_truth, pixel_size_um as store_pixel_size
 from .config import TrainConfig
 from . import volumes
-from .metrics import F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
+from .metrics import F1_GATE_3D_NM, F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
 from .registry import NetDetector, family
 from .runs import RunFolder
 
@@ -45,11 +45,13 @@ def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def minibatches(loader, batch_size: int):
-    """Split the loader's chunk-aligned blocks into training minibatches."""
+def minibatches(loader, batch_size: int, area_px: int | None = None):
+    """Split the loader's chunk-aligned blocks into training minibatches: ``batch_size``
+    images of ``area_px`` pixels, proportionally fewer (at least one) of larger images."""
     for images, t in loader:
-        for a in range(0, len(images), batch_size):
-            yield images[a:a + batch_size], t["points"][a:a + batch_size]
+        bs = batch_size if area_px is None else max(1, round(batch_size * area_px / np.prod(images.shape[-2:])))
+        for a in range(0, len(images), bs):
+            yield images[a:a + bs], t["points"][a:a + bs]
 
 
 def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int, device: str,
@@ -60,7 +62,7 @@ def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     total, n = 0.0, 0
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress, leave=False)
-    for images, centroids in minibatches(loader, cfg.batch_size):
+    for images, centroids in minibatches(loader, cfg.batch_size, getattr(loader.dataset, "area_px", None)):
         if cfg.augment_flips:
             images, centroids = flip_batch(images, centroids, gen)
         images, centroids = images.to(device), centroids.to(device)
@@ -108,8 +110,8 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         raise FactoryError("--device cuda: no CUDA device available (use --device cpu)")
     if not data.is_dir():
         raise FactoryError(f"{data}: no such data folder (build one with `factory build`)")
-    train_path = find_store(data, cfg.train)
-    val_path = find_store(data, cfg.val)
+    train_paths = [find_store(data, n) for n in cfg.train_stores]
+    val_paths = [find_store(data, n) for n in cfg.val_stores]
     if resume and not run.file(run.LAST).exists():
         raise FactoryError(f"{run.file(run.LAST)}: nothing to resume (no last checkpoint)")
     if not resume and run.has_model():
@@ -122,46 +124,45 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         if cfg.epochs != before.epochs and cfg.schedule != "constant":
             raise FactoryError(f"--epochs {cfg.epochs}: the {cfg.schedule} schedule of {run.path} was laid out "
                                f"for {before.epochs} epochs; resume it as it is, or train anew")
+    stacks = None
+    for path in train_paths + val_paths:
+        with Store(path) as st:
+            is_stack = volumes.is_stack_store(st)
+            if is_stack != (fam.ndim == 3):
+                raise FactoryError(f"{path}: {cfg.model} trains on {'z-stacks' if fam.ndim == 3 else 'images'}, "
+                                   f"this store holds {'z-stacks' if is_stack else 'images'}")
+            if is_stack and stacks is None:  # the voxel size the 3D targets are drawn in, kept in the config
+                stacks = volumes.geometry(st)
+    if stacks is not None:
+        params = {"pixel_size_um": stacks.pixel_size_um, "z_step_um": stacks.z_step_um,
+                  **{k: v for k, v in cfg.model_params.items() if v is not None}}
+        cfg = cfg.model_copy(update={"model_params": params})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run.create()
 
-    with Store(train_path) as st:
-        stacks = volumes.is_stack_store(st)
-        if stacks != (fam.ndim == 3):
-            raise FactoryError(f"{train_path}: {cfg.model} trains on {'z-stacks' if fam.ndim == 3 else 'images'}, "
-                               f"this store holds {'z-stacks' if stacks else 'images'}")
-        if stacks:  # the voxel size the 3D targets are drawn in, recorded in the run's config
-            geom = volumes.geometry(st)
-            params = {"pixel_size_um": geom.pixel_size_um, "z_step_um": geom.z_step_um, **{
-                k: v for k, v in cfg.model_params.items() if v is not None}}
-            cfg = cfg.model_copy(update={"model_params": params})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = fam.build(cfg.params()).to(device)
-    with Store(val_path) as st:
-        nv = min(cfg.val_images, len(st))
-        val_images = st.read("images", 0, nv)
-        if stacks:
-            val_gt, geom = volumes.truth_um(st, cfg.target, 0, nv), volumes.geometry(st)
-        else:
-            val_gt = ground_truth(st, cfg.target, 0, nv)
-        pixel_size_um = store_pixel_size(st)
-
-    def run_validation():
-        if stacks:
-            return volumes.validate(detector, val_images, val_gt, geom)
-        return validate(detector, val_images, val_gt, pixel_size_um)
-    with Store(train_path) as st:
-        chunk = st.chunk_rows or 256
-        n_train = min(len(st), cfg.max_train_images or len(st))
-    block = chunk * max(1, 2048 // chunk)
-    try:
-        batches = StoreBatches(train_path, batch_size=block, stop=n_train, shuffle_within=True, seed=cfg.seed,
-                               target=cfg.target)
-    except ValueError as exc:
-        raise FactoryError(str(exc)) from None
-    steps = sum(math.ceil(min(block, n_train - a) / cfg.batch_size) for a in range(0, n_train, batches.batch_size))
+    vals = [_validation_set(path, cfg, stacks) for path in val_paths]
+    sets = []
+    for path in train_paths:
+        with Store(path) as st:
+            chunk = st.chunk_rows or 256
+            n = min(len(st), cfg.max_train_images or len(st))
+        try:
+            sets.append(StoreBatches(path, batch_size=chunk * max(1, 2048 // chunk), stop=n, shuffle_within=True,
+                                     seed=cfg.seed, target=cfg.target))
+        except ValueError as exc:
+            raise FactoryError(str(exc)) from None
+    n_train = sum(b.stop - b.start for b in sets)
+    area = int(np.prod(sets[0].store.image_shape[-2:]))
+    batches = torch.utils.data.ConcatDataset(sets)
+    batches.area_px = area if len(sets) > 1 else None
+    steps = 0
+    for b in sets:
+        bs = cfg.batch_size if len(sets) == 1 else max(1, round(cfg.batch_size * area / np.prod(b.store.image_shape[-2:])))
+        steps += sum(math.ceil(min(b.batch_size, b.stop - a) / bs) for a in range(b.start, b.stop, b.batch_size))
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = make_scheduler(cfg, opt, steps)
     history, best, start = [], -1.0, 0
@@ -172,48 +173,101 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         sched.load_state_dict(ck["scheduler"])
         history, best, start = list(ck["history"]), float(ck["best"]), int(ck["epoch"]) + 1
     run.write_config(cfg)
-    detector = NetDetector(fam, model, None, cfg.min_score, device, target=cfg.target)
+    # One detector per head, each validated against its own target's truth on every val store.
+    detectors = {t: NetDetector(fam, model, None, cfg.min_score, device, target=t, head=k)
+                 for k, t in enumerate(cfg.targets)}
+    gates = GATES_3D_NM if stacks else GATES_NM
+
+    def run_validation() -> dict:
+        scores = {}
+        for t, det in detectors.items():
+            for v in vals:
+                if stacks:
+                    scores[(t, v["name"])] = volumes.validate(det, v["images"], v["gt"][t], v["geom"])
+                else:
+                    scores[(t, v["name"])] = validate(det, v["images"], v["gt"][t], v["px"])
+        return scores
+
     t_start = time.perf_counter()
     epochs = tqdm(range(start, cfg.epochs), desc=f"train {cfg.model}", unit="epoch", disable=not progress)
     for epoch in epochs:
-        batches.set_epoch(epoch)
+        for b in sets:
+            b.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
             batches, batch_size=None, shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         t0 = time.perf_counter()
         stats = train_one_epoch(model, fam, opt, sched, loader, cfg, epoch, device, steps, progress)
         with _tta(model, cfg.val_tta):
-            v = run_validation()
+            scores = run_validation()
         model.train()
+        mean_auc = float(np.mean([v["mean_auc"] for v in scores.values()]))
         row = {"epoch": epoch + 1, "loss": stats["loss"],
-               "val_auc": {str(g): a for g, a in zip(GATES_3D_NM if stacks else GATES_NM, v["auc"])},
-               "val_mean_auc": v["mean_auc"], "seconds": time.perf_counter() - t0}
+               "val_auc": {str(g): float(np.mean([v["auc"][i] for v in scores.values()])) for i, g in enumerate(gates)},
+               "val_mean_auc": mean_auc, "seconds": time.perf_counter() - t0}
+        if len(scores) > 1:
+            row["val_auc_by"] = {f"{t} on {name}": {str(g): a for g, a in zip(gates, v["auc"])}
+                                 for (t, name), v in scores.items()}
         history.append(row)
-        improved = v["mean_auc"] > best
+        improved = mean_auc > best
         if improved:
-            best = v["mean_auc"]
+            best = mean_auc
             run.save_best(model, epoch)
         run.save_last(model, opt, sched, epoch, history, best)
-        epochs.set_postfix(loss=f"{stats['loss']:.4f}", val_auc=f"{v['mean_auc']:.3f}", best=f"{best:.3f}")
+        epochs.set_postfix(loss=f"{stats['loss']:.4f}", val_auc=f"{mean_auc:.3f}", best=f"{best:.3f}")
         log.info("epoch %d: loss %.4f, val AUC %s%s", epoch + 1, stats["loss"],
-                 [round(a, 3) for a in v["auc"]], " (best)" if improved else "")
-    # The F1 operating point of the best model, on the validation set.
+                 [round(a, 3) for a in row["val_auc"].values()], " (best)" if improved else "")
+    # The F1 operating point of each head of the best model, on the validation stores pooled.
     state = run.load(run.BEST, map_location=device)
     model.load_state_dict(state["model"])
-    v = run_validation()
-    t = v["table"]
-    if stacks:
-        threshold = volumes.f1_threshold(t, val_gt, geom)
-    else:
-        threshold = best_f1_threshold(t.frame, t[["x", "y"]].to_numpy(), t.score, val_gt,
-                                      nm_to_px(F1_GATE_NM, pixel_size_um))
+    scores = run_validation()
+    thresholds = {t: _pooled_threshold([(scores[(t, v["name"])]["table"], v) for v in vals], t, stacks)
+                  for t in cfg.targets}
     best_epoch = int(state["epoch"]) + 1
     metrics = {"model": cfg.model, "target": cfg.target, "best_epoch": best_epoch, "best_val_mean_auc": best,
-               "threshold": threshold, "history": history, "data": str(data),
-               "train_images": n_train, "val_images": len(val_images), "pixel_size_um": pixel_size_um,
-               "train_seconds": time.perf_counter() - t_start, "device": device}
+               "threshold": thresholds[cfg.targets[0]], "history": history, "data": str(data),
+               "train_images": n_train, "val_images": sum(len(v["images"]) for v in vals),
+               "pixel_size_um": vals[0]["px"], "train_seconds": time.perf_counter() - t_start, "device": device}
+    if len(thresholds) > 1:
+        metrics["thresholds"] = thresholds
     run.write_metrics(metrics)
     return metrics
+
+
+def _validation_set(path: Path, cfg: TrainConfig, stacks) -> dict:
+    """The first ``val_images`` of a validation store with the truth of every head's target."""
+    with Store(path) as st:
+        nv = min(cfg.val_images, len(st))
+        v = {"name": Path(path).stem, "images": st.read("images", 0, nv), "px": store_pixel_size(st)}
+        if stacks:
+            v["geom"] = volumes.geometry(st)
+            v["gt"] = {t: volumes.truth_um(st, t, 0, nv) for t in cfg.targets}
+        else:
+            v["gt"] = {t: ground_truth(st, t, 0, nv) for t in cfg.targets}
+    return v
+
+
+def _pooled_threshold(pairs, target: str, stacks) -> float:
+    """The score cut maximising F1 over every validation store at once (coordinates in
+    um, so stores of different pixel sizes pool; frames offset store by store)."""
+    frames, xyz, scores, gt_frames, gt_xyz, offset = [], [], [], [], [], 0
+    for table, v in pairs:
+        gt = v["gt"][target]
+        if stacks:
+            pred = volumes.table_um(table, v["geom"], gt.n_frames)
+            frames.append(pred.frame + offset)
+            xyz.append(pred.xy)
+            gt_xyz.append(gt.xy)
+        else:
+            frames.append(table.frame.to_numpy(np.int64) + offset)
+            xyz.append(table[["x", "y"]].to_numpy(np.float64) * v["px"])
+            gt_xyz.append(gt.xy * v["px"])
+        scores.append(table.score.to_numpy(np.float64))
+        gt_frames.append(gt.frame + offset)
+        offset += gt.n_frames
+    gt = Points(np.concatenate(gt_frames), np.concatenate(gt_xyz), offset)
+    gate_um = (F1_GATE_3D_NM if stacks else F1_GATE_NM) / 1000.0
+    return best_f1_threshold(np.concatenate(frames), np.concatenate(xyz), np.concatenate(scores), gt, gate_um)
 
 
 class _tta:

@@ -143,6 +143,27 @@ def test_flips_move_coordinates_with_the_pixels():
         assert (x, y) == tuple(c[i, 0].int().tolist())
 
 
+def test_flips_move_every_target_and_stack_points_with_the_pixels():
+    """Two targets per particle (B, P, 2, 2) and stack voxels (B, P, 3): x and y mirror
+    with the image, z stays."""
+    img = torch.zeros(8, 1, 24, 25)
+    img[:, 0, 7, 3] = 1.0
+    two = torch.tensor([[3.0, 7.0], [4.0, 9.0]]).expand(8, 1, 2, 2)
+    b, c = flip_batch(img, two, torch.Generator().manual_seed(0))
+    for i in range(8):
+        y, x = np.unravel_index(int(b[i, 0].argmax()), (24, 25))
+        assert (x, y) == tuple(c[i, 0, 0].int().tolist())
+        hx, hy = x != 3, y != 7
+        assert tuple(c[i, 0, 1].tolist()) == (24 - 4.0 if hx else 4.0, 23 - 9.0 if hy else 9.0)
+    stack = torch.zeros(8, 1, 5, 24, 25)
+    stack[:, 0, 2, 7, 3] = 1.0
+    vox = torch.tensor([[3.0, 7.0, 2.0]]).expand(8, 1, 3)
+    b, c = flip_batch(stack, vox, torch.Generator().manual_seed(0))
+    for i in range(8):
+        z, y, x = np.unravel_index(int(b[i, 0].argmax()), (5, 24, 25))
+        assert (x, y, z) == tuple(c[i, 0].int().tolist())
+
+
 def test_scan_axis_swaps_are_refused():
     with pytest.raises(ValueError, match="swaps the fast and slow scan axes"):
         RandomFlips(ops=("hflip", "rot90"))

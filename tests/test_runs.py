@@ -28,7 +28,12 @@ def data(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({"seed": 11, "defaults": {"output": {"chunk_images": 64, "trajectories": False},
                                                             "particles": {"n_qd": 40.0}},
                                    "datasets": {"train": {"n_images": 640}, "val": {"n_images": 64},
-                                                "test_d075": {"n_images": 64, "particles": {"diffusion_um2_s": 0.75}}}}))
+                                                "test_d075": {"n_images": 64, "particles": {"diffusion_um2_s": 0.75}},
+                                                **{name: {"n_movies": n, "movie": {"n_frames": 8},
+                                                          "image": {"height_px": 32, "width_px": 32},
+                                                          "particles": {"count": {"mean": 2, "max": 5},
+                                                                        "diffusion_um2_s": {"low": 0.05, "high": 0.5}}}
+                                                   for name, n in (("movies_train", 16), ("movies_val", 8))}}}))
     r = run_cli("build", cfg, "--out", root / "data", "-q")
     assert r.returncode == 0, r.stderr
     return root / "data"
@@ -51,7 +56,8 @@ def test_train_resume_evaluate_predict_and_reproduce(data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert {p.name for p in run.path.iterdir()} == {"config.yaml", "best.pt", "last.pt", "metrics.json"}
     cfg = run.read_config()
-    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False} and cfg.data == str(data)
+    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False, "heads": 1}
+    assert cfg.data == str(data)
     m = run.read_metrics()
     assert len(m["history"]) == 1 and m["best_epoch"] == 1 and 0 <= m["threshold"] < 1
     assert set(m["history"][0]["val_auc"]) == {"70", "140", "210"}
@@ -162,3 +168,50 @@ def test_weights_that_are_code_are_refused_and_never_run(data, tmp_path):
     r = run_cli("train", "--config", krcnn, "--data", data, "--out", tmp_path / "k")
     one_line_error(r, "coco.pth: not a plain weights file")
     assert not marker.exists()
+
+
+def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(data, tmp_path):
+    """`target: both` on images and movies: one backbone, a head per target, each head
+    validated and thresholded on its own truth; predict and track pick the head."""
+    from models.runs import load_model
+
+    recipe = tmp_path / "both.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "target": "both", "train": ["train", "movies_train"],
+                                      "val": ["val", "movies_val"]}))
+    run = RunFolder(tmp_path / "run")
+    r = run_cli("train", "--config", recipe, "--data", data, "--out", run.path, "-q")
+    assert r.returncode == 0, r.stderr
+    cfg, m = run.read_config(), run.read_metrics()
+    assert cfg.model_params["heads"] == 2 and cfg.train == ["train", "movies_train"]
+    assert set(m["thresholds"]) == {"centroid", "exposure"} and m["threshold"] == m["thresholds"]["centroid"]
+    assert set(m["history"][0]["val_auc_by"]) == {f"{t} on {s}" for t in ("centroid", "exposure")
+                                                  for s in ("val", "movies_val")}
+    assert m["train_images"] == 640 + 16 * 8
+    centroid, exposure = load_model(run.path), load_model(run.path, target="exposure")
+    assert (centroid.head, centroid.target, exposure.head, exposure.target) == (0, "centroid", 1, "exposure")
+    assert exposure.threshold == m["thresholds"]["exposure"] and exposure.timestamps == "scan"
+    from factory.stores import Store
+
+    with Store(data / "movies_val.h5") as st:
+        frames = st.read("images", 0, 8)
+    a, b = centroid.detect(frames), exposure.detect(frames)
+    assert len(a) and len(b) and not (len(a) == len(b) and np.allclose(a[["x", "y"]], b[["x", "y"]]))
+    # The CLI: predict picks the head; a head the model lacks is one line.
+    tifffile.imwrite(tmp_path / "m.tif", frames)
+    r = run_cli("predict", run.path, tmp_path / "m.tif", "--out", tmp_path / "p.csv", "--target", "exposure")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("track", run.path, tmp_path / "m.tif", "--out", tmp_path / "tracks", "-q")
+    assert r.returncode == 0, r.stderr
+    used = json.loads((tmp_path / "tracks" / "track.json").read_text())
+    assert used["time_stamps"] == "scan" and used["target"] == "exposure"
+    # A one-head model asked for the other head, and target: both on a one-head family.
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(TINY))
+    assert run_cli("train", "--config", single, "--data", data, "--out", tmp_path / "one", "-q").returncode == 0
+    one_line_error(run_cli("predict", tmp_path / "one", tmp_path / "m.tif", "--out", tmp_path / "q.csv",
+                           "--target", "exposure"), "has no exposure output")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": "gridnet", "target": "both"}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "target: both")
+    bad.write_text(yaml.safe_dump({**TINY, "model_params": {"heads": 2}}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "model_params.heads")

@@ -11,7 +11,7 @@ maxima of the heat map.  Fully convolutional: any image size, any number of spot
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -36,24 +36,29 @@ class Params(StrictModel):
     widths: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default=[32, 64, 128], min_length=2)
     se: bool = False  # squeeze-excitation in the U-Net blocks
     flip_tta: bool = True  # average the four flips at prediction (4x slower)
+    # Output heads on the one backbone: 1, or 2 for `target: both` (head 0 the trajectory
+    # centroid, head 1 the exposure-weighted position; set by the training config).
+    heads: Literal[1, 2] = 1
 
 
 class SpotNet(nn.Module):
-    def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True):
+    def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1):
         super().__init__()
         self.flip_tta = flip_tta  # average over the four flips at inference
+        self.heads = heads
         self.unet = UNet(1, tuple(widths), se=se)
         c = self.unet.out_channels
-        self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 4, 1))
+        self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 4 * heads, 1))
         # Start from a low prior probability of a spot in each pixel (focal loss practice).
         nn.init.constant_(self.head[-1].bias, 0.0)
         with torch.no_grad():
-            self.head[-1].bias[0] = -math.log((1 - 0.01) / 0.01)
+            for k in range(heads):
+                self.head[-1].bias[4 * k] = -math.log((1 - 0.01) / 0.01)
         # Channels-last convolutions run about 15% faster on the CPU (oneDNN) and on GPUs.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) counts -> (B, 4, H, W): heat logit, dx, dy, log sigma."""
+        """(B, 1, H, W) counts -> (B, 4 * heads, H, W): per head heat logit, dx, dy, log sigma."""
         x, (h, w) = pad_to_multiple(normalize_images(images), self.unet.multiple)
         out = self.head(self.unet(x.contiguous(memory_format=torch.channels_last)))
         return out[..., :h, :w].contiguous()
@@ -82,8 +87,21 @@ def heat_target(centroids: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, 
 OFFSET_RADIUS_PX = 2  # offsets are trained on the 5 x 5 pixels around each centroid
 
 
-def loss(model: nn.Module, images: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def loss(model: nn.Module, images: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Points (B, P, 2) for one head; (B, P, 2, 2) for two: [..., k, :] is head k's target
+    (centroid, exposure), each NaN where that target is absent."""
     out = model(images)
+    if points.dim() == 3:
+        return _head_loss(out, points)
+    total, parts = 0.0, {}
+    for k in range(points.shape[2]):
+        value, p = _head_loss(out[:, 4 * k:4 * k + 4], points[:, :, k])
+        total = total + value
+        parts.update({f"{name}{k}": v for name, v in p.items()})
+    return total, parts
+
+
+def _head_loss(out: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     h, w = out.shape[-2:]
     heat, idx, px = heat_target(centroids, h, w)
     logit = out[:, 0]
@@ -123,7 +141,7 @@ def loss(model: nn.Module, images: torch.Tensor, centroids: torch.Tensor) -> tup
 
 
 def build(params: Params) -> SpotNet:
-    return SpotNet(params.widths, params.se, params.flip_tta)
+    return SpotNet(params.widths, params.se, params.flip_tta, params.heads)
 
 
 @torch.no_grad()
@@ -139,13 +157,15 @@ def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     o = model(torch.cat([images.flip(d) if d else images for d in dims]))
     back = torch.stack([o[i * n:(i + 1) * n].flip(d) if d else o[i * n:(i + 1) * n] for i, d in enumerate(dims)])
     # Channels: heat logit, dx, dy, log sigma; a mirrored axis negates its offset.
-    sign = torch.tensor([[1, -1 if "hflip" in ops else 1, -1 if "vflip" in ops else 1, 1] for ops in ALL_FLIPS],
-                        dtype=o.dtype, device=o.device)
+    heads = o.shape[1] // 4
+    sign = torch.tensor([[1, -1 if "hflip" in ops else 1, -1 if "vflip" in ops else 1, 1] * heads
+                         for ops in ALL_FLIPS], dtype=o.dtype, device=o.device)
     return (back * sign[:, None, :, None, None]).mean(0)
 
 
-def predict(model: SpotNet, images: torch.Tensor, min_score: float = 0.01):
-    return decode(forward_flips(model, images) if model.flip_tta else model(images), min_score)
+def predict(model: SpotNet, images: torch.Tensor, min_score: float = 0.01, head: int = 0):
+    out = forward_flips(model, images) if model.flip_tta else model(images)
+    return decode(out[:, 4 * head:4 * head + 4], min_score)
 
 
 @torch.no_grad()
