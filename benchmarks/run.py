@@ -293,13 +293,13 @@ def bench_track(args):
                       "diffusion_um2_s": {"type": "uniform", "low": 0.05, "high": 1.0}, "xy_start": {"type": "uniform"}},
         "output": {"expected": False, "trajectories": False}}}})
     images = simulate(cfg.datasets["m"], cfg.seed)["images"].astype(np.float32)
-    if args.model and (Path(args.model) / "best.pt").exists():  # the default model's exposure head
-        net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
+    run = Path(args.model).parent / "movie-model" if args.model else None
+    if run is not None and (run / "best.pt").exists():  # what the laser saw: an exposure output
+        net, label = load_detector(run, prefer="exposure"), f"trained model {run}"
     else:
-        demo = load_train_config(ROOT / "configs" / "spotnet_demo.yaml", None)
-        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
-                          target="exposure", head=1)
-        label = "untrained SpotNet, demo recipe (no runs/demo/model yet)"
+        demo = load_train_config(ROOT / "configs" / "spotnet_movies.yaml", None)
+        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5, target="exposure")
+        label = "untrained SpotNet, movie recipe (no runs/demo/movie-model yet)"
     print(f"10 frames of 256 x 256 px, about 30 particles; {label}")
     timing = ScanTiming()
     results = {}

@@ -174,7 +174,8 @@ class StoreBatches(Dataset):
     An item is ``(images (B, 1, H, W) float32, targets)`` where ``targets`` holds
     ``points`` (B, P, 2): the chosen ``target`` (``centroid`` or ``exposure``), NaN where
     a particle is not a detection target (``truth_points``); (B, P, 2, 2) for
-    ``target="both"``, centroid then exposure along axis 2.  From a stack store images
+    ``target="both"``, centroid then exposure along axis 2, +inf for the ``untrained``
+    targets (the network's head for it does not learn from this store).  From a stack store images
     are (B, 1, Z, H, W) and ``points`` (B, P, 3) voxel coordinates (``stack_points``).
     Also ``centroids`` (B, P, 2),
     ``n_particles`` (B,), ``diffusion`` (B, P) and ``index`` (B,).
@@ -182,7 +183,7 @@ class StoreBatches(Dataset):
 
     def __init__(self, path: str | Path, batch_size: int = 256, align: bool = True,
                  start: int = 0, stop: int | None = None, shuffle_within: bool = False,
-                 seed: int = 0, target: str = "centroid"):
+                 seed: int = 0, target: str = "centroid", untrained: tuple[str, ...] = ()):
         self.store = _LazyStore(path)
         if target not in (*TARGETS, "both"):
             raise ValueError(f"target must be one of {', '.join(TARGETS)} or both, got {target!r}")
@@ -193,6 +194,8 @@ class StoreBatches(Dataset):
         if target == "both" and self.store.stack:
             raise ValueError(f"{path}: target both is for images and movies, not z-stacks")
         self.target = target
+        # target "both": targets this store does not train (their points are +inf).
+        self.untrained = tuple(untrained)
         stop = self.store.length if stop is None else min(stop, self.store.length)
         chunk = self.store.chunk
         if align:
@@ -226,6 +229,7 @@ class StoreBatches(Dataset):
         else:
             in_view = small("in_view", a, z) if self.store.movie else None
             pts = [truth_points(small(TARGETS[t], a, z), targets["n_particles"], in_view, self.store.movie, h, w)
+                   if t not in self.untrained else np.full((z - a, self.store.max_particles, 2), np.inf, np.float32)
                    for t in (TARGETS if self.target == "both" else (self.target,))]
             # Two targets: (B, P, 2, 2), [..., k, :] the k-th (centroid, exposure).
             targets["points"] = pts[0] if len(pts) == 1 else np.stack(pts, axis=2)

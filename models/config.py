@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from factory.config import StrictModel
 from factory.errors import ConfigError
@@ -33,6 +33,10 @@ class TrainConfig(StrictModel):
     # exposure-weighted position (what the laser saw; its time stamp is the scan time at
     # the predicted position), or both from one backbone with a head each (SpotNet).
     target: Literal["centroid", "exposure", "both"] = "centroid"
+    # With `target: both`: the target each train or val store trains or validates, so
+    # each head learns from the data of its own task (a 64-line movie frame spans about
+    # 0.1 s: its whole-frame centroid is mostly not in the frame); stores not named: both.
+    store_targets: dict[str, Literal["centroid", "exposure", "both"]] = {}
     max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
     val_images: Annotated[int, Field(ge=10)] = 3000
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8
@@ -47,6 +51,20 @@ class TrainConfig(StrictModel):
     min_score: Annotated[float, Field(ge=0, lt=1)] = 0.01
     val_tta: bool = False  # flip TTA while selecting epochs (4x slower; applied at deployment anyway)
     threads: Optional[Annotated[int, Field(ge=1)]] = None
+
+    @model_validator(mode="after")
+    def _store_targets_fit(self) -> "TrainConfig":
+        if self.store_targets and self.target != "both":
+            raise ValueError("store_targets applies to target: both")
+        stores = self.train_stores + self.val_stores
+        unknown = [k for k in self.store_targets if k not in stores]
+        if unknown:
+            raise ValueError(f"store_targets: {unknown[0]} is not a train or val store (have: {', '.join(stores)})")
+        return self
+
+    def trains(self, store: str, target: str) -> bool:
+        """Whether ``store`` trains (or validates) the head of ``target``."""
+        return self.store_targets.get(store, "both") in ("both", target)
 
     def params(self) -> StrictModel:
         """The family's typed network parameters."""
@@ -92,8 +110,8 @@ def parse_train_config(raw: Any, source: str = "training config", overrides: dic
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{source}: {where}: {msg}") from None
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}") from None
 
 
 def read_yaml(path: Path) -> Any:

@@ -151,8 +151,9 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
             chunk = st.chunk_rows or 256
             n = min(len(st), cfg.max_train_images or len(st))
         try:
+            untrained = tuple(t for t in cfg.targets if not cfg.trains(Path(path).stem, t))
             sets.append(StoreBatches(path, batch_size=chunk * max(1, 2048 // chunk), stop=n, shuffle_within=True,
-                                     seed=cfg.seed, target=cfg.target))
+                                     seed=cfg.seed, target=cfg.target, untrained=untrained))
         except ValueError as exc:
             raise FactoryError(str(exc)) from None
     n_train = sum(b.stop - b.start for b in sets)
@@ -182,6 +183,8 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         scores = {}
         for t, det in detectors.items():
             for v in vals:
+                if not cfg.trains(v["name"], t):
+                    continue
                 if stacks:
                     scores[(t, v["name"])] = volumes.validate(det, v["images"], v["gt"][t], v["geom"])
                 else:
@@ -221,8 +224,8 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     state = run.load(run.BEST, map_location=device)
     model.load_state_dict(state["model"])
     scores = run_validation()
-    thresholds = {t: _pooled_threshold([(scores[(t, v["name"])]["table"], v) for v in vals], t, stacks)
-                  for t in cfg.targets}
+    thresholds = {t: _pooled_threshold([(scores[(t, v["name"])]["table"], v) for v in vals
+                                        if (t, v["name"]) in scores], t, stacks) for t in cfg.targets}
     best_epoch = int(state["epoch"]) + 1
     metrics = {"model": cfg.model, "target": cfg.target, "best_epoch": best_epoch, "best_val_mean_auc": best,
                "threshold": thresholds[cfg.targets[0]], "history": history, "data": str(data),

@@ -114,3 +114,40 @@ def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, small_set):
     r = run_cli("predict", tmp_path / "nomodel", tmp_path / "rec.tif", "--out", tmp_path / "q.csv")
     assert r.returncode == 2 and "no such model" in r.stderr
     assert not (tmp_path / "q.csv").exists()
+
+
+def test_a_two_headed_spotnet_trains_each_head_on_its_own_target_only():
+    """Head 0 (centroid) and head 1 (exposure) share the backbone; an image whose
+    points of a head are +inf (its target not observable there) gives that head no
+    gradient, and the flips of test-time averaging map both heads' offsets back."""
+    from models.networks import spotnet
+
+    torch.manual_seed(0)
+    model = spotnet.build(spotnet.Params(widths=[4, 8], heads=2, flip_tta=False))
+    images = torch.rand(2, 1, 16, 16) * 10
+    pts = torch.full((2, 1, 2, 2), float("nan"))
+    pts[:, 0, 1] = torch.tensor([5.0, 6.0])
+    pts[:, :, 0] = float("inf")
+    value, parts = spotnet.loss(model, images, pts)
+    value.backward()
+    assert set(parts) == {"focal1", "l11", "nll1"}
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.head.parameters())
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.extra_heads[0].parameters())
+    out = model(images)
+    assert out.shape == (2, 8, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        flipped = spotnet.forward_flips(model, images)
+        # By hand: each flipped pass mapped back, a mirrored x negating both heads' dx
+        # (channels 1 and 5), a mirrored y both dy (2 and 6).
+        passes = []
+        for dims in ((), (-1,), (-2,), (-1, -2)):
+            o = model(images.flip(dims) if dims else images)
+            o = o.flip(dims) if dims else o
+            sign = torch.ones(8)
+            if -1 in dims:
+                sign[[1, 5]] = -1
+            if -2 in dims:
+                sign[[2, 6]] = -1
+            passes.append(o * sign[None, :, None, None])
+    torch.testing.assert_close(flipped, torch.stack(passes).mean(0), rtol=1e-4, atol=1e-5)

@@ -177,7 +177,7 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
 
     recipe = tmp_path / "both.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "target": "both", "train": ["train", "movies_train"],
-                                      "val": ["val", "movies_val"]}))
+                                      "val": ["val", "movies_val"], "store_targets": {"movies_train": "exposure"}}))
     run = RunFolder(tmp_path / "run")
     r = run_cli("train", "--config", recipe, "--data", data, "--out", run.path, "-q")
     assert r.returncode == 0, r.stderr
@@ -215,3 +215,6 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "target: both")
     bad.write_text(yaml.safe_dump({**TINY, "model_params": {"heads": 2}}))
     one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "model_params.heads")
+    bad.write_text(yaml.safe_dump({**TINY, "target": "both", "store_targets": {"movies": "exposure"}}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"),
+                   "store_targets: movies is not a training store")

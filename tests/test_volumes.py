@@ -128,7 +128,12 @@ def test_train_records_the_voxel_size_and_evaluate_and_report_score_stacks(stack
     assert r.returncode == 0, r.stderr
     text = (root / "runs" / "report.md").read_text()
     assert "RMSE z (nm)" in text and (root / "runs" / "stack_test_volumes.png").stat().st_size > 10_000
-    # A 2D model's command on stacks, and trackpy-paper, get one line each.
+    store = root / "data" / "test_volumes.h5"
+    r = run_cli("inspect", store, "--brief")
+    assert r.returncode == 0 and "12 stacks of 6 planes 16x16" in r.stdout, r.stdout + r.stderr
+    r = run_cli("preview", store, "--out", root / "pv.png", "--n", "4")
+    assert r.returncode == 0 and (root / "pv.png").stat().st_size > 5_000, r.stderr
+    # trackpy-paper on stacks gets one line.
     r = run_cli("evaluate", "--detector", "trackpy-paper", "--data", root / "data", "--out", root / "x")
     assert r.returncode == 2 and "z-stacks have one built-in detector" in r.stderr and "Traceback" not in r.stderr
 
