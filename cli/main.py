@@ -317,7 +317,7 @@ def _evaluate_stacks(data: Path, out: Path, detector, model, predictions, datase
     import numpy as np
 
     from factory.stores import Store
-    from models.evaluate import find_test_stores
+    from models.evaluate import find_test_stores, read_predictions_csv
     from models.volumes import evaluate_stacks, geometry, truth_um, tune_trackpy
 
     stores = find_test_stores(data, datasets)
@@ -329,7 +329,7 @@ def _evaluate_stacks(data: Path, out: Path, detector, model, predictions, datase
             raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME")
         with Store(stores[0]) as st:
             gt, geom = truth_um(st), geometry(st)
-        table = _read_stack_csv(predictions, gt.n_frames)
+        table = read_predictions_csv(predictions, gt.n_frames, ("frame", "x", "y", "z_um", "score"))
         pred = geom.to_um(table["frame"], table["x"], table["y"], table["z_um"] / geom.z_step_um, gt.n_frames)
         m = {stores[0].stem: evaluate_points_3d(pred, table["score"].to_numpy(np.float64), gt)}
         out.mkdir(parents=True, exist_ok=True)
@@ -358,29 +358,6 @@ def _evaluate_stacks(data: Path, out: Path, detector, model, predictions, datase
         if det.ndim != 3:
             raise FactoryError(f"{model}: a 2D model scores images; {data} holds z-stacks (train dmdetnet3d)")
         evaluate_stacks(det, stores, out, det.label, target=det.target, extra={"model": str(model)})
-
-
-def _read_stack_csv(path: Path, n_frames: int):
-    import numpy as np
-    import pandas as pd
-
-    if not path.is_file():
-        raise FactoryError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise FactoryError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
-    need = ("frame", "x", "y", "z_um", "score")
-    missing = [c for c in need if c not in table.columns]
-    if missing:
-        raise FactoryError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(need)})")
-    for c in need:
-        if not pd.api.types.is_numeric_dtype(table[c]) or not np.isfinite(table[c].to_numpy(np.float64)).all():
-            raise FactoryError(f"{path}: column {c} must hold finite numbers")
-    f = table["frame"].to_numpy()
-    if len(f) and (f.min() < 0 or f.max() >= n_frames or not np.all(f == np.round(f))):
-        raise FactoryError(f"{path}: column frame must hold stack indices 0..{n_frames - 1}")
-    return table
 
 
 def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool,

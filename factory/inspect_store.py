@@ -126,6 +126,8 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Annotated:
         return _type_name(typing.get_args(tp)[0])
+    if origin is typing.Union:
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -133,6 +135,7 @@ def _variants(tp) -> list[type[BaseModel]]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) is typing.Annotated:
         return _variants(args[0])
+    args = tuple(a for a in args if a is not type(None))  # Optional sections
     if args and all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
         return list(args)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -152,6 +155,9 @@ def schema_lines(model: type[BaseModel] = DatasetSpec, prefix: str = "") -> list
             if isinstance(default, BaseModel):
                 dflt = "  default: " + json.dumps(default.model_dump(mode="json"))
             if len(variants) == 1:
+                if default is None:  # an optional section (movies, stacks)
+                    doc = (variants[0].__doc__ or "").strip().splitlines()
+                    dflt = "  optional (default: none)" + (f"  # {doc[0]}" if doc else "")
                 lines.append(f"{path}:{dflt}")
                 lines += schema_lines(variants[0], path + ".")
             else:

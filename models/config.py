@@ -96,7 +96,7 @@ def parse_train_config(raw: Any, source: str = "training config", overrides: dic
     if name not in NETWORKS:
         raise ConfigError(f"{source}: model: {name!r} is not a trainable network (have: {', '.join(NETWORKS)})")
     params = parse_params(name, raw.get("model_params"), source)
-    if "heads" in params.model_fields:  # one head per target
+    if "heads" in type(params).model_fields:  # one head per target
         heads = 2 if raw.get("target") == "both" else 1
         if (raw.get("model_params") or {}).get("heads", heads) != heads:
             raise ConfigError(f"{source}: model_params.heads: {params.heads} does not fit target: "

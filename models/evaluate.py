@@ -86,8 +86,9 @@ def find_test_stores(data: Path, names: list[str] | None = None) -> list[Path]:
     return tests
 
 
-def read_predictions_csv(path: Path, n_frames: int | None = None) -> pd.DataFrame:
-    """A user's localisation table, checked: columns, types, frame range."""
+def read_predictions_csv(path: Path, n_frames: int | None = None, columns=COLUMNS) -> pd.DataFrame:
+    """A user's localisation table, checked: ``columns`` (stacks: ``frame, x, y, z_um,
+    score``), types, frame range."""
     path = Path(path)
     if not path.exists():
         raise FactoryError(f"{path}: no such file")
@@ -95,11 +96,11 @@ def read_predictions_csv(path: Path, n_frames: int | None = None) -> pd.DataFram
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise FactoryError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in COLUMNS if c not in table.columns]
+    missing = [c for c in columns if c not in table.columns]
     if missing:
         raise FactoryError(f"{path}: missing column(s) {', '.join(missing)} "
-                           f"(need {', '.join(COLUMNS)}; have {', '.join(map(str, table.columns))})")
-    for col in COLUMNS:
+                           f"(need {', '.join(columns)}; have {', '.join(map(str, table.columns))})")
+    for col in columns:
         if not pd.api.types.is_numeric_dtype(table[col]):
             raise FactoryError(f"{path}: column {col} must be numeric")
         if not np.isfinite(table[col].to_numpy(np.float64)).all():

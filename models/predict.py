@@ -15,9 +15,8 @@ from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
 
 
-def read_images(path: str | Path) -> np.ndarray:
-    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store."""
-    path = Path(path)
+def _read_array(path: Path) -> np.ndarray:
+    """The pixel array of a TIFF (every page one size), .npy or store, unchecked."""
     if not path.exists():
         raise FactoryError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -30,19 +29,33 @@ def read_images(path: str | Path) -> np.ndarray:
                 if len(shapes) > 1:
                     raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
                                        "a recording's frames must all have one size")
-                a = tf.asarray()
-        elif suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-        elif is_store_path(path):
+                return np.asarray(tf.asarray())
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if is_store_path(path):
             with Store(path) as st:
-                a = st.read("images")
-        else:
-            raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
+                return st.read("images")
     except FactoryError:
         raise
     except Exception as exc:  # a corrupt file can raise anything from the reader
         raise FactoryError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    a = np.asarray(a)
+    raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
+
+
+def _as_pixels(a: np.ndarray, path: Path) -> np.ndarray:
+    """float32 pixels, after checking the type and that every pixel is finite."""
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise FactoryError(f"{path}: contains NaN or infinite pixels")
+    return a
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store."""
+    path = Path(path)
+    a = _read_array(path)
     if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4:
         raise FactoryError(f"{path}: looks like a colour image {a.shape}; give single-channel frames (H x W or T x H x W)")
     if a.ndim == 2:
@@ -51,12 +64,7 @@ def read_images(path: str | Path) -> np.ndarray:
         raise FactoryError(f"{path}: expected one image (H x W) or a stack (T x H x W), got shape {a.shape}")
     if min(a.shape[1:]) < 8:
         raise FactoryError(f"{path}: images of {a.shape[1]} x {a.shape[2]} px are too small (at least 8 x 8)")
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise FactoryError(f"{path}: contains NaN or infinite pixels")
-    return a
+    return _as_pixels(a, path)
 
 
 def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None):
@@ -142,26 +150,7 @@ def read_stacks(path: str | Path) -> np.ndarray:
     """(N, Z, H, W) float32 from a TIFF (one Z x H x W stack, or T x Z x H x W), .npy or
     a stack store."""
     path = Path(path)
-    if not path.exists():
-        raise FactoryError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            a = tifffile.imread(path)
-        elif suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-        elif is_store_path(path):
-            with Store(path) as st:
-                a = st.read("images")
-        else:
-            raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
-    except FactoryError:
-        raise
-    except Exception as exc:
-        raise FactoryError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    a = np.asarray(a)
+    a = _read_array(path)
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4:
@@ -170,9 +159,4 @@ def read_stacks(path: str | Path) -> np.ndarray:
     if a.shape[1] < 3 or min(a.shape[2:]) < 8:
         raise FactoryError(f"{path}: stacks of {a.shape[1]} planes of {a.shape[2]} x {a.shape[3]} px are too small "
                            "(at least 3 planes of 8 x 8 px)")
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise FactoryError(f"{path}: contains NaN or infinite pixels")
-    return a
+    return _as_pixels(a, path)

@@ -184,10 +184,7 @@ class TrackPy3DDetector:
         self.label = label
         self.target = "centroid"
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        data = {"detector": self.name, "label": self.label, "params": self.params.model_dump(),
-                "threshold": self.threshold}
-        Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2))
+    save = TrackPyDetector.save  # the same parameter file
 
     def detect(self, stacks, progress: bool = False) -> pd.DataFrame:
         import trackpy

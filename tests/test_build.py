@@ -256,6 +256,7 @@ def test_inspect_preview_schema(tmp_path):
     r = run_cli("schema")
     assert r.returncode == 0 and "psf.sigma_xy_um" in r.stdout and "0.21" in r.stdout
     assert "detector (type: pmt)" in r.stdout
+    assert "stack.z_step_um" in r.stdout and "movie.frame_flyback_ms                       float | None" in r.stdout
 
 
 def test_cli_help_describes_commands():

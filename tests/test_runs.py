@@ -217,4 +217,4 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "model_params.heads")
     bad.write_text(yaml.safe_dump({**TINY, "target": "both", "store_targets": {"movies": "exposure"}}))
     one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"),
-                   "store_targets: movies is not a training store")
+                   "store_targets: movies is not a train or val store")
