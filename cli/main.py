@@ -533,7 +533,7 @@ def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_s
     """``factory predict`` with a 3D model: stacks in, (x, y, z_um) out."""
     from factory.stores import Store, is_store_path
     from models.predict import read_stacks, tiff_z_step_um
-    from models.volumes import StackGeometry, with_z_um
+    from models.volumes import with_z_um
 
     stacks = read_stacks(input)
     trained = det.model_params.get("z_step_um") if hasattr(det, "model_params") else None
@@ -556,7 +556,7 @@ def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_s
             typer.echo(f"note: the model was trained on stacks {trained:g} um apart; its z targets assume "
                        "that step", err=True)
     table = det.detect(stacks, progress=not quiet)
-    table = with_z_um(table, StackGeometry(pixel_size_um or 1.0, z_step_um))
+    table = with_z_um(table, z_step_um)
     if pixel_size_um is not None:
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um

@@ -45,11 +45,18 @@ def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
+def minibatch_size(batch_size: int, area_px: int | None, image_shape) -> int:
+    """``batch_size`` images of ``area_px`` pixels, proportionally fewer (at least one)
+    of larger images; ``batch_size`` itself when there is no reference area."""
+    if area_px is None:
+        return batch_size
+    return max(1, round(batch_size * area_px / int(np.prod(image_shape[-2:]))))
+
+
 def minibatches(loader, batch_size: int, area_px: int | None = None):
-    """Split the loader's chunk-aligned blocks into training minibatches: ``batch_size``
-    images of ``area_px`` pixels, proportionally fewer (at least one) of larger images."""
+    """Split the loader's chunk-aligned blocks into training minibatches (``minibatch_size``)."""
     for images, t in loader:
-        bs = batch_size if area_px is None else max(1, round(batch_size * area_px / np.prod(images.shape[-2:])))
+        bs = minibatch_size(batch_size, area_px, images.shape)
         for a in range(0, len(images), bs):
             yield images[a:a + bs], t["points"][a:a + bs]
 
@@ -157,12 +164,12 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         except ValueError as exc:
             raise FactoryError(str(exc)) from None
     n_train = sum(b.stop - b.start for b in sets)
-    area = int(np.prod(sets[0].store.image_shape[-2:]))
     batches = torch.utils.data.ConcatDataset(sets)
-    batches.area_px = area if len(sets) > 1 else None
+    # Several stores: minibatches hold the pixels of batch_size images of the first one.
+    batches.area_px = int(np.prod(sets[0].store.image_shape[-2:])) if len(sets) > 1 else None
     steps = 0
     for b in sets:
-        bs = cfg.batch_size if len(sets) == 1 else max(1, round(cfg.batch_size * area / np.prod(b.store.image_shape[-2:])))
+        bs = minibatch_size(cfg.batch_size, batches.area_px, b.store.image_shape)
         steps += sum(math.ceil(min(b.batch_size, b.stop - a) / bs) for a in range(b.start, b.stop, b.batch_size))
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = make_scheduler(cfg, opt, steps)
@@ -238,15 +245,16 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
 
 
 def _validation_set(path: Path, cfg: TrainConfig, stacks) -> dict:
-    """The first ``val_images`` of a validation store with the truth of every head's target."""
+    """The first ``val_images`` of a validation store with the truth of each head's target
+    it validates (``store_targets``)."""
     with Store(path) as st:
         nv = min(cfg.val_images, len(st))
         v = {"name": Path(path).stem, "images": st.read("images", 0, nv), "px": store_pixel_size(st)}
         if stacks:
             v["geom"] = volumes.geometry(st)
-            v["gt"] = {t: volumes.truth_um(st, t, 0, nv) for t in cfg.targets}
+            v["gt"] = {t: volumes.truth_um(st, t, 0, nv) for t in cfg.targets if cfg.trains(v["name"], t)}
         else:
-            v["gt"] = {t: ground_truth(st, t, 0, nv) for t in cfg.targets}
+            v["gt"] = {t: ground_truth(st, t, 0, nv) for t in cfg.targets if cfg.trains(v["name"], t)}
     return v
 
 

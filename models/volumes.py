@@ -106,10 +106,10 @@ def tune_trackpy(stacks: np.ndarray, gt_um: Points, geom: StackGeometry,
     return TrackPy3DDetector(best, f1_threshold(best_table, gt_um, geom)), results
 
 
-def with_z_um(table: pd.DataFrame, geom: StackGeometry) -> pd.DataFrame:
+def with_z_um(table: pd.DataFrame, z_step_um: float) -> pd.DataFrame:
     """A detector's voxel table as users get it: ``frame, x, y, z_um, score, sigma``."""
     out = table.copy()
-    out["z_um"] = out.pop("z") * geom.z_step_um
+    out["z_um"] = out.pop("z") * z_step_um
     return out[list(STACK_COLUMNS)]
 
 
@@ -135,7 +135,7 @@ def evaluate_stacks(detector, stores: list[Path], out: Path, label: str, target:
         m.update({"seconds": seconds, "stacks_per_s": len(stacks) / max(seconds, 1e-9),
                   "pixel_size_um": geom.pixel_size_um, "z_step_um": geom.z_step_um, "planes": stacks.shape[1]})
         results[Path(path).stem] = m
-        with_z_um(table, geom).to_csv(out / f"predictions_{Path(path).stem}.csv", index=False)
+        with_z_um(table, geom.z_step_um).to_csv(out / f"predictions_{Path(path).stem}.csv", index=False)
     metrics = {"kind": "stacks", "label": label, "target": target, "threshold": detector.threshold,
                "gates_nm": list(GATES_3D_NM), "datasets": results, **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
