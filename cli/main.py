@@ -418,6 +418,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model already in --out."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's epochs."),
     max_train_images: Optional[int] = typer.Option(None, "--max-train-images", min=1, help="Use only the first N training images."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a trained run folder (or weights file): overrides the config's init_from."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a detector on simulated data, keeping the epoch with the best validation AUC.
@@ -429,7 +430,8 @@ def train(
     from models.runs import RunFolder
     from models.train import fit
 
-    overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images}.items() if v is not None}
+    overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images,
+                                   "init_from": init_from and str(init_from)}.items() if v is not None}
     if resume and config is None:
         config = RunFolder(out).file(RunFolder.CONFIG)
     cfg = load_train_config(config, model, overrides)

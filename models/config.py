@@ -37,6 +37,12 @@ class TrainConfig(StrictModel):
     # each head learns from the data of its own task (a 64-line movie frame spans about
     # 0.1 s: its whole-frame centroid is mostly not in the frame); stores not named: both.
     store_targets: dict[str, Literal["centroid", "exposure", "both"]] = {}
+    # Start from a trained network: a run folder (its best.pt) or a weights file; tensors
+    # whose name and shape fit are loaded, and a second head absent from it starts as a
+    # copy of the first.  `freeze` keeps parameters as loaded: prefixes of their names
+    # ("unet", "head": SpotNet's backbone and first head), batch-norm statistics included.
+    init_from: Optional[str] = None
+    freeze: list[str] = []
     max_train_images: Optional[Annotated[int, Field(ge=1)]] = None
     val_images: Annotated[int, Field(ge=10)] = 3000
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8
@@ -60,6 +66,12 @@ class TrainConfig(StrictModel):
         unknown = [k for k in self.store_targets if k not in stores]
         if unknown:
             raise ValueError(f"store_targets: {unknown[0]} is not a train or val store (have: {', '.join(stores)})")
+        return self
+
+    @model_validator(mode="after")
+    def _freeze_needs_init(self) -> "TrainConfig":
+        if self.freeze and self.init_from is None:
+            raise ValueError("freeze: keeps loaded parameters; give init_from (a run folder or weights file)")
         return self
 
     def trains(self, store: str, target: str) -> bool:

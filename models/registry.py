@@ -111,6 +111,9 @@ class NetDetector:
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
+        # Inference mode every time: a detector validating a network mid-training must not
+        # run batch norm on batch statistics, nor move its running statistics.
+        self.model.eval()
         if self.ndim == 3:
             return self._detect_stacks(images, progress)
         from tqdm.auto import tqdm

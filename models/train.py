@@ -7,6 +7,7 @@ Training stops on a non-finite loss.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -65,7 +66,7 @@ def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int
                     steps: int, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    model.train()
+    train_mode(model, cfg.freeze)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     total, n = 0.0, 0
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress, leave=False)
@@ -146,11 +147,13 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         cfg = cfg.model_copy(update={"model_params": params})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run.create()
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = fam.build(cfg.params()).to(device)
+    # (On --resume the weights come from last.pt; the file started from is still recorded.)
+    start_from = _start_from(model, cfg, load=not resume) if cfg.init_from else None
+    _freeze(model, cfg)
+    run.create()
     vals = [_validation_set(path, cfg, stacks) for path in val_paths]
     sets = []
     for path in train_paths:
@@ -210,7 +213,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         stats = train_one_epoch(model, fam, opt, sched, loader, cfg, epoch, device, steps, progress)
         with _tta(model, cfg.val_tta):
             scores = run_validation()
-        model.train()
+        train_mode(model, cfg.freeze)
         mean_auc = float(np.mean([v["mean_auc"] for v in scores.values()]))
         row = {"epoch": epoch + 1, "loss": stats["loss"],
                "val_auc": {str(g): float(np.mean([v["auc"][i] for v in scores.values()])) for i, g in enumerate(gates)},
@@ -240,8 +243,61 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
                "pixel_size_um": vals[0]["px"], "train_seconds": time.perf_counter() - t_start, "device": device}
     if len(thresholds) > 1:
         metrics["thresholds"] = thresholds
+    if start_from is not None:
+        metrics["init_from"] = start_from
     run.write_metrics(metrics)
     return metrics
+
+
+def _matches(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def train_mode(model, freeze=()) -> None:
+    """Training mode, except the frozen modules: their batch-norm statistics stay as loaded."""
+    model.train()
+    for name, m in model.named_modules():
+        if name and _matches(name, freeze):
+            m.eval()
+
+
+def _start_from(model, cfg: TrainConfig, load: bool = True) -> dict:
+    """Load ``cfg.init_from`` into ``model`` (tensors whose name and shape fit); a head
+    it lacks starts as a copy of the first.  What was loaded, for metrics.json."""
+    import hashlib
+
+    from .weights import load_matching
+
+    path = Path(cfg.init_from)
+    if not path.exists():
+        raise FactoryError(f"init_from: {path}: no such run folder or weights file")
+    if path.is_dir():
+        path = RunFolder(path).file(RunFolder.BEST)
+    loaded = load_matching(model if load else copy.deepcopy(model), path)
+    if not loaded:
+        raise FactoryError(f"init_from: {cfg.init_from} holds no tensor of this {cfg.model} network "
+                           "(other family or widths)")
+    missing = [k for k in model.state_dict() if k not in loaded]
+    if not load:
+        pass
+    elif missing and hasattr(model, "copy_first_head") and all(k.startswith("extra_") for k in missing):
+        model.copy_first_head()
+    elif missing:
+        log.warning("init_from %s: %d tensors not in the file start fresh (%s, ...)", path, len(missing), missing[0])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": digest, "tensors_loaded": len(loaded), "tensors": len(model.state_dict())}
+
+
+def _freeze(model, cfg: TrainConfig) -> None:
+    """Parameters named by ``cfg.freeze`` (prefixes) keep their loaded values."""
+    names = [n for n, _ in model.named_parameters()]
+    for p in cfg.freeze:
+        if not any(_matches(n, [p]) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise FactoryError(f"freeze: {p!r} names no parameter of {cfg.model} (its parts: {', '.join(tops)})")
+    for n, param in model.named_parameters():
+        if _matches(n, cfg.freeze):
+            param.requires_grad_(False)
 
 
 def _validation_set(path: Path, cfg: TrainConfig, stacks) -> dict:

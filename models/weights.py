@@ -7,11 +7,14 @@ one that runs a command, is refused before anything in it runs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from factory.errors import FactoryError
+
+log = logging.getLogger(__name__)
 
 
 def load_weights(path: str | Path, map_location="cpu") -> dict:
@@ -36,3 +39,14 @@ def state_dict_of(state: dict) -> dict:
     if not isinstance(inner, dict) or not all(isinstance(v, torch.Tensor) for v in inner.values()):
         raise FactoryError("the weights file holds no state dict of tensors")
     return inner
+
+
+def load_matching(model: torch.nn.Module, path: str | Path) -> set[str]:
+    """Load every tensor of a weights file whose name and shape match the model; the
+    names loaded."""
+    state = state_dict_of(load_weights(path))
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(keep, strict=False)
+    log.info("loaded %d of %d tensors from %s", len(keep), len(own), path)
+    return set(keep)

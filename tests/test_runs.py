@@ -218,3 +218,59 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     bad.write_text(yaml.safe_dump({**TINY, "target": "both", "store_targets": {"movies": "exposure"}}))
     one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"),
                    "store_targets: movies is not a train or val store")
+
+
+def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
+    """init_from a one-headed run + freeze [unet, head] + branch: decoder: the centroid
+    head of the two-headed model is the loaded model bit for bit (weights, batch-norm
+    statistics, detections), while the exposure head, started as its copy, has learned."""
+    import torch
+
+    from factory.stores import Store
+    from models.runs import load_model
+
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(TINY))
+    assert run_cli("train", "--config", single, "--data", data, "--out", tmp_path / "one", "-q").returncode == 0
+    # Validation during training ran the network in inference mode: the saved model scores
+    # on the validation set exactly what the history says (batch norm on running statistics,
+    # left unmoved by the validation images).
+    from models.evaluate import ground_truth, pixel_size_um
+    from models.train import validate
+
+    with Store(data / "val.h5") as st:
+        images, gt = st.read("images", 0, TINY["val_images"]), ground_truth(st, "centroid", 0, TINY["val_images"])
+        px = pixel_size_um(st)
+    hist = RunFolder(tmp_path / "one").read_metrics()["history"]
+    assert validate(load_model(tmp_path / "one"), images, gt, px)["mean_auc"] == hist[-1]["val_mean_auc"]
+    recipe = {**TINY, "model_params": {**TINY["model_params"], "branch": "decoder"}, "target": "both",
+              "init_from": str(tmp_path / "one"), "freeze": ["unet", "head"], "train": ["train", "movies_train"],
+              "val": ["val", "movies_val"], "store_targets": {"train": "exposure", "movies_train": "exposure",
+                                                              "val": "centroid", "movies_val": "exposure"}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("train", "--config", tmp_path / "two.yaml", "--data", data, "--out", tmp_path / "two", "-q")
+    assert r.returncode == 0, r.stderr
+    one = torch.load(tmp_path / "one" / "best.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "best.pt", weights_only=True)["model"]
+    assert {k for k in two if k not in one} and all(k.startswith("extra_") for k in two if k not in one)
+    for k, v in one.items():  # running means and variances included
+        assert torch.equal(two[k], v), k
+    copied = {k.replace("extra_decoders.0", "unet.up").replace("extra_heads.0", "head"): v
+              for k, v in two.items() if k.startswith("extra_") and v.is_floating_point()}
+    assert any(not torch.equal(v, one[k]) for k, v in copied.items())
+    m = RunFolder(tmp_path / "two").read_metrics()
+    assert m["init_from"]["tensors_loaded"] == len(one) and len(m["init_from"]["sha256"]) == 64
+    with Store(data / "val.h5") as st:
+        images = st.read("images", 0, 32)
+    a, b = load_model(tmp_path / "one").detect(images), load_model(tmp_path / "two").detect(images)
+    pd.testing.assert_frame_equal(a[["frame", "x", "y", "score"]], b[["frame", "x", "y", "score"]])
+    # Bad recipes: one line each, naming the field.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "freeze": ["unet"]}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"), "freeze")
+    bad.write_text(yaml.safe_dump({**recipe, "freeze": ["backbone"]}))
+    one_line_error(run_cli("train", "--config", bad, "--data", data, "--out", tmp_path / "x"),
+                   "freeze: 'backbone' names no parameter")
+    one_line_error(run_cli("train", "--config", tmp_path / "two.yaml", "--data", data, "--out", tmp_path / "x",
+                           "--init-from", tmp_path / "none"), "init_from:", "none: no such run folder")
+    assert not (tmp_path / "x" / "best.pt").exists()

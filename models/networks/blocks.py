@@ -77,18 +77,33 @@ class UNet(nn.Module):
         self.mid = nn.Sequential(*[ResBlock(widths[-1], widths[-1], dilation=d, se=se, norm=norm)
                                    for d in bottleneck_dilations])
         levels = self.depth - (out_stride.bit_length() - 1)
-        self.up = nn.ModuleList(ResBlock(widths[i + 1] + widths[i], widths[i], se=se, norm=norm)
-                                for i in reversed(range(self.depth - levels, self.depth)))
+        self._decoder_args = (tuple(widths), levels, se, norm)
+        self.up = self.new_decoder()
         self.multiple = 2 ** self.depth
         self.out_channels = widths[self.depth - levels]
 
+    def new_decoder(self) -> nn.ModuleList:
+        """A freshly initialised decoder of this U-Net's shape."""
+        widths, levels, se, norm = self._decoder_args
+        return nn.ModuleList(ResBlock(widths[i + 1] + widths[i], widths[i], se=se, norm=norm)
+                             for i in reversed(range(self.depth - levels, self.depth)))
+
     def forward(self, x):
+        return self.decode(*self.encode(x))
+
+    def encode(self, x) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The bottleneck features and the skips, finest first."""
         skips = [self.stem(x)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
-        y = self.mid(skips.pop())
-        for up in self.up:
+        return self.mid(skips.pop()), skips
+
+    def decode(self, y, skips, up: nn.ModuleList | None = None):
+        """Decode with this U-Net's decoder, or with ``up``, a decoder of the same shape
+        (a second output branch on the one encoder)."""
+        skips = list(skips)
+        for block in (self.up if up is None else up):
             skip = skips.pop()
             y = F.interpolate(y, size=skip.shape[-2:], mode="nearest")
-            y = up(torch.cat([y, skip], dim=1))
+            y = block(torch.cat([y, skip], dim=1))
         return y

@@ -11,7 +11,6 @@ shape fits (the COCO heads with 91 classes / 17 keypoints are re-initialised).
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -25,10 +24,9 @@ from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, Keypoi
 from factory.config import StrictModel
 from loaders.targets import keypoint_decode, keypoint_target
 
-from ..weights import load_weights, state_dict_of
+from ..weights import load_matching
 from .blocks import normalize_images
 
-log = logging.getLogger(__name__)
 
 LABEL = "Keypoint R-CNN (ours)"
 TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 8}
@@ -88,15 +86,6 @@ class SmallKeypointRCNN(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, targets=None):
         return self.net(self.inputs(images), targets)
-
-
-def load_matching(model: torch.nn.Module, path: str) -> None:
-    """Load every tensor of a state dict whose name and shape match the model."""
-    state = state_dict_of(load_weights(path))
-    own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(keep, strict=False)
-    log.info("loaded %d of %d tensors from %s", len(keep), len(own), path)
 
 
 def build(params: Params) -> SmallKeypointRCNN:

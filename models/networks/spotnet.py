@@ -39,13 +39,19 @@ class Params(StrictModel):
     # Output heads on the one backbone: 1, or 2 for `target: both` (head 0 the trajectory
     # centroid, head 1 the exposure-weighted position; set by the training config).
     heads: Literal[1, 2] = 1
+    # Where the heads' branches part: after the decoder (each head its own 3 x 3 layer on
+    # the shared features), or after the encoder (each head its own decoder too, so a
+    # head can be trained on top of a frozen first one: `freeze` in the training config).
+    branch: Literal["head", "decoder"] = "head"
 
 
 class SpotNet(nn.Module):
-    def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1):
+    def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1,
+                 branch: str = "head"):
         super().__init__()
         self.flip_tta = flip_tta  # average over the four flips at inference
         self.heads = heads
+        self.branch = branch
         self.unet = UNet(1, tuple(widths), se=se)
         c = self.unet.out_channels
 
@@ -61,17 +67,31 @@ class SpotNet(nn.Module):
         # two offsets need not share one).
         self.head = head()
         self.extra_heads = nn.ModuleList([head() for _ in range(heads - 1)])
+        self.extra_decoders = nn.ModuleList([self.unet.new_decoder() for _ in range(heads - 1)
+                                             if branch == "decoder"])
         # Channels-last convolutions run about 15% faster on the CPU (oneDNN) and on GPUs.
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) counts -> (B, 4 * heads, H, W): per head heat logit, dx, dy, log sigma."""
+    def forward(self, images: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """(B, 1, H, W) counts -> (B, 4 * heads, H, W): per head heat logit, dx, dy, log
+        sigma; with ``head``, that head's 4 channels only (its branch alone is run)."""
         x, (h, w) = pad_to_multiple(normalize_images(images), self.unet.multiple)
-        f = self.unet(x.contiguous(memory_format=torch.channels_last))
-        out = self.head(f)
-        if len(self.extra_heads):
-            out = torch.cat([out] + [h(f) for h in self.extra_heads], 1)
+        heads = range(self.heads) if head is None else [head]
+        if self.branch == "decoder":
+            y, skips = self.unet.encode(x.contiguous(memory_format=torch.channels_last))
+            feats = [self.unet.decode(y, skips, self.extra_decoders[k - 1] if k else None) for k in heads]
+        else:
+            feats = [self.unet(x.contiguous(memory_format=torch.channels_last))] * len(heads)
+        out = torch.cat([(self.extra_heads[k - 1] if k else self.head)(f) for k, f in zip(heads, feats)], 1)
         return out[..., :h, :w].contiguous()
+
+    def copy_first_head(self) -> None:
+        """Start every other head (and its decoder) as a copy of head 0: a second target
+        learned on top of a trained first one (``init_from`` of a one-headed model)."""
+        for k, extra in enumerate(self.extra_heads):
+            extra.load_state_dict(self.head.state_dict())
+            if self.branch == "decoder":
+                self.extra_decoders[k].load_state_dict(self.unet.up.state_dict())
 
 
 def _valid(centroids: torch.Tensor) -> torch.Tensor:
@@ -101,17 +121,18 @@ def loss(model: nn.Module, images: torch.Tensor, points: torch.Tensor) -> tuple[
     """Points (B, P, 2) for one head; (B, P, 2, 2) for two: [..., k, :] is head k's target
     (centroid, exposure), each NaN where that target is absent.  An image whose points
     of head k are all infinite does not train head k (its target is not observable there)."""
-    out = model(images)
     if points.dim() == 3:
-        return _head_loss(out, points)
+        return _head_loss(model(images), points)
+    trained = [~torch.isinf(points[:, :, k]).flatten(1).all(1) for k in range(points.shape[2])]
+    heads = [k for k, t in enumerate(trained) if t.any()]
+    if not heads:  # nothing to learn here: a zero that still reaches every parameter
+        return model(images).sum() * 0.0, {}
+    # A minibatch training one head runs that head's branch alone.
+    out = model(images, heads[0]) if len(heads) == 1 else model(images)
     total, parts = 0.0, {}
-    for k in range(points.shape[2]):
-        pk = points[:, :, k]
-        trained = ~torch.isinf(pk).flatten(1).all(1)
-        if not trained.any():
-            total = total + out.sum() * 0.0
-            continue
-        value, p = _head_loss(out[trained, 4 * k:4 * k + 4], pk[trained])
+    for i, k in enumerate(heads):
+        c = 4 * (i if len(heads) == 1 else k)
+        value, p = _head_loss(out[trained[k], c:c + 4], points[trained[k], :, k])
         total = total + value
         parts.update({f"{name}{k}": v for name, v in p.items()})
     return total, parts
@@ -157,11 +178,11 @@ def _head_loss(out: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
 
 
 def build(params: Params) -> SpotNet:
-    return SpotNet(params.widths, params.se, params.flip_tta, params.heads)
+    return SpotNet(params.widths, params.se, params.flip_tta, params.heads, params.branch)
 
 
 @torch.no_grad()
-def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def forward_flips(model: nn.Module, images: torch.Tensor, head: int | None = None) -> torch.Tensor:
     """Mean output over the four flips of the input (test-time augmentation).
 
     Flips are symmetries of the problem (Brownian motion is isotropic and reversible),
@@ -170,7 +191,7 @@ def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     n = images.shape[0]
     dims = [image_dims(ops) for ops in ALL_FLIPS]
     # One forward pass over the four flipped copies: larger batches run faster on a CPU.
-    o = model(torch.cat([images.flip(d) if d else images for d in dims]))
+    o = model(torch.cat([images.flip(d) if d else images for d in dims]), head)
     back = torch.stack([o[i * n:(i + 1) * n].flip(d) if d else o[i * n:(i + 1) * n] for i, d in enumerate(dims)])
     # Channels: heat logit, dx, dy, log sigma; a mirrored axis negates its offset.
     heads = o.shape[1] // 4
@@ -180,8 +201,8 @@ def forward_flips(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def predict(model: SpotNet, images: torch.Tensor, min_score: float = 0.01, head: int = 0):
-    out = forward_flips(model, images) if model.flip_tta else model(images)
-    return decode(out[:, 4 * head:4 * head + 4], min_score)
+    out = forward_flips(model, images, head) if model.flip_tta else model(images, head)
+    return decode(out, min_score)
 
 
 @torch.no_grad()
