@@ -20,16 +20,16 @@ demo: $(STAMP)
 	$(VENV)/bin/factory inspect data --brief
 	$(VENV)/bin/factory evaluate --detector trackpy-paper --data data $(PAPER_TESTS) --out runs/demo/trackpy-paper --quiet
 	$(VENV)/bin/factory evaluate --detector trackpy --data data $(PAPER_TESTS) --out runs/demo/trackpy --quiet
-	$(VENV)/bin/factory train --config configs/spotnet_demo.yaml --data data --out runs/demo/model --overwrite
+	$(VENV)/bin/factory train --config configs/spotnet_demo.yaml --data data --out runs/demo/centroid-model --overwrite
+	$(VENV)/bin/factory train --config configs/spotnet_default.yaml --data data --out runs/demo/model --overwrite
 	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --quiet
-	$(VENV)/bin/factory train --config configs/spotnet_movies.yaml --data data --out runs/demo/movie-model --overwrite --quiet
-	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/demo MODEL=runs/demo/movie-model
+	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/demo MODEL=runs/demo/model
 	$(VENV)/bin/factory report runs/demo --data data
 
 # The movie pipelines on test_movies: TrackPy tuned on movies_val for what the laser saw,
-# and MODEL's exposure output (SpotNet trained on the exposure target,
-# configs/spotnet_movies.yaml, or the exposure head of a two-headed model); evaluation
-# links tracks and scores D per track.
+# and MODEL's exposure output (the exposure head of the default model,
+# configs/spotnet_default.yaml, or a model trained on the exposure target alone,
+# configs/spotnet_movies.yaml); evaluation links tracks and scores D per track.
 movie-pipelines: $(STAMP)
 	$(VENV)/bin/factory evaluate --detector trackpy --target exposure --tune-on movies_val --data data --datasets test_movies --out $(RUNS)/trackpy-movies --quiet
 	$(VENV)/bin/factory evaluate --model $(MODEL) --target exposure --data data --datasets test_movies --out $(RUNS)/spotnet-movies --quiet
@@ -52,15 +52,15 @@ crowded: $(STAMP)
 	$(VENV)/bin/factory report runs/crowded --data data/crowded
 
 # The movie part alone, on the movie sets only: SpotNet trained on movies_train for the
-# exposure target (configs/spotnet_movies.yaml), both pipelines, the demo's Table 1
-# model too if `make demo` left it, and runs/movies/report.md.
+# exposure target alone (configs/spotnet_movies.yaml), both pipelines, the exposure head
+# of the demo's default model too if `make demo` left it, and runs/movies/report.md.
 MOVIE_SETS := --only movies_train --only movies_val --only test_movies
 movies: $(STAMP)
 	$(VENV)/bin/factory build datasets.yaml --out data $(MOVIE_SETS) --overwrite
 	$(VENV)/bin/factory preview data/test_movies.h5 --out runs/movies/test_movies.png --n 6
 	$(VENV)/bin/factory train --config configs/spotnet_movies.yaml --data data --out runs/movies/movie-model --overwrite --quiet
 	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/movies MODEL=runs/movies/movie-model
-	if [ -f runs/demo/model/best.pt ]; then $(VENV)/bin/factory evaluate --model runs/demo/model --data data --datasets test_movies --out runs/movies/spotnet-demo --quiet; fi
+	if [ -f runs/demo/model/best.pt ]; then $(VENV)/bin/factory evaluate --model runs/demo/model --target exposure --data data --datasets test_movies --out runs/movies/spotnet-default --quiet; fi
 	$(VENV)/bin/factory report runs/movies --data data --datasets test_movies
 
 bench: $(STAMP)

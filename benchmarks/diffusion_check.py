@@ -82,7 +82,7 @@ def rel_rmse(d_hat, D):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=None,
-                    help="run folder(s) to check (default: runs/demo/model and runs/movies/movie-model if present)")
+                    help="run folder(s) to check, every head of each (default: runs/demo/model and runs/movies/movie-model if present)")
     ap.add_argument("--movies", type=int, default=200, help="movies per case")
     ap.add_argument("--trackpy", action="append", help="also a TrackPy parameter file (trackpy.json of an evaluation)")
     args = ap.parse_args()

@@ -275,7 +275,7 @@ def bench_predict(args):
 
 @section("track")
 def bench_track(args):
-    """`factory track` frames/s on 256 x 256 px frames: the movie model vs the TrackPy pipeline."""
+    """`factory track` frames/s on 256 x 256 px frames: the default model vs the TrackPy pipeline."""
     from factory.config import parse_config
     from factory.kernel import simulate
     from factory.perf import tune_malloc
@@ -293,13 +293,13 @@ def bench_track(args):
                       "diffusion_um2_s": {"type": "uniform", "low": 0.05, "high": 1.0}, "xy_start": {"type": "uniform"}},
         "output": {"expected": False, "trajectories": False}}}})
     images = simulate(cfg.datasets["m"], cfg.seed)["images"].astype(np.float32)
-    run = Path(args.model).parent / "movie-model" if args.model else None
-    if run is not None and (run / "best.pt").exists():  # what the laser saw: an exposure output
-        net, label = load_detector(run, prefer="exposure"), f"trained model {run}"
+    if args.model and (Path(args.model) / "best.pt").exists():  # what the laser saw: the exposure head
+        net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
     else:
-        demo = load_train_config(ROOT / "configs" / "spotnet_movies.yaml", None)
-        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5, target="exposure")
-        label = "untrained SpotNet, movie recipe (no runs/demo/movie-model yet)"
+        demo = load_train_config(ROOT / "configs" / "spotnet_default.yaml", None)
+        net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
+                          target="exposure", head=1)
+        label = "untrained SpotNet, default recipe (no runs/demo/model yet)"
     print(f"10 frames of 256 x 256 px, about 30 particles; {label}")
     timing = ScanTiming()
     results = {}
@@ -319,7 +319,7 @@ def main():
     ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON")
     ap.add_argument("--model", default=str(ROOT / "runs" / "demo" / "model"),
-                    help="run folder of the model timed by the predict section (default: the demo's)")
+                    help="run folder of the model timed by the predict and track sections (default: the demo's)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores; numba threads: {__import__('numba').get_num_threads()}")
     results = {}

@@ -189,16 +189,27 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
                  for k, t in enumerate(cfg.targets)}
     gates = GATES_3D_NM if stacks else GATES_NM
 
+    # A head that nothing trainable feeds (its branch frozen) scores the same every epoch:
+    # validated once, its score reused.
+    fixed = {t for k, t in enumerate(cfg.targets) if hasattr(model, "head_parameters")
+             and not any(p.requires_grad for p in model.head_parameters(k))}
+    cache: dict = {}
+
     def run_validation() -> dict:
         scores = {}
         for t, det in detectors.items():
             for v in vals:
                 if not cfg.trains(v["name"], t):
                     continue
+                if t in fixed and (t, v["name"]) in cache:
+                    scores[(t, v["name"])] = cache[(t, v["name"])]
+                    continue
                 if stacks:
                     scores[(t, v["name"])] = volumes.validate(det, v["images"], v["gt"][t], v["geom"])
                 else:
                     scores[(t, v["name"])] = validate(det, v["images"], v["gt"][t], v["px"])
+                if t in fixed:
+                    cache[(t, v["name"])] = scores[(t, v["name"])]
         return scores
 
     t_start = time.perf_counter()

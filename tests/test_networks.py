@@ -151,3 +151,23 @@ def test_a_two_headed_spotnet_trains_each_head_on_its_own_target_only():
                 sign[[2, 6]] = -1
             passes.append(o * sign[None, :, None, None])
     torch.testing.assert_close(flipped, torch.stack(passes).mean(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("branch", ["head", "decoder"])
+def test_head_parameters_are_exactly_what_a_heads_output_depends_on(branch):
+    """head_parameters(k) (which the trainer uses to validate a frozen head once) is the
+    set of parameters with a gradient from head k's output; running head k alone gives
+    head k's channels of the full forward pass."""
+    from models.networks import spotnet
+
+    torch.manual_seed(0)
+    model = spotnet.build(spotnet.Params(widths=[4, 8], heads=2, flip_tta=False, branch=branch))
+    images = torch.rand(2, 1, 16, 16) * 10
+    full = model(images)
+    for k in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(images, k)
+        torch.testing.assert_close(out, full[:, 4 * k:4 * k + 4])
+        out.square().sum().backward()
+        with_grad = {id(p) for p in model.parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+        assert with_grad == {id(p) for p in model.head_parameters(k)}

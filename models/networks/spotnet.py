@@ -85,6 +85,13 @@ class SpotNet(nn.Module):
         out = torch.cat([(self.extra_heads[k - 1] if k else self.head)(f) for k, f in zip(heads, feats)], 1)
         return out[..., :h, :w].contiguous()
 
+    def head_parameters(self, k: int):
+        """The parameters head ``k``'s output depends on."""
+        branch = self.unet.parameters() if k == 0 or self.branch == "head" else \
+            [*(p for n, p in self.unet.named_parameters() if not n.startswith("up.")),
+             *self.extra_decoders[k - 1].parameters()]
+        return [*branch, *(self.extra_heads[k - 1] if k else self.head).parameters()]
+
     def copy_first_head(self) -> None:
         """Start every other head (and its decoder) as a copy of head 0: a second target
         learned on top of a trained first one (``init_from`` of a one-headed model)."""
