@@ -82,7 +82,8 @@ class SpotNet(nn.Module):
             feats = [self.unet.decode(y, skips, self.extra_decoders[k - 1] if k else None) for k in heads]
         else:
             feats = [self.unet(x.contiguous(memory_format=torch.channels_last))] * len(heads)
-        out = torch.cat([(self.extra_heads[k - 1] if k else self.head)(f) for k, f in zip(heads, feats)], 1)
+        outs = [(self.extra_heads[k - 1] if k else self.head)(f) for k, f in zip(heads, feats)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         return out[..., :h, :w].contiguous()
 
     def head_parameters(self, k: int):
