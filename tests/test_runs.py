@@ -56,7 +56,7 @@ def test_train_resume_evaluate_predict_and_reproduce(data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert {p.name for p in run.path.iterdir()} == {"config.yaml", "best.pt", "last.pt", "metrics.json"}
     cfg = run.read_config()
-    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False, "heads": 1}
+    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False, "heads": 1, "branch": "head"}
     assert cfg.data == str(data)
     m = run.read_metrics()
     assert len(m["history"]) == 1 and m["best_epoch"] == 1 and 0 <= m["threshold"] < 1

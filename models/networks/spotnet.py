@@ -138,8 +138,8 @@ def loss(model: nn.Module, images: torch.Tensor, points: torch.Tensor) -> tuple[
     # A minibatch training one head runs that head's branch alone.
     out = model(images, heads[0]) if len(heads) == 1 else model(images)
     total, parts = 0.0, {}
-    for i, k in enumerate(heads):
-        c = 4 * (i if len(heads) == 1 else k)
+    for k in heads:
+        c = 0 if len(heads) == 1 else 4 * k
         value, p = _head_loss(out[trained[k], c:c + 4], points[trained[k], :, k])
         total = total + value
         parts.update({f"{name}{k}": v for name, v in p.items()})
