@@ -7,7 +7,6 @@ Training stops on a non-finite loss.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -277,23 +276,21 @@ def _start_from(model, cfg: TrainConfig, load: bool = True) -> dict:
     it lacks starts as a copy of the first.  What was loaded, for metrics.json."""
     import hashlib
 
-    from .weights import load_matching
+    from .weights import load_matching, matching_tensors
 
     path = Path(cfg.init_from)
     if not path.exists():
         raise FactoryError(f"init_from: {path}: no such run folder or weights file")
     if path.is_dir():
         path = RunFolder(path).file(RunFolder.BEST)
-    loaded = load_matching(model if load else copy.deepcopy(model), path)
+    loaded = load_matching(model, path) if load else set(matching_tensors(model, path))
     if not loaded:
         raise FactoryError(f"init_from: {cfg.init_from} holds no tensor of this {cfg.model} network "
                            "(other family or widths)")
     missing = [k for k in model.state_dict() if k not in loaded]
-    if not load:
-        pass
-    elif missing and hasattr(model, "copy_first_head") and all(k.startswith("extra_") for k in missing):
+    if load and missing and hasattr(model, "copy_first_head") and all(k.startswith("extra_") for k in missing):
         model.copy_first_head()
-    elif missing:
+    elif load and missing:
         log.warning("init_from %s: %d tensors not in the file start fresh (%s, ...)", path, len(missing), missing[0])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"path": str(path), "sha256": digest, "tensors_loaded": len(loaded), "tensors": len(model.state_dict())}

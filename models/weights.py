@@ -41,12 +41,17 @@ def state_dict_of(state: dict) -> dict:
     return inner
 
 
+def matching_tensors(model: torch.nn.Module, path: str | Path) -> dict:
+    """The tensors of a weights file whose name and shape match the model."""
+    state = state_dict_of(load_weights(path))
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+
+
 def load_matching(model: torch.nn.Module, path: str | Path) -> set[str]:
     """Load every tensor of a weights file whose name and shape match the model; the
     names loaded."""
-    state = state_dict_of(load_weights(path))
-    own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    keep = matching_tensors(model, path)
     model.load_state_dict(keep, strict=False)
-    log.info("loaded %d of %d tensors from %s", len(keep), len(own), path)
+    log.info("loaded %d of %d tensors from %s", len(keep), len(model.state_dict()), path)
     return set(keep)
