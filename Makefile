@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench install clean crowded movies movie-pipelines volumes
+.PHONY: demo test bench install clean crowded movies movie-pipelines volumes fields
 
 PAPER_TESTS := --datasets test_d075 --datasets test_d100 --datasets test_d175
 
@@ -18,11 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/factory build datasets.yaml --out data --overwrite
 	$(VENV)/bin/factory inspect data --brief
-	$(VENV)/bin/factory evaluate --detector trackpy-paper --data data $(PAPER_TESTS) --out runs/demo/trackpy-paper --quiet
-	$(VENV)/bin/factory evaluate --detector trackpy --data data $(PAPER_TESTS) --out runs/demo/trackpy --quiet
+	$(VENV)/bin/factory evaluate --detector trackpy-paper --data data $(PAPER_TESTS) --out runs/demo/trackpy-paper --overwrite --quiet
+	$(VENV)/bin/factory evaluate --detector trackpy --data data $(PAPER_TESTS) --out runs/demo/trackpy --overwrite --quiet
 	$(VENV)/bin/factory train --config configs/spotnet_demo.yaml --data data --out runs/demo/centroid-model --overwrite
 	$(VENV)/bin/factory train --config configs/spotnet_default.yaml --data data --out runs/demo/model --overwrite
-	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --quiet
+	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --overwrite --quiet
 	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/demo MODEL=runs/demo/model
 	$(VENV)/bin/factory report runs/demo --data data
 
@@ -31,8 +31,8 @@ demo: $(STAMP)
 # configs/spotnet_default.yaml, or a model trained on the exposure target alone,
 # configs/spotnet_movies.yaml); evaluation links tracks and scores D per track.
 movie-pipelines: $(STAMP)
-	$(VENV)/bin/factory evaluate --detector trackpy --target exposure --tune-on movies_val --data data --datasets test_movies --out $(RUNS)/trackpy-movies --quiet
-	$(VENV)/bin/factory evaluate --model $(MODEL) --target exposure --data data --datasets test_movies --out $(RUNS)/spotnet-movies --quiet
+	$(VENV)/bin/factory evaluate --detector trackpy --target exposure --tune-on movies_val --data data --datasets test_movies --out $(RUNS)/trackpy-movies --overwrite --quiet
+	$(VENV)/bin/factory evaluate --model $(MODEL) --target exposure --data data --datasets test_movies --out $(RUNS)/spotnet-movies --overwrite --quiet
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -42,11 +42,11 @@ test: $(STAMP)
 CROWDED_EPOCHS ?= 3
 crowded: $(STAMP)
 	$(VENV)/bin/factory build crowded.yaml --out data/crowded --overwrite
-	$(VENV)/bin/factory evaluate --detector trackpy --data data/crowded --out runs/crowded/trackpy --quiet
+	$(VENV)/bin/factory evaluate --detector trackpy --data data/crowded --out runs/crowded/trackpy --overwrite --quiet
 	for m in spotnet gridnet densitynet; do \
 	  $(VENV)/bin/factory train --config configs/$$m.yaml --data data/crowded --out runs/crowded/$$m-model \
 	    --epochs $(CROWDED_EPOCHS) --overwrite --quiet && \
-	  $(VENV)/bin/factory evaluate --model runs/crowded/$$m-model --data data/crowded --out runs/crowded/$$m --quiet \
+	  $(VENV)/bin/factory evaluate --model runs/crowded/$$m-model --data data/crowded --out runs/crowded/$$m --overwrite --quiet \
 	  || exit 1; \
 	done
 	$(VENV)/bin/factory report runs/crowded --data data/crowded
@@ -57,10 +57,10 @@ crowded: $(STAMP)
 MOVIE_SETS := --only movies_train --only movies_val --only test_movies
 movies: $(STAMP)
 	$(VENV)/bin/factory build datasets.yaml --out data $(MOVIE_SETS) --overwrite
-	$(VENV)/bin/factory preview data/test_movies.h5 --out runs/movies/test_movies.png --n 6
+	$(VENV)/bin/factory preview data/test_movies.h5 --out runs/movies/test_movies.png --n 6 --overwrite
 	$(VENV)/bin/factory train --config configs/spotnet_movies.yaml --data data --out runs/movies/movie-model --overwrite --quiet
 	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/movies MODEL=runs/movies/movie-model
-	if [ -f runs/demo/model/best.pt ]; then $(VENV)/bin/factory evaluate --model runs/demo/model --target exposure --data data --datasets test_movies --out runs/movies/spotnet-default --quiet; fi
+	if [ -f runs/demo/model/best.pt ]; then $(VENV)/bin/factory evaluate --model runs/demo/model --target exposure --data data --datasets test_movies --out runs/movies/spotnet-default --overwrite --quiet; fi
 	$(VENV)/bin/factory report runs/movies --data data --datasets test_movies
 
 bench: $(STAMP)
@@ -75,7 +75,14 @@ clean:
 volumes: $(STAMP)
 	$(VENV)/bin/factory build volumes.yaml --out data/volumes --overwrite
 	$(VENV)/bin/factory inspect data/volumes --brief
-	$(VENV)/bin/factory evaluate --detector trackpy --tune-on volumes_val --data data/volumes --out runs/volumes/trackpy3d --quiet
+	$(VENV)/bin/factory evaluate --detector trackpy --tune-on volumes_val --data data/volumes --out runs/volumes/trackpy3d --overwrite --quiet
 	$(VENV)/bin/factory train --config configs/dmdetnet3d.yaml --data data/volumes --out runs/volumes/model --overwrite
-	$(VENV)/bin/factory evaluate --model runs/volumes/model --data data/volumes --out runs/volumes/dmdetnet3d --quiet
+	$(VENV)/bin/factory evaluate --model runs/volumes/model --data data/volumes --out runs/volumes/dmdetnet3d --overwrite --quiet
 	$(VENV)/bin/factory report runs/volumes --data data/volumes
+
+# Real-size fields (fields.yaml): 256 x 256 px movies of 50 frames, about 40 blinking
+# particles with D over a decade (log-uniform), and a test set like it without
+# blinking; about a minute on a 2-core CPU.
+fields: $(STAMP)
+	$(VENV)/bin/factory build fields.yaml --out data/fields --overwrite
+	$(VENV)/bin/factory inspect data/fields --brief

@@ -14,7 +14,21 @@ import typer
 
 from factory.errors import FactoryError
 
+
+class _Commands(typer.core.TyperGroup):
+    """`factory --help` lists each command with its first sentence whole (wrapped to the
+    terminal, not cut with '...')."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="factory",
     help=(
         "Simulate two-photon laser-scanning microscopy of diffusing nanoparticles, "
@@ -23,6 +37,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain help: rich's option table cuts long option names ("--line-retrace…") on an
+    # 80-column terminal; plain help wraps the descriptions and keeps every name whole.
+    rich_markup_mode=None,
 )
 
 
@@ -62,7 +79,7 @@ def build(
     only: Optional[List[str]] = typer.Option(None, "--only", help="Build only this dataset (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores that already exist (with --shard: rebuild a complete shard)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Build only shard I/N (I from 0) of each dataset, or 'auto' inside a SLURM array job."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no size estimate."),
 ) -> None:
     """Build the datasets of CONFIG into chunked, compressed stores.
 
@@ -77,12 +94,15 @@ def build(
     from factory.shards import build_shards, parse_shard
 
     cfg = load_config(config)
+    # The size estimate goes to stderr (stdout lists the stores built); --quiet drops it.
+    report = None if quiet else (lambda line: typer.echo(line, err=True))
     if shard is not None:
         shard_spec = parse_shard(shard)
-        results = build_shards(cfg, out, fmt.value, only, shard_spec, overwrite, progress=not quiet)
+        results = build_shards(cfg, out, fmt.value, only, shard_spec, overwrite, progress=not quiet,
+                               report=report)
     else:
         shard_spec = None
-        results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet)
+        results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet, report=report)
     for r in results:
         if r.skipped:
             typer.echo(f"{r.path}: complete and valid, skipped")
@@ -100,20 +120,22 @@ def finalize(
     fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Format the shards were built in."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Finalize only this dataset (repeatable)."),
     copy: bool = typer.Option(False, "--copy", help="HDF5: write one self-contained file instead of a virtual dataset over the shard files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of another dataset that sits at the final name (finalizing the same dataset again needs no flag)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Check every shard (present, same config, checksums) and publish the stores.
 
     HDF5: <out>/<name>.h5 becomes a virtual dataset over <out>/<name>.shards/ (keep that
     folder beside it) or, with --copy, one self-contained file.  Zarr: the shards are
-    recorded in the store and its metadata consolidated.  A missing or corrupt shard
+    recorded in the store, its metadata consolidated, and only then does it move from
+    <out>/<name>.zarr.shards/ to <out>/<name>.zarr.  A missing or corrupt shard
     is an error naming the shards to rerun.
     """
     from factory.config import load_config
     from factory.finalize import finalize as finalize_stores
 
     cfg = load_config(config)
-    for path in finalize_stores(cfg, out, fmt.value, only, copy, progress=not quiet):
+    for path in finalize_stores(cfg, out, fmt.value, only, copy, progress=not quiet, overwrite=overwrite):
         typer.echo(f"{path}: finalized")
 
 
@@ -200,37 +222,43 @@ def preview(
     n: int = typer.Option(16, "--n", min=1, max=400, help="Images in the montage (frames in a movie strip)."),
     start: int = typer.Option(0, "--start", min=0, help="Index of the first image."),
     movie: int = typer.Option(0, "--movie", min=0, help="Movie stores: which movie to show."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a picture that is already there."),
 ) -> None:
     """Draw images with their true trajectories and centroids; for a movie store, a strip
     of one movie's frames (or a .gif of it) with each particle's path and both truths."""
     from factory.errors import StoreError
     from factory.preview import movie_preview, preview as draw
     from factory.stores import Store
+    from models.outputs import staged_output
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".gif"):
         raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
-    with Store(path) as st:
-        is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
-        if start >= len(st):
-            raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
-    if is_movie:
-        try:
-            typer.echo(str(movie_preview(path, out, movie, n)))
-        except ValueError as exc:
-            raise StoreError(f"{path}: --movie: {exc}") from None
-        return
-    if out.suffix.lower() == ".gif":
-        raise FactoryError(f"{out}: a .gif animates a movie store; {path} holds independent images")
-    typer.echo(str(draw(path, out, n, start)))
+    with staged_output(out, "file", overwrite=overwrite, what="picture") as picture:
+        with Store(path) as st:
+            is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
+            if start >= len(st):
+                raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
+        if is_movie:
+            try:
+                movie_preview(path, picture, movie, n)
+            except ValueError as exc:
+                raise StoreError(f"{path}: --movie: {exc}") from None
+        elif out.suffix.lower() == ".gif":
+            raise FactoryError(f"{out}: a .gif animates a movie store; {path} holds independent images")
+        else:
+            draw(path, picture, n, start)
+    typer.echo(str(out))
 
 
 def _gates(text: str) -> tuple[float, ...]:
+    import math
+
     try:
         gates = tuple(float(g) for g in text.split(",") if g.strip())
     except ValueError:
         raise FactoryError(f"--gates-nm {text}: expected comma-separated distances in nm, e.g. 70,140,210") from None
-    if not gates or any(not g > 0 for g in gates):
-        raise FactoryError(f"--gates-nm {text}: every gate must be a distance > 0 nm")
+    if not gates or any(not (g > 0 and math.isfinite(g)) for g in gates):
+        raise FactoryError(f"--gates-nm {text}: every gate must be a finite distance > 0 nm")
     return gates
 
 
@@ -249,18 +277,41 @@ def evaluate(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
     gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
     target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Trained models use their own (a model with a head per target: this head); every store is also scored against each truth it holds."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier evaluation in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
     deepBlink's F1 integral, F1 and RMSE at 140 nm; Table 1 beside the paper's rows.
 
     Gates are physical distances, converted to pixels with each store's pixel size."""
-    from models.evaluate import evaluate_detector, find_test_stores, read_predictions_csv, write_evaluation
+    import math
+
+    from models.outputs import staged_output
 
     gates = _gates(gates_nm)
     chosen = [x for x in (detector, model, predictions) if x is not None]
     if len(chosen) != 1:
         raise FactoryError("give exactly one of --detector, --model or --predictions")
+    if threshold is not None and not math.isfinite(threshold):
+        raise FactoryError(f"--threshold {threshold}: a score cut must be a finite number")
+    # An input inside --out (a trackpy.json given to --params) is never removed by --overwrite.
+    with staged_output(out, "folder", EVALUATION_FILES, overwrite, what="the evaluation (metrics.json, table.md, ...)",
+                       keep=(params,) if params else ()) as stage:
+        _evaluate(stage, data, detector, model, predictions, datasets, params, tune_on, tune_images, threshold,
+                  gates, target, quiet)
+    typer.echo((out / "table.md").read_text())
+
+
+# What `factory evaluate` writes into --out (glob patterns).
+EVALUATION_FILES = ("metrics.json", "table.md", "table.csv", "pr_*.png", "predictions_*.csv", "tracks_*.csv",
+                    "trackpy.json", "trackpy3d.json")
+
+
+def _evaluate(out: Path, data: Path, detector, model, predictions, datasets, params, tune_on: str, tune_images: int,
+              threshold, gates, target: Target, quiet: bool) -> None:
+    """``factory evaluate`` into the folder ``out``."""
+    from models.evaluate import evaluate_detector, find_test_stores, read_predictions_csv, write_evaluation
+
     if _stack_stores(find_test_stores(data, datasets)):
         _evaluate_stacks(data, out, detector, model, predictions, datasets, tune_on, quiet)
     elif predictions is not None:
@@ -293,7 +344,6 @@ def evaluate(
         if det.ndim == 3:
             raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
         evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)}, gates_nm=gates)
-    typer.echo((out / "table.md").read_text())
 
 
 def _stack_stores(stores: list[Path]) -> bool:
@@ -396,6 +446,17 @@ def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: st
     return det
 
 
+class Network(str, Enum):
+    """The trainable network families (models.registry.NETWORKS, kept equal by a test: the
+    registry imports torch, too slow to load for `--help`)."""
+
+    spotnet = "spotnet"
+    gridnet = "gridnet"
+    densitynet = "densitynet"
+    keypointrcnn = "keypointrcnn"
+    dmdetnet3d = "dmdetnet3d"
+
+
 class Estimator(str, Enum):
     cve = "cve"
     msd = "msd"
@@ -409,7 +470,7 @@ class Device(str, Enum):
 @app.command()
 @user_errors
 def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="spotnet (default model), gridnet, densitynet or keypointrcnn; without --config, that family's built-in parameters."),
+    model: Optional[Network] = typer.Option(None, "--model", "-m", help="The network: spotnet (the default), gridnet, densitynet or keypointrcnn for images, dmdetnet3d for z-stacks; without --config, that family's built-in parameters."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Folder with the train and val stores (factory build); default: the config's data."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, best.pt, last.pt, metrics.json."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/, or a run folder's config.yaml to reproduce it); --model overrides its model."),
@@ -427,31 +488,55 @@ def train(
     `factory evaluate --model` and `factory predict`, and its config.yaml back to
     `factory train --config` to reproduce the run."""
     from models.config import load_train_config
+    from models.outputs import check_output
     from models.runs import RunFolder
     from models.train import fit
 
+    # Where the run goes, before anything is read or trained; whether it already holds a
+    # trained model (--resume, --overwrite) is for fit to judge.
+    check_output(out, "folder", overwrite=True, what="the run (config.yaml, best.pt, last.pt, metrics.json)")
     overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images,
                                    "init_from": init_from and str(init_from)}.items() if v is not None}
     if resume and config is None:
         config = RunFolder(out).file(RunFolder.CONFIG)
-    cfg = load_train_config(config, model, overrides)
-    if overwrite and not resume:
-        RunFolder(out).clear()
-    m = fit(cfg, data, out, device.value, resume, progress=not quiet)
+    cfg = load_train_config(config, model.value if model else None, overrides)
+    m = fit(cfg, data, out, device.value, resume, progress=not quiet, overwrite=overwrite)
     best = m["history"][m["best_epoch"] - 1]["val_auc"]
     typer.echo(f"{out}: best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
                f"{' / '.join(f'{a:.3f}' for a in best.values())} at {' / '.join(best)} nm, "
                f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
 
 
-def _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms, **positive) -> None:
-    """One line for a timing flag out of range (and for other quantities that must be > 0)."""
-    for flag, value in (("--dwell-us", dwell_us), *positive.items()):
-        if value is not None and not value > 0:
-            raise FactoryError(f"{flag} {value}: must be > 0")
-    for flag, value in (("--line-retrace-ms", line_retrace_ms), ("--frame-flyback-ms", frame_flyback_ms)):
-        if value is not None and not value >= 0:
-            raise FactoryError(f"{flag} {value}: a time must be >= 0")
+# A physical flag takes the limits of the config field it stands for (`factory schema`):
+# flag -> (field, what it is, unit).
+_PHYSICAL_FLAGS = {
+    "--pixel-size-um": ("image.pixel_size_um", "a pixel size", "um"),
+    "--dwell-us": ("scan.dwell_us", "a dwell time", "us"),
+    "--line-retrace-ms": ("scan.line_retrace_ms", "a time", "ms"),
+    "--frame-flyback-ms": ("movie.frame_flyback_ms", "a time", "ms"),
+    "--z-step-um": ("stack.z_step_um", "a z step", "um"),
+}
+
+
+def _check_flags(**flags) -> None:
+    """One line for a physical flag that is not finite or outside its config field's
+    limits (``flags``: flag name with '_' for '-' and no leading '--' -> value or None).
+    Flags without a config field (--max-diffusion-um2-s, --search-range-um) must be
+    finite and > 0."""
+    import math
+
+    from factory.inspect_store import check_against_field
+
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if flag in _PHYSICAL_FLAGS:
+            problem = check_against_field(flag, value, *_PHYSICAL_FLAGS[flag])
+        else:
+            problem = None if math.isfinite(value) and value > 0 else f"{flag} {value}: must be a finite number > 0"
+        if problem:
+            raise FactoryError(problem)
 
 
 def _with_flags(timing, **flags):
@@ -470,7 +555,7 @@ def predict(
     model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="TIFF (one image or a T x H x W stack), .npy, or a store."),
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: frame, t_s, x, y, score (+ sigma), pixel-centre origin."),
-    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-6, help="Also write x_um, y_um (and sigma_um)."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Also write x_um, y_um (and sigma_um)."),
     dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us) of the recording."),
     line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
     frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
@@ -479,6 +564,7 @@ def predict(
     z_step_um: Optional[float] = typer.Option(None, "--z-step-um", help="3D models: the z step of the stacks (um), where the TIFF does not record it."),
     target: Optional[Target] = typer.Option(None, "--target", help="Models with a head per target: centroid (the paper's, the default) or exposure (what the laser saw, stamped with its scan time)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the CSV of an earlier run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Localise particles in recordings (any image size) and time-stamp each one.
@@ -492,21 +578,31 @@ def predict(
     for exposure-target models and TrackPy, and the frame's mean pixel time for
     centroid-target models.  Scan timing: the flags, else the store's own (store input),
     else the model's training data, else the seed paper's; the output says which."""
-    from models.predict import load_detector, predict as run_predict, read_images, training_timing
-    from models.timing import ScanTiming
+    from models.outputs import staged_output
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
-    _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms)
-    if z_step_um is not None and not z_step_um > 0:
-        raise FactoryError(f"--z-step-um {z_step_um:g}: the z step must be > 0 um")
+    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                 frame_flyback_ms=frame_flyback_ms, z_step_um=z_step_um)
+    with staged_output(out, "file", overwrite=overwrite, what="CSV file") as csv:
+        table, what = _predict(model, input, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
+                               bidirectional, all_scores, z_step_um, target, device, quiet)
+        table.to_csv(csv, index=False)
+    typer.echo(f"{out}: {len(table)} localisations in {what}")
+
+
+def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
+             all_scores: bool, z_step_um, target, device, quiet: bool):
+    """The localisation table of ``factory predict`` and what it was found in."""
+    from models.predict import load_detector, predict as run_predict, read_images, training_timing
+    from models.timing import ScanTiming
+
     det = load_detector(model, device.value, prefer=target.value if target else None)
     if target is not None and getattr(det, "target", None) != target.value:
         raise FactoryError(f"{model}: --target {target.value}: the model has no {target.value} output "
                            f"(it finds the {getattr(det, 'target', 'centroid')} target)")
     if getattr(det, "ndim", 2) == 3:
-        _predict_stacks(det, Path(model), input, out, z_step_um, pixel_size_um, all_scores, quiet)
-        return
+        return _predict_stacks(det, Path(model), input, z_step_um, pixel_size_um, all_scores, quiet)
     images = read_images(input)
     frame_start = None
     from factory.stores import Store, is_store_path
@@ -525,14 +621,12 @@ def predict(
     thr = getattr(det, "threshold", None)
     if thr is not None and not all_scores:
         table = table[table.score >= thr]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    typer.echo(f"{out}: {len(table)} localisations in {len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px")
+    return table, f"{len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px"
 
 
-def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_size_um, all_scores: bool,
-                    quiet: bool) -> None:
+def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all_scores: bool, quiet: bool):
     """``factory predict`` with a 3D model: stacks in, (x, y, z_um) out."""
+    from factory.inspect_store import check_against_field
     from factory.stores import Store, is_store_path
     from models.predict import read_stacks, tiff_z_step_um
     from models.volumes import with_z_um
@@ -550,8 +644,9 @@ def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_s
         z_step_um, source = trained, f"the model's training data ({model})"
     if z_step_um is None:
         raise FactoryError(f"{input}: the z step is not recorded; give --z-step-um")
-    if not z_step_um > 0:
-        raise FactoryError(f"{input}: z step {z_step_um:g} um (from {source}) must be > 0")
+    problem = check_against_field(f"{input}: the z step from {source} is", z_step_um, *_PHYSICAL_FLAGS["--z-step-um"])
+    if problem:
+        raise FactoryError(problem)
     if not quiet:
         typer.echo(f"z step: {z_step_um:g} um (from {source})", err=True)
         if trained and abs(z_step_um - trained) > 1e-6 * trained:
@@ -565,10 +660,8 @@ def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_s
     thr = getattr(det, "threshold", None)
     if thr is not None and not all_scores:
         table = table[table.score >= thr]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
     n, z, h, w = stacks.shape
-    typer.echo(f"{out}: {len(table)} localisations in {n} stack(s) of {z} planes of {h} x {w} px")
+    return table, f"{n} stack(s) of {z} planes of {h} x {w} px"
 
 
 @app.command()
@@ -576,7 +669,7 @@ def _predict_stacks(det, model: Path, input: Path, out: Path, z_step_um, pixel_s
 def track(
     model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="A movie: a T x H x W TIFF, or a movie store (every movie tracked)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for tracks.csv, diffusion.csv and tracks.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for tracks.csv, diffusion.csv, tracks.png and track.json."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Pixel size (um); default: the store's, else the model's training data."),
     dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us)."),
     line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
@@ -588,28 +681,45 @@ def track(
     linker: str = typer.Option("trackpy", "--linker", help="Linking algorithm: trackpy (Crocker-Grier)."),
     estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd (MSD fit over Michalet's optimal number of lags)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
     each track (covariance-based estimator on each localisation's own time stamp, with
     its 95% confidence interval and the localisation error)."""
-    import json
+    from factory.stores import is_store_path
+    from models.outputs import staged_output
 
+    if linker != "trackpy":
+        raise FactoryError(f"--linker {linker}: unknown (have: trackpy)")
+    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                 frame_flyback_ms=frame_flyback_ms, max_diffusion_um2_s=max_diffusion, search_range_um=search_range_um)
+    if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
+        raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
+    with staged_output(out, "folder", TRACK_FILES, overwrite, what=", ".join(TRACK_FILES)) as folder:
+        msg = _track(model, input, folder, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
+                     max_diffusion, search_range_um, memory, estimator, device, quiet)
+    typer.echo(f"{out}: {msg}")
+
+
+TRACK_FILES = ("tracks.csv", "diffusion.csv", "tracks.png", "track.json")
+
+
+def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
+           bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool) -> str:
+    """``factory track`` into the folder ``out``; the line to report."""
     from factory.stores import Store, is_store_path
     from models.evaluate import max_diffusion as max_diffusion_of
     from models.predict import load_detector, read_images, training_data_config
     from models.timing import ScanTiming
     from models.tracks import plot_tracks, track_recording
 
-    if linker != "trackpy":
-        raise FactoryError(f"--linker {linker}: unknown (have: trackpy)")
-    _check_timing_flags(dwell_us, line_retrace_ms, frame_flyback_ms, **{
-        "--pixel-size-um": pixel_size_um, "--max-diffusion-um2-s": max_diffusion, "--search-range-um": search_range_um})
-    if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
-        raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     # What the laser saw, with its own time stamp, is what D needs: a network with a head
     # per target tracks with its exposure head.
     det = load_detector(model, device.value, prefer="exposure")
+    if getattr(det, "ndim", 2) == 3:
+        raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
+                           "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
     images = read_images(input)
     if len(images) < 2:
         raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
@@ -633,7 +743,6 @@ def track(
     tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                          search_range_um / px if search_range_um else None, memory, sigma_xy,
                                          frame_start, movie_frames, progress=not quiet, estimator=estimator.value)
-    out.mkdir(parents=True, exist_ok=True)
     cols = ["movie"] if "movie" in tracks else []
     cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
     tracks[cols].to_csv(out / "tracks.csv", index=False)
@@ -644,8 +753,8 @@ def track(
     (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
                                                  "max_diffusion_um2_s": d_max, "model": str(model),
                                                  "target": getattr(det, "target", None)}, indent=2))
-    typer.echo(f"{out}: {tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
-               f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
+    return (f"{tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
+            f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
 
 
 @app.command()
@@ -656,21 +765,27 @@ def report(
     datasets: Optional[List[str]] = typer.Option(None, "--datasets", help="Report only these test stores of --data (repeatable)."),
 ) -> None:
     """Write <runs>/report.md: Table 1 with the paper's rows and every evaluated detector,
-    the other metrics, PR curves and predictions drawn over test images."""
+    the other metrics, PR curves and predictions drawn over test images (each run of
+    report rewrites them: they describe the folder as it is)."""
+    from models.outputs import check_output
     from models.report import write_report
 
+    if not runs.is_dir():
+        raise FactoryError(f"{runs}: no such folder (the folder holding the evaluation runs to report)")
+    check_output(runs, "folder", overwrite=True, flag="RUNS", what="report.md")
     typer.echo(str(write_report(runs, data, datasets=datasets)))
 
 
 @app.command()
 def schema() -> None:
     """List every config field with its type, default (the paper's values) and limits."""
-    from factory.inspect_store import schema_lines
+    from factory.config import NAME_RULE
+    from factory.inspect_store import schema_lines, size_lines
 
     typer.echo("Top level: seed (int), defaults (the fields below), datasets (name -> "
-               "n_images plus any field below to override).\n")
-    typer.echo(f"{'n_images':<44} {'int':<34} required per dataset  (>= 1)")
-    for line in schema_lines():
+               "its size, n_images, n_movies or n_stacks, plus any field below to override).\n"
+               f"{NAME_RULE[0].upper()}{NAME_RULE[1:]}.\n")
+    for line in size_lines() + schema_lines():
         typer.echo(line)
 
 

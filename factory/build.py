@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .checksums import Checksums, make_manifest
@@ -24,7 +26,8 @@ from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError
 from .kernel import allocate_batch, kernel_params, run_batch, schedule_of, store_rows
 from .rng import dataset_key
-from .stores import COORDINATES, FORMATS, UNITS, ArraySpec, array_specs, make_writer, remove_path, replace_path
+from .publish import publish, store_locks, tmp_name
+from .stores import COORDINATES, FORMATS, UNITS, ArraySpec, array_specs, make_writer, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +69,36 @@ def specs_for(ds: Dataset, n: int | None = None) -> list[ArraySpec]:
     return array_specs(ds.n_images if n is None else n, ds.image.height_px, ds.image.width_px,
                        ds.particles.max_particles, ds.chunk_rows,
                        ds.output.expected, ds.output.trajectories,
-                       ds.planes if ds.stack is not None else None)
+                       ds.planes if ds.stack is not None else None, ds.trajectory_samples,
+                       ds.frames_per_movie if ds.movie is not None else 1,
+                       on_fraction=ds.particles.blinking is not None)
 
 
 def batch_images(ds: Dataset) -> int:
-    """Images per kernel call: whole chunks (so whole movies), about BATCH_BYTES of arrays."""
-    chunk = ds.chunk_rows
-    h, w, p = ds.image.height_px, ds.image.width_px, ds.particles.max_particles
-    per_image = (h * w * (2 + 4 * ds.output.expected) + p * (61 + 12 * h * w * ds.output.trajectories) + 12)
-    per_image *= ds.planes
-    return chunk * max(1, BATCH_BYTES // (chunk * per_image))
+    """Store rows per kernel call.
+
+    Parameters
+    ----------
+    ds
+        The dataset.
+
+    Returns
+    -------
+    int
+        A multiple of the unit ``lcm(frames per movie, every array's rows per chunk)``,
+        which divides ``ds.chunk_rows`` (so batches tile shards exactly): as many units
+        as fit in ``BATCH_BYTES`` of the kernel's arrays, one unit when it alone is
+        larger.  A chunk row of all the arrays takes at most ``stores.CHUNK_BYTES``
+        (as much as ``BATCH_BYTES``), so the unit is larger only when one row, or one
+        movie, alone is.
+    """
+    specs = specs_for(ds)
+    movie = ds.frames_per_movie if ds.movie is not None else 1  # a stack row is a whole stack
+    unit = math.lcm(movie, *(s.chunks[0] for s in specs))
+    # The stored arrays plus the kernel's per-frame z truth (two float32, one float64).
+    per_row = sum(math.prod(s.shape[1:]) * np.dtype(s.dtype).itemsize for s in specs)
+    per_row += ds.planes * ds.particles.max_particles * 16
+    return unit * max(1, BATCH_BYTES // (unit * per_row))
 
 
 def disk_usage(path: Path) -> int:
@@ -154,21 +177,14 @@ def progress_bar(ds: Dataset, total: int, progress: bool, desc: str | None = Non
     return tqdm(total=total, desc=desc or ds.name, unit="img", disable=not progress, leave=True)
 
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
-
-
-def remove_stale(path: Path) -> None:
-    """Temporary files left by earlier, killed attempts at ``path``."""
-    for p in path.parent.glob(f".{path.name}.partial-*"):
-        remove_path(p)
-
-
 def build_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str = "hdf5",
-                  progress: bool = True) -> BuildResult:
-    """Write one dataset to ``<out>/<name>.h5|.zarr`` (replacing an existing one)."""
+                  progress: bool = True, overwrite: bool = True) -> BuildResult:
+    """Write one dataset to ``<out>/<name>.h5|.zarr``.
+
+    The caller holds the store's lock (``publish.store_lock``).  An existing store is
+    replaced only with ``overwrite``, checked again when the new one is moved into place.
+    """
     final = store_path(out, ds.name, fmt)
-    remove_stale(final)
     tmp = tmp_name(final)
     t0 = time.perf_counter()
     bar = progress_bar(ds, ds.n_images, progress)
@@ -177,10 +193,11 @@ def build_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str = "hdf5",
         try:
             sums = write_range(cfg, ds, writer, 0, ds.n_images, 0, bar)
             shard = make_manifest(cfg, ds, fmt, 0, 1, 0, ds.n_images, sums)
+            # The completeness mark, written after every array: readers refuse a store without it.
             writer.set_attrs({"shards": json.dumps([shard]), "complete": True})
         finally:
             writer.close()
-        replace_path(tmp, final)
+        publish(tmp, final, overwrite)
     except BaseException:
         remove_path(tmp)
         raise
@@ -194,27 +211,71 @@ def build_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str = "hdf5",
 # --- entry points -------------------------------------------------------------------------
 
 
-def select_for_build(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None) -> list[Dataset]:
-    """The datasets to build, after every check that can run before any work."""
+def select_for_build(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None,
+                     shard: tuple[int, int] | None = None, report=None) -> list[Dataset]:
+    """The datasets to build, after every check that can run before any work.
+
+    Parameters
+    ----------
+    cfg, out, fmt, only
+        The config, the output folder, "hdf5" or "zarr", the dataset names (None: all).
+    shard
+        ``(I, N)`` when building shard I of N of each dataset: the estimate and the
+        free-space check cover that shard's rows.
+    report
+        Called with each line of the size estimate (default: logged at INFO level).
+
+    Returns
+    -------
+    list of Dataset
+
+    Raises
+    ------
+    FactoryError
+        A bad format or name, an unusable output folder, or a disk that cannot hold the
+        estimated stores (``sizes.check_space``); nothing is written before.
+    """
+    from .shards import shard_range
+    from .sizes import check_space, describe, estimate
+
     if fmt not in FORMATS:
         raise FactoryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     selected = cfg.select(only)
+    if Path(out).exists():
+        check_output_dir(Path(out))  # a file or an unwritable folder is the first thing to say
+    lines = []
+    estimates = []
+    for ds in selected:
+        start, stop, part = 0, ds.n_images, ""
+        if shard is not None:
+            start, stop = shard_range(ds.n_images, ds.chunk_rows, *shard)
+            part = f" (shard {shard[0]}/{shard[1]}: rows {start}..{stop - 1})" if stop > start \
+                else f" (shard {shard[0]}/{shard[1]}: empty)"
+        estimates.append(estimate(cfg, ds, fmt, start, stop))
+        lines.append(describe(estimates[-1], part))
+    total = check_space(estimates, Path(out), cfg.source)  # refuses before anything is written
+    for line in lines + [total]:
+        (report or log.info)(line)
     check_output_dir(Path(out))
     return selected
 
 
 def build(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
-          overwrite: bool = False, progress: bool = True) -> list[BuildResult]:
+          overwrite: bool = False, progress: bool = True, report=None) -> list[BuildResult]:
     """Build the selected datasets of ``cfg`` into ``out`` in this process.
 
-    Every check (dataset names, output folder, existing stores) runs before any work.
+    Every check (dataset names, output folder, free disk, existing stores) runs before
+    any work; ``report`` receives the size estimate's lines.
     (``factory.shards.build_shards`` builds one shard of each instead.)
     """
-    selected = select_for_build(cfg, out, fmt, only)
+    selected = select_for_build(cfg, out, fmt, only, report=report)
     out = Path(out)
-    if not overwrite:
-        existing = [str(store_path(out, d.name, fmt)) for d in selected
-                    if store_path(out, d.name, fmt).exists()]
-        if existing:
-            raise FactoryError(f"{existing[0]}: already exists (use --overwrite to replace it)")
-    return [build_dataset(cfg, ds, out, fmt, progress) for ds in selected]
+    finals = [store_path(out, d.name, fmt) for d in selected]
+    # Every store's lock is taken before any work: a second build of one of them stops
+    # here, and one that started first cannot have its files removed under it.
+    with store_locks(finals):
+        if not overwrite:
+            existing = [str(p) for p in finals if p.exists()]
+            if existing:
+                raise FactoryError(f"{existing[0]}: already exists (use --overwrite to replace it)")
+        return [build_dataset(cfg, ds, out, fmt, progress, overwrite) for ds in selected]

@@ -23,13 +23,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .errors import ConfigError
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+GapMs = Annotated[float, Field(ge=0, le=3_600_000, allow_inf_nan=False)]  # between frames: up to an hour (time-lapse)
+
+# `output.trajectory_step: auto` keeps every dwell up to this many bytes of trajectories
+# per store row: 16 rows still fill a 64 MiB batch, and the largest row of the
+# repository's configs (7.2 kB) is far below it; a 512 x 512 px, 64-particle row (201 MB)
+# is far above it.
+AUTO_DWELL_MAX_BYTES = 4 * 2**20
 
 
 class StrictModel(BaseModel):
@@ -83,7 +90,24 @@ class Uniform(StrictModel):
         return self
 
 
-NonNegativeDistribution = Annotated[Union[Fixed, Uniform], Field(discriminator="type")]
+class LogUniform(StrictModel):
+    """log(value) uniform on [log low, log high] (a spread over decades).
+
+    D spans one to two decades in real recordings (SPEC, Real recordings).  One uniform
+    per draw, as ``uniform`` takes, so the streams after it are the same."""
+
+    type: Literal["log_uniform"] = "log_uniform"
+    low: PositiveFloat
+    high: PositiveFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LogUniform":
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must be > low ({self.low})")
+        return self
+
+
+NonNegativeDistribution = Annotated[Union[Fixed, Uniform, LogUniform], Field(discriminator="type")]
 
 
 class FixedZ(StrictModel):
@@ -150,14 +174,16 @@ StartDistribution = Annotated[Union[UniformStart, FixedStart], Field(discriminat
 class ImageSpec(StrictModel):
     height_px: Annotated[int, Field(ge=1, le=4096)] = 24
     width_px: Annotated[int, Field(ge=1, le=4096)] = 25
-    pixel_size_um: PositiveFloat = 0.07
+    # Upper limits here and below: far beyond any real two-photon setup, so only a slip
+    # (a unit, a typo, `inf`) is refused; command-line flags take the same limits.
+    pixel_size_um: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 0.07
 
 
 class ScanSpec(StrictModel):
     """Laser timing: the beam dwells ``dwell_us`` per pixel along x, then retraces."""
 
-    dwell_us: PositiveFloat = 2.0
-    line_retrace_ms: NonNegativeFloat = 1.1
+    dwell_us: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)] = 2.0
+    line_retrace_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 1.1
     substeps_per_dwell: Annotated[int, Field(ge=1, le=64)] = 1
     direction: Literal["unidirectional", "bidirectional"] = "unidirectional"
 
@@ -170,12 +196,65 @@ class PSFSpec(StrictModel):
     focal_z_um: FiniteFloat = 0.0
 
 
+class BlinkingSpec(StrictModel):
+    """Quantum-dot blinking: on / off periods with power-law durations (absent: always on).
+
+    Each particle switches between on (emitting) and off (dark), every on and off
+    duration drawn afresh from a truncated power law
+    ``P(t) ~ t^-(1 + alpha)`` on ``[t_min, t_max]``, the on-times also damped by
+    ``exp(-t / on_cutoff_s)``.  An off particle gives no Eq. 1 signal.  The state runs
+    in continuous time along the scan (retraces and flybacks included), independent of
+    the laser (the defaults come from dots under steady illumination).
+
+    Defaults: alpha_on = alpha_off = 0.5 (exponents 1 + alpha near 3/2: Kuno et al.,
+    J. Chem. Phys. 112, 3117, 2000 and 115, 1028, 2001; Frantsuzov et al., Nat. Phys.
+    4, 519, 2008); t_min 0.2 ms, the shortest times resolved in those measurements
+    (hundreds of us); t_max 100 s, beyond the tens of seconds that dark periods last
+    (Frantsuzov 2008) and beyond any movie here; an on-time cut-off of 2 s, of the order
+    of the seconds measured for the on-time truncation (Kuno 2001).  With these laws a
+    dot is on about 11 % of the time (``factory.blinking.on_probability``)."""
+
+    # Power-law exponents minus 1, on and off: 0.5 (Kuno 2000, 2001; Frantsuzov 2008).
+    alpha_on: Annotated[float, Field(gt=0, le=3, allow_inf_nan=False)] = 0.5
+    alpha_off: Annotated[float, Field(gt=0, le=3, allow_inf_nan=False)] = 0.5
+    # Shortest period: 0.2 ms, the hundreds of us those measurements resolve.
+    t_min_ms: Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)] = 0.2
+    # Longest period: 100 s, beyond the tens of seconds dark periods last (Frantsuzov 2008).
+    t_max_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 100.0
+    # Exponential cut-off of the on-times: 2 s, the order of the truncation times
+    # measured (Kuno 2001; shorter at higher excitation).  None: on-times follow the
+    # truncated power law alone, as the off-times do.
+    on_cutoff_s: Optional[Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]] = 2.0
+    # Probability that a particle is on at the movie's start, where its first duration
+    # begins; None: the long-run fraction of time on, mean_on / (mean_on + mean_off).
+    p_on_start: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
+
+    @model_validator(mode="after")
+    def _times_ordered(self) -> "BlinkingSpec":
+        if self.t_max_s * 1000 <= self.t_min_ms:
+            raise ValueError(f"t_max_s ({self.t_max_s} s) must be longer than t_min_ms ({self.t_min_ms} ms)")
+        # Shorter cut-offs would make the sampler reject almost every draw.
+        if self.on_cutoff_s is not None and self.on_cutoff_s * 1000 < self.t_min_ms:
+            raise ValueError(f"on_cutoff_s ({self.on_cutoff_s} s) must be at least t_min_ms ({self.t_min_ms} ms)")
+        return self
+
+
 class ParticleSpec(StrictModel):
     count: CountDistribution = FixedCount()
     diffusion_um2_s: NonNegativeDistribution = Uniform(low=0.75, high=1.75)
     n_qd: NonNegativeDistribution = Fixed(value=10.0)
     xy_start: StartDistribution = UniformStart()
     z_start_um: ZDistribution = FixedZ()
+    blinking: Optional[BlinkingSpec] = None  # None: always on (the paper)
+
+    @model_serializer(mode="wrap")
+    def _without_blinking_off(self, handler):
+        # Blinking off leaves no trace in a dump: stored configs and dataset hashes stay
+        # those of every store built before blinking existed.
+        d = handler(self)
+        if self.blinking is None:
+            d.pop("blinking", None)
+        return d
 
     @model_validator(mode="before")
     @classmethod
@@ -230,6 +309,14 @@ class OutputSpec(StrictModel):
     expected: bool = True
     trajectories: bool = True
     chunk_images: Annotated[int, Field(ge=64, le=65536)] = 256
+    # Time resolution of the stored trajectories (``output.trajectories``): "dwell" keeps
+    # every pixel step (P x H x W x 3 float32 per frame: 200 MB for 512 x 512 px and 64
+    # particles), "line" the first pixel step of every line (in time order), "frame" the
+    # first pixel step of every frame (of every plane for stacks); a sample equals the
+    # dwell trajectory at that step.  "auto" is "dwell" while one store row's dwell
+    # trajectories take at most AUTO_DWELL_MAX_BYTES (every small-image config, whose
+    # stores and hashes stay as they were), "line" beyond.
+    trajectory_step: Literal["auto", "dwell", "line", "frame"] = "auto"
     # HDF5 only (Zarr stores use Blosc-LZ4): gzip (deflate + shuffle) opens in every HDF5
     # reader; blosc-lz4 is faster to read and write but needs the Blosc filter plugin.
     compression: Literal["gzip", "blosc-lz4"] = "gzip"
@@ -245,7 +332,7 @@ class MovieSpec(StrictModel):
     the whole region (``margin_px`` does not apply)."""
 
     n_frames: Annotated[int, Field(ge=1, le=100000)]
-    frame_flyback_ms: Optional[NonNegativeFloat] = None  # None: one line retrace
+    frame_flyback_ms: Optional[GapMs] = None  # None: one line retrace
     margin_um: NonNegativeFloat = 1.0
     walls: Literal["reflecting"] = "reflecting"
 
@@ -259,8 +346,8 @@ class StackSpec(StrictModel):
     places the first one."""
 
     n_planes: Annotated[int, Field(ge=1, le=4096)]
-    z_step_um: PositiveFloat
-    plane_flyback_ms: Optional[NonNegativeFloat] = None  # None: one line retrace
+    z_step_um: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+    plane_flyback_ms: Optional[GapMs] = None  # None: one line retrace
     first_plane_um: Optional[FiniteFloat] = None
 
 
@@ -317,6 +404,28 @@ class DatasetSpec(StrictModel):
             return max(1, -(-self.output.chunk_images // self.stack.n_planes))
         f = self.frames_per_movie
         return -(-self.output.chunk_images // f) * f
+
+    @property
+    def trajectory_resolution(self) -> Literal["dwell", "line", "frame"]:
+        """``output.trajectory_step`` with "auto" resolved: "dwell" while one row's
+        per-dwell trajectories take at most ``AUTO_DWELL_MAX_BYTES``, else "line"."""
+        step = self.output.trajectory_step
+        if step != "auto":
+            return step
+        dwell_bytes = self.particles.max_particles * self.planes * self.image.height_px * self.image.width_px * 12
+        return "dwell" if dwell_bytes <= AUTO_DWELL_MAX_BYTES else "line"
+
+    @property
+    def trajectory_stride(self) -> int:
+        """Pixel steps from one stored trajectory sample to the next (1, W or H * W);
+        samples are taken at the steps ``0, stride, 2 * stride, ...`` of every frame."""
+        h, w = self.image.height_px, self.image.width_px
+        return {"dwell": 1, "line": w, "frame": h * w}[self.trajectory_resolution]
+
+    @property
+    def trajectory_samples(self) -> int:
+        """Trajectory samples per store row (T of the ``trajectories`` array)."""
+        return self.planes * self.image.height_px * self.image.width_px // self.trajectory_stride
 
     @model_validator(mode="before")
     @classmethod
@@ -411,11 +520,15 @@ def dataset_hash(seed: int, ds: Dataset) -> str:
 
     The compression codec changes the file, not the arrays, so it is left out: stores
     built before it was a setting keep their hash, and shards compressed differently
-    still hold the same dataset."""
-    d = ds.model_dump(mode="json", exclude={"output": {"compression"}})
+    still hold the same dataset.  The trajectory step enters resolved ("auto" and the
+    step it stands for give the same arrays, so the same hash), and not at all when it
+    is "dwell" (every store built before it was a setting) or nothing is stored."""
+    d = ds.model_dump(mode="json", exclude={"output": {"compression", "trajectory_step"}})
     for key in ("movie", "n_movies", "stack", "n_stacks"):  # absent from stores built before them
         if d.get(key) is None:
             d.pop(key, None)
+    if ds.output.trajectories and ds.trajectory_resolution != "dwell":
+        d["output"]["trajectory_step"] = ds.trajectory_resolution
     return config_hash({"seed": seed, "dataset": d})
 
 
@@ -427,6 +540,9 @@ def config_hash(obj: Any) -> str:
 # --- loading ------------------------------------------------------------------------------
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What _NAME accepts, in words (a name is also a store's file name: no '.', '..' or '/').
+NAME_RULE = ("a dataset name starts with a letter or digit, followed by letters, digits, '_', '-' or '.' "
+             "(it names the store's file)")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -436,6 +552,8 @@ def _merge(base: dict, override: dict) -> dict:
         if isinstance(value, dict) and isinstance(old, dict):
             new_tag = infer_tag(value).get("type")
             old_tag = infer_tag(old).get("type")
+            if "type" not in value and old_tag == "log_uniform" and set(value) <= {"low", "high"}:
+                new_tag = old_tag  # bounds alone keep the variant they override (uniform has them too)
             if new_tag is None or new_tag == old_tag:
                 out[key] = _merge(old, value)
                 continue
@@ -484,10 +602,11 @@ def parse_config(raw: Any, source: str = "<config>") -> FactoryConfig:
 
     datasets: dict[str, Dataset] = {}
     for name, override in raw["datasets"].items():
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(
-                f"{source}: datasets.{name}: a dataset name uses letters, digits, '_', '-' and '.'"
-            )
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: datasets: {name!r}: a dataset name is text; YAML read this one as "
+                              f"{type(name).__name__} (quote it: '{name}')")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{source}: datasets: {name!r}: {NAME_RULE}")
         if override is None:
             override = {}
         if not isinstance(override, dict):
@@ -512,7 +631,7 @@ def parse_config(raw: Any, source: str = "<config>") -> FactoryConfig:
         raise ConfigError(_format_error(source, "", exc.errors()[0])) from None
 
 
-_TAGS = {"fixed", "uniform", "normal", "poisson", "pmt"}
+_TAGS = {"fixed", "uniform", "log_uniform", "normal", "poisson", "pmt"}
 
 
 def _strip_tags(loc: tuple) -> tuple:
@@ -531,17 +650,66 @@ def load_config(path: str | Path) -> FactoryConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a text file (YAML is UTF-8 text)") from None
+    return parse_config(parse_yaml(text, source), source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document of ``text`` (plain data only: safe loading), refusing what the
+    YAML reader would silently drop: a key written twice in one mapping (the last would
+    win).  Errors are one ConfigError naming ``source``, the field and the line."""
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, (), source, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
-    return parse_config(raw, source)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, source: str, seen: set) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        # Keys compared as the mapping will hold them (1, 1.0 and true are one key).
+        lines: dict[Any, tuple[str, list[int]]] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                k = loader.construct_object(key)
+                lines.setdefault(k, (key.value, []))[1].append(key.start_mark.line + 1)
+        for name, at in lines.values():
+            if len(at) > 1:
+                where = ".".join(map(str, (*path, name)))
+                if len(set(at)) == 1:
+                    numbers = f"{len(at)} times on line {at[0]}"
+                else:
+                    numbers = "lines " + ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+                raise ConfigError(f"{source}: {where}: duplicate key ({numbers}); YAML would keep only "
+                                  "the last one silently, so write it once")
+        for key, value in node.value:
+            _refuse_duplicate_keys(loader, value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?"),
+                                   source, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, (*path, i), source, seen)
 
 
 def config_from_json(text: str) -> FactoryConfig:
-    """Rebuild a config stored in a store's attributes."""
+    """Rebuild a config stored in a store's attributes.
+
+    A store written before ``output.trajectory_step`` existed holds every dwell, so a
+    stored config without the field reads as "dwell" (not the "auto" default)."""
     data = json.loads(text)
+    for ds in (data.get("datasets") or {}).values():
+        if isinstance(ds, dict) and isinstance(ds.get("output"), dict):
+            ds["output"].setdefault("trajectory_step", "dwell")
     return FactoryConfig.model_validate(data)

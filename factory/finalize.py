@@ -8,63 +8,83 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .build import progress_bar, specs_for, store_attrs, store_path, tmp_name
+from .build import progress_bar, specs_for, store_attrs, store_path
 from .checksums import checksum_mismatch, read_manifest, region_checksums
-from .config import Dataset, FactoryConfig, config_from_json, dataset_hash
+from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError, StoreError
-from .shards import check_shard, discover_count, shard_stem, shards_dir
-from .stores import FORMATS, HDF5Writer, Store, consolidate_zarr, remove_path, replace_path, write_virtual_hdf5
+from .publish import publish, store_lock, tmp_name
+from .shards import check_shard, discover_count, shard_stem, shards_dir, zarr_data_path
+from .stores import FORMATS, HDF5Writer, Store, consolidate_zarr, remove_path, rows_per_read, write_virtual_hdf5
+
+
+def _same_dataset(path: Path, expect_hash: str) -> bool:
+    """Whether ``path`` is a store of the dataset with this hash (a finalize run again)."""
+    try:
+        with Store(path, complete=False) as st:
+            return st.attrs.get("dataset_hash") == expect_hash
+    except StoreError:
+        return False
 
 
 def finalize_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, copy: bool = False,
-                     progress: bool = True) -> Path:
-    """Check every shard, then publish the store (virtual or copied HDF5; Zarr metadata)."""
+                     progress: bool = True, overwrite: bool = False) -> Path:
+    """Check every shard, then publish the store (virtual or copied HDF5; Zarr metadata).
+
+    The store appears under its final name only now, under its lock.  An existing store
+    of the same dataset (finalize run again) is replaced; any other only with ``overwrite``.
+    """
     sdir = shards_dir(out, ds.name, fmt)
     count = discover_count(sdir)
     if count is None:
         raise StoreError(f"{sdir}: no shards found; run `factory build CONFIG --shard I/N` first")
-    problems, rerun = [], []
-    for i in range(count):
-        why = check_shard(cfg, ds, out, fmt, i, count)
-        if why is not None:
-            problems.append(f"{shard_stem(i, count)} ({why})")
-            rerun.append(f"--shard {i}/{count}")
-    if problems:
-        raise StoreError(f"{sdir}: {len(problems)} of {count} shards not usable: {'; '.join(problems)}; "
-                         f"rerun `factory build` with {', '.join(rerun)}")
-    manifests = [read_manifest(sdir / f"{shard_stem(i, count)}.json") for i in range(count)]
-    shard_list = json.dumps(manifests)
     final = store_path(out, ds.name, fmt)
-    if fmt == "zarr":
-        consolidate_zarr(final, {"shards": shard_list, "complete": True})
-        return final
-    tmp = tmp_name(final)
-    try:
-        specs = specs_for(ds)
-        attrs = {**store_attrs(cfg, ds, fmt), "shards": shard_list, "complete": True}
-        if copy:
-            writer = HDF5Writer(tmp, specs, attrs, ds.output.compression)
-            bar = progress_bar(ds, ds.n_images, progress, f"{ds.name} copy")
-            try:
-                for m in manifests:
-                    if m["stop"] == m["start"]:
-                        continue
-                    with Store(sdir / f"{shard_stem(m['shard'], count)}.h5") as f:
-                        step = f.chunk_rows * 16
-                        for a in range(0, m["stop"] - m["start"], step):
-                            b = min(a + step, m["stop"] - m["start"])
-                            writer.write(m["start"] + a, {s.name: f.read(s.name, a, b) for s in specs})
-                            bar.update(b - a)
-            finally:
-                writer.close()
-                bar.close()
-        else:
-            write_virtual_hdf5(tmp, specs, attrs, [
-                (f"{sdir.name}/{shard_stem(m['shard'], count)}.h5", m["start"], m["stop"]) for m in manifests])
-        replace_path(tmp, final)
-    except BaseException:
-        remove_path(tmp)
-        raise
+    with store_lock(final, what="finalize"):
+        problems, rerun = [], []
+        for i in range(count):
+            why = check_shard(cfg, ds, out, fmt, i, count)
+            if why is not None:
+                problems.append(f"{shard_stem(i, count)} ({why})")
+                rerun.append(f"--shard {i}/{count}")
+        if problems:
+            raise StoreError(f"{sdir}: {len(problems)} of {count} shards not usable: {'; '.join(problems)}; "
+                             f"rerun `factory build` with {', '.join(rerun)}")
+        manifests = [read_manifest(sdir / f"{shard_stem(i, count)}.json") for i in range(count)]
+        shard_list = json.dumps(manifests)
+        replace = overwrite or not final.exists() or _same_dataset(final, dataset_hash(cfg.seed, ds))
+        if fmt == "zarr":
+            data = zarr_data_path(out, ds.name)
+            # The completeness mark goes in last, then the whole folder moves into place.
+            consolidate_zarr(data, {"shards": shard_list, "complete": True})
+            if data != final:
+                publish(data, final, replace)
+            return final
+        tmp = tmp_name(final)
+        try:
+            specs = specs_for(ds)
+            attrs = {**store_attrs(cfg, ds, fmt), "shards": shard_list, "complete": True}
+            if copy:
+                writer = HDF5Writer(tmp, specs, attrs, ds.output.compression)
+                bar = progress_bar(ds, ds.n_images, progress, f"{ds.name} copy")
+                try:
+                    for m in manifests:
+                        if m["stop"] == m["start"]:
+                            continue
+                        with Store(sdir / f"{shard_stem(m['shard'], count)}.h5", complete=False) as f:
+                            step = rows_per_read(specs)  # whole chunks of the copy and the shard, ~64 MB
+                            for a in range(0, m["stop"] - m["start"], step):
+                                b = min(a + step, m["stop"] - m["start"])
+                                writer.write(m["start"] + a, {s.name: f.read(s.name, a, b) for s in specs})
+                                bar.update(b - a)
+                finally:
+                    writer.close()
+                    bar.close()
+            else:
+                write_virtual_hdf5(tmp, specs, attrs, [
+                    (f"{sdir.name}/{shard_stem(m['shard'], count)}.h5", m["start"], m["stop"]) for m in manifests])
+            publish(tmp, final, replace)
+        except BaseException:
+            remove_path(tmp)
+            raise
     return final
 
 
@@ -72,25 +92,23 @@ def verify_store(path: Path) -> list[str]:
     """Problems with a finished store (empty when it is complete and intact)."""
     path = Path(path)
     try:
-        st = Store(path)
+        st = Store(path, complete=False)  # verify says itself what is unfinished
     except StoreError as exc:
         return [str(exc)]
     problems = []
     with st:
         attrs = st.attrs
         try:
-            cfg_json = json.loads(attrs["config"])
-            ds = config_from_json(json.dumps({"seed": cfg_json["seed"], "datasets": {
-                cfg_json["dataset"]["name"]: cfg_json["dataset"]}})).datasets[cfg_json["dataset"]["name"]]
-        except (KeyError, ValueError) as exc:
+            ds, seed = st.dataset, st.config["seed"]
+        except (KeyError, ValueError, FactoryError) as exc:
             return [f"{path}: no valid config in the attributes ({exc})"]
-        expect = dataset_hash(cfg_json["seed"], ds)
+        expect = dataset_hash(seed, ds)
         if attrs.get("dataset_hash") != expect:
             problems.append(f"{path}: config hash {attrs.get('dataset_hash')} does not match the stored "
                             f"config ({expect})")
-        if not attrs.get("complete"):
-            problems.append(f"{path}: incomplete (shards not finalized: run `factory finalize`)")
-            return problems
+        why = st.unfinished()
+        if why is not None and not st.missing_sources():  # missing shard files are listed below
+            return problems + [f"{path}: {why}"]
         shards = json.loads(attrs.get("shards", "[]"))
         if not shards:
             return problems + [f"{path}: no shard checksums recorded"]
@@ -102,7 +120,7 @@ def verify_store(path: Path) -> list[str]:
         if missing:
             return problems + [f"{path}: shard file {m} is missing" for m in missing]
         arrays = {n: st[n] for n in shards[0]["checksums"]}
-        step = ds.chunk_rows * 16  # whole chunks (a virtual dataset has no chunks)
+        step = rows_per_read(specs_for(ds))  # whole chunks, ~64 MB (a virtual dataset has none)
         for m in shards:
             if m.get("dataset_hash") != expect:
                 problems.append(f"{path}: {shard_stem(m['shard'], m['shards'])} was built from another config")
@@ -120,10 +138,10 @@ def verify_store(path: Path) -> list[str]:
 
 
 def finalize(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
-             copy: bool = False, progress: bool = True) -> list[Path]:
+             copy: bool = False, progress: bool = True, overwrite: bool = False) -> list[Path]:
     if fmt not in FORMATS:
         raise FactoryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if copy and fmt != "hdf5":
         raise FactoryError("--copy applies to HDF5 (a Zarr store is already one folder)")
-    return [finalize_dataset(cfg, ds, Path(out), fmt, copy, progress) for ds in cfg.select(only)]
+    return [finalize_dataset(cfg, ds, Path(out), fmt, copy, progress, overwrite) for ds in cfg.select(only)]
 

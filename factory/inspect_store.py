@@ -29,8 +29,10 @@ def summarize(path: Path) -> dict:
             "path": str(path),
             "format": st.format,
             "n_images": n,
+            # A virtual (finalized sharded) HDF5 array has no chunks of its own.
             "arrays": {name: {"shape": list(st[name].shape), "dtype": str(st[name].dtype),
-                              "chunks": list(st[name].chunks)} for name in st.names},
+                              "chunks": list(st[name].chunks) if st[name].chunks else None}
+                       for name in st.names},
             "seed": cfg["seed"],
             "package_version": st.attrs.get("package_version"),
             "dataset_hash": st.attrs.get("dataset_hash"),
@@ -49,6 +51,7 @@ def summarize(path: Path) -> dict:
                 "n_qd": ds["particles"]["n_qd"],
                 "movie": ds.get("movie"),
                 **({"stack": ds["stack"]} if ds.get("stack") is not None else {}),
+                **({"blinking": ds["particles"]["blinking"]} if ds["particles"].get("blinking") else {}),
             },
             "stats": {
                 "sampled_images": m,
@@ -72,6 +75,9 @@ def summarize(path: Path) -> dict:
             out["stats"]["planes"] = len(starts)
             out["stats"]["plane_period_ms"] = float(1000 * (starts[1] - starts[0])) if len(starts) > 1 else None
             out["stats"]["particles_in_view_per_stack"] = float(st.read("in_view", 0, m).sum(1).mean())
+        if "on_fraction" in st:
+            on = st.read("on_fraction", 0, m)
+            out["stats"]["mean_on_fraction"] = float(np.nanmean(on)) if np.isfinite(on).any() else None
         if "expected" in st:
             expected = st.read("expected", 0, m).astype(np.float64)
             out["stats"]["mean_expected"] = float(expected.mean())
@@ -96,7 +102,7 @@ def format_summary(s: dict, brief: bool = False) -> str:
     lines = [f"{s['path']} ({s['format']} {s['compression']}, {s['n_images']} images, seed {s['seed']}, "
              f"package {s['package_version']}, hash {s['dataset_hash']})", "  arrays:"]
     for name, a in s["arrays"].items():
-        lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+        lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} {'chunks ' + str(tuple(a['chunks'])) if a['chunks'] else 'virtual (rows in the shard files)'}")
     lines.append("  parameters:")
     for key, value in s["parameters"].items():
         lines.append(f"    {key:<17} {json.dumps(value)}")
@@ -110,14 +116,53 @@ def format_summary(s: dict, brief: bool = False) -> str:
 # --- schema --------------------------------------------------------------------------
 
 
-def _constraints(field) -> str:
+def _metadata(field) -> list:
+    """A field's constraints, also those of an optional one (``Optional[Annotated[...]]``)."""
+    meta = list(field.metadata)
+    for arg in typing.get_args(field.annotation):
+        if typing.get_origin(arg) is typing.Annotated:
+            for m in typing.get_args(arg)[1:]:
+                meta += list(getattr(m, "metadata", [m]))
+    return meta
+
+
+def _limits(field) -> list[str]:
     parts = []
-    for m in field.metadata:
+    for m in _metadata(field):
         for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             v = getattr(m, attr, None)
             if v is not None:
-                parts.append(f"{sym} {v}")
-    return ", ".join(parts)
+                parts.append(f"{sym} {v:g}" if isinstance(v, float) else f"{sym} {v}")
+    return parts
+
+
+def _constraints(field) -> str:
+    return ", ".join(_limits(field))
+
+
+def config_field(path: str, model: type[BaseModel] = DatasetSpec):
+    """The pydantic field at a dotted path of the dataset schema (``image.pixel_size_um``)."""
+    *sections, name = path.split(".")
+    for part in sections:
+        model = _variants(model.model_fields[part].annotation)[0]
+    return model.model_fields[name]
+
+
+def check_against_field(label: str, value: float, path: str, noun: str, unit: str) -> str | None:
+    """Why ``value`` (given as ``label``, e.g. a command-line flag) is outside the limits
+    of the config field at ``path``, in one line; None when it is inside them."""
+    from pydantic import TypeAdapter, ValidationError
+
+    field = config_field(path)
+    tp = typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        TypeAdapter(tp).validate_python(value)
+        return None
+    except ValidationError:
+        limits = _limits(field)
+        rule = " and ".join([", ".join(limits[:-1]), limits[-1]] if len(limits) > 1 else limits)
+        return (f"{label} {value}: {noun} must be {rule} {unit} (a finite number; the limits of {path} "
+                "in `factory schema`)")
 
 
 def _type_name(tp) -> str:
@@ -172,4 +217,27 @@ def schema_lines(model: type[BaseModel] = DatasetSpec, prefix: str = "") -> list
         default = "required" if field.is_required() else f"default {field.default!r}"
         lines.append(f"{path:<44} {_type_name(field.annotation):<34} {default}"
                      + (f"  ({limits})" if limits else ""))
+    return lines
+
+
+_SIZE_NOTES = {
+    "n_images": "images (movies: frames; stacks: stacks); required unless n_movies or n_stacks is given",
+    "n_movies": "with a movie section: movies of movie.n_frames frames (n_images = n_movies x n_frames)",
+    "n_stacks": "with a stack section: z-stacks, one store row each (n_images = n_stacks)",
+}
+
+
+def size_lines() -> list[str]:
+    """One line per size field of a dataset (``n_images``, ``n_movies``, ``n_stacks``):
+    the fields a dataset has beyond the shared sections, its name aside."""
+    from .config import Dataset
+
+    lines = []
+    for name, field in Dataset.model_fields.items():
+        if name in DatasetSpec.model_fields or name == "name":
+            continue
+        limits = _constraints(field)
+        note = _SIZE_NOTES.get(name, "")
+        lines.append(f"{name:<44} {'int':<34} per dataset" + (f"  ({limits})" if limits else "")
+                     + (f"  # {note}" if note else ""))
     return lines

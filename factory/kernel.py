@@ -12,26 +12,33 @@ Per frame and particle the kernel also accumulates the trajectory centroid (the 
 position over the frame's pixel steps) and the exposure-weighted position and time
 (weighted by the particle's own Eq. 1 signal at each sample: what the laser saw, and
 when).  In movies the particles live in a region larger than the field, with
-reflecting walls.
+reflecting walls.  Blinking particles (``particles.blinking``, ``factory.blinking``)
+switch on and off at times drawn from streams of their own; an off particle adds
+neither signal nor exposure weight.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
-from .config import Dataset, FixedCount, FixedStart, FixedZ, NormalZ, PMTDetector, Uniform, UniformZ
+from .blinking import laws, on_probability, power_law_duration
+from .config import Dataset, FixedCount, FixedStart, FixedZ, LogUniform, NormalZ, PMTDetector, Uniform, UniformZ
 from .detector import PMT, POISSON, record
 from .motion import brownian_step
 from .psf import eq1_amplitude, eq1_signal
-from .rng import STATE_SIZE, dataset_key, normal, poisson, seed_state, uniform
+from .rng import STATE_SIZE, dataset_key, normal, poisson, seed_state, substream_key, uniform
 from .scan import FrameSchedule, frame_period_s, frame_schedule
 from .stacks import as_rows
 
 # Distribution codes understood by the kernel.
-FIXED, UNIFORM, NORMAL, POISSON_COUNT, REGION = 0, 1, 2, 3, 4
+FIXED, UNIFORM, NORMAL, POISSON_COUNT, REGION, LOG_UNIFORM = 0, 1, 2, 3, 4, 5
+# Blinking streams per movie: particle p of movie m draws its on / off durations from
+# stream m * BLINK_STREAMS + p of the blinking key (the schema's particle limit).
+BLINK_STREAMS = 4096
 
 
 class KernelParams(NamedTuple):
@@ -73,12 +80,30 @@ class KernelParams(NamedTuple):
     region_y1: float
     first_plane_um: float  # focal z of frame 0 of a stream (psf.focal_z_um but in stacks)
     plane_step_um: float  # focal z step from one frame to the next (0 but in stacks)
+    traj_stride: int  # pixel steps between stored trajectory samples (1 dwell, W line, H W frame)
+    blinking: bool  # particles blink (particles.blinking); the rest below is unused otherwise
+    p_on_start: float
+    on_alpha: float
+    on_cutoff_s: float  # 0: none
+    off_alpha: float
+    blink_t_min_s: float
+    blink_t_max_s: float
 
 
 def _dist(d) -> tuple[int, float, float]:
     if isinstance(d, Uniform):
         return UNIFORM, d.low, d.high
+    if isinstance(d, LogUniform):
+        return LOG_UNIFORM, d.low, d.high
     return FIXED, d.value, d.value
+
+
+def _blinking(ds: Dataset) -> tuple:
+    b = ds.particles.blinking
+    if b is None:
+        return (False, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0)
+    (a_on, t_min, t_max, cutoff), (a_off, _, _, _) = laws(b)
+    return (True, on_probability(b), a_on, cutoff, a_off, t_min, t_max)
 
 
 def kernel_params(ds: Dataset) -> KernelParams:
@@ -102,7 +127,7 @@ def kernel_params(ds: Dataset) -> KernelParams:
     planes = ds.plane_z_um
     movie = (ds.frames_per_movie, frame_period_s(sched), ds.movie is not None,
              -0.5 - m_px, w - 0.5 + m_px, -0.5 - m_px, h - 0.5 + m_px,
-             planes[0], ds.stack.z_step_um if ds.stack is not None else 0.0)
+             planes[0], ds.stack.z_step_um if ds.stack is not None else 0.0, ds.trajectory_stride)
     z = p.z_start_um
     if isinstance(z, FixedZ):
         zs = (FIXED, z.value, z.value)
@@ -122,7 +147,7 @@ def kernel_params(ds: Dataset) -> KernelParams:
         ds.psf.sigma_xy_um, ds.psf.sigma_z_um, ds.psf.focal_z_um, ds.background.n_bkg,
         count_mode, count_value, p.max_particles,
         d_mode, d_low, d_high, q_mode, q_low, q_high,
-        *start, *zs, *detector, *movie,
+        *start, *zs, *detector, *movie, *_blinking(ds),
     )
 
 
@@ -132,7 +157,17 @@ def _draw(state, mode, a, b):
         return a + (b - a) * uniform(state)
     if mode == NORMAL:
         return a + b * normal(state)
+    if mode == LOG_UNIFORM:
+        return math.exp(math.log(a) + (math.log(b) - math.log(a)) * uniform(state))
     return a
+
+
+@njit(inline="always", cache=True)
+def _blink_duration(state, on, k):
+    """How long the state just entered (on or off) lasts, s."""
+    if on:
+        return power_law_duration(state, k.on_alpha, k.blink_t_min_s, k.blink_t_max_s, k.on_cutoff_s)
+    return power_law_duration(state, k.off_alpha, k.blink_t_min_s, k.blink_t_max_s, 0.0)
 
 
 @njit(inline="always", cache=True)
@@ -147,20 +182,30 @@ def _reflect(v, lo, hi):
 def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_movie, images, expected,
                    trajectories, centroids, n_particles, diffusion, n_qd, exposure_xy, exposure_t_s,
                    in_view, frame_start_s, centroid_z_um, exposure_z_um, exposure_weight,
-                   want_expected, want_traj):
+                   on_fraction, blink_key, noise_key, want_expected, want_traj):
     """Fill the batch arrays with the frames of movies ``first_movie ..`` (one movie per
     ``k.n_frames`` consecutive rows; an image is a movie of one frame).
 
     ``rows, cols, directions, starts_s, dt_after_s`` are the frame's scan schedule
     (``scan.frame_schedule``).  Arrays (B = frames in the batch, P = max particles,
     T = H * W): images (B, H, W) uint16, expected (B, H, W) float32 (or (1, 1, 1) when
-    not wanted), trajectories (B, P, T, 3) float32 (or (1, 1, 1, 3)), centroids and
+    not wanted), trajectories (B, P, T / stride, 3) float32 (or (1, 1, 1, 3)), centroids and
     exposure_xy (B, P, 2) float32, n_particles (B,) int32, diffusion and n_qd (B, P)
     float32, exposure_t_s (B, P) float64 (from the movie's start), in_view (B, P) uint8,
     frame_start_s (B,) float64, centroid_z_um and exposure_z_um (B, P) float32, and
     exposure_weight (B, P) float64 (the frame's summed Eq. 1 signal of the particle, per
     sub-step: what combines a stack's planes).  Frame f of a stream images the focal
-    plane ``first_plane_um + f * plane_step_um``.
+    plane ``first_plane_um + f * plane_step_um``.  Trajectories hold one sample every
+    ``k.traj_stride`` pixel steps: the position at steps 0, stride, 2 stride, ... of
+    each frame, the same values a stride of 1 stores there.
+
+    Blinking (``k.blinking``): particle p's on / off state switches at times drawn from
+    its own stream (``blink_key``, index movie * BLINK_STREAMS + p); at each sample an
+    off particle adds no signal and no exposure weight.  The noise then comes from the
+    movie's stream of ``noise_key``, while the motion stream still draws the noise of
+    the image without blinking (and throws it away), so every position is the same with
+    blinking on or off.  on_fraction (B, P) float32 (or (1, 1)) receives the
+    fraction of the frame's samples at which the particle was on.
     """
     F = k.n_frames
     M = images.shape[0] // F
@@ -168,6 +213,7 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
     P = k.max_particles
     S = k.substeps
     T = H * W
+    stride = k.traj_stride
     px = k.pixel_size_um
     dt_sub = k.dwell_s / S
     for m in prange(M):
@@ -179,6 +225,14 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
         acc = np.zeros((P, 3))
         sums = np.zeros((P, 3))
         wsum = np.zeros((P, 5))  # weight, weight * x, weight * y, weight * t, weight * z
+        on = np.ones(P, np.bool_)
+        next_switch = np.full(P, np.inf)  # movie time (s) of each particle's next switch
+        n_on = np.zeros(P, np.int64)  # samples on in the frame
+        blink_state = np.empty((P, STATE_SIZE), np.uint64)
+        noise = state
+        if k.blinking:
+            noise = np.empty(STATE_SIZE, np.uint64)
+            seed_state(noise_key, first_movie + m, noise)
 
         # Particles: count, then each one's D, brightness and start.
         if k.count_mode == POISSON_COUNT:
@@ -204,6 +258,11 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 pos[p, 0] = k.margin_px + (W - 1 - 2.0 * k.margin_px) * uniform(state)
                 pos[p, 1] = k.margin_px + (H - 1 - 2.0 * k.margin_px) * uniform(state)
             pos[p, 2] = _draw(state, k.z_mode, k.z_a, k.z_b)
+            if k.blinking:
+                bs = blink_state[p]
+                seed_state(blink_key, (first_movie + m) * BLINK_STREAMS + p, bs)
+                on[p] = uniform(bs) < k.p_on_start
+                next_switch[p] = _blink_duration(bs, on[p], k)
 
         for f in range(F):
             b = m * F + f
@@ -223,10 +282,13 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 if p >= n:
                     diffusion[b, p] = np.nan
                     n_qd[b, p] = np.nan
+                    if k.blinking:
+                        on_fraction[b, p] = np.nan
             for p in range(n):
                 sums[p, 0] = 0.0
                 sums[p, 1] = 0.0
                 sums[p, 2] = 0.0
+                n_on[p] = 0
                 for j in range(5):
                     wsum[p, j] = 0.0
 
@@ -234,6 +296,7 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
             for t in range(T):
                 row, col, direction = rows[t], cols[t], directions[t]
                 signal = 0.0
+                signal_all = 0.0  # blinking: the signal were every particle on
                 for p in range(n):
                     acc[p, 0] = 0.0
                     acc[p, 1] = 0.0
@@ -243,10 +306,19 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                     lx = col + direction * ((s + 0.5) / S - 0.5)
                     ts = starts_s[t] + s * dt_sub
                     for p in range(n):
+                        if k.blinking:
+                            while frame_start_s[b] + ts >= next_switch[p]:
+                                on[p] = not on[p]
+                                next_switch[p] += _blink_duration(blink_state[p], on[p], k)
                         sig = eq1_signal(
                             amp[p], (pos[p, 0] - lx) * px, (pos[p, 1] - row) * px,
                             pos[p, 2] - focal_z, k.sigma_xy_um, k.sigma_z_um,
                         )
+                        signal_all += sig
+                        if on[p]:
+                            n_on[p] += 1
+                        else:
+                            sig = 0.0
                         signal += sig
                         acc[p, 0] += pos[p, 0]
                         acc[p, 1] += pos[p, 1]
@@ -268,20 +340,24 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 lam = k.n_bkg + signal / S
                 if want_expected:
                     expected[b, row, col] = lam
-                images[b, row, col] = record(state, lam, k.detector, k.gain, k.gamma_shape, k.offset)
+                if k.blinking:
+                    # The motion stream takes the draws it takes without blinking (same
+                    # lambda, same uniforms), so every position stays as it is then.
+                    record(state, k.n_bkg + signal_all / S, k.detector, k.gain, k.gamma_shape, k.offset)
+                images[b, row, col] = record(noise, lam, k.detector, k.gain, k.gamma_shape, k.offset)
                 for p in range(n):
                     mx = acc[p, 0] / S
                     my = acc[p, 1] / S
                     sums[p, 0] += mx
                     sums[p, 1] += my
                     sums[p, 2] += acc[p, 2] / S
-                    if want_traj:
-                        trajectories[b, p, t, 0] = mx
-                        trajectories[b, p, t, 1] = my
-                        trajectories[b, p, t, 2] = acc[p, 2] / S
+                    if want_traj and t % stride == 0:
+                        trajectories[b, p, t // stride, 0] = mx
+                        trajectories[b, p, t // stride, 1] = my
+                        trajectories[b, p, t // stride, 2] = acc[p, 2] / S
             if want_traj:
                 for p in range(n, P):
-                    for t in range(T):
+                    for t in range(T // stride):
                         trajectories[b, p, t, 0] = np.nan
                         trajectories[b, p, t, 1] = np.nan
                         trajectories[b, p, t, 2] = np.nan
@@ -292,6 +368,8 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 centroids[b, p, 1] = cy
                 centroid_z_um[b, p] = sums[p, 2] / T
                 exposure_weight[b, p] = wsum[p, 0] / S
+                if k.blinking:
+                    on_fraction[b, p] = n_on[p] / (T * S)
                 in_view[b, p] = -0.5 <= cx < W - 0.5 and -0.5 <= cy < H - 0.5
                 if wsum[p, 0] > 0.0:
                     exposure_xy[b, p, 0] = wsum[p, 1] / wsum[p, 0]
@@ -303,10 +381,11 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
 def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool) -> dict:
     """Arrays for ``n`` images, named as in the stores."""
     H, W, P = k.height, k.width, k.max_particles
+    T = H * W // k.traj_stride  # trajectory samples per frame
     return {
         "images": np.empty((n, H, W), np.uint16),
         "expected": np.empty((n, H, W) if want_expected else (1, 1, 1), np.float32),
-        "trajectories": np.empty((n, P, H * W, 3) if want_traj else (1, 1, 1, 3), np.float32),
+        "trajectories": np.empty((n, P, T, 3) if want_traj else (1, 1, 1, 3), np.float32),
         "centroids": np.empty((n, P, 2), np.float32),
         "n_particles": np.empty(n, np.int32),
         "diffusion": np.empty((n, P), np.float32),
@@ -318,6 +397,7 @@ def allocate_batch(k: KernelParams, n: int, want_expected: bool, want_traj: bool
         "centroid_z_um": np.empty((n, P), np.float32),
         "exposure_z_um": np.empty((n, P), np.float32),
         "exposure_weight": np.empty((n, P), np.float64),
+        "on_fraction": np.empty((n, P) if k.blinking else (1, 1), np.float32),
     }
 
 
@@ -340,9 +420,12 @@ def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: 
         arrays["trajectories"], arrays["centroids"], arrays["n_particles"],
         arrays["diffusion"], arrays["n_qd"], arrays["exposure_xy"], arrays["exposure_t_s"],
         arrays["in_view"], arrays["frame_start_s"], arrays["centroid_z_um"], arrays["exposure_z_um"],
-        arrays["exposure_weight"], want_expected, want_traj,
+        arrays["exposure_weight"], arrays["on_fraction"], substream_key(key, "blinking"),
+        substream_key(key, "noise"), want_expected, want_traj,
     )
     out = dict(arrays)
+    if not k.blinking:
+        out.pop("on_fraction")
     if not want_expected:
         out.pop("expected")
     if not want_traj:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import (Dataset, FixedCount, FixedStart, FixedZ, NormalZ, PMTDetector, Uniform,
+from .blinking import laws, on_probability, power_law_durations
+from .config import (Dataset, FixedCount, FixedStart, FixedZ, LogUniform, NormalZ, PMTDetector, Uniform,
                      UniformZ)
 from .detector import UINT16_MAX
 from .psf import eq1_amplitude, eq1_signal
@@ -26,6 +27,8 @@ def _draw(rng, dist, size) -> np.ndarray:
     """Draw from a D / N_qd distribution of the config."""
     if isinstance(dist, Uniform):
         return rng.uniform(dist.low, dist.high, size)
+    if isinstance(dist, LogUniform):
+        return np.exp(rng.uniform(np.log(dist.low), np.log(dist.high), size))
     return np.full(size, dist.value, np.float64)
 
 
@@ -66,6 +69,28 @@ def _fold(v, lo, hi):
     span = hi - lo
     u = np.mod(v - lo, 2 * span)
     return lo + np.where(u <= span, u, 2 * span - u)
+
+
+def blink_states(spec, rng: np.random.Generator, shape: tuple, t: np.ndarray) -> np.ndarray:
+    """Whether each of ``shape`` particles is on at the sample times ``t`` (s from the
+    movie's start, increasing): a renewal process per particle, its first period
+    starting at 0 in the on state with probability ``blinking.on_probability``."""
+    (a_on, t0, t1, c_on), (a_off, _, _, _) = laws(spec)
+    on_law, off_law = (a_on, t0, t1, c_on or None), (a_off, t0, t1, None)
+    first_on = rng.random(shape) < on_probability(spec)
+    out = np.empty(shape + (len(t),), bool)
+    for idx in np.ndindex(*shape):
+        switches, now = [], 0.0
+        while now <= t[-1]:
+            # Blocks of an even number of periods, the first in the starting state.
+            d = np.empty(128)
+            d[0::2] = power_law_durations(rng, 64, *(on_law if first_on[idx] else off_law))
+            d[1::2] = power_law_durations(rng, 64, *(off_law if first_on[idx] else on_law))
+            switches.append(now + np.cumsum(d))
+            now = switches[-1][-1]
+        flips = np.searchsorted(np.concatenate(switches), t, side="right")  # switches at or before t
+        out[idx] = first_on[idx] ^ (flips % 2 == 1)
+    return out
 
 
 def plane_z_um(ds: Dataset) -> np.ndarray:
@@ -129,6 +154,10 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
     own = _signal(amp[..., None], (pos[..., 0] - lx) * px, (pos[..., 1] - ly) * px,
                   pos[..., 2] - np.repeat(plane_z_um(ds), T * S), psf.sigma_xy_um, psf.sigma_z_um)
     own = np.where(present[..., None], own, 0.0)  # (nm, P, F*T*S): each particle's signal
+    on = None
+    if p.blinking is not None:  # from a stream of its own: every other draw stays as it is
+        on = blink_states(p.blinking, rng.spawn(1)[0], (nm, P), t)
+        own = np.where(on, own, 0.0)
     signal = own.sum(axis=1)
     lam_t = ds.background.n_bkg + signal.reshape(nm * F, T, S).mean(axis=2)
     expected = np.empty((n, H, W))
@@ -158,9 +187,13 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
         images = counts_img.astype(np.float64)
     images = np.minimum(images, UINT16_MAX).astype(np.uint16)
     if stack:
-        return _stack_truth(ds, images, expected, pos, own, t, present, counts, D, nqd)
+        out = _stack_truth(ds, images, expected, pos, own, t, present, counts, D, nqd)
+        if on is not None:
+            out["on_fraction"] = np.where(present, on.mean(-1), np.nan).astype(np.float32)
+        return out
 
-    # Per frame: (n, P, T, 3) with frames of a movie consecutive, as the stores hold them.
+    # Per frame: (n, P, T, 3) with frames of a movie consecutive, as the stores hold them;
+    # the store keeps every ``trajectory_stride``-th pixel step of it (the centroids use all).
     traj = pos.reshape(nm, P, F, T, S, 3).mean(axis=4).transpose(0, 2, 1, 3, 4).reshape(n, P, T, 3)
     pres = present.repeat(F, 0)
     traj[~pres] = np.nan
@@ -168,10 +201,13 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
     in_view = pres & (centroids[..., 0] >= -0.5) & (centroids[..., 0] < W - 0.5) \
         & (centroids[..., 1] >= -0.5) & (centroids[..., 1] < H - 0.5)
     period = t[T * S] if F > 1 else 0.0
+    blinking = {} if on is None else {"on_fraction": np.where(
+        pres, on.reshape(nm, P, F, T * S).mean(-1).transpose(0, 2, 1).reshape(n, P), np.nan).astype(np.float32)}
     return {
+        **blinking,
         "images": images,
         "expected": expected.astype(np.float32),
-        "trajectories": traj.astype(np.float32),
+        "trajectories": traj[:, :, ::ds.trajectory_stride].astype(np.float32),
         "centroids": centroids.astype(np.float32),
         "n_particles": counts.repeat(F).astype(np.int32),
         "diffusion": np.where(pres, D.repeat(F, 0), np.nan).astype(np.float32),
@@ -202,7 +238,7 @@ def _stack_truth(ds: Dataset, images, expected, pos, own, t, present, counts, D,
     return {
         "images": images.reshape(nm, F, H, W),
         "expected": expected.reshape(nm, F, H, W).astype(np.float32),
-        "trajectories": traj.astype(np.float32),
+        "trajectories": traj[:, :, ::ds.trajectory_stride].astype(np.float32),
         "centroids": cen[..., :2].astype(np.float32),
         "centroid_z_um": cen[..., 2].astype(np.float32),
         "n_particles": counts.astype(np.int32),

@@ -25,6 +25,13 @@ def dataset_key(seed: int, dataset: str) -> np.uint64:
     return np.uint64(int.from_bytes(digest, "little"))
 
 
+def substream_key(key, label: str) -> np.uint64:
+    """Key of a named family of streams beside a dataset's own (``key``): draws taken
+    from it leave the dataset's streams, and every array drawn from them, as they were."""
+    digest = hashlib.blake2b(int(key).to_bytes(8, "little") + b"\x00" + label.encode(), digest_size=8).digest()
+    return np.uint64(int.from_bytes(digest, "little"))
+
+
 @njit(inline="always", cache=True)
 def _splitmix64(x):
     z = x + _U64(0x9E3779B97F4A7C15)

@@ -11,10 +11,15 @@ without one is not complete, whatever else is there.  ``finalize`` checks every 
 writes ``<out>/<name>.h5`` as a virtual dataset over the shard files (or, with ``copy``,
 one self-contained file).
 
-Zarr: the first task creates ``<out>/<name>.zarr`` (in a temporary folder renamed into
-place, so of several tasks started at once exactly one wins); each shard writes its
-chunk-aligned region directly and then its manifest into ``<out>/<name>.zarr.shards/``.
-``finalize`` checks the shards, records them in the store and consolidates the metadata.
+Zarr: the first task creates the shared store ``<out>/<name>.zarr.shards/<name>.zarr``
+(under the folder's lock, in a temporary folder renamed into place); each shard writes
+its chunk-aligned region directly and then its manifest into the same folder.
+``finalize`` checks the shards, records them in the store, consolidates the metadata and
+only then moves it to ``<out>/<name>.zarr``: an unfinished build is never visible under
+the final name.
+
+Each shard is built under its own lock (``publish.store_lock``), so a shard resubmitted
+while its first run is still going stops at once instead of writing beside it.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import (BuildResult, progress_bar, remove_stale, select_for_build, specs_for, store_attrs,
-                    store_path, tmp_name, write_range)
+from .build import BuildResult, progress_bar, select_for_build, specs_for, store_attrs, store_path, write_range
 from .checksums import (Checksums, checksum_mismatch, make_manifest, read_manifest, region_checksums,
                         write_json_atomic)
 from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError, StoreError
-from .stores import HDF5Writer, Store, ZarrWriter, remove_path
+from .publish import remove_stale, store_lock, tmp_name
+from .stores import HDF5Writer, Store, ZarrWriter, remove_path, rows_per_read
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,18 @@ def shards_dir(out: Path, name: str, fmt: str) -> Path:
     return Path(out) / (f"{name}.shards" if fmt == "hdf5" else f"{name}.zarr.shards")
 
 
+def zarr_work_path(out: Path, name: str) -> Path:
+    """Where the shards of a Zarr build write, until ``finalize`` moves the store out."""
+    return shards_dir(out, name, "zarr") / f"{name}.zarr"
+
+
+def zarr_data_path(out: Path, name: str) -> Path:
+    """The Zarr store that holds the shards' data: the one being built, else the finalized one."""
+    work = zarr_work_path(out, name)
+    final = store_path(out, name, "zarr")
+    return final if not work.exists() and final.exists() else work
+
+
 # --- checking shards ----------------------------------------------------------------------
 
 
@@ -94,9 +111,10 @@ class ShardProblem:
 
 def _deep_check(path: Path, m: dict, offset: int) -> str | None:
     try:
-        with Store(path) as st:
+        with Store(path, complete=False) as st:
             arrays = {n: st[n] for n in m["checksums"]}
-            sums = region_checksums(arrays, m["start"] - offset, m["stop"] - offset, st.chunk_rows * 16)
+            sums = region_checksums(arrays, m["start"] - offset, m["stop"] - offset,
+                                    rows_per_read(list(arrays.values())))
     except (StoreError, OSError, KeyError, ValueError) as exc:
         return f"unreadable: {str(exc).splitlines()[0]}"
     return checksum_mismatch(m["checksums"], sums)
@@ -137,7 +155,7 @@ def check_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int
     h = dataset_hash(cfg.seed, ds)
     if fmt == "hdf5":
         return _check_hdf5_shard(sdir, index, count, h, deep)
-    return _check_zarr_shard(Path(out) / f"{ds.name}.zarr", sdir, index, count, h, deep)
+    return _check_zarr_shard(zarr_data_path(out, ds.name), sdir, index, count, h, deep)
 
 
 def discover_count(sdir: Path) -> int | None:
@@ -160,56 +178,66 @@ def discover_count(sdir: Path) -> int | None:
 
 
 def ensure_zarr_store(cfg: FactoryConfig, ds: Dataset, out: Path) -> Path:
-    """Create the shared Zarr store once, however many tasks try at the same moment."""
-    final = store_path(out, ds.name, "zarr")
+    """The shared Zarr store of a sharded build, created once however many tasks start at
+    the same moment (they wait for each other's lock, which is held only to create it)."""
+    work = zarr_work_path(out, ds.name)
     expect = dataset_hash(cfg.seed, ds)
-    if not final.exists():
-        tmp = tmp_name(final)
-        ZarrWriter(tmp, specs_for(ds), {**store_attrs(cfg, ds, "zarr"), "complete": False})
-        try:
-            os.rename(tmp, final)  # atomic: one creator wins, the others find it there
-        except OSError:
-            remove_path(tmp)
+    if not work.exists():
+        with store_lock(work, wait=True):
+            if not work.exists():
+                tmp = tmp_name(work)
+                ZarrWriter(tmp, specs_for(ds), {**store_attrs(cfg, ds, "zarr"), "complete": False})
+                os.rename(tmp, work)
     try:
-        with Store(final) as st:
+        with Store(work, complete=False) as st:
             found = st.attrs.get("dataset_hash")
     except StoreError:
         found = None
     if found != expect:
-        raise StoreError(f"{final}: exists but was built from another config (dataset hash {found}, "
-                         f"expected {expect}); remove it or build into another --out")
-    return final
+        raise StoreError(f"{work}: exists but was built from another config (dataset hash {found}, "
+                         f"expected {expect}); remove {work.parent} or build into another --out")
+    return work
 
 
 def build_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,
                 redo: bool = False, progress: bool = True) -> BuildResult:
     """Build shard ``index`` of ``count`` of ``ds``; skip it when already complete and valid."""
-    start, stop = shard_range(ds.n_images, ds.chunk_rows, index, count)
     sdir = shards_dir(out, ds.name, fmt)
     sdir.mkdir(parents=True, exist_ok=True)
     found = discover_count(sdir)
     if found is not None and found != count:
         raise StoreError(f"{sdir}: holds shards of a {found}-way split, not {count}; "
                          f"use --shard I/{found} or remove the folder")
+    with store_lock(sdir / shard_stem(index, count)):
+        return _build_shard_locked(cfg, ds, Path(out), fmt, index, count, redo, progress)
+
+
+def _build_shard_locked(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int, count: int,
+                        redo: bool, progress: bool) -> BuildResult:
+    start, stop = shard_range(ds.n_images, ds.chunk_rows, index, count)
+    sdir = shards_dir(out, ds.name, fmt)
     stem = shard_stem(index, count)
     manifest = sdir / f"{stem}.json"
-    desc = f"{ds.name} {index}/{count}"
+    finalized = fmt == "zarr" and zarr_data_path(out, ds.name) != zarr_work_path(out, ds.name)
     if not redo and manifest.exists():
-        if fmt == "zarr":
+        if fmt == "zarr" and not finalized:
             ensure_zarr_store(cfg, ds, out)
         problem = check_shard(cfg, ds, out, fmt, index, count)
         if problem is None:
             log.info("%s shard %d/%d is complete: skipped", ds.name, index, count)
             return BuildResult(ds.name, manifest, stop - start, 0.0, 0, skipped=True)
         log.warning("%s shard %d/%d: %s; rebuilding it", ds.name, index, count, problem)
+    if finalized:  # its shards live in the published store now: never write into that
+        raise StoreError(f"{store_path(out, ds.name, fmt)}: already finalized; remove it and {sdir} "
+                         "to rebuild its shards")
     # The manifest marks completion: remove it first so a crash never leaves a stale one.
     remove_path(manifest)
     t0 = time.perf_counter()
-    bar = progress_bar(ds, stop - start, progress, desc)
+    bar = progress_bar(ds, stop - start, progress, f"{ds.name} {index}/{count}")
     try:
         if fmt == "hdf5":
             data = sdir / f"{stem}.h5"
-            remove_stale(data)
+            remove_stale(data)  # earlier attempts' files: their owners are gone (we hold the lock)
             remove_path(data)
             if stop > start:
                 tmp = tmp_name(data)
@@ -228,8 +256,8 @@ def build_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int
             else:
                 sums = Checksums([s.name for s in specs_for(ds, 1)]).hexdigest()
         else:
-            final = ensure_zarr_store(cfg, ds, out)
-            writer = ZarrWriter(final, specs_for(ds), {}, create=False)
+            work = ensure_zarr_store(cfg, ds, out)
+            writer = ZarrWriter(work, specs_for(ds), {}, create=False)
             sums = write_range(cfg, ds, writer, start, stop, 0, bar)
         write_json_atomic(manifest, make_manifest(cfg, ds, fmt, index, count, start, stop, sums))
     finally:
@@ -237,9 +265,9 @@ def build_shard(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, index: int
     return BuildResult(ds.name, manifest, stop - start, time.perf_counter() - t0, 0)
 
 
-
 def build_shards(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None, shard: tuple[int, int],
-                 redo: bool = False, progress: bool = True) -> list[BuildResult]:
-    """Build shard ``shard = (I, N)`` of every selected dataset (checks first, then work)."""
-    selected = select_for_build(cfg, out, fmt, only)
+                 redo: bool = False, progress: bool = True, report=None) -> list[BuildResult]:
+    """Build shard ``shard = (I, N)`` of every selected dataset (checks first, then work;
+    ``report`` receives the size estimate's lines)."""
+    selected = select_for_build(cfg, out, fmt, only, shard, report=report)
     return [build_shard(cfg, ds, Path(out), fmt, shard[0], shard[1], redo, progress) for ds in selected]

@@ -60,6 +60,8 @@ def stack_rows(frames: dict, planes: int, plane_z_um, height: int, width: int) -
         "plane_start_s": by_plane(frames["frame_start_s"]),
         "plane_z_um": np.broadcast_to(np.asarray(plane_z_um, np.float32), (n, Z)).copy(),
     }
+    if "on_fraction" in frames:  # every plane has the same pixel steps: the mean of the planes'
+        out["on_fraction"] = by_plane(frames["on_fraction"]).mean(1)
     if "expected" in frames and len(frames["expected"]) == len(frames["images"]):
         out["expected"] = by_plane(frames["expected"])
     if "trajectories" in frames and len(frames["trajectories"]) == len(frames["images"]):

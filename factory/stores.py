@@ -1,7 +1,8 @@
 """Chunked HDF5 and Zarr stores: one layout, two formats, and the only module that
 calls h5py and zarr.
 
-Layout (N images, P = max particles per image, T = H * W pixel time steps):
+Layout (N images, P = max particles per image, T trajectory samples per frame: H * W
+pixel steps with ``output.trajectory_step`` dwell, H lines with line, 1 with frame):
 
 =================  ==============  =======  ==========================================
 name               shape           dtype    meaning
@@ -10,13 +11,15 @@ images             (N, H, W)       uint16   recorded photon counts (ADU for a PM
 expected           (N, H, W)       float32  noise-free expected photons (optional)
 n_particles        (N,)            int32    particles in the image
 centroids          (N, P, 2)       float32  trajectory centroids (x, y) px, NaN padded
-trajectories       (N, P, T, 3)    float32  (x px, y px, z um) per pixel step (optional)
+trajectories       (N, P, T, 3)    float32  (x px, y px, z um) per sample (optional)
 diffusion          (N, P)          float32  D in um^2/s, NaN padded
 n_qd               (N, P)          float32  particle brightness N_qd, NaN padded
 exposure_xy        (N, P, 2)       float32  exposure-weighted position (x, y) px
 exposure_t_s       (N, P)          float64  its exposure-weighted time, s from the movie start
 in_view            (N, P)          uint8    1 where the centroid lies inside the field
 frame_start_s      (N,)            float64  start of the frame, s from the movie start
+on_fraction        (N, P)          float32  fraction of the frame's pixel steps the
+                                            particle was on (blinking stores only)
 =================  ==============  =======  ==========================================
 
 A movie store holds its movies' frames one after the other (movie ``i // n_frames``,
@@ -30,7 +33,19 @@ stack's (``centroids`` and ``centroid_z_um``: the mean over all the stack's pixe
 signal over the whole stack; ``in_view``: the centroid inside the field in x and y), and
 ``plane_start_s`` and ``plane_z_um`` (N, Z) replace ``frame_start_s``.
 
-Every array is chunked along N only, so a chunk holds whole images.  HDF5 arrays are
+Trajectory samples (``output.trajectory_step``): "dwell" stores the position at every
+pixel step t (the mean over the dwell's sub-steps, as the image sees it); "line" stores
+the same value at the first pixel step of every line in time order (t = 0, W, 2W, ...:
+column 0, or column W - 1 on the reversed lines of a bidirectional scan); "frame" at the
+first pixel step of every frame (t = 0; of every plane in a stack).  A sample is equal
+to the dwell trajectory at its step, bit for bit.
+
+Chunks are sized in bytes: every array has the same rows per chunk, the largest divisor
+of the dataset's ``chunk_rows`` (whole movies in a movie store) whose rows of all arrays
+together take at most ``CHUNK_BYTES`` (64 MiB), so shards (whole ``chunk_rows``) never
+share a chunk and a batch of whole chunks stays bounded.  When one row alone is larger (per-dwell
+trajectories of large images), chunks hold one row and an array row larger than
+``CHUNK_BYTES`` is cut along its next axes too (e.g. (1, 16, T, 3)).  HDF5 arrays are
 compressed with deflate (gzip) after byte shuffling by default: both filters are built
 into every HDF5 library (h5py, h5dump, MATLAB, Fiji, HDFView), so any reader opens the
 files.  The chunks are compressed in a thread pool and written with
@@ -43,7 +58,9 @@ coordinate convention and the compression.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import shutil
 import warnings
@@ -69,7 +86,7 @@ UNITS = {
     "expected": "photons",
     "n_particles": "count",
     "centroids": "px (x = column, y = row)",
-    "trajectories": "x px, y px, z um",
+    "trajectories": "x px, y px, z um; samples at pixel steps 0, s, 2s, ... of every frame (s = 1 dwell, W line, H*W frame: output.trajectory_step)",
     "diffusion": "um^2/s",
     "n_qd": "photons (Eq. 1 N_qd)",
     "exposure_xy": "px (x = column, y = row), weighted by the particle's own Eq. 1 signal",
@@ -80,6 +97,7 @@ UNITS = {
     "exposure_z_um": "um, weighted by the particle's own Eq. 1 signal",
     "plane_start_s": "s from the stack's first pixel",
     "plane_z_um": "um, focal plane of each plane of the stack",
+    "on_fraction": "fraction of the frame's (a stack's: the stack's) pixel steps at which the particle was on (blinking)",
 }
 COORDINATES = (
     "pixels; x = column, y = row; origin at the centre of pixel (0, 0) (TrackPy's convention)"
@@ -92,6 +110,10 @@ GZIP_LEVEL = 1
 # The oldest file format that holds virtual datasets: HDF5 1.10 readers (h5dump, MATLAB,
 # Fiji's HDF5 plugin) open files that "latest" would make unreadable to them.
 HDF5_LIBVER = ("earliest", "v110")
+# Bytes of one chunk at most (uncompressed), and of one chunk row of all the arrays
+# together: a batch of whole chunks then stays about this size (the kernel's batches),
+# and so does every read of whole chunks (copy, verify, training).
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -103,40 +125,122 @@ class ArraySpec:
     fill: Any
 
 
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is <= ``limit`` (at least 1)."""
+    for d in range(max(1, min(n, limit)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def chunk_shape(rows: int, row_shape: tuple[int, ...], itemsize: int, budget: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """The chunk of an array with ``rows`` rows per chunk; when even that exceeds
+    ``budget`` bytes (``rows`` is then 1), it is split along the next axes in turn:
+    an axis that must be cut is cut into equal parts (the last one possibly shorter)
+    whose chunk fits, axes before it kept at 1."""
+    chunk = [rows, *row_shape]
+    for axis in range(1, len(chunk)):
+        if math.prod(chunk) * itemsize <= budget:
+            break
+        inner = math.prod(chunk[axis + 1:]) * itemsize
+        if inner > budget:
+            chunk[axis] = 1
+            continue
+        parts = -(-chunk[axis] // (budget // inner))
+        chunk[axis] = -(-chunk[axis] // parts)
+        break
+    return tuple(chunk)
+
+
 def array_specs(n: int, height: int, width: int, max_particles: int, chunk: int,
-                expected: bool = True, trajectories: bool = True, planes: int | None = None) -> list[ArraySpec]:
-    """The arrays of a store of ``n`` images (or of ``n`` stacks of ``planes``), in write order."""
-    P, c = max_particles, min(chunk, n)
+                expected: bool = True, trajectories: bool = True, planes: int | None = None,
+                trajectory_samples: int | None = None, movie_frames: int = 1,
+                on_fraction: bool = False) -> list[ArraySpec]:
+    """The arrays of a store of ``n`` images (or of ``n`` stacks of ``planes``), in write order.
+
+    Parameters
+    ----------
+    n, height, width, max_particles
+        Rows, frame size in px and particle slots per row.
+    chunk
+        The dataset's ``chunk_rows``: shards split at its multiples, so every array's rows
+        per chunk divide it (no two shards ever write one chunk).
+    expected, trajectories
+        Whether those optional arrays are stored.
+    planes
+        Planes per row of a stack store (None: images and movie frames).
+    trajectory_samples
+        Trajectory samples per row (``Dataset.trajectory_samples``; default: every pixel
+        step of every plane).
+    movie_frames
+        Frames per movie of a movie store (``chunk`` is a multiple of it): batches hold
+        whole movies and whole chunks, so chunks hold whole movies, or parts of one
+        movie when a movie is larger than ``CHUNK_BYTES``.
+    on_fraction
+        Whether the particles blink (``on_fraction`` is stored).
+
+    Returns
+    -------
+    list of ArraySpec
+        Every array chunked along N with the same rows per chunk: the largest divisor of
+        ``chunk`` (a multiple of ``movie_frames``, or a divisor of it when one movie is
+        too large) whose rows of all arrays together take at most ``CHUNK_BYTES`` (so a
+        batch of whole chunks stays about that size), capped at ``n``.  When one row
+        alone exceeds it, chunks hold one row and an array larger than ``CHUNK_BYTES``
+        per row is split along its next axes too (``chunk_shape``).
+    """
+    P = max_particles
     frame = (height, width) if planes is None else (planes, height, width)
-    T = height * width * (planes or 1)
-    specs = [ArraySpec("images", (n,) + frame, np.uint16, (c,) + frame, 0)]
+    T = height * width * (planes or 1) if trajectory_samples is None else trajectory_samples
+    rows = [("images", frame, np.uint16, 0)]
     if expected:
-        specs.append(ArraySpec("expected", (n,) + frame, np.float32, (c,) + frame, np.nan))
-    specs += [
-        ArraySpec("n_particles", (n,), np.int32, (c,), -1),
-        ArraySpec("centroids", (n, P, 2), np.float32, (c, P, 2), np.nan),
+        rows.append(("expected", frame, np.float32, np.nan))
+    rows += [
+        ("n_particles", (), np.int32, -1),
+        ("centroids", (P, 2), np.float32, np.nan),
     ]
     if planes is not None:
-        specs.append(ArraySpec("centroid_z_um", (n, P), np.float32, (c, P), np.nan))
+        rows.append(("centroid_z_um", (P,), np.float32, np.nan))
     if trajectories:
-        specs.append(ArraySpec("trajectories", (n, P, T, 3), np.float32, (c, P, T, 3), np.nan))
-    specs += [
-        ArraySpec("diffusion", (n, P), np.float32, (c, P), np.nan),
-        ArraySpec("n_qd", (n, P), np.float32, (c, P), np.nan),
-        ArraySpec("exposure_xy", (n, P, 2), np.float32, (c, P, 2), np.nan),
+        rows.append(("trajectories", (P, T, 3), np.float32, np.nan))
+    rows += [
+        ("diffusion", (P,), np.float32, np.nan),
+        ("n_qd", (P,), np.float32, np.nan),
+        ("exposure_xy", (P, 2), np.float32, np.nan),
     ]
     if planes is not None:
-        specs.append(ArraySpec("exposure_z_um", (n, P), np.float32, (c, P), np.nan))
-    specs += [
-        ArraySpec("exposure_t_s", (n, P), np.float64, (c, P), np.nan),
-        ArraySpec("in_view", (n, P), np.uint8, (c, P), 0),
+        rows.append(("exposure_z_um", (P,), np.float32, np.nan))
+    rows += [
+        ("exposure_t_s", (P,), np.float64, np.nan),
+        ("in_view", (P,), np.uint8, 0),
     ]
+    if on_fraction:
+        rows.append(("on_fraction", (P,), np.float32, np.nan))
     if planes is None:
-        specs.append(ArraySpec("frame_start_s", (n,), np.float64, (c,), np.nan))
+        rows.append(("frame_start_s", (), np.float64, np.nan))
     else:
-        specs += [ArraySpec("plane_start_s", (n, planes), np.float64, (c, planes), np.nan),
-                  ArraySpec("plane_z_um", (n, planes), np.float32, (c, planes), np.nan)]
-    return specs
+        rows += [("plane_start_s", (planes,), np.float64, np.nan),
+                 ("plane_z_um", (planes,), np.float32, np.nan)]
+    row_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype, _ in rows)
+    fit, F = CHUNK_BYTES // max(1, row_bytes), movie_frames
+    if F <= fit:  # whole movies per chunk
+        c = F * _largest_divisor_at_most(chunk // F, fit // F)
+    else:  # parts of one movie: lcm(c, F) = F, so a batch is one movie
+        c = _largest_divisor_at_most(F, fit)
+    c = min(c, n)
+    return [ArraySpec(name, (n,) + shape, dtype, chunk_shape(c, shape, np.dtype(dtype).itemsize), fill)
+            for name, shape, dtype, fill in rows]
+
+
+def rows_per_read(specs, budget: int = CHUNK_BYTES) -> int:
+    """Rows to read (or copy, or checksum) at once: whole chunks of every array, about
+    ``budget`` bytes of all of them (one chunk's rows when those alone exceed it).
+
+    ``specs``: ArraySpecs or open arrays (anything with ``shape``, ``dtype``, ``chunks``;
+    a virtual HDF5 dataset has no chunks and counts as one row)."""
+    unit = math.lcm(*(s.chunks[0] if s.chunks else 1 for s in specs))
+    row_bytes = sum(math.prod(s.shape[1:]) * np.dtype(s.dtype).itemsize for s in specs)
+    return unit * max(1, budget // max(1, unit * row_bytes))
 
 
 def is_store_path(path: str | Path) -> bool:
@@ -161,7 +265,10 @@ def find_stores(path: str | Path) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if is_store_path(p) and not p.name.startswith("."))
         if not found:
-            raise StoreError(f"{path}: no .h5 or .zarr stores in this folder")
+            pending = sorted(p.name for p in path.glob("*.shards") if p.is_dir())
+            hint = (f" (sharded builds not finalized: {', '.join(pending)}; run `factory finalize "
+                    "CONFIG --out DIR` once every shard is built)") if pending else ""
+            raise StoreError(f"{path}: no .h5 or .zarr stores in this folder{hint}")
         return found
     raise StoreError(f"{path}: not a store (.h5 or .zarr) or a folder of stores")
 
@@ -229,15 +336,19 @@ class HDF5Writer:
             if self.pool is None or start % c or (stop % c and stop != dset.shape[0]):
                 dset[start:stop] = data
                 continue
-            pieces = []
-            for a in range(0, len(data), c):
-                piece = data[a:a + c]
-                if len(piece) < c:  # the array's last chunk is stored at full size
-                    pad = np.full((c,) + piece.shape[1:], self.specs[name].fill, piece.dtype)
-                    pad[:len(piece)] = piece
+            # Every chunk of the rows, along N and (for rows larger than a chunk) the
+            # other axes too.
+            chunks = tuple(dset.chunks)
+            grid = [range(0, len(data), c)] + [range(0, m, k) for m, k in zip(data.shape[1:], chunks[1:])]
+            pieces, offsets = [], []
+            for corner in itertools.product(*grid):
+                piece = data[tuple(slice(o, o + k) for o, k in zip(corner, chunks))]
+                if piece.shape != chunks:  # an edge chunk is stored at full size
+                    pad = np.full(chunks, self.specs[name].fill, piece.dtype)
+                    pad[tuple(slice(0, m) for m in piece.shape)] = piece
                     piece = pad
                 pieces.append(piece)
-            offsets = [(start + a,) + (0,) * (data.ndim - 1) for a in range(0, len(data), c)]
+                offsets.append((start + corner[0],) + corner[1:])
             for off, blob in zip(offsets, self.pool.map(_shuffle_deflate, pieces)):
                 dset.id.write_direct_chunk(off, blob)
 
@@ -357,9 +468,12 @@ class Store:
     """Read access to a finished HDF5 or Zarr store, the same API for both.
 
     ``store["images"][a:b]`` returns a NumPy array; ``store.attrs`` the root attributes.
+    A store is served only when complete (``complete=False`` is for the code that
+    checks or assembles unfinished ones): its completeness mark, written after every
+    array, and for a virtual HDF5 store every shard file it reads from.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, complete: bool = True):
         self.path = Path(path)
         self.format = store_format(self.path)
         if not self.path.exists():
@@ -375,11 +489,37 @@ class Store:
                 self._h5 = None
                 self._group = zarr.open_group(str(self.path), mode="r")
                 self.attrs = dict(self._group.attrs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"{self.path}: cannot open as {self.format}: {exc}") from None
-        if "images" not in self.names:
+            names = self.names
+        except Exception as exc:  # a damaged file fails in h5py's C code or zarr's JSON, any way
+            first = (str(exc).splitlines() or [""])[0]
+            raise StoreError(f"{self.path}: cannot open as {self.format}, the store is damaged or "
+                             f"not a store ({type(exc).__name__}: {first})") from None
+        if "images" not in names:
             self.close()
             raise StoreError(f"{self.path}: not a dataset store (no 'images' array)")
+        if complete:
+            why = self.unfinished()
+            if why:
+                self.close()
+                raise StoreError(f"{self.path}: {why}")
+
+    def unfinished(self) -> str | None:
+        """Why this store must not be read as a dataset (None when it is complete)."""
+        if "shard" in self.attrs:
+            return (f"shard {self.attrs['shard']} of {self.attrs.get('shards')} of a sharded build, "
+                    "not a store; run `factory finalize CONFIG --out DIR` and read the finalized store")
+        if self.attrs.get("complete") is not True:
+            if self.path.parent.name.endswith(".shards"):
+                return ("an unfinished sharded build; run `factory finalize CONFIG --out DIR --format "
+                        f"{self.format}` once every shard is built")
+            return ("unfinished (its build did not complete); rebuild it with "
+                    "`factory build CONFIG --out DIR --overwrite`")
+        missing = self.missing_sources()
+        if missing:
+            return (f"its shard files are missing ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}); keep the .shards folder beside the store, "
+                    "or finalize with --copy for one self-contained file")
+        return None
 
     @property
     def names(self) -> list[str]:
@@ -402,13 +542,31 @@ class Store:
         return json.loads(self.attrs["config"])
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self[name][start:stop])
+        """Rows ``start .. stop`` of array ``name``; a corrupt chunk is a StoreError."""
+        arr = self[name]
+        try:
+            return np.asarray(arr[start:stop])
+        except Exception as exc:  # h5py raises OSError, zarr's codecs anything: a damaged file
+            first = (str(exc).splitlines() or [""])[0]
+            raise StoreError(f"{self.path}: array '{name}' rows {start}..{'end' if stop is None else stop - 1} "
+                             f"unreadable, the store is damaged ({type(exc).__name__}: {first}); "
+                             "rebuild it or check it with `factory verify`") from None
 
     @property
-    def chunk_rows(self) -> int | None:
-        """Images per chunk (None for a virtual dataset, which has no chunks)."""
+    def dataset(self):
+        """The store's validated dataset config (``factory.config.Dataset``)."""
+        from .config import config_from_json
+
+        cfg = self.config
+        name = cfg["dataset"]["name"]
+        return config_from_json(json.dumps({"seed": cfg["seed"], "datasets": {name: cfg["dataset"]}})).datasets[name]
+
+    @property
+    def chunk_rows(self) -> int:
+        """Images per chunk of ``images``; for a virtual (finalized sharded) HDF5 store, which
+        has no chunks of its own, the dataset's chunk rows (whole chunks of its shard files)."""
         chunks = self["images"].chunks
-        return int(chunks[0]) if chunks else None
+        return int(chunks[0]) if chunks else self.dataset.chunk_rows
 
     def missing_sources(self) -> list[str]:
         """Source files of a virtual HDF5 store that are not there (a virtual dataset

@@ -74,7 +74,7 @@ class _LazyStore:
             self.names = st.names
             self.attrs = dict(st.attrs)
             self.image_shape = tuple(st["images"].shape[1:])
-            self.chunk = int(st["images"].chunks[0])
+            self.chunk = st.chunk_rows
             self.max_particles = int(st["centroids"].shape[1])
             self.movie = st.config["dataset"].get("movie") is not None
             self.stack = st.config["dataset"].get("stack") is not None

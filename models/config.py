@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from factory.config import StrictModel
+from factory.config import StrictModel, parse_yaml
 from factory.errors import ConfigError
 
 from .registry import NETWORKS, family, parse_params
@@ -127,15 +127,17 @@ def parse_train_config(raw: Any, source: str = "training config", overrides: dic
 
 
 def read_yaml(path: Path) -> Any:
+    """A training config file's YAML (duplicate keys refused: ``factory.config.parse_yaml``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML is UTF-8 text)") from None
+    return parse_yaml(text, str(path))
 
 
 def load_train_config(path: Path | None, model: str | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -248,7 +248,7 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
 
 def max_diffusion(dataset: dict) -> float:
     d = dataset["particles"]["diffusion_um2_s"]
-    return float(d["high"] if d["type"] == "uniform" else d["value"])
+    return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
 
 
 def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,

@@ -43,21 +43,40 @@ def _read_array(path: Path) -> np.ndarray:
 
 
 def _as_pixels(a: np.ndarray, path: Path) -> np.ndarray:
-    """float32 pixels, after checking the type and that every pixel is finite."""
+    """float32 pixels, after checking the type and that every pixel is finite and fits."""
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
         raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise FactoryError(f"{path}: contains NaN or infinite pixels")
-    return a
+    if np.issubdtype(a.dtype, np.floating):
+        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        if nan or inf:
+            what = " and ".join(f"{k} {name}" for k, name in ((nan, "NaN"), (inf, "infinite")) if k)
+            raise FactoryError(f"{path}: {what} pixel value(s); every pixel must be a finite number")
+        big = float(np.abs(a).max()) if a.size else 0.0
+        limit = float(np.finfo(np.float32).max)
+        if big > limit:
+            raise FactoryError(f"{path}: pixel values up to {big:.3g} do not fit in 32-bit floats (at most "
+                               f"{limit:.3g}); rescale the recording")
+    return a.astype(np.float32)
+
+
+def _check_frames(a: np.ndarray, path: Path, what: str) -> None:
+    """Refuse an array with no frames (or stacks) in it."""
+    if a.size == 0:
+        if a.ndim and a.shape[0] == 0:
+            raise FactoryError(f"{path}: holds no {what} (array of shape {a.shape})")
+        raise FactoryError(f"{path}: {what} without pixels (array of shape {a.shape})")
 
 
 def read_images(path: str | Path) -> np.ndarray:
     """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store."""
     path = Path(path)
     a = _read_array(path)
-    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4:
-        raise FactoryError(f"{path}: looks like a colour image {a.shape}; give single-channel frames (H x W or T x H x W)")
+    _check_frames(a, path, "images")
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) >= 8:
+        # H x W x 3 (or 4) is a colour image; as T x H x W it would be frames 3 px wide.
+        raise FactoryError(f"{path}: shape {a.shape} looks like a colour image ({a.shape[0]} x {a.shape[1]} px, "
+                           f"{a.shape[2]} channels) or frames only {a.shape[2]} px wide; give single-channel "
+                           "frames of at least 8 x 8 px (H x W or T x H x W)")
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:
@@ -151,6 +170,7 @@ def read_stacks(path: str | Path) -> np.ndarray:
     a stack store."""
     path = Path(path)
     a = _read_array(path)
+    _check_frames(a, path, "stacks")
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4:

@@ -148,7 +148,8 @@ class NetDetector:
 
         stacks = np.asarray(stacks)
         if stacks.ndim != 4:
-            raise FactoryError(f"a 3D model needs (N, Z, H, W) stacks, got an array of shape {stacks.shape}")
+            raise FactoryError(f"{self.name} is a 3D stack model: it localises in z-stacks (N, Z, H, W), "
+                               f"not in an array of shape {stacks.shape}")
         n = len(stacks)
         bs = max(1, self.family.pixels_per_batch // int(np.prod(stacks.shape[1:])))
         parts = []

@@ -23,6 +23,8 @@ def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
     where two folders evaluated detectors with the same label."""
     found = []
     for m in sorted(Path(runs).glob("*/metrics.json")):
+        if m.parent.name.startswith("."):  # an evaluation still being written (models.outputs)
+            continue
         data = json.loads(m.read_text())
         if "datasets" in data and "detector" in data:
             found.append((m.parent, data))

@@ -100,11 +100,12 @@ def validate(detector: NetDetector, images: np.ndarray, gt: Points, pixel_size_u
 
 
 def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, overwrite: bool = False) -> dict:
     """Train ``cfg.model`` on the data folder's ``cfg.train`` store, select on ``cfg.val``.
 
     ``data`` (``--data``) overrides the config's ``data``; the run folder's config
-    records the folder used."""
+    records the folder used.  ``overwrite``: replace a trained model already in ``out``
+    (its files are removed only once the data and config have passed every check)."""
     from tqdm.auto import tqdm
 
     if data is None and cfg.data is None:
@@ -121,7 +122,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     val_paths = [find_store(data, n) for n in cfg.val_stores]
     if resume and not run.file(run.LAST).exists():
         raise FactoryError(f"{run.file(run.LAST)}: nothing to resume (no last checkpoint)")
-    if not resume and run.has_model():
+    if not resume and run.has_model() and not overwrite:
         raise FactoryError(f"{out}: already holds a trained model (use --resume, --overwrite, or another --out)")
     if resume:
         before = run.read_config()
@@ -152,12 +153,14 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     # (On --resume the weights come from last.pt; the file started from is still recorded.)
     start_from = _start_from(model, cfg, load=not resume) if cfg.init_from else None
     _freeze(model, cfg)
+    if overwrite and not resume:
+        run.clear()
     run.create()
     vals = [_validation_set(path, cfg, stacks) for path in val_paths]
     sets = []
     for path in train_paths:
         with Store(path) as st:
-            chunk = st.chunk_rows or 256
+            chunk = st.chunk_rows
             n = min(len(st), cfg.max_train_images or len(st))
         try:
             untrained = tuple(t for t in cfg.targets if not cfg.trains(Path(path).stem, t))

@@ -195,6 +195,8 @@ def write_volume_report(runs: Path, tests: dict[str, Path]) -> Path:
     runs = Path(runs)
     evals = {}
     for m in sorted(runs.glob("*/metrics.json")):
+        if m.parent.name.startswith("."):  # an evaluation still being written (models.outputs)
+            continue
         data = json.loads(m.read_text())
         if data.get("kind") == "stacks":
             label = data["label"] if data["label"] not in evals else f"{data['label']} [{m.parent.name}]"

@@ -8,6 +8,8 @@ one that runs a command, is refused before anything in it runs.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,14 +25,37 @@ def load_weights(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FactoryError(f"{path}: no such weights file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError...: all mean "not plain weights"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FactoryError(f"{path}: not a plain weights file (only tensors and plain values are "
-                           f"loaded, nothing is executed): {first[:200]}") from None
+        if path.stat().st_size == 0:
+            raise FactoryError(f"{path}: empty file (0 bytes), not PyTorch weights")
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except FactoryError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, OSError...
+        raise FactoryError(_refusal(path, exc)) from None
     if not isinstance(state, dict):
         raise FactoryError(f"{path}: not a state dict (found {type(state).__name__})")
     return state
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why a file was not loaded, in words that are true of it (and never advice to load
+    it unsafely: torch's own message suggests exactly that)."""
+    if isinstance(exc, OSError):
+        return f"{path}: cannot read: {exc.strerror or exc}"
+    code = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+    if code:  # the pickle names a Python object to build: an import, a call, a class
+        return (f"{path}: not a plain weights file: refused because it holds pickled Python objects "
+                f"({code.group(1)}), which would run code when loaded; only tensors and plain values are "
+                "accepted, and nothing in it was run")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped:
+        return (f"{path}: a zip archive that cannot be read as PyTorch weights (corrupt, truncated, or not "
+                "written by torch.save)")
+    return (f"{path}: not a PyTorch weights file (neither the archive torch.save writes nor a weights "
+            "pickle: corrupt, truncated or another format)")
 
 
 def state_dict_of(state: dict) -> dict:
