@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, dataset, run_cli
+from conftest import ROOT, assert_same_arrays, dataset, run_cli
 from factory.build import build
 from factory.config import load_config, parse_config
 from factory.kernel import simulate
@@ -42,13 +42,6 @@ def read_all(path):
         return {name: st.read(name) for name in st.names}, dict(st.attrs)
 
 
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert a[name].tobytes() == b[name].tobytes(), name
-
-
 def test_store_layout_and_provenance(tmp_path):
     cfg = load_config(small_config(tmp_path))
     build(cfg, tmp_path / "out", "hdf5", progress=False)
@@ -72,7 +65,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         build(load_config(small_config(tmp_path)), tmp_path / run, "hdf5", progress=False)
     build(load_config(small_config(tmp_path, seed=12)), tmp_path / "r3", "hdf5", progress=False)
     a, _ = read_all(tmp_path / "r1" / "a.h5")
-    assert_same(a, read_all(tmp_path / "r2" / "a.h5")[0])
+    assert_same_arrays(a, read_all(tmp_path / "r2" / "a.h5")[0])
     c, _ = read_all(tmp_path / "r3" / "a.h5")
     assert not np.array_equal(a["images"], c["images"])
     assert not np.array_equal(a["centroids"], c["centroids"])
@@ -91,9 +84,9 @@ def assert_thread_and_batch_invariant(cfg, ds, splits):
         two = simulate(ds, cfg.seed)
     finally:
         numba.set_num_threads(before)
-    assert_same(one, two)
+    assert_same_arrays(one, two)
     pieces = [simulate(ds, cfg.seed, a, b) for a, b in splits]
-    assert_same(one, {k: np.concatenate([p[k] for p in pieces]) for k in one})
+    assert_same_arrays(one, {k: np.concatenate([p[k] for p in pieces]) for k in one})
 
 
 def test_identical_with_one_and_two_threads_and_any_batching():
@@ -117,7 +110,7 @@ def test_threads_in_a_fresh_process_give_the_same_bytes(tmp_path):
         r = run_cli("build", cfg, "--out", tmp_path / f"t{threads}", "-q",
                     env={"NUMBA_NUM_THREADS": threads})
         assert r.returncode == 0, r.stderr
-    assert_same(read_all(tmp_path / "t1" / "a.h5")[0], read_all(tmp_path / "t2" / "a.h5")[0])
+    assert_same_arrays(read_all(tmp_path / "t1" / "a.h5")[0], read_all(tmp_path / "t2" / "a.h5")[0])
 
 
 def test_hdf5_and_zarr_hold_identical_arrays(tmp_path):
@@ -127,7 +120,7 @@ def test_hdf5_and_zarr_hold_identical_arrays(tmp_path):
     for name in ("a", "b"):
         h, ha = read_all(tmp_path / "h" / f"{name}.h5")
         z, za = read_all(tmp_path / "z" / f"{name}.zarr")
-        assert_same(h, z)
+        assert_same_arrays(h, z)
         assert ha["config"] == za["config"] and ha["dataset_hash"] == za["dataset_hash"]
 
 

@@ -54,6 +54,27 @@ def test_contract_any_image_size_finds_the_spot_where_it_was_pasted(name, images
         assert err < 1.5, (name, k, err)
 
 
+def test_keypointrcnn_zooms_every_image_size_by_one_factor():
+    """torchvision zooms each image to a short side of ``min_size``: a 40 x 64 field by x 1.6
+    against x 2.7 for a 24 x 25 image, so the overfitted model missed spots pasted into the
+    field.  Every size now gets ``min_size / 24``; a 24 px image as torchvision zooms it."""
+    import torch
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from models.networks.keypoint_rcnn import SmallKeypointRCNN
+
+    t = SmallKeypointRCNN(min_size=64, keypoint_head=[4], box_head=8).net.transform.eval()
+    stock = GeneralizedRCNNTransform(t.min_size, t.max_size, t.image_mean, t.image_std).eval()
+    small, field = torch.rand(3, 24, 25), torch.rand(3, 40, 64)
+    assert t.resize(small)[0].shape[-2:] == (64, 66)
+    assert torch.equal(t.resize(small)[0], stock.resize(small)[0])
+    assert t.resize(field)[0].shape[-2:] == (106, 170)  # torchvision: (64, 102)
+    t.train()
+    target = {"boxes": torch.tensor([[10.0, 20.0, 16.0, 26.0]]), "keypoints": torch.tensor([[[13.0, 23.0, 1.0]]])}
+    _, out = t.resize(field, {k: v.clone() for k, v in target.items()})
+    assert torch.allclose(out["keypoints"][0, 0, :2], torch.tensor([13.0 * 170 / 64, 23.0 * 106 / 40]))
+
+
 @pytest.mark.parametrize("name", DETECTORS)
 def test_contract_2d_input_is_one_frame(name, images):
     table = ready_detector(name).detect(images[0][0])

@@ -15,11 +15,10 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import assert_same_arrays, run_cli
 from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores
 
@@ -35,18 +34,6 @@ def write_config(path, cfg):
 
 def build_cmd(cfg, out, fmt, *extra):
     return [sys.executable, "-m", "cli", "build", str(cfg), "--out", str(out), "--format", fmt, "-q", *extra]
-
-
-def arrays(path):
-    with Store(path) as st:
-        return {n: st.read(n) for n in st.names}
-
-
-def assert_identical(a, b):
-    a, b = arrays(a), arrays(b)
-    assert sorted(a) == sorted(b)
-    for n in a:
-        assert a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes(), n
 
 
 def one_line(stderr: str) -> str:
@@ -179,11 +166,11 @@ def test_a_build_killed_anywhere_then_rerun_gives_the_clean_store(tmp_path, clea
             found = []
         for path in found:
             assert path == final, f"trial {trial}: {path} is served"
-            assert_identical(root / fmt / f"k{EXT[fmt]}", final)
+            assert_same_arrays(root / fmt / f"k{EXT[fmt]}", final)
         r = subprocess.run(build_cmd(cfg, out, fmt), capture_output=True, text=True)
         if r.returncode != 0:  # the killed build had already published the whole store
             assert "already exists" in one_line(r.stderr) and final.exists(), (trial, r.stderr)
-        assert_identical(root / fmt / f"k{EXT[fmt]}", final)
+        assert_same_arrays(root / fmt / f"k{EXT[fmt]}", final)
         assert leftovers(out) == [], trial
 
 

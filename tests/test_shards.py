@@ -8,9 +8,8 @@ import time
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import assert_same_arrays, run_cli
 from factory.shards import parse_shard, shard_range
-from factory.stores import Store
 
 CONFIG = {
     "seed": 21,
@@ -43,18 +42,6 @@ def setup(tmp_path_factory):
     return root, cfg
 
 
-def arrays(path):
-    with Store(path) as st:
-        return {n: st.read(n) for n in st.names}
-
-
-def assert_identical(a, b):
-    a, b = arrays(a), arrays(b)
-    assert sorted(a) == sorted(b)
-    for n in a:
-        assert a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes(), n
-
-
 def shard_cmd(cfg, out, fmt, spec):
     return [sys.executable, "-m", "cli", "build", str(cfg), "--out", str(out),
             "--format", fmt, "--shard", spec, "-q"]
@@ -76,7 +63,7 @@ def test_any_split_gives_the_single_process_bytes(setup, fmt, count):
     r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q")
     assert r.returncode == 0, r.stderr
     for name in ("a", "b", "m", "s"):
-        assert_identical(root / f"single-{fmt}" / f"{name}{EXT[fmt]}", out / f"{name}{EXT[fmt]}")
+        assert_same_arrays(root / f"single-{fmt}" / f"{name}{EXT[fmt]}", out / f"{name}{EXT[fmt]}")
     r = run_cli("verify", out)
     assert r.returncode == 0 and r.stdout.count(": ok") == 4, r.stderr
 
@@ -90,7 +77,7 @@ def test_copy_finalize_is_self_contained(setup, tmp_path):
     import shutil
 
     shutil.rmtree(out / "a.shards")
-    assert_identical(root / "single-hdf5" / "a.h5", out / "a.h5")
+    assert_same_arrays(root / "single-hdf5" / "a.h5", out / "a.h5")
     assert run_cli("verify", out / "a.h5").returncode == 0
 
 
@@ -153,7 +140,7 @@ def test_sigkill_mid_way_then_rerun_gives_the_same_bytes(setup, tmp_path, fmt):
     r = run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", "1/2")
     assert "complete and valid, skipped" in r.stdout
     assert run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q").returncode == 0
-    assert_identical(ref / f"k{EXT[fmt]}", out / f"k{EXT[fmt]}")
+    assert_same_arrays(ref / f"k{EXT[fmt]}", out / f"k{EXT[fmt]}")
 
 
 @pytest.mark.parametrize("fmt", ["hdf5", "zarr"])

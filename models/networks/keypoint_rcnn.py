@@ -1,8 +1,12 @@
 """Keypoint R-CNN, the seed paper's detector (torchvision), sized for small images.
 
-torchvision's default transform rescales images to 800 px; a 24 x 25 image is instead
-rescaled to ``min_size`` (128 px by default, x 5.3), so a 6 px spot box becomes about
-32 px and the anchors (one square size per FPN level, 16 - 128 px) are chosen for that.
+torchvision's default transform rescales images to 800 px; a 24 x 25 image (the paper's)
+is instead rescaled to ``min_size`` (128 px by default, x 5.3), so a 6 px spot box becomes
+about 32 px and the anchors (one square size per FPN level, 16 - 128 px) are chosen for
+that.  Every image is zoomed by that same factor, ``min_size / 24`` (``FixedZoom``), not
+to a short side of ``min_size`` as torchvision does: with torchvision's rule a spot's
+apparent size depended on the image's size (a 40 x 64 field zoomed x 1.6 against x 2.7
+for the 24 x 25 images a model learnt on), and a model missed spots in any other size.
 One class (particle) and one keypoint (the trajectory centroid).  Weights: trained
 from scratch by default; ``weights_path`` loads a user-supplied file (for example
 torchvision's COCO keypoint weights fetched elsewhere), keeping every tensor whose
@@ -20,6 +24,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes, resize_keypoints
 
 from factory.config import StrictModel
 from loaders.targets import keypoint_decode, keypoint_target
@@ -31,6 +36,7 @@ from .blocks import normalize_images
 LABEL = "Keypoint R-CNN (ours)"
 TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 8}
 PIXELS_PER_BATCH = 2**16
+REFERENCE_PX = 24  # the paper's image height: ``min_size`` is what it is zoomed to
 
 
 class Params(StrictModel):
@@ -44,6 +50,26 @@ class Params(StrictModel):
     box_head: Optional[Annotated[int, Field(ge=1, le=4096)]] = 256
     proposals: Optional[Annotated[int, Field(ge=2, le=4096)]] = 32
     weights_path: Optional[str] = None  # a user-supplied weights file (e.g. COCO keypoints)
+
+
+class FixedZoom(GeneralizedRCNNTransform):
+    """torchvision's transform, zooming every image by ``min_size / REFERENCE_PX`` (capped so
+    the long side stays within ``max_size``) whatever its size: a spot keeps the apparent
+    size the model learnt.  An image whose short side is 24 px (the paper's 24 x 25) is
+    zoomed exactly as torchvision zooms it (same factor, same draw of torch's generator in
+    training), so trained models and seeded runs are unchanged on such images."""
+
+    def resize(self, image, target=None):
+        h, w = image.shape[-2:]
+        size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        scale = min(size / REFERENCE_PX, self.max_size / max(h, w))
+        image = torch.nn.functional.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                                                recompute_scale_factor=True, align_corners=False)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), image.shape[-2:])
+        return image, target
 
 
 class SmallKeypointRCNN(torch.nn.Module):
@@ -77,6 +103,9 @@ class SmallKeypointRCNN(torch.nn.Module):
             image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
             rpn_anchor_generator=anchors, box_score_thresh=0.0, box_detections_per_img=100, **extra,
         )
+        t = self.net.transform  # no parameters nor buffers: state dicts are unchanged
+        self.net.transform = FixedZoom(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                       size_divisible=t.size_divisible, fixed_size=t.fixed_size)
         if weights_path:
             load_matching(self.net, weights_path)
 
