@@ -594,7 +594,8 @@ def predict(
 def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
              all_scores: bool, z_step_um, target, device, quiet: bool):
     """The localisation table of ``factory predict`` and what it was found in."""
-    from models.predict import load_detector, predict as run_predict, read_images, training_timing
+    from models.predict import load_detector, predict as run_predict, training_timing
+    from models.recording import open_recording
     from models.timing import ScanTiming
 
     det = load_detector(model, device.value, prefer=target.value if target else None)
@@ -603,24 +604,24 @@ def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, 
                            f"(it finds the {getattr(det, 'target', 'centroid')} target)")
     if getattr(det, "ndim", 2) == 3:
         return _predict_stacks(det, Path(model), input, z_step_um, pixel_size_um, all_scores, quiet)
-    images = read_images(input)
-    frame_start = None
-    from factory.stores import Store, is_store_path
+    # Read a chunk of frames at a time: a recording of any length fits in memory.
+    with open_recording(input) as images:
+        frame_start = None
+        from factory.stores import Store, is_store_path
 
-    if is_store_path(input):
-        with Store(input) as st:
-            timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {input}")
-            frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
-    else:
-        timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
-    timing = _with_flags(timing, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                         frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
-    if not quiet:
-        typer.echo(f"scan timing: {timing.describe()}", err=True)
-    table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start)
-    thr = getattr(det, "threshold", None)
-    if thr is not None and not all_scores:
-        table = table[table.score >= thr]
+        if is_store_path(input):
+            with Store(input) as st:
+                timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {input}")
+                frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
+        else:
+            timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
+        timing = _with_flags(timing, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                             frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
+        if not quiet:
+            typer.echo(f"scan timing: {timing.describe()}", err=True)
+        thr = None if all_scores else getattr(det, "threshold", None)
+        table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start,
+                            min_score=thr)
     return table, f"{len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px"
 
 
@@ -709,10 +710,10 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
            bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool) -> str:
     """``factory track`` into the folder ``out``; the line to report."""
     from factory.stores import Store, is_store_path
-    from models.evaluate import max_diffusion as max_diffusion_of
-    from models.predict import load_detector, read_images, training_data_config
+    from models.predict import load_detector, training_data_config
+    from models.recording import open_recording
     from models.timing import ScanTiming
-    from models.tracks import plot_tracks, track_recording
+    from models.tracks import max_diffusion as max_diffusion_of, plot_tracks, track_recording
 
     # What the laser saw, with its own time stamp, is what D needs: a network with a head
     # per target tracks with its exposure head.
@@ -720,36 +721,37 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
     if getattr(det, "ndim", 2) == 3:
         raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
                            "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
-    images = read_images(input)
-    if len(images) < 2:
-        raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
-    frame_start, movie_frames = None, None
-    if is_store_path(input):
-        with Store(input) as st:
-            cfg = st.config["dataset"]
-            source = f"the store {input}"
-            if cfg.get("movie") is None:
-                raise FactoryError(f"{input}: holds independent images, not movies")
-            frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
-    else:
-        cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
-    timing = _with_flags(ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming(), dwell_us=dwell_us,
-                         line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
-    px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else 0.07)
-    d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else 1.75)
-    sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
-    if not quiet:
-        typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
-    tracks, diff, used = track_recording(det, images, timing, px, d_max,
-                                         search_range_um / px if search_range_um else None, memory, sigma_xy,
-                                         frame_start, movie_frames, progress=not quiet, estimator=estimator.value)
-    cols = ["movie"] if "movie" in tracks else []
-    cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
-    tracks[cols].to_csv(out / "tracks.csv", index=False)
-    diff.to_csv(out / "diffusion.csv", index=False)
-    first = tracks[tracks["movie"] == 0] if "movie" in tracks else tracks
-    frames = images[:movie_frames] if movie_frames else images
-    plot_tracks(frames, first, out / "tracks.png", f"{Path(input).name}: {first['track'].nunique()} tracks")
+    # Read a chunk of frames at a time: a recording of any length fits in memory.
+    with open_recording(input) as images:
+        if len(images) < 2:
+            raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
+        frame_start, movie_frames = None, None
+        if is_store_path(input):
+            with Store(input) as st:
+                cfg = st.config["dataset"]
+                source = f"the store {input}"
+                if cfg.get("movie") is None:
+                    raise FactoryError(f"{input}: holds independent images, not movies")
+                frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
+        else:
+            cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
+        timing = _with_flags(ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming(), dwell_us=dwell_us,
+                             line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
+        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else 0.07)
+        d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else 1.75)
+        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
+        if not quiet:
+            typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
+        tracks, diff, used = track_recording(det, images, timing, px, d_max,
+                                             search_range_um / px if search_range_um else None, memory, sigma_xy,
+                                             frame_start, movie_frames, progress=not quiet, estimator=estimator.value)
+        cols = ["movie"] if "movie" in tracks else []
+        cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
+        tracks[cols].to_csv(out / "tracks.csv", index=False)
+        diff.to_csv(out / "diffusion.csv", index=False)
+        first = tracks[tracks["movie"] == 0] if "movie" in tracks else tracks
+        plot_tracks(images.mean_frame(movie_frames), first, out / "tracks.png",
+                    f"{Path(input).name}: {first['track'].nunique()} tracks")
     (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
                                                  "max_diffusion_um2_s": d_max, "model": str(model),
                                                  "target": getattr(det, "target", None)}, indent=2))
@@ -793,6 +795,10 @@ def main() -> None:
     from factory.perf import tune_malloc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Zarr reads chunks as asyncio tasks: when one chunk of a damaged store fails, its
+    # siblings' exceptions are logged as "never retrieved" at exit, a traceback after the
+    # one-line error that already said what is wrong.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     tune_malloc()
     app()
 

@@ -25,7 +25,7 @@ from loaders.datasets import TARGETS, truth_points
 from .base import COLUMNS
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
 from .timing import ScanTiming, time_stamps
-from .tracks import blur_r, d_errors, diffusion_table, link, score_tracks, search_range_px, truth_tracks
+from .tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +244,6 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
     (out / "table.md").write_text(md + "\n".join(more) + "\n")
     df.to_csv(out / "table.csv", index=False)
     return result
-
-
-def max_diffusion(dataset: dict) -> float:
-    d = dataset["particles"]["diffusion_um2_s"]
-    return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
 
 
 def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,

@@ -10,7 +10,7 @@ import pandas as pd
 from factory.errors import FactoryError
 from factory.stores import Store, find_store, is_store_path
 
-from .runs import load_model
+from .recording import Recording, as_recording, check_frames, check_pixels, check_tiff_pages, open_recording
 from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
 
@@ -25,10 +25,7 @@ def _read_array(path: Path) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tf:
-                shapes = {tuple(p.shape) for p in tf.pages}
-                if len(shapes) > 1:
-                    raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
-                                       "a recording's frames must all have one size")
+                check_tiff_pages(tf, path)
                 return np.asarray(tf.asarray())
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -44,46 +41,20 @@ def _read_array(path: Path) -> np.ndarray:
 
 def _as_pixels(a: np.ndarray, path: Path) -> np.ndarray:
     """float32 pixels, after checking the type and that every pixel is finite and fits."""
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise FactoryError(f"{path}: pixel type {a.dtype} is not a real number type")
-    if np.issubdtype(a.dtype, np.floating):
-        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-        if nan or inf:
-            what = " and ".join(f"{k} {name}" for k, name in ((nan, "NaN"), (inf, "infinite")) if k)
-            raise FactoryError(f"{path}: {what} pixel value(s); every pixel must be a finite number")
-        big = float(np.abs(a).max()) if a.size else 0.0
-        limit = float(np.finfo(np.float32).max)
-        if big > limit:
-            raise FactoryError(f"{path}: pixel values up to {big:.3g} do not fit in 32-bit floats (at most "
-                               f"{limit:.3g}); rescale the recording")
+    check_pixels(a, path)
     return a.astype(np.float32)
 
 
 def _check_frames(a: np.ndarray, path: Path, what: str) -> None:
     """Refuse an array with no frames (or stacks) in it."""
-    if a.size == 0:
-        if a.ndim and a.shape[0] == 0:
-            raise FactoryError(f"{path}: holds no {what} (array of shape {a.shape})")
-        raise FactoryError(f"{path}: {what} without pixels (array of shape {a.shape})")
+    check_frames(a.shape, path, what)
 
 
 def read_images(path: str | Path) -> np.ndarray:
-    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store."""
-    path = Path(path)
-    a = _read_array(path)
-    _check_frames(a, path, "images")
-    if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) >= 8:
-        # H x W x 3 (or 4) is a colour image; as T x H x W it would be frames 3 px wide.
-        raise FactoryError(f"{path}: shape {a.shape} looks like a colour image ({a.shape[0]} x {a.shape[1]} px, "
-                           f"{a.shape[2]} channels) or frames only {a.shape[2]} px wide; give single-channel "
-                           "frames of at least 8 x 8 px (H x W or T x H x W)")
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3:
-        raise FactoryError(f"{path}: expected one image (H x W) or a stack (T x H x W), got shape {a.shape}")
-    if min(a.shape[1:]) < 8:
-        raise FactoryError(f"{path}: images of {a.shape[1]} x {a.shape[2]} px are too small (at least 8 x 8)")
-    return _as_pixels(a, path)
+    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store,
+    whole; ``open_recording`` reads it a chunk at a time."""
+    with open_recording(path) as rec:
+        return rec.read()
 
 
 def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None):
@@ -96,9 +67,10 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
         return TrackPyDetector.from_json(p)
     if not p.exists():
         raise FactoryError(f"{p}: no such model (a run folder from `factory train`, a trackpy.json, or 'trackpy')")
-    if prefer is not None and p.is_dir():
-        from .runs import RunFolder
+    # Imported here: the network registry imports torch, which TrackPy never needs.
+    from .runs import RunFolder, load_model
 
+    if prefer is not None and p.is_dir():
         try:
             targets = RunFolder(p).read_config().targets
         except FactoryError:
@@ -127,15 +99,50 @@ def training_timing(run_dir: Path) -> ScanTiming | None:
     return ScanTiming.of_store_config(cfg, source) if cfg else None
 
 
-def predict(detector, images: np.ndarray, pixel_size_um: float | None = None,
+def localise(detector, images: np.ndarray | Recording, progress: bool = False,
+             min_score: float | None = None) -> pd.DataFrame:
+    """``detector.detect`` over a recording (or an (N, H, W) array), a chunk of frames at a
+    time: the same table as one call on all the frames, in the memory of one chunk, less
+    the localisations scored below ``min_score`` (dropped as they come: a long recording
+    has millions of faint candidates).
+
+    A network sees the same batches as in one call (its ``batch_frames`` per forward
+    pass, counted from the first frame), so its outputs are the same to the bit.  The
+    progress bar counts frames, with frames/s."""
+    from tqdm.auto import tqdm
+
+    rec = images if isinstance(images, Recording) else as_recording(images)
+    n, h, w = rec.shape
+    batch = getattr(detector, "batch_frames", None)
+    step = batch(h, w) if batch else 1
+    parts, empty = [], None
+    with tqdm(total=n, desc=getattr(detector, "name", "detect"), unit="frame", disable=not progress) as bar:
+        for start, chunk in rec.chunks(step):
+            for a in range(0, len(chunk), step):
+                table = detector.detect(chunk[a:a + step], progress=False)
+                if min_score is not None:
+                    table = table[table["score"] >= min_score].reset_index(drop=True)
+                if len(table):
+                    table["frame"] += start + a
+                    parts.append(table)
+                elif empty is None:
+                    empty = table
+                bar.update(len(chunk[a:a + step]))
+    if not parts:
+        return empty if empty is not None else detector.detect(np.zeros((0, h, w), np.float32))
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def predict(detector, images: np.ndarray | Recording, pixel_size_um: float | None = None,
             progress: bool = False, timing: ScanTiming | None = None,
-            frame_start_s: np.ndarray | None = None) -> pd.DataFrame:
-    """Localise, then add ``t_s`` (with ``timing``) and micrometre columns (with
-    ``pixel_size_um``)."""
-    table = detector.detect(images, progress=progress)
+            frame_start_s: np.ndarray | None = None, min_score: float | None = None) -> pd.DataFrame:
+    """Localise (``localise``: chunk by chunk, keeping scores from ``min_score``), then add
+    ``t_s`` (with ``timing``) and micrometre columns (with ``pixel_size_um``)."""
+    table = localise(detector, images, progress=progress, min_score=min_score)
     if timing is not None:
         stamps = getattr(detector, "timestamps", "scan")
-        table.insert(1, "t_s", time_stamps(table, images.shape[1], images.shape[2], timing, stamps, frame_start_s))
+        _, h, w = images.shape
+        table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     if pixel_size_um is not None:
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um

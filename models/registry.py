@@ -5,10 +5,16 @@ unknown keys and wrong types are errors) and, for networks, how to build the net
 from them, its training loss (images and NaN-padded centroids (B, P, 2) in), and its
 decoding into localisations.  ``NetDetector`` puts a network behind the detector
 contract that TrackPy follows (``models.base``).
+
+A network's module is imported when its family is first asked for (``family``): a
+command that runs SpotNet never loads torchvision, which Keypoint R-CNN needs and which
+alone takes longer to import than a short recording takes to track.  ``FAMILIES`` and
+``DETECTORS_2D`` import them all.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Literal
@@ -23,7 +29,6 @@ from factory.errors import ConfigError, FactoryError
 
 from . import trackpy_baseline
 from .base import as_table, check_images, empty_table
-from .networks import densitynet, dmdetnet3d, gridnet, keypoint_rcnn, spotnet
 
 
 @dataclass(frozen=True)
@@ -45,22 +50,37 @@ def _network(name: str, module: ModuleType) -> Family:
                   dict(module.TRAIN_DEFAULTS), module.PIXELS_PER_BATCH, getattr(module, "NDIM", 2))
 
 
-FAMILIES: dict[str, Family] = {
-    "spotnet": _network("spotnet", spotnet),
-    "gridnet": _network("gridnet", gridnet),
-    "densitynet": _network("densitynet", densitynet),
-    "keypointrcnn": _network("keypointrcnn", keypoint_rcnn),
-    "dmdetnet3d": _network("dmdetnet3d", dmdetnet3d),
+# Network family -> its module in models.networks.
+_NETWORK_MODULES = {
+    "spotnet": "spotnet",
+    "gridnet": "gridnet",
+    "densitynet": "densitynet",
+    "keypointrcnn": "keypoint_rcnn",
+    "dmdetnet3d": "dmdetnet3d",
+}
+NETWORKS = tuple(_NETWORK_MODULES)
+_NAMES = NETWORKS + ("trackpy",)
+_LOADED: dict[str, Family] = {
     "trackpy": Family("trackpy", trackpy_baseline.LABEL, trackpy_baseline.Params, "classical"),
 }
-NETWORKS = tuple(n for n, f in FAMILIES.items() if f.kind == "network")
-DETECTORS_2D = tuple(n for n, f in FAMILIES.items() if f.ndim == 2)
 
 
 def family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise FactoryError(f"{name}: unknown detector (have: {', '.join(FAMILIES)})")
-    return FAMILIES[name]
+    if name not in _NAMES:
+        raise FactoryError(f"{name}: unknown detector (have: {', '.join(_NAMES)})")
+    if name not in _LOADED:
+        module = importlib.import_module(f".networks.{_NETWORK_MODULES[name]}", __package__)
+        _LOADED[name] = _network(name, module)
+    return _LOADED[name]
+
+
+def __getattr__(name: str):
+    """``FAMILIES`` (every family, by name) and ``DETECTORS_2D``: every module imported."""
+    if name == "FAMILIES":
+        return {n: family(n) for n in _NAMES}
+    if name == "DETECTORS_2D":
+        return tuple(n for n in _NAMES if family(n).ndim == 2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_params(name: str, raw: Any, source: str = "config", prefix: str = "model_params") -> StrictModel:
@@ -120,7 +140,7 @@ class NetDetector:
 
         images = check_images(images)
         n, h, w = images.shape
-        bs = max(1, self.family.pixels_per_batch // (h * w))
+        bs = self.batch_frames(h, w)
         frames, xys, scores, sigmas = [], [], [], []
         for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(images[a:a + bs]))[:, None].to(self.device)
@@ -134,6 +154,10 @@ class NetDetector:
         xy = np.concatenate(xys)
         return as_table(np.concatenate(frames), xy[:, 0], xy[:, 1], np.concatenate(scores),
                         sigma=np.concatenate(sigmas))
+
+    def batch_frames(self, height: int, width: int) -> int:
+        """Images of ``height`` x ``width`` px per forward pass."""
+        return max(1, self.family.pixels_per_batch // (height * width))
 
     def _predict(self, x):
         if self.head:

@@ -12,7 +12,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,12 +22,42 @@ from factory.config import StrictModel
 from factory.errors import FactoryError
 
 from .base import as_table, check_images, empty_table
-from .metrics import F1_GATE_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
+
+if TYPE_CHECKING:  # the metrics (Numba, SciPy) are imported by tuning only, not to localise
+    from .metrics import Points
 
 log = logging.getLogger(__name__)
 
 LABEL = "TrackPy (ours, tuned on val)"
 PAPER_LABEL = "TrackPy (ours, paper settings)"
+
+
+_trackpy_ready = False
+
+
+def import_trackpy():
+    """``trackpy``, quiet, with its Numba functions cached on disk.
+
+    TrackPy compiles its Numba functions (sub-pixel refinement, subnetwork linking) on
+    first use in every process, without caching them: about a second of every
+    ``factory track`` or ``predict`` call, longer than tracking a short recording takes.
+    Cached (Numba's own cache, beside TrackPy or in the user's cache folder), the same
+    machine code is loaded instead of compiled again; results are unchanged."""
+    global _trackpy_ready
+    import trackpy
+
+    if not _trackpy_ready:
+        trackpy.quiet()
+        try:
+            from trackpy import try_numba
+
+            if try_numba.NUMBA_AVAILABLE:
+                for f in try_numba._registered_functions:
+                    f.compiled.enable_caching()
+        except (AttributeError, ImportError, OSError, RuntimeError):  # another TrackPy, or nowhere to cache
+            pass
+        _trackpy_ready = True
+    return trackpy
 
 
 class Params(StrictModel):
@@ -81,10 +111,9 @@ class TrackPyDetector:
         Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2))
 
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
-        import trackpy
         from tqdm.auto import tqdm
 
-        trackpy.quiet()
+        trackpy = import_trackpy()
         images = check_images(images)
         p = self.params
         frames, xs, ys, masses, sizes = [], [], [], [], []
@@ -119,6 +148,8 @@ DEFAULT_GRID = {
 
 
 def _f1_threshold(table: pd.DataFrame, gt: Points, pixel_size_um: float) -> float:
+    from .metrics import F1_GATE_NM, best_f1_threshold, nm_to_px
+
     return best_f1_threshold(table.frame, table[["x", "y"]].to_numpy(), table.score, gt,
                              nm_to_px(F1_GATE_NM, pixel_size_um))
 
@@ -135,6 +166,8 @@ def tune(images: np.ndarray, gt: Points, pixel_size_um: float,
     Returns the tuned detector and every grid point's scores.  Its F1 threshold (a
     mass) is the one that maximises F1 on the same data.
     """
+    from .metrics import GATES_NM, Points, nm_to_px, pr_auc
+
     grid = {**DEFAULT_GRID, **(grid or {})}
     gates_px = [nm_to_px(g, pixel_size_um) for g in GATES_NM]
     results = []
@@ -187,10 +220,9 @@ class TrackPy3DDetector:
     save = TrackPyDetector.save  # the same parameter file
 
     def detect(self, stacks, progress: bool = False) -> pd.DataFrame:
-        import trackpy
         from tqdm.auto import tqdm
 
-        trackpy.quiet()
+        trackpy = import_trackpy()
         p = self.params
         d = (p.diameter_z, p.diameter_xy, p.diameter_xy)
         rows = []

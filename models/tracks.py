@@ -18,9 +18,19 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
+from .predict import localise
+from .recording import Recording
 from .timing import ScanTiming, time_stamps
+from .trackpy_baseline import import_trackpy
 
 MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
+
+
+def max_diffusion(dataset: dict) -> float:
+    """The largest D of a dataset config's particles (um^2/s): what the linking radius of
+    its movies must allow for."""
+    d = dataset["particles"]["diffusion_um2_s"]
+    return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
 
 
 def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
@@ -33,9 +43,7 @@ def link(table: pd.DataFrame, search_range: float, memory: int = 1, group: str |
     """Add a ``track`` column (ids unique over the table; -1 never occurs).
 
     ``group`` (e.g. ``movie``) links each group's frames separately."""
-    import trackpy
-
-    trackpy.quiet()
+    trackpy = import_trackpy()
     if len(table) == 0:
         return table.assign(track=np.zeros(0, np.int64))
     parts, next_id = [], 0
@@ -71,13 +79,24 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     CVE (default) or the MSD fit."""
     rows = []
     keys = ["movie", "track"] if "movie" in tracks else ["track"]
-    for key, g in tracks.groupby(keys, sort=True):
-        if len(g) < min_points:
+    # One stable sort and slices of plain arrays, not a DataFrame per track (a long
+    # recording has tens of thousands): the tracks in key order, each track's rows in
+    # their own order, as groupby gives them.
+    order = np.lexsort([tracks[k].to_numpy() for k in reversed(keys)])
+    ids = [tracks[k].to_numpy()[order] for k in keys]
+    t_all, xy_all = tracks["t_s"].to_numpy()[order], tracks[["x", "y"]].to_numpy()[order] * pixel_size_um
+    new = np.zeros(len(order), bool)
+    new[:1] = True
+    for k in ids:
+        new[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(new)
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        if b - a < min_points:
             continue
-        t, xy = g["t_s"].to_numpy(), g[["x", "y"]].to_numpy() * pixel_size_um
+        t, xy = t_all[a:b], xy_all[a:b]
         e = cve(t, xy, r) if estimator == "cve" else msd_fit(t, xy)
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
-        row.update({"n_frames": len(g), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
+        row = {k: v[a] for k, v in zip(keys, ids)}
+        row.update({"n_frames": int(b - a), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
                     "D_high_um2_s": e.D_high_um2_s, "sigma_loc_um": e.sigma_loc_um})
         rows.append(row)
     cols = keys + ["n_frames", "D_um2_s", "D_low_um2_s", "D_high_um2_s", "sigma_loc_um"]
@@ -168,20 +187,19 @@ def d_errors(est: pd.DataFrame, bins=((5, 9), (10, 14), (15, 10**9))) -> dict:
     return out
 
 
-def track_recording(detector, images: np.ndarray, timing: ScanTiming, pixel_size_um: float,
+def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming, pixel_size_um: float,
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float = 0.21, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
                     estimator: str = "cve") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
+    ``images``: an array, or a ``Recording`` localised a chunk at a time (``localise``).
     ``movie_frames`` splits a stack of several movies (a movie store) into its movies,
     linked separately.  Returns the tracks, the D table and what was used."""
     n, h, w = images.shape
-    table = detector.detect(images, progress=progress)
     thr = getattr(detector, "threshold", None)
-    if thr is not None:
-        table = table[table["score"] >= thr]
+    table = localise(detector, images, progress=progress, min_score=thr)
     stamps = getattr(detector, "timestamps", "scan")
     table = table.copy()
     table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
@@ -201,22 +219,29 @@ def track_recording(detector, images: np.ndarray, timing: ScanTiming, pixel_size
 
 
 def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:
-    """The tracks over the recording's mean image."""
-    import matplotlib
+    """The tracks over the recording's mean image (``images``: the frames (N, H, W), or
+    their mean (H, W), e.g. ``Recording.mean_frame``)."""
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, nothing to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h, w = images.shape[1:]
-    fig, ax = plt.subplots(figsize=(5, 5 * h / w + 0.3))
-    ax.imshow(images.mean(0), cmap="gray", interpolation="nearest")
-    for k, (_, g) in enumerate(tracks.groupby("track")):
-        ax.plot(g["x"], g["y"], "-", lw=1.0, color=plt.cm.tab20(k % 20))
-        ax.plot(g["x"].iloc[0], g["y"].iloc[0], "o", ms=3, color=plt.cm.tab20(k % 20))
+    mean = images if images.ndim == 2 else images.mean(0)
+    h, w = mean.shape
+    fig = Figure(figsize=(5, 5 * h / w + 0.3))
+    ax = fig.subplots()
+    ax.imshow(mean, cmap="gray", interpolation="nearest")
+    # Every path in one collection and every start in one scatter (track k in colour k of
+    # tab20), not two plot calls per track: a long recording has thousands of tracks.
+    t = tracks.sort_values("track", kind="stable")
+    ids, xy = t["track"].to_numpy(), t[["x", "y"]].to_numpy(np.float64)
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    if len(first):
+        colours = colormaps["tab20"](np.arange(len(first)) % 20)
+        ax.add_collection(LineCollection(np.split(xy, first[1:]), colors=colours, linewidths=1.0))
+        ax.scatter(xy[first, 0], xy[first, 1], s=9, c=colours, marker="o", linewidths=1.0)
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)

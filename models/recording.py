@@ -1,0 +1,306 @@
+"""A user's recording (T x H x W frames), read a chunk of frames at a time.
+
+Real recordings run to thousands of 512 x 512 frames: a gigabyte of uint16, twice that
+as float32.  A ``Recording`` never holds them whole.  An uncompressed TIFF whose frames
+lie one after the other in the file (and a .npy file) is memory-mapped one chunk at a
+time, and the map is dropped before the next, so the pages it touched leave the process
+too; any other TIFF is decoded page by page; a store is read a few of its own chunks at
+a time.  Each chunk becomes float32 only when it is used: memory holds one chunk
+(``CHUNK_BYTES`` of float32), whatever the length of the recording.
+
+Everything that can be checked before the work is checked when the recording is opened,
+from the shape and pixel type alone: frames of different sizes, no frames, frames too
+small, a colour image.  Float pixels are scanned for NaN, infinite and too large values
+in one streamed pass at opening too, so a bad pixel in the last frame is refused before
+any frame is localised, with the same message as for a recording read whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from factory.errors import FactoryError
+from factory.stores import Store, is_store_path
+
+CHUNK_BYTES = 32 * 2**20  # float32 frames per chunk, in bytes (32 frames of 512 x 512 px)
+
+
+class Recording:
+    """``n`` frames of ``height`` x ``width`` pixels of ``dtype``, read by ``read(a, b)``
+    (frames ``a .. b - 1`` in their own type); ``kind``: how ("memmap", "pages", "store"
+    or "array": held whole); ``align``: frames best read together (a store's chunk rows)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype,
+                 read: Callable[[int, int], np.ndarray], close: Callable[[], None] | None = None,
+                 align: int = 1, kind: str = "array"):
+        self.path = Path(path)
+        self.kind = kind
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self._read = read
+        self._close = close
+        self.align = max(1, int(align))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``start .. stop - 1`` as float32 (N, H, W), a new array."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        return np.asarray(self._read(start, stop)).reshape(-1, *self.shape[1:]).astype(np.float32)
+
+    def read(self) -> np.ndarray:
+        """Every frame as float32 (N, H, W): the whole recording in memory."""
+        return self.frames(0, len(self))
+
+    def chunk_frames(self, step: int = 1) -> int:
+        """Frames per chunk: about ``CHUNK_BYTES`` of float32, a multiple of ``step`` (and
+        of ``align`` unless that would make chunks much larger)."""
+        step = max(1, int(step))
+        unit = step * self.align // math.gcd(step, self.align)
+        frame_bytes = 4 * self.shape[1] * self.shape[2]
+        if unit * frame_bytes > 4 * CHUNK_BYTES:
+            unit = step
+        return max(unit, CHUNK_BYTES // frame_bytes // unit * unit)
+
+    def chunks(self, step: int = 1, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first frame, float32 frames) for frames ``start .. stop - 1``, chunk by chunk,
+        each chunk a multiple of ``step`` frames (but the last)."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        size = self.chunk_frames(step)
+        for a in range(start, stop, size):
+            yield a, self.frames(a, min(a + size, stop))
+
+    def mean_frame(self, stop: int | None = None) -> np.ndarray:
+        """The mean of frames ``0 .. stop - 1`` (float64, H x W), streamed."""
+        total, n = np.zeros(self.shape[1:], np.float64), 0
+        for _, chunk in self.chunks(stop=stop):
+            total += chunk.sum(0, dtype=np.float64)
+            n += len(chunk)
+        return total / max(n, 1)
+
+    def check_pixels(self) -> None:
+        """Refuse a pixel type that is not a real number, and float pixels that are NaN,
+        infinite or too large for float32 (one streamed pass over the frames)."""
+        if not _is_float(self.dtype, self.path):
+            return
+        nan = inf = 0
+        big = 0.0
+        for _, raw in self._raw_chunks():
+            nan += int(np.isnan(raw).sum())
+            inf += int(np.isinf(raw).sum())
+            if not (nan or inf) and raw.size:  # the size matters only where all is finite
+                big = max(big, float(np.abs(raw).max()))
+        _refuse_pixels(self.path, nan, inf, big)
+
+    def _raw_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        size = self.chunk_frames()
+        for a in range(0, len(self), size):
+            yield a, np.asarray(self._read(a, min(a + size, len(self))))
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> "Recording":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def as_recording(images, path: str | Path = "<array>") -> Recording:
+    """An in-memory (N, H, W) or (H, W) array behind the ``Recording`` interface."""
+    a = np.asarray(images)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) or (H, W), got shape {a.shape}")
+    return Recording(Path(path), a.shape, a.dtype, lambda i, j: a[i:j])
+
+
+def open_recording(path: str | Path, scan_values: bool = True) -> Recording:
+    """A TIFF (one image or a T x H x W stack), .npy or store, checked (see the module
+    docstring; ``scan_values=False`` skips the pass over float pixels) and ready to be
+    read chunk by chunk; close it (or use ``with``)."""
+    path = Path(path)
+    rec = _open(path)
+    try:
+        _check_shape(rec.shape, path)
+        rec.shape = rec.shape if len(rec.shape) == 3 else (1, *rec.shape)
+        if scan_values:
+            rec.check_pixels()
+    except BaseException:
+        rec.close()
+        raise
+    return rec
+
+
+# --- opening each kind of file -----------------------------------------------------------
+
+
+def _open(path: Path) -> Recording:
+    """The recording at ``path`` in whatever shape it has (checked by the caller)."""
+    if not path.exists():
+        raise FactoryError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".tif", ".tiff", ".npy") and not is_store_path(path):
+        raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
+    try:
+        if suffix in (".tif", ".tiff"):
+            return _open_tiff(path)
+        if suffix == ".npy":
+            return _open_npy(path)
+        st = Store(path)
+        try:
+            arr = st["images"]
+            return Recording(path, arr.shape, arr.dtype, lambda a, b: st.read("images", a, b), st.close,
+                             align=st.chunk_rows, kind="store")
+        except BaseException:
+            st.close()
+            raise
+    except FactoryError:
+        raise
+    except Exception as exc:  # a corrupt file can raise anything from the reader
+        raise FactoryError(_cannot_read(path, exc)) from None
+
+
+def _cannot_read(path: Path, exc: Exception) -> str:
+    return f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def _reading(path: Path, read: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
+    """``read`` with a file that turns out corrupt half-way refused in one line."""
+
+    def guarded(a: int, b: int) -> np.ndarray:
+        try:
+            return read(a, b)
+        except FactoryError:
+            raise
+        except Exception as exc:
+            raise FactoryError(_cannot_read(path, exc)) from None
+
+    return guarded
+
+
+def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Callable[[int, int], np.ndarray]:
+    """Frames ``a .. b - 1`` of the C-ordered frames at ``offset`` in ``path``: a memory map
+    of just those frames, unmapped (its pages leaving the process) once the caller has
+    converted it and let it go."""
+    frame = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def read(a: int, b: int) -> np.ndarray:
+        if b <= a or frame == 0:
+            return np.zeros((0, *shape[1:]), dtype)
+        return np.memmap(path, dtype, "r", offset + a * frame, (b - a, *shape[1:]))
+
+    return read
+
+
+def _open_tiff(path: Path) -> Recording:
+    import tifffile
+
+    tf = tifffile.TiffFile(path)
+    try:
+        check_tiff_pages(tf, path)
+        series = tf.series[0]
+        shape, dtype = tuple(series.shape), series.dtype
+        n = shape[0] if len(shape) == 3 else 1
+        if dtype is not None and len(shape) in (2, 3) and series.dataoffset is not None and tf.filehandle.is_file:
+            # Uncompressed frames one after the other: memory-mapped, as tifffile.memmap does.
+            dtype = np.dtype(tf.byteorder + dtype.char)
+            read = _mapped(path, series.dataoffset, dtype, (n, *shape[-2:]))
+            tf.close()
+            return Recording(path, shape, dtype, _reading(path, read), kind="memmap")
+        if dtype is not None and len(shape) == 3 and len(series.pages) == n:
+            def read(a: int, b: int) -> np.ndarray:
+                return tf.asarray(key=range(a, b), series=0) if b > a else np.zeros((0, *shape[1:]), dtype)
+
+            return Recording(path, shape, dtype, _reading(path, read), tf.close, kind="pages")
+        # Anything else (one compressed image, a hyperstack): read whole, as it is small
+        # or about to be refused by its shape.
+        a = np.asarray(tf.asarray())
+        tf.close()
+        return Recording(path, a.shape, a.dtype, lambda i, j: a[i:j] if a.ndim == 3 else a[None])
+    except BaseException:
+        tf.close()
+        raise
+
+
+def _open_npy(path: Path) -> Recording:
+    try:
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # Python objects in it: refused by np.load, in its own words
+        a = np.load(path, allow_pickle=False)
+        return Recording(path, a.shape, a.dtype, lambda i, j: a[i:j] if a.ndim == 3 else a[None])
+    shape, dtype, offset = mm.shape, mm.dtype, mm.offset
+    if mm.ndim > 1 and not mm.flags.c_contiguous:  # Fortran order: frames are not contiguous
+        return Recording(path, shape, dtype, lambda i, j: mm[i:j] if mm.ndim == 3 else mm[None])
+    del mm
+    n = shape[0] if len(shape) == 3 else 1
+    return Recording(path, shape, dtype, _reading(path, _mapped(path, offset, dtype, (n, *shape[-2:]))),
+                     kind="memmap")
+
+
+# --- checks -----------------------------------------------------------------------------
+
+
+def check_tiff_pages(tf, path: Path) -> None:
+    """Refuse a TIFF (an open ``tifffile.TiffFile``) whose pages differ in size."""
+    shapes = {tuple(p.shape) for p in tf.pages}
+    if len(shapes) > 1:
+        raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
+                           "a recording's frames must all have one size")
+
+
+def check_frames(shape: tuple[int, ...], path: Path, what: str) -> None:
+    """Refuse an array of ``shape`` with no frames (or stacks: ``what``) in it."""
+    if math.prod(shape) == 0:
+        if len(shape) and shape[0] == 0:
+            raise FactoryError(f"{path}: holds no {what} (array of shape {shape})")
+        raise FactoryError(f"{path}: {what} without pixels (array of shape {shape})")
+
+
+def _check_shape(shape: tuple[int, ...], path: Path) -> None:
+    """Refuse, from its shape alone, what is not one image (H x W) or a stack (T x H x W)
+    of frames of at least 8 x 8 px."""
+    check_frames(shape, path, "images")
+    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) >= 8:
+        # H x W x 3 (or 4) is a colour image; as T x H x W it would be frames 3 px wide.
+        raise FactoryError(f"{path}: shape {shape} looks like a colour image ({shape[0]} x {shape[1]} px, "
+                           f"{shape[2]} channels) or frames only {shape[2]} px wide; give single-channel "
+                           "frames of at least 8 x 8 px (H x W or T x H x W)")
+    if len(shape) not in (2, 3):
+        raise FactoryError(f"{path}: expected one image (H x W) or a stack (T x H x W), got shape {shape}")
+    if min(shape[-2:]) < 8:
+        raise FactoryError(f"{path}: images of {shape[-2]} x {shape[-1]} px are too small (at least 8 x 8)")
+
+
+def _is_float(dtype: np.dtype, path: Path) -> bool:
+    """Whether pixels of ``dtype`` are floats (to be checked for NaN and size); a type
+    that is not a real number is refused."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise FactoryError(f"{path}: pixel type {dtype} is not a real number type")
+    return bool(np.issubdtype(dtype, np.floating))
+
+
+def _refuse_pixels(path: Path, nan: int, inf: int, big: float) -> None:
+    if nan or inf:
+        what = " and ".join(f"{k} {name}" for k, name in ((nan, "NaN"), (inf, "infinite")) if k)
+        raise FactoryError(f"{path}: {what} pixel value(s); every pixel must be a finite number")
+    limit = float(np.finfo(np.float32).max)
+    if big > limit:
+        raise FactoryError(f"{path}: pixel values up to {big:.3g} do not fit in 32-bit floats (at most "
+                           f"{limit:.3g}); rescale the recording")
+
+
+def check_pixels(a: np.ndarray, path: Path) -> None:
+    """``Recording.check_pixels`` for an array held whole."""
+    if _is_float(a.dtype, path):
+        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        _refuse_pixels(path, nan, inf, 0.0 if nan or inf or not a.size else float(np.abs(a).max()))

@@ -1,0 +1,342 @@
+"""Recordings read a chunk of frames at a time: the frames read chunk by chunk are the
+frames read whole (a memory-mapped TIFF, a TIFF decoded page by page, a .npy file, a
+store); a detector run chunk by chunk gives the table of one call on every frame, and
+`factory predict` and `track` the outputs of one chunk; bad pixels anywhere are refused
+before any work, a file that breaks half-way leaves nothing; reading takes the memory of
+a chunk, not of the recording; and a command imports only what it needs."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+from typer.testing import CliRunner
+
+import models.recording as recording
+from cli.main import app
+from conftest import ROOT, run_cli
+from factory.errors import FactoryError
+from models.predict import localise
+from models.recording import open_recording
+from models.timing import ScanTiming
+from models.trackpy_baseline import PAPER, TrackPyDetector
+from models.tracks import track_recording
+
+H = W = 32
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 frames of 32 x 32 px: a 10 frame movie is read in 4."""
+    monkeypatch.setattr(recording, "CHUNK_BYTES", 3 * H * W * 4)
+
+
+def movie_frames(n=10, seed=0):
+    """``n`` frames of Poisson background with two bright spots walking."""
+    rng = np.random.default_rng(seed)
+    frames = rng.poisson(8.0, (n, H, W)).astype(np.uint16)
+    for t in range(n):
+        frames[t, 8 + t % 14:11 + t % 14, 8:11] += 60
+        frames[t, 20:23, 6 + t % 20:9 + t % 20] += 50
+    return frames
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+WRITERS = {
+    "plain.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack"), "memmap"),
+    "zlib.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", compression="zlib"), "pages"),
+    "tiled.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", tile=(16, 16)), "pages"),
+    "bigendian.tif": (lambda p, a: tifffile.imwrite(p, a.astype(np.float32), byteorder=">",
+                                                    photometric="minisblack"), "memmap"),
+    "movie.npy": (lambda p, a: np.save(p, a), "memmap"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_frames_read_chunk_by_chunk_are_the_frames_read_whole(tmp_path, small_chunks, name):
+    write, kind = WRITERS[name]
+    frames = movie_frames()
+    write(tmp_path / name, frames)
+    with open_recording(tmp_path / name) as rec:
+        assert rec.kind == kind and rec.shape == frames.shape
+        starts, chunks = zip(*rec.chunks())
+        assert starts == (0, 3, 6, 9) and all(c.dtype == np.float32 for c in chunks)
+        assert np.array_equal(np.concatenate(chunks), frames.astype(np.float32))
+        assert np.array_equal(rec.frames(4, 7), frames[4:7].astype(np.float32))
+        assert np.allclose(rec.mean_frame(5), frames[:5].mean(0), rtol=1e-12)
+        # A network's batches of 2 frames never straddle two chunks.
+        assert [len(c) for _, c in rec.chunks(step=2)] == [2, 2, 2, 2, 2]
+        assert np.array_equal(rec.read(), frames.astype(np.float32))
+
+
+def test_one_image_is_a_recording_of_one_frame(tmp_path):
+    tifffile.imwrite(tmp_path / "one.tif", movie_frames(1)[0])
+    with open_recording(tmp_path / "one.tif") as rec:
+        assert rec.shape == (1, H, W) and np.array_equal(rec.read()[0], movie_frames(1)[0])
+
+
+@pytest.fixture(scope="module")
+def movie_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    cfg = root / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 8, "datasets": {"test_m": {
+        "n_movies": 2, "movie": {"n_frames": 12, "margin_um": 0.0},
+        "image": {"height_px": H, "width_px": W},
+        "particles": {"count": {"type": "fixed", "n": 2}, "diffusion_um2_s": 0.1, "n_qd": 60.0},
+        "output": {"chunk_images": 64}}}}))
+    assert run_cli("build", cfg, "--out", root, "-q").returncode == 0
+    return root / "test_m.h5"
+
+
+def test_a_store_is_read_chunk_by_chunk(movie_store, small_chunks):
+    from factory.stores import Store
+
+    with Store(movie_store) as st:
+        whole = st.read("images")
+    with open_recording(movie_store) as rec:
+        assert rec.kind == "store" and rec.shape == whole.shape == (24, H, W)
+        starts, chunks = zip(*rec.chunks())
+        assert starts == tuple(range(0, 24, 3))
+        assert np.array_equal(np.concatenate(chunks), whole.astype(np.float32))
+        assert np.allclose(rec.mean_frame(12), whole[:12].mean(0), rtol=1e-12)
+
+
+# --- detectors over chunks ---------------------------------------------------------------
+
+
+def _spotnet_in_batches_of_two():
+    """An untrained SpotNet that runs 2 frames of 32 x 32 px per forward pass."""
+    import torch
+
+    from models.registry import NetDetector, family, parse_params
+
+    torch.manual_seed(0)
+    fam = dataclasses.replace(family("spotnet"), pixels_per_batch=2 * H * W)
+    det = NetDetector(fam, fam.build(parse_params("spotnet", {"widths": [4, 8]})), min_score=0.0)
+    assert det.batch_frames(H, W) == 2
+    return det
+
+
+@pytest.mark.parametrize("make", [lambda: TrackPyDetector(PAPER), _spotnet_in_batches_of_two],
+                         ids=["trackpy", "spotnet"])
+def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, small_chunks, make):
+    det = make()
+    frames = movie_frames(11)
+    tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack")
+    whole = det.detect(frames.astype(np.float32))
+    assert len(whole) and whole["frame"].nunique() == 11
+    with open_recording(tmp_path / "m.tif") as rec:
+        chunked = localise(det, rec)
+        pd.testing.assert_frame_equal(chunked, whole, check_exact=True)
+        # Scores below a cut dropped as they come: the rows of the whole table above it.
+        cut = float(np.median(whole["score"]))
+        above = whole[whole["score"] >= cut].reset_index(drop=True)
+        pd.testing.assert_frame_equal(localise(det, rec, min_score=cut), above, check_exact=True)
+        nothing = localise(det, rec, min_score=np.inf)
+        assert len(nothing) == 0 and list(nothing.columns) == list(whole.columns)
+
+
+def _as_sets(tracks: pd.DataFrame) -> set:
+    """The tracks as sets of (frame, x, y): TrackPy numbers tracks in no fixed order."""
+    return {frozenset(zip(g["frame"], g["x"], g["y"])) for _, g in tracks.groupby("track")}
+
+
+def test_tracking_a_recording_in_chunks_gives_the_tracks_of_the_whole_array(tmp_path, small_chunks):
+    frames = movie_frames(12)
+    tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack", compression="zlib")
+    det, timing = TrackPyDetector(PAPER), ScanTiming()
+    ref, ref_d, ref_used = track_recording(det, frames.astype(np.float32), timing, 0.07, 0.2)
+    with open_recording(tmp_path / "m.tif") as rec:
+        tracks, d, used = track_recording(det, rec, timing, 0.07, 0.2)
+    assert used == ref_used and len(tracks) == len(ref) and _as_sets(tracks) == _as_sets(ref)
+    key = ["n_frames", "D_um2_s", "D_low_um2_s", "D_high_um2_s", "sigma_loc_um"]
+    pd.testing.assert_frame_equal(d[key].sort_values(key).reset_index(drop=True),
+                                  ref_d[key].sort_values(key).reset_index(drop=True), check_exact=True)
+
+
+def test_predict_and_track_write_the_same_outputs_in_chunks_as_in_one(tmp_path, monkeypatch):
+    frames = movie_frames(12)
+    tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack")
+    runs = {}
+    for name, chunk in (("one", recording.CHUNK_BYTES), ("many", 3 * H * W * 4)):
+        monkeypatch.setattr(recording, "CHUNK_BYTES", chunk)
+        r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / f"{name}.csv", "--pixel-size-um", "0.1",
+                "-q")
+        assert r.exit_code == 0, r.stderr
+        r = cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / name, "--max-diffusion-um2-s", "0.2", "-q")
+        assert r.exit_code == 0, r.stderr
+        runs[name] = pd.read_csv(tmp_path / name / "tracks.csv")
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "many.csv").read_bytes()
+    assert _as_sets(runs["one"]) == _as_sets(runs["many"])
+    assert (tmp_path / "one" / "track.json").read_text() == (tmp_path / "many" / "track.json").read_text()
+
+
+def test_the_progress_bar_counts_frames(tmp_path):
+    tifffile.imwrite(tmp_path / "m.tif", movie_frames(3), photometric="minisblack")
+    r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.stderr
+    assert "3/3" in r.stderr and "frame/s" in r.stderr
+    r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "q.csv", "-q")
+    assert r.exit_code == 0 and "frame/s" not in r.stderr
+
+
+# --- bad input, found before the work or half-way ----------------------------------------------
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr, r.exception)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def left_behind(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "m.tif")
+
+
+@pytest.mark.parametrize("bad,needle", [(np.nan, "1 NaN pixel value(s)"), (np.inf, "1 infinite pixel value(s)"),
+                                        (1e300, "pixel values up to 1e+300 do not fit in 32-bit floats")])
+def test_a_bad_pixel_in_the_last_frame_is_refused_before_any_work(tmp_path, small_chunks, bad, needle):
+    frames = movie_frames(12).astype(np.float64)
+    frames[11, 5, 7] = bad
+    tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack")
+    # Found by a streamed pass when the recording is opened, with the message a whole read gives.
+    with pytest.raises(FactoryError, match=re.escape(needle)):
+        open_recording(tmp_path / "m.tif")
+    one_line_error(cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t"), needle)
+    one_line_error(cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv"), needle)
+    assert left_behind(tmp_path) == []
+
+
+def test_a_file_that_breaks_half_way_leaves_nothing_written(tmp_path, small_chunks):
+    tifffile.imwrite(tmp_path / "m.tif", movie_frames(12), photometric="minisblack", compression="zlib")
+    with tifffile.TiffFile(tmp_path / "m.tif") as tf:
+        last = tf.pages[-1].dataoffsets[0]
+    with open(tmp_path / "m.tif", "r+b") as f:  # the last frame's data cut short
+        f.truncate(last + 10)
+    with open_recording(tmp_path / "m.tif") as rec:
+        assert rec.kind == "pages" and len(rec.frames(0, 3)) == 3  # the first chunks read
+    one_line_error(cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q"), "m.tif: cannot read")
+    one_line_error(cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q"),
+                   "m.tif: cannot read")
+    assert left_behind(tmp_path) == []
+
+
+# --- memory and imports (subprocesses: a fresh interpreter each) ------------------------------
+
+
+MEMORY = """
+import json, resource, sys, tracemalloc
+import numpy as np
+from models.recording import CHUNK_BYTES, open_recording
+
+def rss_mb():
+    # The peak resident memory of this interpreter (ru_maxrss would count the pytest
+    # process this one was forked from).
+    try:
+        status = open("/proc/self/status").read()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+out = {}
+for path in sys.argv[1:]:
+    before = rss_mb()
+    tracemalloc.start()
+    total = 0.0
+    with open_recording(path) as rec:
+        for _, chunk in rec.chunks():
+            total += float(chunk[:, 0, 0].sum())
+        kind, shape = rec.kind, rec.shape
+    out[kind] = {"peak_mb": tracemalloc.get_traced_memory()[1] / 2**20, "rss_growth_mb": rss_mb() - before,
+                 "float_mb": np.prod(shape) * 4 / 2**20, "total": total}
+    tracemalloc.stop()
+out["chunk_mb"] = CHUNK_BYTES / 2**20
+print(json.dumps(out))
+"""
+
+
+def _write_frames(path, n, h, w, **kw):
+    def frames():
+        for t in range(n):
+            yield np.full((h, w), t % 1000, np.uint16)
+
+    tifffile.imwrite(path, frames(), shape=(n, h, w), dtype=np.uint16, photometric="minisblack", **kw)
+
+
+def test_reading_a_recording_takes_the_memory_of_a_chunk_not_of_the_recording(tmp_path):
+    """A 210 MB uint16 TIFF (420 MB as float32), memory-mapped, and a 105 MB one decoded
+    page by page: Python's peak allocations stay at about two chunks, and the resident
+    memory grows by far less than the recording."""
+    _write_frames(tmp_path / "big.tif", 1600, 256, 256)
+    _write_frames(tmp_path / "zlib.tif", 800, 256, 256, compression="zlib")
+    r = subprocess.run([sys.executable, "-c", MEMORY, tmp_path / "big.tif", tmp_path / "zlib.tif"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["memmap"]["total"] == sum(t % 1000 for t in range(1600))
+    for kind in ("memmap", "pages"):
+        assert m[kind]["float_mb"] >= 400 if kind == "memmap" else m[kind]["float_mb"] >= 200
+        assert m[kind]["peak_mb"] < 3 * m["chunk_mb"] < m[kind]["float_mb"] / 2, m
+        assert m[kind]["rss_growth_mb"] < m[kind]["float_mb"] / 2, m
+
+
+IMPORTS = """
+import sys
+from cli.main import main
+sys.argv = ["factory", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = ("torch", "torchvision", "matplotlib", "matplotlib.pyplot", "factory.kernel", "factory.psf")
+print("imported:", *(m for m in heavy if m in sys.modules))
+"""
+
+
+def _imports(*args) -> set[str]:
+    r = subprocess.run([sys.executable, "-c", IMPORTS, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.splitlines()[-1].split()[1:])
+
+
+def test_a_command_imports_only_what_it_needs(tmp_path):
+    """TrackPy needs no torch; only drawing needs matplotlib; a SpotNet never loads
+    torchvision (Keypoint R-CNN's); nothing loads the simulator's compiled kernels."""
+    import torch
+
+    from models.config import parse_train_config
+    from models.registry import family, parse_params
+    from models.runs import RunFolder
+
+    tifffile.imwrite(tmp_path / "m.tif", movie_frames(3), photometric="minisblack")
+    assert _imports("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q") == set()
+    assert _imports("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q") == {"matplotlib"}
+    run = RunFolder(tmp_path / "run")
+    run.create()
+    params = {"widths": [4, 8]}
+    run.write_config(parse_train_config({"model": "spotnet", "model_params": params}))
+    torch.manual_seed(0)
+    run.save_best(family("spotnet").build(parse_params("spotnet", params)), 0)
+    assert _imports("predict", run.path, tmp_path / "m.tif", "--out", tmp_path / "n.csv", "-q") == {"torch"}
+
+
+def test_the_registry_still_lists_every_family():
+    from models.registry import DETECTORS_2D, FAMILIES, NETWORKS, family
+
+    assert list(FAMILIES) == [*NETWORKS, "trackpy"] and "dmdetnet3d" not in DETECTORS_2D
+    assert all(family(n).name == n for n in FAMILIES)
+    with pytest.raises(FactoryError, match="unknown detector"):
+        family("nonet")
