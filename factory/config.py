@@ -293,13 +293,26 @@ class PMTDetector(StrictModel):
 
     The output is ``offset_adu + sum of n gains`` with n ~ Poisson(expected); a gain has
     mean ``gain_adu_per_photon`` and variance ``gain**2 * (excess_noise_factor - 1)``, so
-    the output variance is ``gain**2 * excess_noise_factor * expected``.
+    the output variance is ``gain**2 * excess_noise_factor * expected`` (plus
+    ``read_noise_adu**2``).
     """
 
     type: Literal["pmt"] = "pmt"
     gain_adu_per_photon: PositiveFloat = 1.0
     excess_noise_factor: Annotated[float, Field(gt=1.0, le=10.0)] = 1.5
     offset_adu: NonNegativeFloat = 0.0
+    # Gaussian noise of the amplifier and digitiser (ADU, standard deviation), added to
+    # every pixel before rounding; values below 0 ADU are clipped, as an ADC does.
+    read_noise_adu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+
+    @model_serializer(mode="wrap")
+    def _without_read_noise_off(self, handler):
+        # No read noise leaves no trace in a dump: stored configs and dataset hashes stay
+        # those of every PMT store built before it was a setting.
+        d = handler(self)
+        if self.read_noise_adu == 0.0:
+            d.pop("read_noise_adu", None)
+        return d
 
 
 DetectorSpec = Annotated[Union[PoissonDetector, PMTDetector], Field(discriminator="type")]

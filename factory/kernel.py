@@ -71,6 +71,7 @@ class KernelParams(NamedTuple):
     gain: float
     gamma_shape: float
     offset: float
+    read_noise: float  # ADU, standard deviation (0: none)
     n_frames: int  # frames per movie (1: independent images)
     frame_period_s: float
     walls: bool  # reflecting walls at the region's edges (movies)
@@ -138,9 +139,10 @@ def kernel_params(ds: Dataset) -> KernelParams:
         zs = (NORMAL, z.mean, z.std)
     det = ds.detector
     if isinstance(det, PMTDetector):
-        detector = (PMT, det.gain_adu_per_photon, 1.0 / (det.excess_noise_factor - 1.0), det.offset_adu)
+        detector = (PMT, det.gain_adu_per_photon, 1.0 / (det.excess_noise_factor - 1.0), det.offset_adu,
+                    det.read_noise_adu)
     else:
-        detector = (POISSON, 1.0, 1.0, 0.0)
+        detector = (POISSON, 1.0, 1.0, 0.0, 0.0)
     return KernelParams(
         ds.image.height_px, ds.image.width_px, ds.image.pixel_size_um,
         ds.scan.dwell_us * 1e-6, ds.scan.substeps_per_dwell,
@@ -343,8 +345,8 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                 if k.blinking:
                     # The motion stream takes the draws it takes without blinking (same
                     # lambda, same uniforms), so every position stays as it is then.
-                    record(state, k.n_bkg + signal_all / S, k.detector, k.gain, k.gamma_shape, k.offset)
-                images[b, row, col] = record(noise, lam, k.detector, k.gain, k.gamma_shape, k.offset)
+                    record(state, k.n_bkg + signal_all / S, k.detector, k.gain, k.gamma_shape, k.offset, k.read_noise)
+                images[b, row, col] = record(noise, lam, k.detector, k.gain, k.gamma_shape, k.offset, k.read_noise)
                 for p in range(n):
                     mx = acc[p, 0] / S
                     my = acc[p, 1] / S

@@ -182,7 +182,10 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
         # Gamma(n k, g / k).
         shape = 1.0 / (det.excess_noise_factor - 1.0)
         gains = np.where(counts_img > 0, rng.gamma(np.maximum(counts_img * shape, 1e-300)), 0.0)
-        images = np.floor(det.offset_adu + gains * det.gain_adu_per_photon / shape + 0.5)
+        adu = det.offset_adu + gains * det.gain_adu_per_photon / shape
+        if det.read_noise_adu > 0:
+            adu = adu + det.read_noise_adu * rng.standard_normal(adu.shape)
+        images = np.maximum(np.floor(adu + 0.5), 0.0)
     else:
         images = counts_img.astype(np.float64)
     images = np.minimum(images, UINT16_MAX).astype(np.uint16)

@@ -102,6 +102,35 @@ def test_pmt_keeps_the_mean_and_adds_the_excess_variance(engine):
     assert x.var() > 1.3 * gain**2 * NBKG  # clearly more than pure shot noise
 
 
+def test_pmt_with_read_noise_has_the_cumulants_of_compound_poisson_gamma_plus_gauss(engine):
+    """n ~ Poisson(m) photons, each amplified by a gamma gain of mean g and excess noise F,
+    plus Gaussian read noise r: the cumulants of ADU - offset are k1 = m g,
+    k2 = m g^2 F + r^2 (+ 1/12 from rounding), k3 = m g^3 F (2F - 1) (SPEC, "Calibrating a
+    microscope"; the Gaussian adds no third cumulant)."""
+    g, enf, offset, r = 6.0, 1.3, 200.0, 12.0
+    out = engine(1500, particles={"n_qd": 0.0},
+                 detector={"type": "pmt", "gain_adu_per_photon": g, "excess_noise_factor": enf,
+                           "offset_adu": offset, "read_noise_adu": r})
+    x = out["images"].astype(np.float64).ravel()
+    n, mu = x.size, x.mean()
+    c = x - mu
+    m2, m3, m4, m6 = (c**2).mean(), (c**3).mean(), (c**4).mean(), (c**6).mean()
+    k1, k2, k3 = g * NBKG, g**2 * enf * NBKG + r**2 + 1 / 12, g**3 * enf * (2 * enf - 1) * NBKG
+    assert abs(mu - offset - k1) < 5 * np.sqrt(m2 / n)
+    assert abs(m2 - k2) < 5 * np.sqrt((m4 - m2**2) / n)
+    # Standard error of the third central moment (Kendall & Stuart): (m6 - m3^2 - 6 m4 m2 + 9 m2^3) / n.
+    assert abs(m3 - k3) < 5 * np.sqrt((m6 - m3**2 - 6 * m4 * m2 + 9 * m2**3) / n)
+    assert m2 > 1.3 * (g**2 * enf * NBKG)  # the read noise is really there
+
+
+def test_read_noise_below_zero_adu_is_clipped_not_wrapped(engine):
+    """No offset, faint background, read noise: the ADC clips at 0; nothing wraps to 65535."""
+    out = engine(200, particles={"n_qd": 0.0}, background={"n_bkg": 0.05},
+                 detector={"type": "pmt", "gain_adu_per_photon": 2.0, "offset_adu": 0.0, "read_noise_adu": 10.0})
+    x = out["images"]
+    assert x.max() < 100 and (x == 0).mean() > 0.4  # about half the pixels fall below zero
+
+
 @pytest.mark.parametrize("direction", ["unidirectional", "bidirectional"])
 def test_each_pixel_sees_the_particle_where_it_was_at_its_scan_time(engine, direction):
     """Eq. 1 applied to the stored trajectory at each pixel's time step gives the image.
