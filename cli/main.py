@@ -667,6 +667,42 @@ def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all
 
 @app.command()
 @user_errors
+def calibrate(
+    recording: Path = typer.Argument(..., help="The recording: a T x H x W TIFF (or .npy) of detector values (ADU); one H x W image is one frame."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for microscope.yaml, train.yaml, calibration.md and calibration.png."),
+    pixel_size_um: float = typer.Option(..., "--pixel-size-um", help="Pixel size (um)."),
+    dwell_us: float = typer.Option(..., "--dwell-us", help="Pixel dwell time (us)."),
+    line_retrace_ms: float = typer.Option(..., "--line-retrace-ms", help="Line retrace time (ms)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    bidirectional: bool = typer.Option(False, "--bidirectional/--unidirectional", help="Scan direction."),
+    dark: Optional[Path] = typer.Option(None, "--dark", help="Frames recorded with the laser blanked (same field size): they pin the offset and read noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulations run to fit the spot model, and of the config written."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier calibration in --out."),
+) -> None:
+    """Estimate your microscope from its own recording: detector offset, read noise, gain
+    and excess noise factor (from dark frames and the background's cumulants), background,
+    PSF width and spot brightness (the simulator's spot model fitted to isolated spots),
+    particle density.  Writes a datasets config to build training data for it, a training
+    config, and a report with a picture of real beside simulated frames.  Then:
+    `factory build OUT/microscope.yaml --out DATA`, `factory train --config OUT/train.yaml
+    --data DATA --out RUN`, `factory track RUN RECORDING --out TRACKS`."""
+    from models.calibration import CALIBRATION_FILES, calibrate as run_calibrate
+    from models.outputs import staged_output
+
+    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                 frame_flyback_ms=frame_flyback_ms)
+    with staged_output(out, "folder", CALIBRATION_FILES, overwrite, what=", ".join(CALIBRATION_FILES)) as folder:
+        result = run_calibrate(recording, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
+                               line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
+                               bidirectional=bidirectional, dark=dark, seed=seed)
+    d, c = result["detector"], result["config"]
+    typer.echo(f"{out}: gain {d['gain_adu_per_photon']['value']:.4g} ADU/photon, offset {d['offset_adu']['value']:.4g} ADU, "
+               f"background {d['n_bkg']['value']:.3g} photons, sigma_xy {c['psf']['sigma_xy_um']:g} um; "
+               f"{len(result['notes'])} note(s) in calibration.md")
+
+
+@app.command()
+@user_errors
 def track(
     model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="A movie: a T x H x W TIFF, or a movie store (every movie tracked)."),

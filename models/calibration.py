@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -38,6 +39,9 @@ from factory.errors import FactoryError
 TILE_PX = 32  # background tiles: small enough to follow unevenness, large enough for k3
 MASK_GROW_PX = 4  # masked margin around bright structure (a spot's tail at sigma_xy ~ 3 px)
 BOOTSTRAP = 200
+# Without dark frames on an even background: the excess noise factor taken as known, that
+# of a typical GaAsP or multialkali photomultiplier (1.1 - 1.5), and said so.
+ASSUMED_ENF = 1.3
 
 
 @dataclass(frozen=True)
@@ -139,12 +143,24 @@ def _moments(sums: np.ndarray, ref: float):
 # --- the estimates -----------------------------------------------------------------------
 
 
-def _estimate_from_sums(sums: np.ndarray, ref: float, dark: tuple[float, float, float] | None):
+def _estimate_from_sums(sums: np.ndarray, ref: float, dark: tuple[float, float, float] | None,
+                        assume_enf: float | None = None):
     """(offset, read variance, gF, g^2 F (2F - 1), background above offset, per-tile
     background above offset) from power sums summed over frames; ``dark``: the dark
-    frames' (mean, variance, third central moment), or None."""
+    frames' (mean, variance, third central moment), or None; ``assume_enf``: without
+    dark frames, the excess noise factor taken as known (and no read noise)."""
     mean, var, m3, n = _moments(sums, ref)
-    if dark is not None:
+    if dark is None and assume_enf is not None:
+        # k3 / k2 = g (2F - 1) gives g, then k2 = g F a the background a above the offset.
+        wts = n / n.sum()
+        v, c = float(np.sum(wts * var)), float(np.sum(wts * m3))
+        if v <= 0 or c <= 0:
+            return None
+        slope2 = c / (v * (2 * assume_enf - 1)) * assume_enf
+        slope3 = slope2**2 * (2 * assume_enf - 1) / assume_enf
+        offset, read_var = float(np.sum(wts * mean)) - v / slope2, 0.0
+        a = mean - offset
+    elif dark is not None:
         offset, read_var, dark_m3 = dark
         a = mean - offset
         slope2 = float(np.sum(n * (var - read_var)) / np.sum(n * a))
@@ -193,22 +209,28 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
         if dark.ndim == 2:
             dark = dark[None]
         dark_stats = _dark_stats(dark)
-    est = _estimate_from_sums(sums.sum(0), ref, dark_stats)
-    if est is None:
-        raise FactoryError(f"{source}: the background has one value everywhere; nothing to calibrate from")
+    def estimate(assume_enf=None):
+        """The estimate and the bootstrap over frames (and dark frames) of its first five values."""
+        est = _estimate_from_sums(sums.sum(0), ref, dark_stats, assume_enf)
+        boots = []
+        for _ in range(bootstrap):
+            pick = rng.integers(0, len(frames), len(frames))
+            d = None if dark is None else _dark_stats(dark[rng.integers(0, len(dark), len(dark))])
+            b = _estimate_from_sums(sums[pick].sum(0), ref, d, assume_enf)
+            if b is not None:
+                boots.append(b[:5])
+        boots = np.array(boots) if boots else np.full((1, 5), np.nan)
+        return est, boots, (np.nanstd(boots, axis=0) if len(boots) > 1 else np.full(5, np.nan))
 
-    # Bootstrap over frames (and over dark frames): the spread of every estimate.
-    boots = []
-    for _ in range(bootstrap):
-        pick = rng.integers(0, len(frames), len(frames))
-        d = None
-        if dark is not None:
-            d = _dark_stats(dark[rng.integers(0, len(dark), len(dark))])
-        b = _estimate_from_sums(sums[pick].sum(0), ref, d)
-        if b is not None:
-            boots.append(b[:5])
-    boots = np.array(boots) if boots else np.full((1, 5), np.nan)
-    sd = np.nanstd(boots, axis=0) if len(boots) > 1 else np.full(5, np.nan)
+    est, boots, sd = estimate()
+    assumed = None
+    if dark is None and (est is None or not math.isfinite(est[0]) or sd[0] > 0.1 * max(abs(est[4]), 1.0)):
+        # An even background cannot place the offset: take F as known instead (said below).
+        assumed = ASSUMED_ENF
+        est, boots, sd = estimate(assumed)
+    if est is None:
+        raise FactoryError(f"{source}: the background's noise has no positive variance and skew; nothing to "
+                           "calibrate from (is the detector on?)")
 
     offset, read_var, slope2, slope3, bkg, per_tile = est
     ratio = slope3 / slope2**2 if slope2 > 0 else math.nan  # (2F - 1) / F
@@ -220,18 +242,20 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
     b_nbkg = boots[:, 4] / b_gain
 
     offset_note = "" if dark is not None else "from the background's spread over the field (no dark frames)"
-    if dark is None and (not math.isfinite(offset) or sd[0] > 0.1 * max(abs(bkg), 1.0)):
-        offset_note = ("not determined: no dark frames, and the background is too even over the field to "
-                       "place the offset; record 20 frames with the laser blanked (--dark)")
-        notes.append(f"offset: {offset_note}")
+    if assumed is not None:
+        offset_note = (f"assumed: no dark frames and an even background; taken from the background's cumulants "
+                       f"with the excess noise factor assumed {assumed:g} and no read noise (record 20 frames "
+                       "with the laser blanked, --dark, to measure it)")
+        notes.append(f"offset, gain and excess noise factor: {offset_note}")
+        notes.append("read noise: not determined without dark frames; assumed 0")
     read_noise = math.sqrt(max(read_var, 0.0))
     read_sd = float(np.nanstd(np.sqrt(np.maximum(boots[:, 1], 0.0))))
-    if dark is None:
-        notes.append("read noise: without dark frames only its sum with the offset's shot noise is seen; "
-                     "it is as uncertain as the offset")
     enf_est = Estimate(enf, float(np.nanstd(b_enf)))
     gain_est = Estimate(gain, float(np.nanstd(b_gain)))
-    if not math.isfinite(enf) or enf_est.sigma > 0.5 * max(enf - 1.0, 0.05):
+    if assumed is not None:
+        enf_est = Estimate(assumed, math.nan, "assumed (no dark frames, even background)")
+        gain_est = Estimate(gain, gain_est.sigma, "follows the assumed excess noise factor")
+    elif not math.isfinite(enf) or enf_est.sigma > 0.5 * max(enf - 1.0, 0.05):
         note = ("not determined: the third cumulant of the background is too noisy to separate gain from "
                 "excess noise (too few background pixels or photons)")
         enf_est, gain_est = Estimate(enf, enf_est.sigma, note), Estimate(gain, gain_est.sigma, note)
@@ -267,3 +291,367 @@ def _dark_stats(dark: np.ndarray) -> tuple[float, float, float]:
     mu = float(dark.mean())
     c = dark - mu
     return mu, float((c**2).mean()), float((c**3).mean())
+
+
+# --- spots: PSF width and brightness ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpotCalibration:
+    """PSF width and brightness from isolated spots."""
+
+    sigma_xy_um: Estimate
+    n_qd: Estimate  # median over spots, in-focus equivalent (Eq. 1 with the given sigma_z)
+    n_qd_quantiles: tuple[float, float, float]  # 10th, 50th, 90th percentile over spots
+    n_spots: int
+    spots_per_frame: float  # every spot found, isolated or not
+    notes: list[str] = field(default_factory=list)
+
+
+def find_spots(photons: np.ndarray, sigma_px: float, threshold: float):
+    """Local maxima (row, col, height) of a frame of background-free photons smoothed at
+    ``sigma_px``, above ``threshold`` (in smoothed photons)."""
+    smooth = ndimage.gaussian_filter(photons, sigma_px, mode="nearest")
+    peak = (smooth == ndimage.maximum_filter(smooth, size=2 * int(math.ceil(2 * sigma_px)) + 1)) & (smooth > threshold)
+    r, c = np.nonzero(peak)
+    return r, c, smooth[r, c]
+
+
+def _fit_rows(win: np.ndarray, s0: float):
+    """One spot's window (rows x cols of background-free photons): each row a Gaussian
+    in x of its own height, all of one width, their centres on a straight line.  Within
+    a row the laser passes the spot in microseconds, so a row is an unsmeared slice of
+    the PSF; between rows the particle moves (the scan smear), which the line's slope
+    follows on average.  (A free centre per row would chase the noise of a dim spot a
+    few pixels wide and make it look narrow.)  Returns (width px, row heights, converged)."""
+    from scipy.optimize import least_squares
+
+    nr, nc = win.shape
+    x = np.arange(nc) - (nc - 1) / 2
+    r = np.arange(nr) - (nr - 1) / 2
+    h0 = np.maximum(win.max(1), 1e-3)
+
+    def resid(p):
+        s, mu = p[0], p[1] + p[2] * r
+        model = p[3:, None] * np.exp(-(x[None, :] - mu[:, None]) ** 2 / (2 * s * s))
+        return (model - win).ravel()
+
+    lo = np.r_[0.3, -nc / 2, -nc, np.zeros(nr)]
+    hi = np.r_[nc, nc / 2, nc, np.full(nr, np.inf)]
+    res = least_squares(resid, np.r_[s0, 0.0, 0.0, h0], bounds=(lo, hi), x_scale="jac")
+    return res.x[0], res.x[3:], res.success
+
+
+def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float = 1.36,
+                    sigma_guess_um: float = 0.21, max_spots: int = 400) -> SpotCalibration:
+    """sigma_xy and N_qd from isolated spots in frames of background-free photons
+    (T x H x W: (ADU - offset) / gain - background).
+
+    A spot is a local maximum of the frame smoothed at the PSF's scale, at least 5 robust
+    noise deviations high, with no other maximum within 6 sigma and 3 sigma from the
+    edges.  Its five central rows are fitted together (``_fit_rows``): the shared width is
+    sigma_xy, and a Gaussian through the rows' heights gives the peak, so N_qd =
+    peak x 2 pi sigma_xy^2 x sqrt(2 pi) sigma_z (Eq. 1 at focus: an out-of-focus dot
+    counts as a dimmer one)."""
+    notes: list[str] = []
+    s_px = sigma_guess_um / pixel_size_um
+    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(photons[0], s_px) - np.median(photons[0])))
+    thr = 5.0 * max(noise, 1e-6)
+    half_c = int(math.ceil(3 * s_px))
+    iso = 6 * s_px
+    widths, peaks, found = [], [], 0
+    for frame in photons:
+        r, c, hgt = find_spots(frame, s_px, thr)
+        found += len(r)
+        if len(r) == 0:
+            continue
+        d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
+        np.fill_diagonal(d2, 10**9)
+        ok = (d2.min(1) > iso**2) & (r >= half_c) & (r < frame.shape[0] - half_c) \
+            & (c >= half_c) & (c < frame.shape[1] - half_c)
+        for y, x in zip(r[ok], c[ok]):
+            rows = np.arange(y - 2, y + 3)
+            win = frame[rows][:, x - half_c:x + half_c + 1]
+            s, h, conv = _fit_rows(win, s_px)
+            if not conv or s <= 0.3 or s >= half_c:
+                continue
+            # The rows' heights through a Gaussian in y (width fitted: it holds the smear).
+            yy = rows - y
+            A = np.c_[np.ones(5), yy, yy**2]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                coef, *_ = np.linalg.lstsq(A, np.log(np.maximum(h, 1e-6)), rcond=None)
+            if coef[2] >= 0:
+                continue
+            peak = math.exp(coef[0] - coef[1] ** 2 / (4 * coef[2]))
+            widths.append(s)
+            peaks.append(peak)
+        if len(widths) >= max_spots:
+            break
+    n = len(widths)
+    if n < 5:
+        raise FactoryError(f"found {n} isolated spot(s) (need at least 5) to measure the PSF width and brightness")
+    w = np.array(widths) * pixel_size_um
+    sxy = float(np.median(w))
+    sxy_sd = float(1.2533 * 1.4826 * np.median(np.abs(w - sxy)) / math.sqrt(n))
+    nqd = np.array(peaks) * 2 * math.pi * sxy**2 * math.sqrt(2 * math.pi) * sigma_z_um
+    q = tuple(float(v) for v in np.percentile(nqd, [10, 50, 90]))
+    nqd_sd = float(1.2533 * 1.4826 * np.median(np.abs(nqd - q[1])) / math.sqrt(n))
+    notes.append(f"N_qd: in-focus equivalent with sigma_z {sigma_z_um:g} um (a 2D recording does not "
+                 "measure sigma_z; a dot out of focus counts as a dimmer one)")
+    return SpotCalibration(Estimate(sxy, sxy_sd), Estimate(q[1], nqd_sd), q, n, found / len(photons), notes)
+
+
+def simulated_photons(microscope: dict, n_frames: int, seed: int, detector: DetectorCalibration | None = None):
+    """Frames of the simulator for a datasets-config section ``microscope`` (image, scan,
+    psf, background, particles, detector), turned into background-free photons the way a
+    recording is (with ``detector``: its estimated offset, gain and background)."""
+    from factory.config import parse_config
+    from factory.kernel import simulate
+
+    ds_cfg = {**microscope, "n_images": n_frames, "output": {"expected": False, "trajectories": False}}
+    cfg = parse_config({"seed": seed, "datasets": {"sim": ds_cfg}}, source="the calibrated microscope")
+    adu = simulate(cfg.datasets["sim"], cfg.seed)["images"].astype(np.float64)
+    if detector is None:
+        return adu - microscope.get("background", {}).get("n_bkg", 0.0)
+    return to_photons(adu, detector)
+
+
+def to_photons(adu: np.ndarray, detector: DetectorCalibration) -> np.ndarray:
+    """ADU to background-free photons with the estimated detector."""
+    return (np.asarray(adu, np.float64) - detector.offset_adu.value) / detector.gain_adu_per_photon.value \
+        - detector.n_bkg.value
+
+
+def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCalibration, pixel_size_um: float,
+                   sigma_z_um: float = 1.36, sim_frames: int = 12, seed: int = 0) -> SpotCalibration:
+    """sigma_xy and N_qd by the simulator's own spot model (indirect inference).
+
+    The row-wise fit (``calibrate_spots``) is exact on noise-free spots but reads dim,
+    noisy ones as narrow; rather than model that bias, the simulator is run with the
+    calibrated detector and background, the recording's scan, and candidate sigma_xy
+    (a grid around the first reading, with the same random draws at every point), its
+    frames measured exactly as the recording's; sigma_xy is where the measured width,
+    a straight line in the candidate, meets the recording's.  N_qd is then scaled by
+    observed / simulated brightness (twice).  Noise, scan smear, spot selection and
+    out-of-focus dots are so the same on both sides."""
+    # The measurement (its smoothing, window and isolation distance follow the guessed
+    # width) is set once, from a first look, and then applied alike to both sides.
+    guess = calibrate_spots(photons, pixel_size_um, sigma_z_um).sigma_xy_um.value
+    seen = calibrate_spots(photons, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
+    notes = list(seen.notes)
+
+    def measure(sxy, nqd):
+        sim = simulated_photons(_with_spots(microscope, sxy, nqd), sim_frames, seed, detector)
+        return calibrate_spots(sim, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
+
+    s_obs, n_obs = seen.sigma_xy_um.value, seen.n_qd.value
+    sxy, nqd, s_slope = s_obs, n_obs, 1.0
+    for _ in range(2):  # width and brightness bias each other's reading: twice round
+        grid = sxy * np.array([0.8, 0.9, 1.0, 1.1, 1.2])
+        widths = np.array([measure(s, nqd).sigma_xy_um.value for s in grid])
+        slope, icept = np.polyfit(grid, widths, 1)
+        if slope <= 0.1:
+            notes.append("sigma_xy: the measured width hardly follows the PSF width at this signal; "
+                         "the first reading is kept")
+            break
+        sxy, s_slope = float(np.clip((s_obs - icept) / slope, 0.5 * grid[0], 1.5 * grid[-1])), slope
+        nqd = float(max(nqd * n_obs / measure(sxy, nqd).n_qd.value, 1e-3))
+    s_sd = seen.sigma_xy_um.sigma / s_slope
+    n_sd = seen.n_qd.sigma * nqd / n_obs
+    q = tuple(v * nqd / n_obs for v in seen.n_qd_quantiles)
+    return SpotCalibration(Estimate(sxy, s_sd), Estimate(nqd, n_sd), q, seen.n_spots, seen.spots_per_frame, notes)
+
+
+def _with_spots(microscope: dict, sigma_xy_um: float, n_qd: float) -> dict:
+    m = {k: dict(v) if isinstance(v, dict) else v for k, v in microscope.items()}
+    m.setdefault("psf", {})["sigma_xy_um"] = sigma_xy_um
+    m.setdefault("particles", {})["n_qd"] = n_qd
+    return m
+
+
+# --- the whole calibration: a recording in, a datasets config out -----------------------
+
+MAX_FRAMES = 200  # frames read for the estimates (the noise statistics settle well before)
+CALIBRATION_FILES = ("microscope.yaml", "train.yaml", "calibration.md", "calibration.png")
+
+
+def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, dwell_us: float,
+              line_retrace_ms: float, frame_flyback_ms: float | None = None, bidirectional: bool = False,
+              dark: str | Path | None = None, sigma_z_um: float = 1.36, seed: int = 0) -> dict:
+    """Estimate a microscope from its recording and write, into the folder ``out``
+    (which must exist), ``microscope.yaml`` (a datasets config whose defaults carry the
+    estimates, with train / val / test / movie sets sized for a CPU), ``train.yaml`` (a
+    `factory train` config for it), ``calibration.md`` (the table of estimates, with what
+    was assumed) and ``calibration.png`` (real beside simulated frames, pixel histograms).
+    Returns the estimates as a dict."""
+    from models.recording import open_recording
+
+    recording, out = Path(recording), Path(out)
+    with open_recording(recording) as rec:
+        n_used = min(len(rec), MAX_FRAMES)
+        frames = rec.frames(0, n_used)
+        shape = rec.shape
+    dark_frames = None
+    if dark is not None:
+        with open_recording(dark) as d:
+            if d.shape[1:] != shape[1:]:
+                raise FactoryError(f"{dark}: dark frames of {d.shape[1]} x {d.shape[2]} px, the recording's are "
+                                   f"{shape[1]} x {shape[2]} px; record both with one field")
+            dark_frames = d.frames(0, min(len(d), MAX_FRAMES))
+    det = calibrate_detector(frames, dark_frames, source=str(recording), seed=seed)
+    notes = list(det.notes)
+    if not (det.gain_adu_per_photon.value > 0 and math.isfinite(det.n_bkg.value)):
+        raise FactoryError(f"{recording}: the detector could not be calibrated (gain {det.gain_adu_per_photon.value:.3g}); "
+                           "give dark frames (--dark)")
+    image = {"height_px": int(shape[1]), "width_px": int(shape[2]), "pixel_size_um": float(pixel_size_um)}
+    scan = {"dwell_us": float(dwell_us), "line_retrace_ms": float(line_retrace_ms),
+            "direction": "bidirectional" if bidirectional else "unidirectional"}
+    photons = to_photons(frames, det)
+    count = max(1, round(spots_guess(photons, pixel_size_um)))
+    d_range = {"type": "log_uniform", "low": 0.02, "high": 0.5}
+    notes.append("D range: not estimated from the recording (no first tracking pass yet); the field default, "
+                 "log-uniform 0.02 - 0.5 um^2/s, is written; edit particles.diffusion_um2_s if yours differ")
+    try:
+        spots = fit_spot_model(photons, {"image": image, "scan": scan, "detector": det.detector_config(),
+                                         "background": {"n_bkg": det.n_bkg.value},
+                                         "particles": {"count": count,
+                                                       "diffusion_um2_s": 0.1,
+                                                       "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}}},
+                               det, pixel_size_um, sigma_z_um, seed=seed)
+        sigma_xy, n_qd = spots.sigma_xy_um.value, spots.n_qd.value
+        count = max(1, round(spots.spots_per_frame))
+        notes += spots.notes
+    except FactoryError as exc:
+        spots, sigma_xy, n_qd = None, 0.21, 10.0
+        notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy 0.21 um and N_qd 10 "
+                     "are written")
+    notes.append(f"particle count: {count} spots per frame found in focus (dimmer, out-of-focus dots are missed)")
+    defaults = {
+        "image": image, "scan": scan,
+        "psf": {"sigma_xy_um": _round(sigma_xy), "sigma_z_um": sigma_z_um},
+        "background": {"n_bkg": _round(det.n_bkg.value)},
+        "detector": det.detector_config(),
+        "particles": {"count": {"type": "poisson", "mean": count, "max": max(3 * count, count + 10)},
+                      "diffusion_um2_s": d_range,
+                      "n_qd": {"type": "uniform", "low": _round(0.7 * n_qd), "high": _round(1.3 * n_qd)},
+                      "xy_start": {"type": "uniform"},
+                      "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}},
+    }
+    # Training patches of 64 x 64 px at the recording's density; the test movie at full size.
+    small = {"height_px": 64, "width_px": 64, "pixel_size_um": float(pixel_size_um)}
+    per_patch = max(1.0, count * 64 * 64 / (shape[1] * shape[2]))
+    patch_count = {"type": "poisson", "mean": _round(per_patch), "max": int(3 * per_patch + 6)}
+    flyback = {} if frame_flyback_ms is None else {"frame_flyback_ms": float(frame_flyback_ms)}
+    config = {
+        "seed": seed,
+        "defaults": defaults,
+        "datasets": {
+            "train": {"n_movies": 200, "movie": {"n_frames": 10, "margin_um": 1.0, **flyback}, "image": small,
+                      "particles": {"count": patch_count}, "output": {"expected": False, "trajectories": False}},
+            "val": {"n_movies": 30, "movie": {"n_frames": 10, "margin_um": 1.0, **flyback}, "image": small,
+                    "particles": {"count": patch_count}, "output": {"expected": False, "trajectories": False}},
+            "test_movie": {"n_movies": 1, "movie": {"n_frames": min(int(shape[0]), 50), "margin_um": 1.0, **flyback},
+                           "output": {"expected": False, "trajectories": True, "trajectory_step": "line"}},
+        },
+    }
+    from factory.config import parse_config
+
+    parse_config(config, source="the calibrated config")  # what is written must build
+    _write_yaml(out / "microscope.yaml", config, _header(recording, dark))
+    _write_yaml(out / "train.yaml", {
+        "model": "spotnet", "model_params": {"widths": [8, 16, 32], "flip_tta": False}, "target": "exposure",
+        "train": "train", "val": "val", "val_images": 300, "epochs": 8, "batch_size": 16, "optimizer": "adamw",
+        "lr": 0.003, "weight_decay": 0.0001, "schedule": "onecycle", "augment_flips": True, "seed": seed},
+        f"# SpotNet for the microscope of {recording.name}: `factory train --config train.yaml --data DATA`\n"
+        "# after `factory build microscope.yaml --out DATA`.\n")
+    result = {"recording": str(recording), "frames_used": n_used, "dark": None if dark is None else str(dark),
+              "detector": det.to_dict(), "spots": None if spots is None else asdict(spots),
+              "config": defaults, "notes": notes}
+    _write_report(out, recording, det, spots, defaults, notes, n_used)
+    _plot(out / "calibration.png", frames, config, seed)
+    return result
+
+
+def spots_guess(photons: np.ndarray, pixel_size_um: float) -> float:
+    """Spots per frame above 5 noise deviations at the paper's PSF scale (the first frames)."""
+    s = 0.21 / pixel_size_um
+    f = photons[0]
+    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(f, s) - np.median(f)))
+    return float(np.mean([len(find_spots(p, s, 5 * max(noise, 1e-6))[0]) for p in photons[:5]]))
+
+
+def _header(recording: Path, dark) -> str:
+    return (f"# The microscope of {recording.name}, estimated by `factory calibrate`"
+            f"{'' if dark is None else f' with the dark frames {Path(dark).name}'}.\n"
+            "# calibration.md: the estimates, their uncertainties and what was assumed.\n"
+            "# Build with `factory build microscope.yaml --out DATA`.\n")
+
+
+def _write_yaml(path: Path, obj: dict, header: str) -> None:
+    import yaml
+
+    class Plain(yaml.SafeDumper):  # every section written out, no &anchors for shared dicts
+        def ignore_aliases(self, data):
+            return True
+
+    path.write_text(header + yaml.dump(obj, Dumper=Plain, sort_keys=False))
+
+
+def _fmt(e: Estimate) -> str:
+    if not math.isfinite(e.value):
+        return "-"
+    return f"{e.value:.4g}" + (f" +- {e.sigma:.2g}" if math.isfinite(e.sigma) else "")
+
+
+def _write_report(out: Path, recording: Path, det: DetectorCalibration, spots, defaults: dict, notes: list[str],
+                  n_used: int) -> None:
+    rows = [("offset (ADU)", det.offset_adu), ("read noise (ADU)", det.read_noise_adu),
+            ("gain x excess noise (ADU per photon)", det.gain_x_enf_adu),
+            ("gain (ADU per photon)", det.gain_adu_per_photon), ("excess noise factor", det.excess_noise_factor),
+            ("background (ADU above offset)", det.background_adu), ("background (photons per pixel)", det.n_bkg)]
+    if spots is not None:
+        rows += [("sigma_xy (um)", spots.sigma_xy_um), ("N_qd, median over spots", spots.n_qd)]
+    lines = [f"# Calibration of {recording.name}", "",
+             f"{n_used} frame(s) used; {det.n_background_px:,} background pixel samples; "
+             f"background unevenness over the field {100 * det.unevenness:.1f}%"
+             + ("" if spots is None else f"; {spots.n_spots} isolated spots, "
+                f"{spots.spots_per_frame:.1f} spots per frame") + ".", "",
+             "| quantity | estimate +- standard uncertainty | note |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {_fmt(e)} | {e.note} |" for name, e in rows]
+    if spots is not None:
+        q = spots.n_qd_quantiles
+        lines += ["", f"N_qd over spots: 10th / 50th / 90th percentile {q[0]:.3g} / {q[1]:.3g} / {q[2]:.3g}."]
+    lines += ["", "Detector written: `" + str(defaults["detector"]) + "`", "",
+              "## What the recording did not determine", ""]
+    lines += [f"- {n}" for n in notes] or ["- nothing"]
+    lines += ["", "![real and simulated frames](calibration.png)", ""]
+    (out / "calibration.md").write_text("\n".join(lines))
+
+
+def _plot(path: Path, frames: np.ndarray, config: dict, seed: int) -> None:
+    """A real frame beside a simulated one of the calibrated microscope (same grey scale),
+    and the two pixel histograms overlaid."""
+    from matplotlib.figure import Figure
+
+    from factory.config import parse_config
+    from factory.kernel import simulate
+
+    ds_cfg = {**config["defaults"], "n_images": 1, "output": {"expected": False, "trajectories": False}}
+    ds_cfg["particles"] = {**ds_cfg["particles"], "diffusion_um2_s": 0.1}
+    sim = simulate(parse_config({"seed": seed, "datasets": {"s": ds_cfg}}).datasets["s"], seed)["images"][0]
+    real = frames[0]
+    lo, hi = np.percentile(real, [0.5, 99.8])
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 3)
+    for ax, img, title in ((axes[0], real, "recording (frame 0)"), (axes[1], sim, "simulated, calibrated")):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    bins = np.linspace(min(real.min(), sim.min()), max(np.percentile(real, 99.9), np.percentile(sim, 99.9)), 80)
+    axes[2].hist(frames[: min(len(frames), 20)].ravel(), bins=bins, density=True, histtype="step", label="recording")
+    axes[2].hist(sim.ravel(), bins=bins, density=True, histtype="step", label="simulated")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("pixel value (ADU)", fontsize=9)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

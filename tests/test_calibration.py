@@ -70,12 +70,19 @@ def test_a_simulated_recording_with_spots_gives_back_its_microscope():
         assert abs(getattr(cal, name).value - want) < 0.05 * want, (name, getattr(cal, name), want)
 
 
-def test_without_dark_frames_an_even_background_leaves_the_offset_undetermined_and_says_so():
+def test_without_dark_frames_an_even_background_takes_the_excess_noise_as_assumed_and_says_so():
+    """An even field has one mean, so the offset cannot be read off a line through the
+    tiles: F is taken as known (1.3) and read noise as 0, said in the notes; g F and the
+    background then follow from k3 / k2 = g (2F - 1) (here F is 1.35: within 5%)."""
     rng = np.random.default_rng(5)
-    frames = pmt_frames(rng, (30, 64, 64), 6.0, 12.0, 1.35, 120.0, 4.0)
+    g, enf, m = 12.0, 1.35, 6.0
+    frames = pmt_frames(rng, (30, 64, 64), m, g, enf, 120.0, 0.0)
     cal = calibrate_detector(frames, None, bootstrap=50)
-    assert cal.offset_adu.note.startswith("not determined") and "--dark" in cal.offset_adu.note
-    assert any(n.startswith("offset: not determined") for n in cal.notes)
+    assert cal.offset_adu.note.startswith("assumed") and "--dark" in cal.offset_adu.note
+    assert cal.excess_noise_factor.value == 1.3 and cal.excess_noise_factor.note.startswith("assumed")
+    assert any(n.startswith("read noise: not determined") for n in cal.notes)
+    assert abs(cal.gain_x_enf_adu.value - g * enf) < 0.05 * g * enf
+    assert abs(cal.background_adu.value - g * m) < 0.05 * g * m
 
 
 @pytest.mark.parametrize("frames", [np.full((3, 32, 32), 7, np.uint16), np.zeros((0, 32, 32))],
@@ -84,3 +91,104 @@ def test_what_cannot_be_calibrated_is_refused_in_one_line(frames):
     with pytest.raises(FactoryError) as e:
         calibrate_detector(frames, source="rec.tif")
     assert str(e.value).startswith("rec.tif:") and "\n" not in str(e.value)
+
+
+# --- spots and the whole command ---------------------------------------------------------
+
+FOREIGN = dict(image={"height_px": 128, "width_px": 128, "pixel_size_um": 0.12},
+               scan={"dwell_us": 4.0, "line_retrace_ms": 0.5},
+               output={"expected": False, "trajectories": False},
+               detector={"type": "pmt", "gain_adu_per_photon": 12.0, "excess_noise_factor": 1.35,
+                         "offset_adu": 80.0, "read_noise_adu": 4.0},
+               psf={"sigma_xy_um": 0.25}, background={"n_bkg": 5.0},
+               particles={"count": 12, "n_qd": {"type": "uniform", "low": 8.4, "high": 15.6},
+                          "diffusion_um2_s": 0.1, "xy_start": {"type": "uniform"},
+                          "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}})
+
+
+@pytest.fixture(scope="module")
+def foreign_recording(tmp_path_factory):
+    """A 30-frame movie of a microscope unlike the paper's, written as TIFFs of ADU, with
+    20 dark frames."""
+    import tifffile
+
+    root = tmp_path_factory.mktemp("foreign")
+    _, ds = dataset(None, 3, n_movies=1, movie={"n_frames": 30, "margin_um": 1.0}, **FOREIGN)
+    frames = simulate(ds, 3)["images"]
+    _, dark_ds = dataset(20, 4, **{**FOREIGN, "background": {"n_bkg": 0.0}, "particles": {"count": 0}})
+    tifffile.imwrite(root / "rec.tif", frames)
+    tifffile.imwrite(root / "dark.tif", simulate(dark_ds, 4)["images"])
+    return root, frames
+
+
+def test_the_spot_model_fit_gives_back_sigma_xy_and_the_brightness(foreign_recording):
+    """sigma_xy within 10% and the median N_qd within 20% of the truth (0.25 um; N_qd
+    uniform over 8.4 - 15.6, median 12), through the simulator's own spot model."""
+    from models.calibration import fit_spot_model, to_photons
+
+    root, frames = foreign_recording
+    import tifffile
+
+    det = calibrate_detector(frames, tifffile.imread(root / "dark.tif"), bootstrap=20)
+    micro = {k: FOREIGN[k] for k in ("image", "scan")}
+    micro.update(detector=det.detector_config(), background={"n_bkg": det.n_bkg.value},
+                 particles={"count": 10, "diffusion_um2_s": 0.1, "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}})
+    spots = fit_spot_model(to_photons(frames, det), micro, det, 0.12)
+    assert spots.n_spots >= 50
+    assert abs(spots.sigma_xy_um.value - 0.25) < 0.10 * 0.25, spots
+    assert abs(spots.n_qd.value - 12.0) < 0.20 * 12.0, spots
+
+
+def test_calibrate_writes_a_config_that_builds(foreign_recording, tmp_path):
+    """`factory calibrate` -> `factory build`: the estimates land in the schema's own
+    fields, the report says what was assumed, and the config builds."""
+    import yaml
+
+    from conftest import run_cli
+
+    root, _ = foreign_recording
+    out = tmp_path / "cal"
+    r = run_cli("calibrate", root / "rec.tif", "--dark", root / "dark.tif", "--pixel-size-um", "0.12",
+                "--dwell-us", "4", "--line-retrace-ms", "0.5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.md", "calibration.png", "microscope.yaml", "train.yaml"]
+    cfg = yaml.safe_load((out / "microscope.yaml").read_text())["defaults"]
+    assert cfg["image"] == FOREIGN["image"] and cfg["scan"]["dwell_us"] == 4.0
+    assert cfg["detector"]["type"] == "pmt" and abs(cfg["detector"]["gain_adu_per_photon"] - 12.0) < 1.2
+    assert abs(cfg["detector"]["offset_adu"] - 80.0) < 1 and abs(cfg["background"]["n_bkg"] - 5.0) < 0.5
+    assert abs(cfg["psf"]["sigma_xy_um"] - 0.25) < 0.025
+    report = (out / "calibration.md").read_text()
+    assert "| gain (ADU per photon) |" in report and "D range: not estimated" in report
+    r = run_cli("build", out / "microscope.yaml", "--out", tmp_path / "data", "--only", "val", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_calibrate_refuses_a_constant_recording_in_one_line(tmp_path):
+    import tifffile
+
+    from conftest import run_cli
+
+    tifffile.imwrite(tmp_path / "flat.tif", np.full((5, 32, 32), 100, np.uint16))
+    r = run_cli("calibrate", tmp_path / "flat.tif", "--pixel-size-um", "0.1", "--dwell-us", "2",
+                "--line-retrace-ms", "1", "--out", tmp_path / "o")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "flat.tif" in lines[0] and "constant" in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recording_without_spots_says_what_was_not_estimated(tmp_path):
+    """Background only: the detector is estimated, the PSF and brightness are not, and
+    calibration.md says which defaults were written."""
+    import tifffile
+
+    from conftest import run_cli
+
+    rng = np.random.default_rng(6)
+    tifffile.imwrite(tmp_path / "bg.tif", pmt_frames(rng, (20, 64, 64), 6.0, 10.0, 1.3, 50.0, 3.0))
+    tifffile.imwrite(tmp_path / "dark.tif", pmt_frames(rng, (10, 64, 64), 0.0, 10.0, 1.3, 50.0, 3.0))
+    r = run_cli("calibrate", tmp_path / "bg.tif", "--dark", tmp_path / "dark.tif", "--pixel-size-um", "0.1",
+                "--dwell-us", "2", "--line-retrace-ms", "1", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "o" / "calibration.md").read_text()
+    assert "PSF width and brightness: not estimated" in report and "sigma_xy 0.21 um" in report
