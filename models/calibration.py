@@ -306,6 +306,8 @@ class SpotCalibration:
     n_spots: int
     spots_per_frame: float  # every spot found, isolated or not
     notes: list[str] = field(default_factory=list)
+    n_qd_spread: float = 0.0  # the dots' brightness: uniform over n_qd (1 +- spread)
+    particles_in_view: float = math.nan  # dots in the field per frame, found or not
 
 
 def find_spots(photons: np.ndarray, sigma_px: float, threshold: float):
@@ -349,15 +351,16 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
 
     A spot is a local maximum of the frame smoothed at the PSF's scale, at least 5 robust
     noise deviations high, with no other maximum within 6 sigma and 3 sigma from the
-    edges.  Its five central rows are fitted together (``_fit_rows``): the shared width is
-    sigma_xy, and a Gaussian through the rows' heights gives the peak, so N_qd =
-    peak x 2 pi sigma_xy^2 x sqrt(2 pi) sigma_z (Eq. 1 at focus: an out-of-focus dot
-    counts as a dimmer one)."""
+    edges.  Its central rows (1.2 sigma each side, at least 2) are fitted together
+    (``_fit_rows``): the shared width is sigma_xy, and the brightest row's height is the
+    peak, so N_qd = peak x 2 pi sigma_xy^2 x sqrt(2 pi) sigma_z (Eq. 1 at focus: an
+    out-of-focus dot counts as a dimmer one)."""
     notes: list[str] = []
     s_px = sigma_guess_um / pixel_size_um
     noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(photons[0], s_px) - np.median(photons[0])))
     thr = 5.0 * max(noise, 1e-6)
     half_c = int(math.ceil(3 * s_px))
+    half_r = max(2, int(math.ceil(1.2 * s_px)))
     iso = 6 * s_px
     widths, peaks, found = [], [], 0
     for frame in photons:
@@ -367,24 +370,18 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
             continue
         d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
         np.fill_diagonal(d2, 10**9)
-        ok = (d2.min(1) > iso**2) & (r >= half_c) & (r < frame.shape[0] - half_c) \
+        ok = (d2.min(1) > iso**2) & (r >= max(half_c, half_r)) & (r < frame.shape[0] - max(half_c, half_r)) \
             & (c >= half_c) & (c < frame.shape[1] - half_c)
         for y, x in zip(r[ok], c[ok]):
-            rows = np.arange(y - 2, y + 3)
+            rows = np.arange(y - half_r, y + half_r + 1)
             win = frame[rows][:, x - half_c:x + half_c + 1]
             s, h, conv = _fit_rows(win, s_px)
             if not conv or s <= 0.3 or s >= half_c:
                 continue
-            # The rows' heights through a Gaussian in y (width fitted: it holds the smear).
-            yy = rows - y
-            A = np.c_[np.ones(5), yy, yy**2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                coef, *_ = np.linalg.lstsq(A, np.log(np.maximum(h, 1e-6)), rcond=None)
-            if coef[2] >= 0:
-                continue
-            peak = math.exp(coef[0] - coef[1] ** 2 / (4 * coef[2]))
+            # The brightest row's height: the peak, less a row's sampling offset and the
+            # smear, both of which the simulated side shares (``fit_spot_model``).
             widths.append(s)
-            peaks.append(peak)
+            peaks.append(float(h.max()))
         if len(widths) >= max_spots:
             break
     n = len(widths)
@@ -423,7 +420,7 @@ def to_photons(adu: np.ndarray, detector: DetectorCalibration) -> np.ndarray:
 
 
 def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCalibration, pixel_size_um: float,
-                   sigma_z_um: float = 1.36, sim_frames: int = 12, seed: int = 0) -> SpotCalibration:
+                   sigma_z_um: float = 1.36, sim_frames: int = 24, seed: int = 0) -> SpotCalibration:
     """sigma_xy and N_qd by the simulator's own spot model (indirect inference).
 
     The row-wise fit (``calibrate_spots``) is exact on noise-free spots but reads dim,
@@ -440,33 +437,134 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     seen = calibrate_spots(photons, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
     notes = list(seen.notes)
 
-    def measure(sxy, nqd):
-        sim = simulated_photons(_with_spots(microscope, sxy, nqd), sim_frames, seed, detector)
-        return calibrate_spots(sim, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
+    # Enough simulated dots that every candidate shows some: at least 10 per frame.
+    particles = dict(microscope.get("particles", {}))
+    particles["count"] = max(int(particles.get("count", 1)), 10)
+    microscope = {**microscope, "particles": particles}
+
+    def measure(sxy, nqd, spread=0.0):
+        """The simulated side's reading, or None where too few isolated spots show."""
+        sim = simulated_photons(_with_spots(microscope, sxy, nqd, spread), sim_frames, seed, detector)
+        try:
+            return calibrate_spots(sim, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
+        except FactoryError:
+            return None
 
     s_obs, n_obs = seen.sigma_xy_um.value, seen.n_qd.value
-    sxy, nqd, s_slope = s_obs, n_obs, 1.0
-    for _ in range(2):  # width and brightness bias each other's reading: twice round
+    q_obs = seen.n_qd_quantiles
+    spread_obs = (q_obs[2] - q_obs[0]) / q_obs[1]
+    sxy, nqd, s_slope, spread = s_obs, n_obs, 1.0, 0.0
+    for _ in range(2):  # width, brightness and its spread bias each other's reading: twice round
         grid = sxy * np.array([0.8, 0.9, 1.0, 1.1, 1.2])
-        widths = np.array([measure(s, nqd).sigma_xy_um.value for s in grid])
-        slope, icept = np.polyfit(grid, widths, 1)
+        got = [(s, m.sigma_xy_um.value) for s in grid if (m := measure(s, nqd, spread)) is not None]
+        slope = np.polyfit(*zip(*got), 1)[0] if len(got) >= 3 else 0.0
         if slope <= 0.1:
-            notes.append("sigma_xy: the measured width hardly follows the PSF width at this signal; "
-                         "the first reading is kept")
+            notes.append("sigma_xy: the simulated width hardly follows the PSF width at this signal; the "
+                         "direct reading (biased low on dim spots) is kept")
             break
+        icept = np.polyfit(*zip(*got), 1)[1]
         sxy, s_slope = float(np.clip((s_obs - icept) / slope, 0.5 * grid[0], 1.5 * grid[-1])), slope
-        nqd = float(max(nqd * n_obs / measure(sxy, nqd).n_qd.value, 1e-3))
+        # The dots' own brightness spread (uniform +-spread): the one whose simulated
+        # 10th - 90th percentile range, relative to the median, is the recording's.
+        # Brighter dots are found more often, so the spread moves the median found.
+        spreads, seen_spread = [], []
+        for w in (0.0, 0.15, 0.3, 0.45, 0.6):
+            if (m := measure(sxy, nqd, w)) is not None:
+                q = m.n_qd_quantiles
+                spreads.append(w)
+                seen_spread.append((q[2] - q[0]) / q[1])
+        if spreads:
+            spread = float(np.interp(spread_obs, np.maximum.accumulate(seen_spread), spreads))
+        if (m := measure(sxy, nqd, spread)) is not None:
+            nqd = float(max(nqd * n_obs / m.n_qd.value, 1e-3))
+    # Dots in view: the simulated count scaled by the spots found per frame, real over
+    # simulated (dim and out-of-focus dots are missed alike on both sides).
+    in_view = math.nan
+    if (m := measure(sxy, nqd, spread)) is not None and m.spots_per_frame > 0:
+        in_view = particles["count"] * seen.spots_per_frame / m.spots_per_frame
     s_sd = seen.sigma_xy_um.sigma / s_slope
     n_sd = seen.n_qd.sigma * nqd / n_obs
     q = tuple(v * nqd / n_obs for v in seen.n_qd_quantiles)
-    return SpotCalibration(Estimate(sxy, s_sd), Estimate(nqd, n_sd), q, seen.n_spots, seen.spots_per_frame, notes)
+    return SpotCalibration(Estimate(sxy, s_sd), Estimate(nqd, n_sd), q, seen.n_spots, seen.spots_per_frame, notes,
+                           n_qd_spread=spread, particles_in_view=in_view)
 
 
-def _with_spots(microscope: dict, sigma_xy_um: float, n_qd: float) -> dict:
+def _with_spots(microscope: dict, sigma_xy_um: float, n_qd: float, spread: float = 0.0) -> dict:
     m = {k: dict(v) if isinstance(v, dict) else v for k, v in microscope.items()}
     m.setdefault("psf", {})["sigma_xy_um"] = sigma_xy_um
-    m.setdefault("particles", {})["n_qd"] = n_qd
+    m.setdefault("particles", {})["n_qd"] = _n_qd_law(n_qd, spread)
     return m
+
+
+def _n_qd_law(n_qd: float, spread: float):
+    """N_qd uniform over n_qd (1 +- spread), or fixed."""
+    if spread <= 0.01:
+        return _round(n_qd)
+    return {"type": "uniform", "low": _round(n_qd * (1 - spread)), "high": _round(n_qd * (1 + spread))}
+
+
+# --- a first tracking pass: the range of D ------------------------------------------------
+
+MIN_TRACK_FRAMES = 10  # frames a first-pass track needs for its D to count
+
+
+def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um: float, timing) -> dict:
+    """The D of the particles of a recording (background-free photons, T x H x W), from a
+    first tracking pass: spots (as ``calibrate_spots`` finds them) refined to their
+    centroid, linked (TrackPy, for D up to 1 um^2/s over one frame), and the CVE of every
+    track of at least ``MIN_TRACK_FRAMES`` frames on each spot's own scan time.  Returns
+    ``{"D_um2_s": [...], "n_tracks": n}``; no tracks where the recording is too short."""
+    import pandas as pd
+
+    from .timing import time_stamps
+    from .tracks import blur_r, diffusion_table, link, search_range_px
+
+    t, h, w = photons.shape
+    if t < MIN_TRACK_FRAMES:
+        return {"D_um2_s": [], "n_tracks": 0, "frames": t}
+    s_px = sigma_xy_um / pixel_size_um
+    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(photons[0], s_px) - np.median(photons[0])))
+    half = max(2, int(math.ceil(1.5 * s_px)))
+    rows = []
+    for i, frame in enumerate(photons):
+        r, c, _ = find_spots(frame, s_px, 5.0 * max(noise, 1e-6))
+        for y, x in zip(r, c):
+            if not (half <= y < h - half and half <= x < w - half):
+                continue
+            win = np.clip(frame[y - half:y + half + 1, x - half:x + half + 1], 0, None)
+            tot = win.sum()
+            if tot <= 0:
+                continue
+            off = np.arange(-half, half + 1)
+            rows.append((i, x + float((win.sum(0) * off).sum() / tot), y + float((win.sum(1) * off).sum() / tot)))
+    table = pd.DataFrame(rows, columns=["frame", "x", "y"])
+    if len(table) == 0:
+        return {"D_um2_s": [], "n_tracks": 0, "frames": t}
+    table.insert(1, "t_s", time_stamps(table, h, w, timing, "scan"))
+    period = timing.frame_period_s(h, w)
+    tracks = link(table, search_range_px(1.0, period, pixel_size_um, 1.0), memory=1)
+    r_blur = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
+    d = diffusion_table(tracks, pixel_size_um, r_blur, min_points=MIN_TRACK_FRAMES)
+    return {"D_um2_s": [float(v) for v in d["D_um2_s"]], "n_tracks": int(len(d)), "frames": t}
+
+
+def d_range(first_pass: dict) -> tuple[dict, str]:
+    """The ``particles.diffusion_um2_s`` to train for, and a note on where it came from:
+    log-uniform from half the 10th to twice the 90th percentile of the first pass's
+    positive D (the CVE scatters each track's D by tens of percent), else the field
+    default (0.02 - 0.5 um^2/s), said so."""
+    d = np.array([v for v in first_pass["D_um2_s"] if v > 0])
+    if len(d) < 5:
+        why = (f"{first_pass['frames']} frame(s), too short for a track" if first_pass["frames"] < MIN_TRACK_FRAMES
+               else f"{len(d)} first-pass track(s) with a positive D")
+        return ({"type": "log_uniform", "low": 0.02, "high": 0.5},
+                f"D range: not estimated ({why}; at least 5 tracks of {MIN_TRACK_FRAMES} frames needed); the field "
+                "default, log-uniform 0.02 - 0.5 um^2/s, is written; edit particles.diffusion_um2_s if yours differ")
+    lo, hi = np.percentile(d, [10, 90])
+    low, high = _round(max(0.5 * lo, 1e-3)), _round(min(max(2 * hi, 2 * max(0.5 * lo, 1e-3)), 20.0))
+    return ({"type": "log_uniform", "low": low, "high": high},
+            f"D range: from a first tracking pass ({len(d)} tracks of >= {MIN_TRACK_FRAMES} frames, D 10th - 90th "
+            f"percentile {lo:.3g} - {hi:.3g} um^2/s), widened to {low:g} - {high:g} um^2/s")
 
 
 # --- the whole calibration: a recording in, a datasets config out -----------------------
@@ -508,9 +606,6 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
             "direction": "bidirectional" if bidirectional else "unidirectional"}
     photons = to_photons(frames, det)
     count = max(1, round(spots_guess(photons, pixel_size_um)))
-    d_range = {"type": "log_uniform", "low": 0.02, "high": 0.5}
-    notes.append("D range: not estimated from the recording (no first tracking pass yet); the field default, "
-                 "log-uniform 0.02 - 0.5 um^2/s, is written; edit particles.diffusion_um2_s if yours differ")
     try:
         spots = fit_spot_model(photons, {"image": image, "scan": scan, "detector": det.detector_config(),
                                          "background": {"n_bkg": det.n_bkg.value},
@@ -518,28 +613,43 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
                                                        "diffusion_um2_s": 0.1,
                                                        "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}}},
                                det, pixel_size_um, sigma_z_um, seed=seed)
-        sigma_xy, n_qd = spots.sigma_xy_um.value, spots.n_qd.value
-        count = max(1, round(spots.spots_per_frame))
+        sigma_xy, n_qd, spread = spots.sigma_xy_um.value, spots.n_qd.value, spots.n_qd_spread
         notes += spots.notes
+        if math.isfinite(spots.particles_in_view):
+            count = max(1, round(spots.particles_in_view))
+            notes.append(f"particle count: {count} dots in view per frame ({spots.spots_per_frame:.1f} found, the "
+                         "rest too dim or out of focus, as the simulation of the calibrated microscope shows)")
+        else:
+            notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
     except FactoryError as exc:
-        spots, sigma_xy, n_qd = None, 0.21, 10.0
+        spots, sigma_xy, n_qd, spread = None, 0.21, 10.0, 0.3
         notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy 0.21 um and N_qd 10 "
-                     "are written")
-    notes.append(f"particle count: {count} spots per frame found in focus (dimmer, out-of-focus dots are missed)")
+                     "(+-30%) are written")
+        notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
+    from .timing import ScanTiming
+
+    timing = ScanTiming(float(dwell_us), float(line_retrace_ms), frame_flyback_ms, bidirectional,
+                        "the command line")
+    first = first_pass_diffusion(photons, pixel_size_um, sigma_xy, timing)
+    diffusion, note = d_range(first)
+    notes.append(note)
+    margin_px = 1.0 / pixel_size_um
+    region_count = max(1, round(count * (shape[1] + 2 * margin_px) * (shape[2] + 2 * margin_px) / (shape[1] * shape[2])))
     defaults = {
         "image": image, "scan": scan,
         "psf": {"sigma_xy_um": _round(sigma_xy), "sigma_z_um": sigma_z_um},
         "background": {"n_bkg": _round(det.n_bkg.value)},
         "detector": det.detector_config(),
-        "particles": {"count": {"type": "poisson", "mean": count, "max": max(3 * count, count + 10)},
-                      "diffusion_um2_s": d_range,
-                      "n_qd": {"type": "uniform", "low": _round(0.7 * n_qd), "high": _round(1.3 * n_qd)},
+        # The movie's region reaches 1 um beyond every edge: as many dots per area there.
+        "particles": {"count": {"type": "poisson", "mean": region_count, "max": max(3 * region_count, region_count + 10)},
+                      "diffusion_um2_s": diffusion,
+                      "n_qd": _n_qd_law(n_qd, spread),
                       "xy_start": {"type": "uniform"},
                       "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}},
     }
     # Training patches of 64 x 64 px at the recording's density; the test movie at full size.
     small = {"height_px": 64, "width_px": 64, "pixel_size_um": float(pixel_size_um)}
-    per_patch = max(1.0, count * 64 * 64 / (shape[1] * shape[2]))
+    per_patch = max(1.0, count * (64 + 2 * margin_px) ** 2 / (shape[1] * shape[2]))
     patch_count = {"type": "poisson", "mean": _round(per_patch), "max": int(3 * per_patch + 6)}
     flyback = {} if frame_flyback_ms is None else {"frame_flyback_ms": float(frame_flyback_ms)}
     config = {
@@ -565,7 +675,7 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
         f"# SpotNet for the microscope of {recording.name}: `factory train --config train.yaml --data DATA`\n"
         "# after `factory build microscope.yaml --out DATA`.\n")
     result = {"recording": str(recording), "frames_used": n_used, "dark": None if dark is None else str(dark),
-              "detector": det.to_dict(), "spots": None if spots is None else asdict(spots),
+              "detector": det.to_dict(), "spots": None if spots is None else asdict(spots), "first_pass": first,
               "config": defaults, "notes": notes}
     _write_report(out, recording, det, spots, defaults, notes, n_used)
     _plot(out / "calibration.png", frames, config, seed)

@@ -158,7 +158,9 @@ def test_calibrate_writes_a_config_that_builds(foreign_recording, tmp_path):
     assert abs(cfg["detector"]["offset_adu"] - 80.0) < 1 and abs(cfg["background"]["n_bkg"] - 5.0) < 0.5
     assert abs(cfg["psf"]["sigma_xy_um"] - 0.25) < 0.025
     report = (out / "calibration.md").read_text()
-    assert "| gain (ADU per photon) |" in report and "D range: not estimated" in report
+    assert "| gain (ADU per photon) |" in report and "D range: from a first tracking pass" in report
+    d = yaml.safe_load((out / "microscope.yaml").read_text())["defaults"]["particles"]["diffusion_um2_s"]
+    assert d["type"] == "log_uniform" and d["low"] < 0.1 < d["high"]  # every particle has D = 0.1
     r = run_cli("build", out / "microscope.yaml", "--out", tmp_path / "data", "--only", "val", "-q")
     assert r.returncode == 0, r.stderr
 
@@ -192,3 +194,16 @@ def test_a_recording_without_spots_says_what_was_not_estimated(tmp_path):
     assert r.returncode == 0, r.stderr
     report = (tmp_path / "o" / "calibration.md").read_text()
     assert "PSF width and brightness: not estimated" in report and "sigma_xy 0.21 um" in report
+
+
+def test_a_recording_too_short_for_tracks_keeps_the_default_d_range_and_says_so(foreign_recording, tmp_path):
+    import tifffile
+
+    from models.calibration import calibrate
+
+    root, frames = foreign_recording
+    tifffile.imwrite(tmp_path / "short.tif", frames[:4], photometric="minisblack")
+    r = calibrate(tmp_path / "short.tif", tmp_path, pixel_size_um=0.12, dwell_us=4.0, line_retrace_ms=0.5,
+                  dark=root / "dark.tif")
+    assert any(n.startswith("D range: not estimated (4 frame(s), too short for a track") for n in r["notes"])
+    assert r["config"]["particles"]["diffusion_um2_s"] == {"type": "log_uniform", "low": 0.02, "high": 0.5}

@@ -155,7 +155,8 @@ def test_predict_on_a_stack_larger_than_training_and_bad_input(stack_run, tmp_pa
     # T x Z x H x W
     tifffile.imwrite(tmp_path / "series.tif", np.stack([big, big]))
     r = run_cli("predict", root / "model", tmp_path / "series.tif", "--out", tmp_path / "s.csv", "--z-step-um", "0.5")
-    assert r.returncode == 0, r.stderr and "2 stack(s)" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "2 stack(s)" in r.stdout, r.stdout
     # Bad input: a 2D image to a 3D model, a z step <= 0.
     tifffile.imwrite(tmp_path / "flat.tif", big[0])
     for args, msg in ((["flat.tif"], "needs a z-stack"), (["stack.tif", "--z-step-um", "0"], "z step must be > 0"),
