@@ -310,6 +310,12 @@ class SpotCalibration:
     particles_in_view: float = math.nan  # dots in the field per frame, found or not
 
 
+def spot_noise(frame: np.ndarray, sigma_px: float) -> float:
+    """The robust standard deviation (1.4826 MAD about the frame's median) of ``frame``
+    smoothed at ``sigma_px``: the scale of spot thresholds."""
+    return float(1.4826 * np.median(np.abs(ndimage.gaussian_filter(frame, sigma_px) - np.median(frame))))
+
+
 def find_spots(photons: np.ndarray, sigma_px: float, threshold: float):
     """Local maxima (row, col, height) of a frame of background-free photons smoothed at
     ``sigma_px``, above ``threshold`` (in smoothed photons)."""
@@ -357,7 +363,7 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
     out-of-focus dot counts as a dimmer one)."""
     notes: list[str] = []
     s_px = sigma_guess_um / pixel_size_um
-    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(photons[0], s_px) - np.median(photons[0])))
+    noise = spot_noise(photons[0], s_px)
     thr = 5.0 * max(noise, 1e-6)
     half_c = int(math.ceil(3 * s_px))
     half_r = max(2, int(math.ceil(1.2 * s_px)))
@@ -523,7 +529,7 @@ def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um:
     if t < MIN_TRACK_FRAMES:
         return {"D_um2_s": [], "n_tracks": 0, "frames": t}
     s_px = sigma_xy_um / pixel_size_um
-    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(photons[0], s_px) - np.median(photons[0])))
+    noise = spot_noise(photons[0], s_px)
     half = max(2, int(math.ceil(1.5 * s_px)))
     rows = []
     for i, frame in enumerate(photons):
@@ -686,7 +692,7 @@ def spots_guess(photons: np.ndarray, pixel_size_um: float) -> float:
     """Spots per frame above 5 noise deviations at the paper's PSF scale (the first frames)."""
     s = 0.21 / pixel_size_um
     f = photons[0]
-    noise = 1.4826 * np.median(np.abs(ndimage.gaussian_filter(f, s) - np.median(f)))
+    noise = spot_noise(f, s)
     return float(np.mean([len(find_spots(p, s, 5 * max(noise, 1e-6))[0]) for p in photons[:5]]))
 
 
