@@ -55,8 +55,13 @@ def sections(m: dict) -> dict:
                            "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}})
 
 
-def record(m: dict, folder: Path, seed: int) -> tuple[Path, Path]:
-    """The movie (50 frames) and 20 dark frames of microscope ``m``, as TIFFs of ADU."""
+TRUTH_KEYS = ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s", "frame_start_s",
+              "on_fraction")
+
+
+def record(m: dict, folder: Path, seed: int, name: str = "movie", dark: bool = True) -> tuple[Path, Path | None]:
+    """The movie (50 frames) and 20 dark frames of microscope ``m``, as TIFFs of ADU,
+    and the movie's truth (``NAME.truth.npz``: the simulator's per-frame arrays)."""
     import tifffile
 
     from factory.config import parse_config
@@ -66,10 +71,15 @@ def record(m: dict, folder: Path, seed: int) -> tuple[Path, Path]:
     cfg = parse_config({"seed": seed, "datasets": {
         "movie": {"n_movies": 1, "movie": {"n_frames": 50, "margin_um": 1.0}, **s},
         "dark": {"n_images": 20, **{**s, "background": {"n_bkg": 0.0}, "particles": {"count": 0}}}}})
-    rec, dark = folder / "movie.tif", folder / "dark.tif"
-    tifffile.imwrite(rec, simulate(cfg.datasets["movie"], cfg.seed)["images"])
-    tifffile.imwrite(dark, simulate(cfg.datasets["dark"], cfg.seed + 1)["images"])
-    return rec, dark
+    rec = folder / f"{name}.tif"
+    rows = simulate(cfg.datasets["movie"], cfg.seed)
+    tifffile.imwrite(rec, rows["images"])
+    np.savez_compressed(folder / f"{name}.truth.npz", **{k: rows[k] for k in TRUTH_KEYS if k in rows})
+    if not dark:
+        return rec, None
+    dark_path = folder / "dark.tif"
+    tifffile.imwrite(dark_path, simulate(cfg.datasets["dark"], cfg.seed + 1)["images"])
+    return rec, dark_path
 
 
 def main() -> None:

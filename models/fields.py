@@ -1,0 +1,156 @@
+"""Scores per particle on real-size fields: of the particles a movie shows, how many a
+pipeline tracks, and for how many it gets D right.
+
+Link counts (``tracks.score_tracks``) say how clean the tracks are; what a user
+publishes is a D per particle.  So every particle in view for at least
+``MIN_FRAMES_IN_VIEW`` consecutive frames (and, when it blinks, on in at least half of
+them) is scored: it has a matched track when at least ``MATCH_SHARE`` of a track's
+points lie within ``MATCH_PX`` of its centroid or of where the laser saw it (exposure
+position) in the same frame; its D is that of its longest matched track with a D; that D
+is right when within a factor ``D_FACTOR`` of the truth.  The floor is the estimator on
+the particle's true centroids over the same run of frames: what a perfect localiser and
+linker would give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .tracks import diffusion_table
+
+MIN_FRAMES_IN_VIEW = 10
+MATCH_PX = 3.0
+MATCH_SHARE = 0.6
+D_FACTOR = 1.5
+ON_SHARE = 0.5  # a blinking particle counts as visible in a frame when on for half of it
+
+
+@dataclass
+class MovieTruth:
+    """The truth of one movie, per frame and particle slot (px, pixel-centre origin).
+
+    ``centroids`` and ``exposure_xy`` (F, P, 2) NaN where a particle is not in view;
+    ``centroid_t_s`` and ``exposure_t_s`` (F, P) their times; ``diffusion`` (P,) um^2/s;
+    ``on_fraction`` (F, P) the share of the frame a blinking particle was on (None: it
+    never blinks)."""
+
+    centroids: np.ndarray
+    exposure_xy: np.ndarray
+    centroid_t_s: np.ndarray
+    exposure_t_s: np.ndarray
+    diffusion: np.ndarray
+    on_fraction: np.ndarray | None = None
+
+    @classmethod
+    def of_rows(cls, rows: dict, start: int, stop: int, centroid_t_s: np.ndarray) -> "MovieTruth":
+        """One movie (rows ``start .. stop``) of a store's or ``factory.kernel.simulate``'s
+        arrays: ``centroids``, ``exposure_xy``, ``in_view``, ``n_particles``, ``diffusion``,
+        ``exposure_t_s`` and ``on_fraction`` where the particles blink."""
+        from loaders.datasets import truth_points
+
+        h = w = np.inf  # in_view already says whether a centroid lies in the field
+        sl = slice(start, stop)
+        c = truth_points(rows["centroids"][sl], rows["n_particles"][sl], rows["in_view"][sl], True, h, w)
+        e = truth_points(rows["exposure_xy"][sl], rows["n_particles"][sl], rows["in_view"][sl], True, h, w)
+        on = rows.get("on_fraction")
+        on = None if on is None or np.all(np.asarray(on[sl]) >= 1.0) else np.asarray(on[sl], np.float32)
+        return cls(c.astype(np.float64), e.astype(np.float64), np.asarray(centroid_t_s[sl], np.float64),
+                   np.asarray(rows["exposure_t_s"][sl], np.float64), np.asarray(rows["diffusion"][start], np.float64), on)
+
+
+def longest_run(ok: np.ndarray) -> tuple[int, int]:
+    """(start, stop) of the longest run of True in a 1D mask ((0, 0) when none)."""
+    best, a = (0, 0), None
+    for i, v in enumerate(np.r_[ok, False]):
+        if v and a is None:
+            a = i
+        elif not v and a is not None:
+            if i - a > best[1] - best[0]:
+                best = (a, i)
+            a = None
+    return best
+
+
+def scored_runs(truth: MovieTruth, min_frames: int = MIN_FRAMES_IN_VIEW) -> dict[int, tuple[int, int]]:
+    """The particles scored, each with its longest run of frames in view."""
+    inview = np.isfinite(truth.centroids).all(-1)
+    out = {}
+    for p in range(inview.shape[1]):
+        a, b = longest_run(inview[:, p])
+        if b - a < min_frames:
+            continue
+        if truth.on_fraction is not None and (truth.on_fraction[a:b, p] >= ON_SHARE).sum() < 0.5 * (b - a):
+            continue
+        out[p] = (a, b)
+    return out
+
+
+def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATCH_PX,
+                 share: float = MATCH_SHARE) -> dict[int, int]:
+    """The particle each track follows (tracks that follow none are left out)."""
+    if len(tracks) == 0:
+        return {}
+    f = tracks["frame"].to_numpy(np.int64)
+    xy = tracks[["x", "y"]].to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        dc = np.hypot(*(xy[:, None, :] - truth.centroids[f]).transpose(2, 0, 1))
+        de = np.hypot(*(xy[:, None, :] - truth.exposure_xy[f]).transpose(2, 0, 1))
+        near = (np.fmin(dc, de) <= match_px)  # (points, P); NaN (not in view) is never near
+    ids = tracks["track"].to_numpy()
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.zeros((len(uniq), near.shape[1]), np.int64)
+    np.add.at(counts, inv, near.astype(np.int64))
+    n = np.bincount(inv)
+    best = counts.argmax(1)
+    hit = counts[np.arange(len(uniq)), best] >= share * n
+    return {int(t): int(p) for t, p, h in zip(uniq, best, hit) if h}
+
+
+def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTruth, pixel_size_um: float,
+                    floor_r: float, d_column: str = "D_um2_s") -> pd.DataFrame:
+    """One row per scored particle: its true D, whether a track follows it, the D of its
+    longest matched track with a D (``d_table``: ``track`` and ``d_column``), and the
+    floor (the CVE on its true centroids over its run in view, blur coefficient
+    ``floor_r``)."""
+    runs = scored_runs(truth)
+    owner = match_tracks(tracks, truth)
+    d_of = dict(zip(d_table["track"].to_numpy(), d_table[d_column].to_numpy())) if len(d_table) else {}
+    length = tracks.groupby("track").size().to_dict() if len(tracks) else {}
+    rows = []
+    for p, (a, b) in runs.items():
+        mine = [t for t, q in owner.items() if q == p]
+        with_d = [t for t in mine if t in d_of and np.isfinite(d_of[t])]
+        est = d_of[max(with_d, key=lambda t: length[t])] if with_d else np.nan
+        true_pos = pd.DataFrame({"track": 0, "frame": np.arange(a, b), "t_s": truth.centroid_t_s[a:b, p],
+                                 "x": truth.centroids[a:b, p, 0], "y": truth.centroids[a:b, p, 1]})
+        fl = diffusion_table(true_pos, pixel_size_um, floor_r)
+        rows.append({"particle": p, "frames_in_view": b - a, "true_D_um2_s": float(truth.diffusion[p]),
+                     "matched": bool(mine), "D_um2_s": float(est),
+                     "floor_D_um2_s": float(fl["D_um2_s"].iloc[0]) if len(fl) else np.nan})
+    return pd.DataFrame(rows, columns=["particle", "frames_in_view", "true_D_um2_s", "matched", "D_um2_s",
+                                       "floor_D_um2_s"])
+
+
+def within(est: np.ndarray, true: np.ndarray, factor: float = D_FACTOR) -> np.ndarray:
+    """D within a factor of the truth (a missing or non-positive estimate is not)."""
+    est, true = np.asarray(est, np.float64), np.asarray(true, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (est > 0) & (est <= factor * true) & (est >= true / factor)
+
+
+def summarise(per_particle: pd.DataFrame) -> dict:
+    """Shares over the scored particles: with a matched track, with D within ``D_FACTOR``
+    (ours and the floor's), and the median |log10(D_est / D_true)| of those with a D."""
+    t = per_particle
+    n = len(t)
+    if n == 0:
+        return {"particles": 0, "matched": None, "d_within": None, "floor_d_within": None, "median_abs_log10": None}
+    ok = t["D_um2_s"].to_numpy() > 0
+    err = np.abs(np.log10(t["D_um2_s"].to_numpy()[ok] / t["true_D_um2_s"].to_numpy()[ok]))
+    return {"particles": n, "matched": float(t["matched"].mean()),
+            "d_within": float(within(t["D_um2_s"], t["true_D_um2_s"]).mean()),
+            "floor_d_within": float(within(t["floor_D_um2_s"], t["true_D_um2_s"]).mean()),
+            "median_abs_log10": float(np.median(err)) if len(err) else None}
