@@ -34,7 +34,9 @@ movie-pipelines: $(STAMP)
 	$(VENV)/bin/factory evaluate --detector trackpy --target exposure --tune-on movies_val --data data --datasets test_movies --out $(RUNS)/trackpy-movies --overwrite --quiet
 	$(VENV)/bin/factory evaluate --model $(MODEL) --target exposure --data data --datasets test_movies --out $(RUNS)/spotnet-movies --overwrite --quiet
 
+# The linter first (rules in pyproject.toml), then the suite.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # Crowded fields (crowded.yaml): several particles per 64 x 64 image; the networks that

@@ -77,8 +77,10 @@ def build(
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Output folder for the stores."),
     fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Store format: <out>/<name>.h5 or <out>/<name>.zarr."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Build only this dataset (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores that already exist (with --shard: rebuild a complete shard)."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="Build only shard I/N (I from 0) of each dataset, or 'auto' inside a SLURM array job."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores that already exist (with --shard: rebuild a complete "
+                                                              "shard)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Build only shard I/N (I from 0) of each dataset, or 'auto' inside a SLURM "
+                                                              "array job."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no size estimate."),
 ) -> None:
     """Build the datasets of CONFIG into chunked, compressed stores.
@@ -119,8 +121,10 @@ def finalize(
     out: Path = typer.Option(Path("data"), "--out", "-o", help="The folder the shards were built into."),
     fmt: Format = typer.Option(Format.hdf5, "--format", "-f", help="Format the shards were built in."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Finalize only this dataset (repeatable)."),
-    copy: bool = typer.Option(False, "--copy", help="HDF5: write one self-contained file instead of a virtual dataset over the shard files."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of another dataset that sits at the final name (finalizing the same dataset again needs no flag)."),
+    copy: bool = typer.Option(False, "--copy", help="HDF5: write one self-contained file instead of a virtual dataset over the shard "
+                                                    "files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of another dataset that sits at the final name "
+                                                              "(finalizing the same dataset again needs no flag)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Check every shard (present, same config, checksums) and publish the stores.
@@ -267,16 +271,23 @@ def _gates(text: str) -> tuple[float, ...]:
 def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="Folder of stores (its test* stores are scored) or one store."),
     out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder for metrics.json, table.md, table.csv, pr_*.png."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="A built-in detector: trackpy (tuned on --tune-on) or trackpy-paper (the seed paper's settings: diameter 7, separation 7, no preprocessing)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="A built-in detector: trackpy (tuned on --tune-on) or trackpy-paper "
+                                                                    "(the seed paper's settings: diameter 7, separation 7, no "
+                                                                    "preprocessing)."),
     model: Optional[Path] = typer.Option(None, "--model", help="A trained model's run folder (factory train)."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a CSV (frame, x, y, score; pixel-centre origin) against --data (one store)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score a CSV (frame, x, y, score; pixel-centre origin) "
+                                                                           "against --data (one store)."),
     datasets: Optional[List[str]] = typer.Option(None, "--datasets", help="Score only these stores of --data (repeatable)."),
     params: Optional[Path] = typer.Option(None, "--params", help="TrackPy parameters (JSON written by an earlier run); skips tuning."),
     tune_on: str = typer.Option("val", "--tune-on", help="Store of --data to tune TrackPy on (never a test set)."),
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
-    gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its pixel size)."),
-    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against (centroid: the paper's; exposure: what the laser saw). Trained models use their own (a model with a head per target: this head); every store is also scored against each truth it holds."),
+    gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its "
+                                                                  "pixel size)."),
+    target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against "
+                                                                    "(centroid: the paper's; exposure: what the laser saw). Trained "
+                                                                    "models use their own (a model with a head per target: this head); "
+                                                                    "every store is also scored against each truth it holds."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier evaluation in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -470,16 +481,21 @@ class Device(str, Enum):
 @app.command()
 @user_errors
 def train(
-    model: Optional[Network] = typer.Option(None, "--model", "-m", help="The network: spotnet (the default), gridnet, densitynet or keypointrcnn for images, dmdetnet3d for z-stacks; without --config, that family's built-in parameters."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Folder with the train and val stores (factory build); default: the config's data."),
+    model: Optional[Network] = typer.Option(None, "--model", "-m", help="The network: spotnet (the default), gridnet, densitynet or "
+                                                                        "keypointrcnn for images, dmdetnet3d for z-stacks; without "
+                                                                        "--config, that family's built-in parameters."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Folder with the train and val stores (factory build); default: the "
+                                                                   "config's data."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, best.pt, last.pt, metrics.json."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/, or a run folder's config.yaml to reproduce it); --model overrides its model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (see configs/, or a run folder's "
+                                                                       "config.yaml to reproduce it); --model overrides its model."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model already in --out."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's epochs."),
     max_train_images: Optional[int] = typer.Option(None, "--max-train-images", min=1, help="Use only the first N training images."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a trained run folder (or weights file): overrides the config's init_from."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a trained run folder (or weights file): overrides the "
+                                                                       "config's init_from."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a detector on simulated data, keeping the epoch with the best validation AUC.
@@ -558,11 +574,14 @@ def predict(
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Also write x_um, y_um (and sigma_um)."),
     dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us) of the recording."),
     line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
-    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next "
+                                                                                      "frame's first (ms; default one line retrace)."),
     bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction of the recording."),
     all_scores: bool = typer.Option(False, "--all", help="Keep every candidate, not only those above the model's tuned threshold."),
-    z_step_um: Optional[float] = typer.Option(None, "--z-step-um", help="3D models: the z step of the stacks (um), where the TIFF does not record it."),
-    target: Optional[Target] = typer.Option(None, "--target", help="Models with a head per target: centroid (the paper's, the default) or exposure (what the laser saw, stamped with its scan time)."),
+    z_step_um: Optional[float] = typer.Option(None, "--z-step-um", help="3D models: the z step of the stacks (um), where the TIFF does "
+                                                                        "not record it."),
+    target: Optional[Target] = typer.Option(None, "--target", help="Models with a head per target: centroid (the paper's, the default) "
+                                                                   "or exposure (what the laser saw, stamped with its scan time)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the CSV of an earlier run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -668,14 +687,17 @@ def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all
 @app.command()
 @user_errors
 def calibrate(
-    recording: Path = typer.Argument(..., help="The recording: a T x H x W TIFF (or .npy) of detector values (ADU); one H x W image is one frame."),
+    recording: Path = typer.Argument(..., help="The recording: a T x H x W TIFF (or .npy) of detector values (ADU); one H x W image is "
+                                               "one frame."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for microscope.yaml, train.yaml, calibration.md and calibration.png."),
     pixel_size_um: float = typer.Option(..., "--pixel-size-um", help="Pixel size (um)."),
     dwell_us: float = typer.Option(..., "--dwell-us", help="Pixel dwell time (us)."),
     line_retrace_ms: float = typer.Option(..., "--line-retrace-ms", help="Line retrace time (ms)."),
-    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next "
+                                                                                      "frame's first (ms; default one line retrace)."),
     bidirectional: bool = typer.Option(False, "--bidirectional/--unidirectional", help="Scan direction."),
-    dark: Optional[Path] = typer.Option(None, "--dark", help="Frames recorded with the laser blanked (same field size): they pin the offset and read noise."),
+    dark: Optional[Path] = typer.Option(None, "--dark", help="Frames recorded with the laser blanked (same field size): they pin the "
+                                                             "offset and read noise."),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulations run to fit the spot model, and of the config written."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier calibration in --out."),
 ) -> None:
@@ -696,6 +718,9 @@ def calibrate(
                                line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                                bidirectional=bidirectional, dark=dark, seed=seed)
     d, c = result["detector"], result["config"]
+    for note in result["notes"]:  # what could not be estimated, and the default written instead
+        if any(w in note for w in ("not estimated", "not determined", "assumed", "saturated")):
+            typer.echo(f"{recording}: {note}", err=True)
     typer.echo(f"{out}: gain {d['gain_adu_per_photon']['value']:.4g} ADU/photon, offset {d['offset_adu']['value']:.4g} ADU, "
                f"background {d['n_bkg']['value']:.3g} photons, sigma_xy {c['psf']['sigma_xy_um']:g} um; "
                f"{len(result['notes'])} note(s) in calibration.md")
@@ -707,16 +732,22 @@ def track(
     model: str = typer.Argument(..., help="A run folder from `factory train`, a trackpy.json, or 'trackpy' (the paper's settings)."),
     input: Path = typer.Argument(..., help="A movie: a T x H x W TIFF, or a movie store (every movie tracked)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for tracks.csv, diffusion.csv, tracks.png and track.json."),
-    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Pixel size (um); default: the store's, else the model's training data."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="Pixel size (um); default: the store's, else the model's "
+                                                                                "training data."),
     dwell_us: Optional[float] = typer.Option(None, "--dwell-us", help="Pixel dwell time (us)."),
     line_retrace_ms: Optional[float] = typer.Option(None, "--line-retrace-ms", help="Line retrace time (ms)."),
-    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next frame's first (ms; default one line retrace)."),
+    frame_flyback_ms: Optional[float] = typer.Option(None, "--frame-flyback-ms", help="Time from a frame's last pixel to the next "
+                                                                                      "frame's first (ms; default one line retrace)."),
     bidirectional: Optional[bool] = typer.Option(None, "--bidirectional/--unidirectional", help="Scan direction."),
-    max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected: sets the linking radius (default: the training data's or the store's largest D)."),
-    search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D and the frame period."),
+    max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected: sets the linking radius "
+                                                                                      "(default: the training data's or the store's "
+                                                                                      "largest D)."),
+    search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
+                                                                                    "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
     linker: str = typer.Option("trackpy", "--linker", help="Linking algorithm: trackpy (Crocker-Grier)."),
-    estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd (MSD fit over Michalet's optimal number of lags)."),
+    estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd "
+                                                                           "(MSD fit over Michalet's optimal number of lags)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier run in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -745,6 +776,7 @@ TRACK_FILES = ("tracks.csv", "diffusion.csv", "tracks.png", "track.json")
 def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
            bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool) -> str:
     """``factory track`` into the folder ``out``; the line to report."""
+    from factory.config import ImageSpec, ParticleSpec, PSFSpec
     from factory.stores import Store, is_store_path
     from models.predict import load_detector, training_data_config
     from models.recording import open_recording
@@ -773,9 +805,10 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
             cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
         timing = _with_flags(ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming(), dwell_us=dwell_us,
                              line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
-        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else 0.07)
-        d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else 1.75)
-        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
+        # Without the training data's config: the schema's defaults (the paper's microscope).
+        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else ImageSpec().pixel_size_um)
+        d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else ParticleSpec().diffusion_um2_s.high)
+        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else PSFSpec().sigma_xy_um
         if not quiet:
             typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
         tracks, diff, used = track_recording(det, images, timing, px, d_max,

@@ -139,7 +139,7 @@ def simulate_range(cfg: FactoryConfig, ds: Dataset, start: int, stop: int, sink,
     Z = ds.planes  # kernel frames per store row (a stack's planes)
     buffers = [allocate_batch(k, size * Z, want_e, want_t) for _ in range(2 if stop - start > step else 1)]
     wanted = {"expected": want_e, "trajectories": want_t}
-    pending = None
+    pending, pending_n = None, 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
         for j, i0 in enumerate(range(start, stop, step)):
             n = min(step, stop - i0)

@@ -695,7 +695,7 @@ def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple
     if isinstance(node, yaml.MappingNode):
         # Keys compared as the mapping will hold them (1, 1.0 and true are one key).
         lines: dict[Any, tuple[str, list[int]]] = {}
-        for key, value in node.value:
+        for key, _value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 k = loader.construct_object(key)
                 lines.setdefault(k, (key.value, []))[1].append(key.start_mark.line + 1)

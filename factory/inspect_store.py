@@ -102,7 +102,8 @@ def format_summary(s: dict, brief: bool = False) -> str:
     lines = [f"{s['path']} ({s['format']} {s['compression']}, {s['n_images']} images, seed {s['seed']}, "
              f"package {s['package_version']}, hash {s['dataset_hash']})", "  arrays:"]
     for name, a in s["arrays"].items():
-        lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} {'chunks ' + str(tuple(a['chunks'])) if a['chunks'] else 'virtual (rows in the shard files)'}")
+        layout = f"chunks {tuple(a['chunks'])}" if a["chunks"] else "virtual (rows in the shard files)"
+        lines.append(f"    {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<8} {layout}")
     lines.append("  parameters:")
     for key, value in s["parameters"].items():
         lines.append(f"    {key:<17} {json.dumps(value)}")

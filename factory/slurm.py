@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,16 @@ _MEM = re.compile(r"^\d+[KMGT]?$")
 
 def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only: list[str] | None = None,
                    partition: str | None = None, time: str = "01:00:00", cpus: int = 2, mem: str = "4G",
-                   copy: bool = False, python: str | None = None) -> dict[str, str]:
-    """The text of ``build.sbatch`` (array of ``shards`` tasks) and ``finalize.sbatch``."""
+                   copy: bool = False, command: str | None = None) -> dict[str, str]:
+    """The text of ``build.sbatch`` (array of ``shards`` tasks) and ``finalize.sbatch``,
+    which run ``command`` (default: the ``factory`` console script of this installation)."""
     if shards < 1:
         raise FactoryError(f"--shards {shards}: need at least 1")
     if not _TIME.match(time):
         raise FactoryError(f"--time {time}: use SLURM's format, e.g. 30, 01:00:00 or 1-00:00:00")
     if not _MEM.match(mem):
         raise FactoryError(f"--mem {mem}: use SLURM's format, e.g. 4000 or 4G")
-    python = python or sys.executable
+    command = command or factory_command()
     config, out = Path(config).resolve(), Path(out).resolve()
     logs = out / "slurm-logs"
     sel = "".join(f" --only {shlex.quote(n)}" for n in (only or []))
@@ -49,7 +51,7 @@ def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only
         f"#SBATCH --output={logs}/build_%A_%a.out",
         f"#SBATCH --error={logs}/build_%A_%a.err",
         *env,
-        f"{shlex.quote(python)} -m cli build {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
+        f"{shlex.quote(command)} build {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
         f"--format {fmt}{sel} --shard auto --quiet",
         "",
     ])
@@ -63,11 +65,22 @@ def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only
         f"#SBATCH --output={logs}/finalize_%j.out",
         f"#SBATCH --error={logs}/finalize_%j.err",
         *env,
-        f"{shlex.quote(python)} -m cli finalize {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
+        f"{shlex.quote(command)} finalize {shlex.quote(str(config))} --out {shlex.quote(str(out))} "
         f"--format {fmt}{sel}{' --copy' if copy else ''} --quiet",
         "",
     ])
     return {"build.sbatch": build, "finalize.sbatch": finalize}
+
+
+def factory_command() -> str:
+    """The ``factory`` console script installed beside this interpreter (a virtual
+    environment's bin folder), else the one on PATH: the jobs run the same installation."""
+    beside = Path(sys.executable).parent / "factory"
+    found = str(beside) if beside.is_file() else shutil.which("factory")
+    if not found:
+        raise FactoryError("no `factory` command beside this Python or on PATH; install the package "
+                           "(pip install -e .) so SLURM jobs can run it")
+    return found
 
 
 def write_scripts(scripts: dict[str, str], folder: Path) -> list[Path]:

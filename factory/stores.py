@@ -86,7 +86,8 @@ UNITS = {
     "expected": "photons",
     "n_particles": "count",
     "centroids": "px (x = column, y = row)",
-    "trajectories": "x px, y px, z um; samples at pixel steps 0, s, 2s, ... of every frame (s = 1 dwell, W line, H*W frame: output.trajectory_step)",
+    "trajectories": "x px, y px, z um; samples at pixel steps 0, s, 2s, ... of every frame (s = 1 dwell, W line, H*W frame: "
+                    "output.trajectory_step)",
     "diffusion": "um^2/s",
     "n_qd": "photons (Eq. 1 N_qd)",
     "exposure_xy": "px (x = column, y = row), weighted by the particle's own Eq. 1 signal",

@@ -198,10 +198,9 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
     rng = np.random.default_rng(seed)
     sums, ref = tile_power_sums(frames, tile_px)
     notes: list[str] = []
-    sat = float(np.mean(frames >= frames.max())) if frames.dtype.kind in "ui" else 0.0
-    if frames.dtype.kind in "ui" and frames.max() >= np.iinfo(frames.dtype).max and sat > 1e-4:
-        notes.append(f"{100 * sat:.2g}% of the pixels sit at the largest value of {frames.dtype} "
-                     f"({np.iinfo(frames.dtype).max}): saturated; spot brightness is underestimated")
+    sat = saturation(frames)
+    if sat is not None:  # clipped pixels are spot cores (a clipped background is refused by `calibrate`)
+        notes.append(f"saturated: {100 * sat[1]:.2g}% of the pixels sit at the ceiling {sat[0]:g} ADU")
 
     dark_stats = None
     if dark is not None:
@@ -368,10 +367,11 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
     half_c = int(math.ceil(3 * s_px))
     half_r = max(2, int(math.ceil(1.2 * s_px)))
     iso = 6 * s_px
-    widths, peaks, found = [], [], 0
+    widths, peaks, found, looked = [], [], 0, 0
     for frame in photons:
         r, c, hgt = find_spots(frame, s_px, thr)
         found += len(r)
+        looked += 1
         if len(r) == 0:
             continue
         d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
@@ -401,7 +401,8 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
     nqd_sd = float(1.2533 * 1.4826 * np.median(np.abs(nqd - q[1])) / math.sqrt(n))
     notes.append(f"N_qd: in-focus equivalent with sigma_z {sigma_z_um:g} um (a 2D recording does not "
                  "measure sigma_z; a dot out of focus counts as a dimmer one)")
-    return SpotCalibration(Estimate(sxy, sxy_sd), Estimate(q[1], nqd_sd), q, n, found / len(photons), notes)
+    # Spots per frame over the frames looked at (the loop stops once it has max_spots).
+    return SpotCalibration(Estimate(sxy, sxy_sd), Estimate(q[1], nqd_sd), q, n, found / looked, notes)
 
 
 def simulated_photons(microscope: dict, n_frames: int, seed: int, detector: DetectorCalibration | None = None):
@@ -602,6 +603,10 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
                 raise FactoryError(f"{dark}: dark frames of {d.shape[1]} x {d.shape[2]} px, the recording's are "
                                    f"{shape[1]} x {shape[2]} px; record both with one field")
             dark_frames = d.frames(0, min(len(d), MAX_FRAMES))
+    sat = saturation(frames)
+    if sat is not None and float(np.median(frames)) >= sat[0]:
+        raise FactoryError(f"{recording}: half or more of the pixels sit at the ceiling {sat[0]:g} ADU; nothing can "
+                           "be calibrated from a saturated recording (lower the PMT gain or the laser power)")
     det = calibrate_detector(frames, dark_frames, source=str(recording), seed=seed)
     notes = list(det.notes)
     if not (det.gain_adu_per_photon.value > 0 and math.isfinite(det.n_bkg.value)):
@@ -613,6 +618,9 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
     photons = to_photons(frames, det)
     count = max(1, round(spots_guess(photons, pixel_size_um)))
     try:
+        if sat is not None:  # clipped spot cores: their width and brightness would come out wrong
+            raise FactoryError(f"{100 * sat[1]:.2g}% of the pixels sit at the detector's ceiling {sat[0]:g} ADU, so the "
+                               "brightest spots are clipped; record with a lower gain to calibrate them")
         spots = fit_spot_model(photons, {"image": image, "scan": scan, "detector": det.detector_config(),
                                          "background": {"n_bkg": det.n_bkg.value},
                                          "particles": {"count": count,
@@ -686,6 +694,17 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
     _write_report(out, recording, det, spots, defaults, notes, n_used)
     _plot(out / "calibration.png", frames, config, seed)
     return result
+
+
+def saturation(frames: np.ndarray) -> tuple[float, float] | None:
+    """(ceiling, share of pixels) where a recording piles up at its largest value (a
+    saturated detector or digitiser), else None.  Unclipped, the largest value of a noisy
+    recording is rare: fewer pixels hold it than the values just below."""
+    top = frames.max()
+    n_top = int(np.count_nonzero(frames == top))
+    width = max(1.0, 0.02 * (float(top) - float(np.median(frames))))
+    n_below = int(np.count_nonzero((frames >= top - width) & (frames < top)))
+    return (float(top), n_top / frames.size) if n_top >= 10 and n_top > n_below else None
 
 
 def spots_guess(photons: np.ndarray, pixel_size_um: float) -> float:

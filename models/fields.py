@@ -55,8 +55,8 @@ class MovieTruth:
         sl = slice(start, stop)
         c = truth_points(rows["centroids"][sl], rows["n_particles"][sl], rows["in_view"][sl], True, h, w)
         e = truth_points(rows["exposure_xy"][sl], rows["n_particles"][sl], rows["in_view"][sl], True, h, w)
-        on = rows.get("on_fraction")
-        on = None if on is None or np.all(np.asarray(on[sl]) >= 1.0) else np.asarray(on[sl], np.float32)
+        on = rows.get("on_fraction")  # absent (or a placeholder) when the particles do not blink
+        on = np.asarray(on[sl], np.float32) if on is not None and np.shape(on)[:2] == np.shape(rows["in_view"]) else None
         return cls(c.astype(np.float64), e.astype(np.float64), np.asarray(centroid_t_s[sl], np.float64),
                    np.asarray(rows["exposure_t_s"][sl], np.float64), np.asarray(rows["diffusion"][start], np.float64), on)
 

@@ -169,7 +169,7 @@ def match_counts(pred: Points, gt: Points, cutoffs_px) -> tuple[np.ndarray, list
     cutoffs = np.atleast_1d(np.asarray(cutoffs_px, np.float64))
     tp = np.zeros(len(cutoffs), np.int64)
     dists: list[list[np.ndarray]] = [[] for _ in cutoffs]
-    for _, pi, gi, d in _pairwise(pred, gt):
+    for _, _pi, _gi, d in _pairwise(pred, gt):
         if d is None:
             continue
         if min(d.shape) == 1:

@@ -240,7 +240,8 @@ def _open_npy(path: Path) -> Recording:
         return Recording(path, a.shape, a.dtype, lambda i, j: a[i:j] if a.ndim == 3 else a[None])
     shape, dtype, offset = mm.shape, mm.dtype, mm.offset
     if mm.ndim > 1 and not mm.flags.c_contiguous:  # Fortran order: frames are not contiguous
-        return Recording(path, shape, dtype, lambda i, j: mm[i:j] if mm.ndim == 3 else mm[None])
+        fortran = mm
+        return Recording(path, shape, dtype, lambda i, j: fortran[i:j] if fortran.ndim == 3 else fortran[None])
     del mm
     n = shape[0] if len(shape) == 3 else 1
     return Recording(path, shape, dtype, _reading(path, _mapped(path, offset, dtype, (n, *shape[-2:]))),

@@ -39,7 +39,7 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     runs = Path(runs)
     tests = {p.stem: p for p in find_test_stores(data, datasets)}
     stacks = []
-    for name, p in tests.items():
+    for p in tests.values():
         with Store(p) as st:
             stacks.append(is_stack_store(st))
     if any(stacks):

@@ -39,8 +39,9 @@ def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_siz
     return 4.0 * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
 
 
-def link(table: pd.DataFrame, search_range: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
-    """Add a ``track`` column (ids unique over the table; -1 never occurs).
+def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
+    """Add a ``track`` column (ids unique over the table; -1 never occurs): TrackPy's
+    linking within ``radius_px`` (pixels, as ``x`` and ``y``), ``memory`` frames of gap.
 
     ``group`` (e.g. ``movie``) links each group's frames separately."""
     trackpy = import_trackpy()
@@ -51,7 +52,7 @@ def link(table: pd.DataFrame, search_range: float, memory: int = 1, group: str |
     for _, g in groups:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            linked = trackpy.link(g.reset_index(drop=True), search_range, memory=memory,
+            linked = trackpy.link(g.reset_index(drop=True), radius_px, memory=memory,
                                   adaptive_stop=0.5, adaptive_step=0.9)
         ids = linked["particle"].to_numpy()
         _, dense = np.unique(ids, return_inverse=True)
@@ -60,6 +61,80 @@ def link(table: pd.DataFrame, search_range: float, memory: int = 1, group: str |
         parts.append(linked)
     out = pd.concat(parts, ignore_index=True)
     return out.sort_values(["track", "frame"] if not group else [group, "track", "frame"]).reset_index(drop=True)
+
+
+# --- a second pass for fields of mixed mobility ------------------------------------------
+
+STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
+STITCH_SIGMAS = 4.0  # a join's radius: this many standard deviations of the step per axis
+
+
+def stitch(tracks: pd.DataFrame, pixel_size_um: float, frame_period_s: float, d_prior_um2_s: float,
+           r: float = 0.0, max_gap_frames: int = STITCH_GAP_FRAMES, localisation_px: float = 1.0,
+           min_points: int = MIN_TRACK_POINTS) -> pd.DataFrame:
+    """Join track fragments end to start, each end with a radius from its own D.
+
+    Linking with a radius for the slowest particles keeps crowded fields apart but
+    breaks the fast particles into fragments; each fragment's D (the CVE on it, or
+    ``d_prior_um2_s`` when it has fewer than ``min_points`` positions) then sets how far
+    its particle can have gone by the start of a later fragment (``max_gap_frames`` lost
+    frames at most): within ``STITCH_SIGMAS`` standard deviations of that step plus
+    twice the localisation error.  Candidate joins are taken by the likelihood of the
+    step (a 2D Gaussian of variance 2 D t + sigma_loc^2 per axis), most likely first,
+    each end and start used once (Jaqaman et al. 2008's gap closing, solved greedily).
+    ``tracks`` needs ``frame``, ``x``, ``y`` (px), ``track`` and ``t_s``; returns it with
+    ``track`` renumbered over the joined tracks."""
+    if len(tracks) == 0:
+        return tracks
+    tracks = tracks.sort_values(["track", "frame"], kind="stable").reset_index(drop=True)
+    ids = tracks["track"].to_numpy()
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    last = np.r_[first[1:] - 1, len(ids) - 1]
+    n_pts = last - first + 1
+    d = np.full(len(first), float(d_prior_um2_s))
+    long_ = np.flatnonzero(n_pts >= min_points)
+    if len(long_):
+        est = diffusion_table(tracks, pixel_size_um, r, min_points)
+        d_of = dict(zip(est["track"].to_numpy(), est["D_um2_s"].to_numpy()))
+        for k in long_:
+            v = d_of.get(ids[first[k]], np.nan)
+            if np.isfinite(v) and v > 0:
+                d[k] = v
+    frame = tracks["frame"].to_numpy()
+    t = tracks["t_s"].to_numpy(np.float64)
+    xy = tracks[["x", "y"]].to_numpy(np.float64) * pixel_size_um
+    loc2 = (localisation_px * pixel_size_um) ** 2
+    ends_at = pd.Series(np.arange(len(first))).groupby(frame[last]).apply(np.asarray).to_dict()
+    starts_at = pd.Series(np.arange(len(first))).groupby(frame[first]).apply(np.asarray).to_dict()
+    cand = []  # (cost, end fragment, start fragment)
+    for fe, ends in ends_at.items():
+        for gap in range(1, max_gap_frames + 2):
+            starts = starts_at.get(fe + gap)
+            if starts is None:
+                continue
+            dt = t[first[starts]][None, :] - t[last[ends]][:, None]
+            dd = np.maximum(d[ends][:, None], d[starts][None, :])  # the faster of the two
+            var = 2.0 * dd * np.maximum(dt, 1e-9) + loc2  # per axis
+            dist2 = ((xy[first[starts]][None] - xy[last[ends]][:, None]) ** 2).sum(-1)
+            reach = STITCH_SIGMAS * np.sqrt(2.0 * dd * np.maximum(dt, 0.0)) + 2.0 * localisation_px * pixel_size_um
+            cost = dist2 / (2.0 * var) + np.log(2.0 * np.pi * var)
+            ok = np.nonzero(dist2 <= reach**2)
+            cand += zip(cost[ok].tolist(), ends[ok[0]].tolist(), starts[ok[1]].tolist())
+    cand.sort()
+    nxt = np.full(len(first), -1)
+    has_prev = np.zeros(len(first), bool)
+    for _, e, s in cand:
+        if nxt[e] < 0 and not has_prev[s]:
+            nxt[e], has_prev[s] = s, True
+    new_id = np.full(len(first), -1)
+    k = 0
+    for head in np.flatnonzero(~has_prev):
+        j = head
+        while j >= 0:
+            new_id[j] = k
+            j = nxt[j]
+        k += 1
+    return tracks.assign(track=np.repeat(new_id, n_pts)).sort_values(["track", "frame"], kind="stable").reset_index(drop=True)
 
 
 def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: float,
@@ -189,7 +264,7 @@ def d_errors(est: pd.DataFrame, bins=((5, 9), (10, 14), (15, 10**9))) -> dict:
 
 def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming, pixel_size_um: float,
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
-                    sigma_xy_um: float = 0.21, frame_start_s: np.ndarray | None = None,
+                    sigma_xy_um: float | None = None, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
                     estimator: str = "cve") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
@@ -212,6 +287,10 @@ def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming
     tracks = link(table, search, memory, group)
     tracks["x_um"] = tracks["x"] * pixel_size_um
     tracks["y_um"] = tracks["y"] * pixel_size_um
+    if sigma_xy_um is None:  # the schema's default PSF (the paper's)
+        from factory.config import PSFSpec
+
+        sigma_xy_um = PSFSpec().sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
     used = {"search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
             "time_stamps": stamps, "estimator": estimator}

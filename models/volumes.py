@@ -223,7 +223,7 @@ def write_volume_report(runs: Path, tests: dict[str, Path]) -> Path:
     plot_stack(stack.astype(np.float64), truth, preds, geom, runs / f"stack_{first}.png",
                f"{first}, stack 0: localisations above each detector's F1 threshold")
     lines += ["## One test stack", "", f"![stack](stack_{first}.png)", ""]
-    for label, (folder, d) in evals.items():
+    for label, (_, d) in evals.items():
         if "model" in d:
             mfile = Path(d["model"]) / "metrics.json"
             if mfile.exists():

@@ -72,6 +72,23 @@ def run_cli(*args, cwd=None, env=None):
                           capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
 
 
+def one_line_error(r, *needles, absent=(), code=2):
+    """Bad input's contract: exit status ``code`` (any non-zero when None), no traceback,
+    exactly one line on stderr, holding every needle and none of ``absent``.  ``r``: a
+    CompletedProcess (``run_cli``) or a Typer runner result."""
+    status = r.returncode if hasattr(r, "returncode") else r.exit_code
+    assert (status != 0 if code is None else status == code), (status, r.stdout, r.stderr)
+    assert getattr(r, "exception", None) is None or isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    for n in absent:
+        assert n not in lines[0], lines[0]
+    return lines[0]
+
+
 # --- trained detectors, shared by the network tests and the contract suite ---------------
 
 # Steps and learning rates that overfit 16 bright images (8 for Keypoint R-CNN, whose

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, assert_same_arrays, dataset, run_cli
+from conftest import ROOT, assert_same_arrays, dataset, one_line_error, run_cli
 from factory.build import build
 from factory.config import load_config, parse_config
 from factory.kernel import simulate
@@ -178,11 +178,7 @@ def test_bad_config_gives_one_clear_line(tmp_path, label, patch, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     r = run_cli("build", path, "--out", tmp_path / "out")
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert str(path) in lines[0] and needle in lines[0], lines[0]
+    one_line_error(r, str(path), needle)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

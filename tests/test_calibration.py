@@ -139,9 +139,15 @@ def test_the_spot_model_fit_gives_back_sigma_xy_and_the_brightness(foreign_recor
     assert abs(spots.n_qd.value - 12.0) < 0.20 * 12.0, spots
 
 
-def test_calibrate_writes_a_config_that_builds(foreign_recording, tmp_path):
-    """`factory calibrate` -> `factory build`: the estimates land in the schema's own
-    fields, the report says what was assumed, and the config builds."""
+def test_calibrate_build_train_track_end_to_end(foreign_recording, tmp_path):
+    """The README's path, the four commands: `factory calibrate` -> `factory build` ->
+    `factory train` (the config calibrate wrote, one short epoch) -> `factory track`.
+    The estimates land in the schema's own fields, the report says what was assumed, the
+    config builds, the model trains on it, and the recording is tracked with the
+    calibrated microscope (its pixel size, its scan, its D range)."""
+    import json
+
+    import pandas as pd
     import yaml
 
     from conftest import run_cli
@@ -161,21 +167,30 @@ def test_calibrate_writes_a_config_that_builds(foreign_recording, tmp_path):
     assert "| gain (ADU per photon) |" in report and "D range: from a first tracking pass" in report
     d = yaml.safe_load((out / "microscope.yaml").read_text())["defaults"]["particles"]["diffusion_um2_s"]
     assert d["type"] == "log_uniform" and d["low"] < 0.1 < d["high"]  # every particle has D = 0.1
-    r = run_cli("build", out / "microscope.yaml", "--out", tmp_path / "data", "--only", "val", "-q")
+    r = run_cli("build", out / "microscope.yaml", "--out", tmp_path / "data", "--only", "train", "--only", "val", "-q")
     assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--config", out / "train.yaml", "--data", tmp_path / "data", "--out", tmp_path / "run",
+                "--epochs", "1", "--max-train-images", "128", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("track", tmp_path / "run", root / "rec.tif", "--out", tmp_path / "tracks", "--pixel-size-um", "0.12",
+                "--dwell-us", "4", "--line-retrace-ms", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    used = json.loads((tmp_path / "tracks" / "track.json").read_text())
+    assert used["pixel_size_um"] == 0.12 and used["max_diffusion_um2_s"] == d["high"], used
+    assert used["timing"].startswith("dwell 4 us, line retrace 0.5 ms"), used["timing"]
+    tracks = pd.read_csv(tmp_path / "tracks" / "tracks.csv")
+    assert len(tracks) and tracks["frame"].max() == 29
 
 
 def test_calibrate_refuses_a_constant_recording_in_one_line(tmp_path):
     import tifffile
 
-    from conftest import run_cli
+    from conftest import one_line_error, run_cli
 
     tifffile.imwrite(tmp_path / "flat.tif", np.full((5, 32, 32), 100, np.uint16))
     r = run_cli("calibrate", tmp_path / "flat.tif", "--pixel-size-um", "0.1", "--dwell-us", "2",
                 "--line-retrace-ms", "1", "--out", tmp_path / "o")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "flat.tif" in lines[0] and "constant" in lines[0], r.stderr
+    one_line_error(r, "flat.tif", "constant")
     assert not (tmp_path / "o").exists()
 
 
@@ -207,3 +222,52 @@ def test_a_recording_too_short_for_tracks_keeps_the_default_d_range_and_says_so(
                   dark=root / "dark.tif")
     assert any(n.startswith("D range: not estimated (4 frame(s), too short for a track") for n in r["notes"])
     assert r["config"]["particles"]["diffusion_um2_s"] == {"type": "log_uniform", "low": 0.02, "high": 0.5}
+
+
+def test_a_saturated_recording_keeps_the_paper_spots_and_says_so(foreign_recording, tmp_path):
+    """Spot cores clipped at a ceiling: the detector is still calibrated from the
+    background, the spot model is not fitted to clipped spots (one line says so and
+    which defaults were written), and a recording clipped everywhere is refused."""
+    import tifffile
+    import yaml
+
+    from conftest import one_line_error, run_cli
+
+    root, frames = foreign_recording
+    ceiling = np.percentile(frames, 99.8)
+    tifffile.imwrite(tmp_path / "sat.tif", np.minimum(frames, ceiling).astype(frames.dtype))
+    flags = ["--pixel-size-um", "0.12", "--dwell-us", "4", "--line-retrace-ms", "0.5"]
+    r = run_cli("calibrate", tmp_path / "sat.tif", "--dark", root / "dark.tif", *flags, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "PSF width and brightness: not estimated" in line]
+    assert len(said) == 1 and f"ceiling {ceiling:g} ADU" in said[0] and "sigma_xy 0.21 um" in said[0], r.stderr
+    psf = yaml.safe_load((tmp_path / "o" / "microscope.yaml").read_text())["defaults"]["psf"]
+    assert psf["sigma_xy_um"] == 0.21
+    tifffile.imwrite(tmp_path / "white.tif", np.minimum(frames, np.median(frames)).astype(frames.dtype))
+    r = run_cli("calibrate", tmp_path / "white.tif", *flags, "--out", tmp_path / "w")
+    one_line_error(r, "white.tif", "ceiling")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_recording_of_the_papers_microscope_gives_back_the_papers_values(tmp_path):
+    """The seed paper's microscope (photon counting, 0.07 um pixels, 2 us dwell, 1.1 ms
+    retrace, sigma_xy 0.21 um, 8.4 background photons, N_qd 10 +-30%), recorded as a user
+    would (a TIFF of counts, no dark frames): photon counting is recognised, and the
+    background, sigma_xy and median N_qd come back within 5%, 10% and 20%."""
+    import tifffile
+
+    from models.calibration import calibrate
+
+    paper = dict(image={"height_px": 128, "width_px": 128, "pixel_size_um": 0.07},
+                 output={"expected": False, "trajectories": False},
+                 particles={"count": 10, "n_qd": {"type": "uniform", "low": 7.0, "high": 13.0},
+                            "diffusion_um2_s": 0.1, "xy_start": {"type": "uniform"},
+                            "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}})
+    _, ds = dataset(None, 5, n_movies=1, movie={"n_frames": 30, "margin_um": 1.0}, **paper)
+    tifffile.imwrite(tmp_path / "paper.tif", simulate(ds, 5)["images"])
+    r = calibrate(tmp_path / "paper.tif", tmp_path, pixel_size_um=0.07, dwell_us=2.0, line_retrace_ms=1.1)
+    c = r["config"]
+    assert c["detector"]["type"] == "poisson", c["detector"]
+    assert c["background"]["n_bkg"] == pytest.approx(8.4, rel=0.05)
+    assert c["psf"]["sigma_xy_um"] == pytest.approx(0.21, rel=0.10)
+    assert r["spots"]["n_qd"]["value"] == pytest.approx(10.0, rel=0.20)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from factory.stores import Store
 
 
@@ -139,12 +139,7 @@ def test_report_gathers_every_evaluation_and_previews_the_best(data, tmp_path):
     assert "offset/pr_test_d075.png" in md
 
 
-def bad(r, *needles):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
+bad = one_line_error
 
 
 def test_bad_input_to_evaluate(data, tmp_path):

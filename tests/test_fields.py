@@ -111,3 +111,23 @@ def test_the_trackpy_user_pipeline_gives_back_d_from_the_msd_slope():
         x = centres[:, p] * px
         msd = [np.mean(np.sum((x[lag:] - x[:-lag]) ** 2, 1)) for lag in range(1, 5)]
         assert est == pytest.approx(np.polyfit(np.arange(1, 5) * dt, msd, 1)[0] / 4, rel=0.1)
+
+
+def test_movie_truth_of_the_simulators_rows_with_and_without_blinking():
+    """The truth of a simulated movie: particles out of view are NaN, blinking is kept
+    only where the particles blink, and a particle scored is one the movie shows."""
+    from conftest import dataset
+    from factory.kernel import simulate
+
+    for blink in (None, {}):
+        _, ds = dataset(None, 2, n_movies=1, movie={"n_frames": 12, "margin_um": 1.0},
+                        image={"height_px": 48, "width_px": 48},
+                        particles={"count": 6, "diffusion_um2_s": 0.05, "blinking": blink})
+        rows = simulate(ds, 2)
+        t_c = rows["frame_start_s"][:, None] + np.zeros_like(rows["diffusion"], np.float64)
+        tr = MovieTruth.of_rows(rows, 0, 12, t_c)
+        assert (tr.on_fraction is None) == (blink is None)
+        inview = rows["in_view"].astype(bool)
+        np.testing.assert_array_equal(np.isfinite(tr.centroids).all(-1), inview)
+        for p, (a, b) in scored_runs(tr).items():
+            assert inview[a:b, p].all() and b - a >= 10

@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
+from conftest import one_line_error
 
 MIB = 2**20
 
@@ -25,18 +26,6 @@ def cli(*args, env=None):
     return CliRunner(env=env).invoke(app, [str(a) for a in args])
 
 
-def one_line_error(r, *needles, absent=()):
-    """Exit status 2, no traceback, exactly one line on stderr holding every needle."""
-    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr, r.exception)
-    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    for n in absent:
-        assert n not in lines[0], lines[0]
-    return lines[0]
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -73,7 +73,9 @@ def test_weight_map_is_lambda_plus_one_around_spots():
     w = weight_map(t)
     assert w[0, 3:6, 3:7].eq(11).all()  # 3 x 3 dilation of the two hot pixels
     assert w[0, 0, 0] == 1 and w[0, 4, 7] == 1 and w.sum() == 81 + 10 * 12
-    w3 = weight_map(torch.zeros(1, 5, 5, 5).index_put_((torch.tensor([0]), torch.tensor([2]), torch.tensor([2]), torch.tensor([2])), torch.tensor([1.0])))
+    hot = torch.zeros(1, 5, 5, 5)
+    hot[0, 2, 2, 2] = 1.0
+    w3 = weight_map(hot)
     assert w3.eq(11).sum() == 27  # the 3D variant dilates in 3 x 3 x 3
 
 

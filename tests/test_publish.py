@@ -38,7 +38,7 @@ def build_cmd(cfg, out, fmt, *extra):
 
 def one_line(stderr: str) -> str:
     """The one error line (a build may print its size estimate before it)."""
-    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 

@@ -85,7 +85,7 @@ def test_shard_ranges_are_whole_chunks_covering_everything():
     for n, chunk, count in [(900, 64, 7), (150, 64, 3), (64, 64, 5), (10**6, 256, 100)]:
         ranges = [shard_range(n, chunk, i, count) for i in range(count)]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
-        for (a, b), (c, d) in zip(ranges, ranges[1:]):
+        for (_, b), (c, _) in zip(ranges, ranges[1:]):
             assert b == c
         for a, b in ranges:
             assert a % chunk == 0 and (b % chunk == 0 or b == n)
@@ -194,7 +194,11 @@ def test_slurm_scripts(setup, tmp_path):
                    'NUMBA_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', "NUMBA_CACHE_DIR=", "${SLURM_JOB_ID}",
                    "HDF5_USE_FILE_LOCKING=FALSE", "--shard auto"):
         assert needle in build, needle
-    assert "-m cli finalize" in fin and "--kill-on-invalid-dep=yes" in fin
+    from factory.slurm import factory_command
+
+    factory = factory_command()  # the console script beside this Python, as in the subprocess
+    assert f"{factory} finalize" in fin and f"{factory} build" in build and "-m cli" not in build + fin
+    assert "--kill-on-invalid-dep=yes" in fin
     assert "afterok" in r.stdout
     r = run_cli("slurm", cfg, "--shards", "5", "--out", tmp_path / "o", "--time", "soon")
     assert r.returncode == 2 and "--time soon" in r.stderr

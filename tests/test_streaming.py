@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import models.recording as recording
 from cli.main import app
-from conftest import ROOT, run_cli
+from conftest import ROOT, one_line_error, run_cli
 from factory.errors import FactoryError
 from models.predict import localise
 from models.recording import open_recording
@@ -193,12 +193,6 @@ def test_the_progress_bar_counts_frames(tmp_path):
 # --- bad input, found before the work or half-way ----------------------------------------------
 
 
-def one_line_error(r, *needles):
-    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr, r.exception)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def left_behind(folder: Path) -> list[str]:

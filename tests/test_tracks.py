@@ -9,7 +9,7 @@ import pytest
 import tifffile
 import yaml
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from models.tracks import link, match_to_truth, score_tracks, search_range_px
 
 
@@ -30,7 +30,7 @@ def test_link_and_score_two_crossing_free_walks_by_hand():
     rows = [(f, truth[f, p, 0] + 0.1, truth[f, p, 1], 1.0, 0.08 * f) for f in range(F) for p in range(2)]
     rows.append((3, 80.0, 5.0, 0.5, 0.24))  # nothing there
     table = pd.DataFrame(rows, columns=["frame", "x", "y", "score", "t_s"])
-    tracks = link(table, search_range=5.0, memory=0)
+    tracks = link(table, radius_px=5.0, memory=0)
     assert tracks["track"].nunique() == 3
     slots = match_to_truth(tracks, truth, gate_px=1.0)
     assert (slots == -1).sum() == 1
@@ -82,11 +82,7 @@ def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
 
 
 def test_bad_input_to_track_is_one_line(movie, tmp_path):
-    def bad(r, needle):
-        assert r.returncode == 2, (r.stdout, r.stderr)
-        assert "Traceback" not in r.stderr
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and needle in lines[0], r.stderr
+    bad = one_line_error
 
     tifffile.imwrite(tmp_path / "one.tif", np.zeros((32, 32), np.uint16))
     bad(run_cli("track", "trackpy", tmp_path / "one.tif", "--out", tmp_path / "o"), "tracking needs a movie")
@@ -99,3 +95,37 @@ def test_bad_input_to_track_is_one_line(movie, tmp_path):
     bad(run_cli("track", "trackpy", movie / "movie.tif", "--out", tmp_path / "o", "--linker", "magic"),
         "--linker magic: unknown")
     assert not (tmp_path / "o").exists()
+
+
+def _walk(rng, n, d_um2_s, dt, px, start):
+    return np.asarray(start) + np.cumsum(rng.normal(0, np.sqrt(2 * d_um2_s * dt) / px, (n, 2)), 0)
+
+
+def test_stitch_joins_a_fast_particles_fragments_by_its_own_d_and_leaves_a_slow_neighbour_alone():
+    """A fast particle (D 0.5 um^2/s, 0.1 um px, 0.4 s frames: 6.3 px per axis per frame)
+    cut into fragments of 6 frames with one frame lost between them, beside a slow one
+    (D 0.01) whose track stops where the fast one passes.  Stitching by each fragment's
+    own D rejoins the fast particle's fragments, and no fast fragment is hung on the slow
+    track: the slow particle's reach (4 sigma of a 0.9 px step) is far shorter."""
+    from models.tracks import stitch
+
+    rng = np.random.default_rng(4)
+    px, dt = 0.1, 0.4
+    fast = _walk(rng, 36, 0.5, dt, px, (100.0, 100.0))
+    slow = _walk(rng, 12, 0.01, dt, px, fast[13] + (12.0, 0.0))  # 12 px from where the fast one is at frame 13
+    rows = []
+    for k, a in enumerate(range(0, 36, 7)):  # fragments 0-5, 7-12, ... (frame 6, 13, ... lost)
+        f = np.arange(a, min(a + 6, 36))
+        rows.append(pd.DataFrame({"frame": f, "t_s": f * dt, "x": fast[f, 0], "y": fast[f, 1], "track": k}))
+    f = np.arange(2, 14)
+    rows.append(pd.DataFrame({"frame": f, "t_s": f * dt, "x": slow[:, 0], "y": slow[:, 1], "track": 99}))
+    joined = stitch(pd.concat(rows, ignore_index=True), px, dt, d_prior_um2_s=0.5, localisation_px=0.5)
+    by_track = joined.groupby("track")["frame"].apply(list)
+    assert sorted(map(len, by_track)) == [12, 31]  # the slow track, and the fast particle's 31 points in one
+    fast_track = joined[joined["frame"].isin([0, 35]) & (joined["x"].isin(fast[:, 0]))]["track"].unique()
+    assert len(fast_track) == 1
+    # The same fragments linked with the slow particle's D as the prior and no D of their
+    # own (one point each): nothing is within its reach, nothing is joined.
+    singles = pd.DataFrame({"frame": [0, 2, 4], "t_s": [0, 2 * dt, 4 * dt], "x": fast[[0, 2, 4], 0],
+                            "y": fast[[0, 2, 4], 1], "track": [0, 1, 2]})
+    assert stitch(singles, px, dt, d_prior_um2_s=0.0001, localisation_px=0.5)["track"].nunique() == 3

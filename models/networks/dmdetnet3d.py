@@ -13,7 +13,6 @@ stack size.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Optional
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from factory.config import StrictModel
+from factory.config import ImageSpec, StrictModel
 
 from .densitynet import awing, weight_map
 
@@ -118,7 +117,7 @@ def build(params: Params) -> Hourglass3d:
 
 def sigma_voxels(params: Params) -> tuple[float, float, float]:
     """Target Gaussian widths (z, y, x) in voxels of the training data."""
-    px = params.pixel_size_um or 0.07
+    px = params.pixel_size_um or ImageSpec().pixel_size_um  # the schema default when the data did not say
     dz = params.z_step_um or 0.5
     return params.sigma_z_um / dz, params.sigma_xy_um / px, params.sigma_xy_um / px
 

@@ -1,0 +1,133 @@
+"""Real-size fields (fields.yaml): what share of the particles each pipeline tracks and
+gets D right for, linkers compared on the same localisations.
+
+    python benchmarks/field_check.py [--data data/fields] [--model runs/demo/model]
+                                     [--stores field_val test_field test_field_still]
+
+For each store and movie: the model's localisations (its exposure head, above its
+threshold, once), linked by each linker below, D by the CVE per track; the TrackPy user
+pipeline (minmass and diameter tuned on field_val's first movie, SPEC "A baseline as
+users run it") with its imsd line fit and its tracks through our CVE.  Scored per
+particle (models.fields): matched track, D within 1.5x, median |log10 D error|, the
+floor; and correct links.  Prints one markdown table per store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("data/fields"))
+    ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
+    ap.add_argument("--stores", nargs="+", default=["field_val", "test_field", "test_field_still"])
+    ap.add_argument("--out", type=Path, help="write the tables here too (markdown)")
+    args = ap.parse_args()
+
+    from factory.stores import Store, find_store
+    from models.fields import MovieTruth, score_particles, summarise
+    from models.metrics import Points
+    from models.predict import load_detector, localise
+    from models.timing import ScanTiming, time_stamps
+    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.tracks import blur_r, diffusion_table, link, match_to_truth, search_range_px, stitch
+
+    det = load_detector(args.model, "cpu", prefer="exposure")
+
+    def movies(name):
+        with Store(find_store(args.data, name)) as st:
+            cfg = st.config["dataset"]
+            F = cfg["movie"]["n_frames"]
+            keys = ["centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s", "frame_start_s"]
+            rows = {k: st.read(k) for k in keys + (["on_fraction"] if "on_fraction" in st else [])}
+            images = st.read("images")
+        h, w = images.shape[1:]
+        timing = ScanTiming.of_store_config(cfg, name)
+        mid = float(timing.schedule(h, w).start_s.mean())
+        t_c = rows["frame_start_s"][:, None] + mid + np.zeros_like(rows["diffusion"], np.float64)
+        for m in range(len(images) // F):
+            a, b = m * F, (m + 1) * F
+            yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), cfg, timing,
+                   {k: v[a:b] for k, v in rows.items()})
+
+    # The TrackPy user pipeline, tuned on field_val's first movie.
+    frames, _, truth, cfg, timing, _ = next(movies("field_val"))
+    px, sigma = cfg["image"]["pixel_size_um"], cfg["psf"]["sigma_xy_um"]
+    h, w = frames.shape[1:]
+    period = timing.frame_period_s(h, w)
+    d_lo, d_hi = cfg["particles"]["diffusion_um2_s"]["low"], cfg["particles"]["diffusion_um2_s"]["high"]
+    pipe = tune_user_pipeline(frames, Points.from_masked(truth.exposure_xy), px, sigma,
+                              user_search_range_px(d_hi, period, px))
+    print(f"TrackPy user pipeline: {pipe.model_dump()}", flush=True)
+    r_scan = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), sigma, px)
+    r_frame = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), sigma, px)
+    d_mid = float(np.sqrt(d_lo * d_hi))
+    linkers = {
+        f"one radius for D {d_hi:g} (the data's largest), memory 1": lambda t: link(t, search_range_px(d_hi, period, px), 1),
+        f"one radius for D {d_hi:g}, memory 3": lambda t: link(t, search_range_px(d_hi, period, px), 3),
+        f"one radius for D {d_mid:g} (middle), memory 1": lambda t: link(t, search_range_px(d_mid, period, px), 1),
+        f"two passes: D {d_mid:g} radius, then stitched by each fragment's D": lambda t: stitch(
+            link(t, search_range_px(d_mid, period, px), 1), px, period, d_hi, r_scan),
+        f"two passes: D {d_lo:g} radius, then stitched by each fragment's D": lambda t: stitch(
+            link(t, search_range_px(d_lo, period, px), 0), px, period, d_hi, r_scan),
+    }
+    text = [f"TrackPy user pipeline: {pipe.model_dump()}", ""]
+    for name in args.stores:
+        per = {}
+        links = {}
+        secs = {}
+        for frames, starts, truth, _, _, rows in movies(name):
+            t0 = time.perf_counter()
+            table = localise(det, frames, min_score=getattr(det, "threshold", None))
+            table = table.assign(t_s=time_stamps(table, h, w, timing, getattr(det, "timestamps", "scan"), starts))
+            t_loc = time.perf_counter() - t0
+            from loaders.datasets import truth_points
+
+            gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
+            for label, run in linkers.items():
+                t0 = time.perf_counter()
+                tracks = run(table)
+                d = diffusion_table(tracks, px, r_scan)
+                secs[label] = secs.get(label, 0.0) + time.perf_counter() - t0 + t_loc
+                per.setdefault(label, []).append(score_particles(tracks, d, truth, px, r_frame))
+                slot = match_to_truth(tracks, gt, 3.0)
+                tr = tracks["track"].to_numpy()
+                same = tr[1:] == tr[:-1]
+                both = same & (slot[1:] >= 0) & (slot[:-1] >= 0)
+                c = links.setdefault(label, [0, 0])
+                c[0] += int((both & (slot[1:] == slot[:-1])).sum())
+                c[1] += int(both.sum())
+            t0 = time.perf_counter()
+            tracks, d_msd = run_user_pipeline(frames, pipe, px, period)
+            secs["TrackPy user pipeline"] = secs.get("TrackPy user pipeline", 0.0) + time.perf_counter() - t0
+            per.setdefault("TrackPy user pipeline (imsd fit)", []).append(score_particles(tracks, d_msd, truth, px, r_frame))
+            tracks = tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan", starts))
+            per.setdefault("TrackPy user pipeline, its tracks through our CVE", []).append(
+                score_particles(tracks, diffusion_table(tracks, px, r_scan), truth, px, r_frame))
+        n_frames = sum(len(f) for f, *_ in movies(name))
+        lines = [f"## {name}", "", "| pipeline | particles | matched track | D within 1.5x | floor | median abs log10 | "
+                 "correct links | frames/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for label, parts in per.items():
+            s = summarise(pd.concat(parts, ignore_index=True))
+            c = links.get(label)
+            fps = n_frames / secs.get(label, secs.get("TrackPy user pipeline", np.nan))
+            lines.append(f"| {label} | {s['particles']} | {s['matched']:.2f} | {s['d_within']:.2f} | "
+                         f"{s['floor_d_within']:.2f} | {s['median_abs_log10']:.3f} | "
+                         f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")
+        print("\n".join(lines) + "\n", flush=True)
+        text += lines + [""]
+    if args.out:
+        args.out.write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
