@@ -91,7 +91,10 @@ fields: $(STAMP)
 
 # Your microscope (README): a recording of a microscope unlike the paper's (0.15 um
 # pixels, 4 us dwell, a PMT with offset, gain and read noise), calibrated, training data
-# built from the calibration, a SpotNet trained on it, and the recording tracked.
+# built from the calibration, a SpotNet trained on it, and the recording tracked; then
+# three held-out recordings of that microscope scored per particle against the demo's
+# default model (if `make demo` left it) and the TrackPy user pipeline
+# (runs/microscope/microscope_check.md).
 MICRO := runs/microscope
 MICRO_FLAGS := --pixel-size-um 0.15 --dwell-us 4 --line-retrace-ms 0.6
 microscope: $(STAMP)
@@ -100,3 +103,4 @@ microscope: $(STAMP)
 	$(VENV)/bin/factory build $(MICRO)/calibration/microscope.yaml --out data/microscope --overwrite
 	$(VENV)/bin/factory train --config $(MICRO)/calibration/train.yaml --data data/microscope --out $(MICRO)/model --overwrite
 	$(VENV)/bin/factory track $(MICRO)/model $(MICRO)/movie.tif --out $(MICRO)/tracks --overwrite $(MICRO_FLAGS)
+	$(PY) benchmarks/microscope_check.py --run $(MICRO)

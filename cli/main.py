@@ -745,7 +745,12 @@ def track(
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
                                                                                     "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
-    linker: str = typer.Option("trackpy", "--linker", help="Linking algorithm: trackpy (Crocker-Grier)."),
+    linker: str = typer.Option("trackpy", "--linker", help="trackpy: one radius, for the largest D (Crocker-Grier with "
+                                                           "subnetworks); stitch: a radius for the smallest D, then track "
+                                                           "fragments joined by their own D (fields of mixed mobility)."),
+    min_diffusion: Optional[float] = typer.Option(None, "--min-diffusion-um2-s", help="Smallest D expected: the first radius "
+                                                                                     "of --linker stitch (default: the "
+                                                                                     "training data's smallest D)."),
     estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd "
                                                                            "(MSD fit over Michalet's optimal number of lags)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
@@ -758,15 +763,18 @@ def track(
     from factory.stores import is_store_path
     from models.outputs import staged_output
 
-    if linker != "trackpy":
-        raise FactoryError(f"--linker {linker}: unknown (have: trackpy)")
+    from models.tracks import LINKERS
+
+    if linker not in LINKERS:
+        raise FactoryError(f"--linker {linker}: unknown (have: {', '.join(LINKERS)})")
     _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                 frame_flyback_ms=frame_flyback_ms, max_diffusion_um2_s=max_diffusion, search_range_um=search_range_um)
+                 frame_flyback_ms=frame_flyback_ms, max_diffusion_um2_s=max_diffusion, search_range_um=search_range_um,
+                 min_diffusion_um2_s=min_diffusion)
     if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
         raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     with staged_output(out, "folder", TRACK_FILES, overwrite, what=", ".join(TRACK_FILES)) as folder:
         msg = _track(model, input, folder, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
-                     max_diffusion, search_range_um, memory, estimator, device, quiet)
+                     max_diffusion, search_range_um, memory, estimator, device, quiet, linker, min_diffusion)
     typer.echo(f"{out}: {msg}")
 
 
@@ -774,14 +782,15 @@ TRACK_FILES = ("tracks.csv", "diffusion.csv", "tracks.png", "track.json")
 
 
 def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
-           bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool) -> str:
+           bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool,
+           linker: str = "trackpy", min_diffusion: float | None = None) -> str:
     """``factory track`` into the folder ``out``; the line to report."""
     from factory.config import ImageSpec, ParticleSpec, PSFSpec
     from factory.stores import Store, is_store_path
     from models.predict import load_detector, training_data_config
     from models.recording import open_recording
     from models.timing import ScanTiming
-    from models.tracks import max_diffusion as max_diffusion_of, plot_tracks, track_recording
+    from models.tracks import max_diffusion as max_diffusion_of, min_diffusion as min_diffusion_of, plot_tracks, track_recording
 
     # What the laser saw, with its own time stamp, is what D needs: a network with a head
     # per target tracks with its exposure head.
@@ -808,12 +817,16 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
         # Without the training data's config: the schema's defaults (the paper's microscope).
         px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else ImageSpec().pixel_size_um)
         d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else ParticleSpec().diffusion_um2_s.high)
+        d_min = min(min_diffusion or (min_diffusion_of(cfg) if cfg else ParticleSpec().diffusion_um2_s.low), d_max)
         sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else PSFSpec().sigma_xy_um
         if not quiet:
-            typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking for D up to {d_max:g} um^2/s", err=True)
+            span = f"from {d_min:g} " if linker == "stitch" else ""
+            typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
+                       f"{d_max:g} um^2/s", err=True)
         tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                              search_range_um / px if search_range_um else None, memory, sigma_xy,
-                                             frame_start, movie_frames, progress=not quiet, estimator=estimator.value)
+                                             frame_start, movie_frames, progress=not quiet, estimator=estimator.value,
+                                             linker=linker, min_diffusion_um2_s=d_min)
         cols = ["movie"] if "movie" in tracks else []
         cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
         tracks[cols].to_csv(out / "tracks.csv", index=False)

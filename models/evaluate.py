@@ -25,6 +25,7 @@ from loaders.datasets import TARGETS, truth_points
 from .base import COLUMNS
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
 from .timing import ScanTiming, time_stamps
+from .fields import MovieTruth, score_particles, summarise
 from .tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
 
 log = logging.getLogger(__name__)
@@ -270,12 +271,18 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         table = table[table["score"] >= threshold]
     table = table.assign(t_s=time_stamps(table, h, w, timing, stamps, starts), movie=table["frame"] // F)
     links = matched = correct = 0
-    ests, floors, linked_all = [], [], []
+    ests, floors, linked_all, particles = [], [], [], []
+    rows = {k: store.read(k) for k in ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s")
+            + (("on_fraction",) if "on_fraction" in store else ())}
+    t_centroid = starts[:, None] + timing.schedule(h, w).start_s.mean() + np.zeros_like(diffusion, np.float64)
+    r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
     for m in range(len(store) // F):
         a, b = m * F, (m + 1) * F
         sel = table[table["movie"] == m].assign(frame=lambda d: d["frame"] - a)
         linked = link(sel, search)
         counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r)
+        particles.append(score_particles(linked, est, MovieTruth.of_rows(rows, a, b, t_centroid), px, r_centroid)
+                         .assign(movie=m))
         linked_all.append(linked.assign(track=linked["track"] + 1_000_000 * m))
         links += counts["links"]
         matched += counts["matched_links"]
@@ -289,7 +296,9 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     est = pd.concat(ests, ignore_index=True) if ests else pd.DataFrame()
     floor = pd.concat(floors, ignore_index=True) if floors else pd.DataFrame()
     tracks = pd.concat(linked_all, ignore_index=True) if linked_all else pd.DataFrame()
+    per_particle = pd.concat(particles, ignore_index=True) if particles else pd.DataFrame()
     return tracks, {"target": target, "search_range_px": search, "blur_r": r, "links": links,
+                    "particles": summarise(per_particle),
                     "links_between_matched": matched,
             "correct_link_fraction": correct / matched if matched else None,
             "links_to_unmatched_fraction": (links - matched) / links if links else None,

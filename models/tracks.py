@@ -33,6 +33,12 @@ def max_diffusion(dataset: dict) -> float:
     return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
 
 
+def min_diffusion(dataset: dict) -> float:
+    """The smallest D of a dataset config's particles (um^2/s)."""
+    d = dataset["particles"]["diffusion_um2_s"]
+    return float(d["low"] if d["type"] in ("uniform", "log_uniform") else d["value"])
+
+
 def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
                     localisation_px: float = 1.0) -> float:
     """The linking radius (px) for particles up to ``max_diffusion_um2_s``."""
@@ -65,13 +71,14 @@ def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | No
 
 # --- a second pass for fields of mixed mobility ------------------------------------------
 
+LINKERS = ("trackpy", "stitch")
 STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
 STITCH_SIGMAS = 4.0  # a join's radius: this many standard deviations of the step per axis
 
 
 def stitch(tracks: pd.DataFrame, pixel_size_um: float, frame_period_s: float, d_prior_um2_s: float,
            r: float = 0.0, max_gap_frames: int = STITCH_GAP_FRAMES, localisation_px: float = 1.0,
-           min_points: int = MIN_TRACK_POINTS) -> pd.DataFrame:
+           min_points: int = MIN_TRACK_POINTS, group: str | None = None) -> pd.DataFrame:
     """Join track fragments end to start, each end with a radius from its own D.
 
     Linking with a radius for the slowest particles keeps crowded fields apart but
@@ -83,9 +90,17 @@ def stitch(tracks: pd.DataFrame, pixel_size_um: float, frame_period_s: float, d_
     step (a 2D Gaussian of variance 2 D t + sigma_loc^2 per axis), most likely first,
     each end and start used once (Jaqaman et al. 2008's gap closing, solved greedily).
     ``tracks`` needs ``frame``, ``x``, ``y`` (px), ``track`` and ``t_s``; returns it with
-    ``track`` renumbered over the joined tracks."""
+    ``track`` renumbered over the joined tracks.  ``group`` (e.g. ``movie``) stitches each
+    group's tracks apart."""
     if len(tracks) == 0:
         return tracks
+    if group is not None:
+        parts, next_id = [], 0
+        for _, g in tracks.groupby(group, sort=True):
+            g = stitch(g, pixel_size_um, frame_period_s, d_prior_um2_s, r, max_gap_frames, localisation_px, min_points)
+            parts.append(g.assign(track=g["track"] + next_id))
+            next_id += int(g["track"].max()) + 1
+        return pd.concat(parts, ignore_index=True)
     tracks = tracks.sort_values(["track", "frame"], kind="stable").reset_index(drop=True)
     ids = tracks["track"].to_numpy()
     first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
@@ -266,12 +281,16 @@ def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float | None = None, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
-                    estimator: str = "cve") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                    estimator: str = "cve", linker: str = "trackpy",
+                    min_diffusion_um2_s: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
     ``images``: an array, or a ``Recording`` localised a chunk at a time (``localise``).
     ``movie_frames`` splits a stack of several movies (a movie store) into its movies,
-    linked separately.  Returns the tracks, the D table and what was used."""
+    linked separately.  ``linker``: ``trackpy`` (one radius, for the largest D) or
+    ``stitch`` (a radius for ``min_diffusion_um2_s``, then fragments joined by their own
+    D up to ``max_diffusion_um2_s``: ``stitch``).  Returns the tracks, the D table and
+    what was used."""
     n, h, w = images.shape
     thr = getattr(detector, "threshold", None)
     table = localise(detector, images, progress=progress, min_score=thr)
@@ -279,21 +298,28 @@ def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming
     table = table.copy()
     table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     period = timing.frame_period_s(h, w)
-    search = search_range if search_range is not None else search_range_px(max_diffusion_um2_s, period, pixel_size_um)
+    if linker not in LINKERS:
+        raise ValueError(f"linker {linker!r}: one of {LINKERS}")
+    first_d = max_diffusion_um2_s if linker == "trackpy" else (min_diffusion_um2_s or max_diffusion_um2_s)
+    search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
     group = None
     if movie_frames:
         table["movie"] = table["frame"] // movie_frames
         group = "movie"
-    tracks = link(table, search, memory, group)
-    tracks["x_um"] = tracks["x"] * pixel_size_um
-    tracks["y_um"] = tracks["y"] * pixel_size_um
     if sigma_xy_um is None:  # the schema's default PSF (the paper's)
         from factory.config import PSFSpec
 
         sigma_xy_um = PSFSpec().sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
-    used = {"search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
+    tracks = link(table, search, memory, group)
+    if linker == "stitch":
+        tracks = stitch(tracks, pixel_size_um, period, max_diffusion_um2_s, r, group=group)
+    tracks["x_um"] = tracks["x"] * pixel_size_um
+    tracks["y_um"] = tracks["y"] * pixel_size_um
+    used = {"linker": linker, "search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
             "time_stamps": stamps, "estimator": estimator}
+    if linker == "stitch":
+        used.update(stitch_gap_frames=STITCH_GAP_FRAMES, stitch_max_diffusion_um2_s=max_diffusion_um2_s)
     return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
 
 
