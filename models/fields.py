@@ -148,9 +148,11 @@ def summarise(per_particle: pd.DataFrame) -> dict:
     n = len(t)
     if n == 0:
         return {"particles": 0, "matched": None, "d_within": None, "floor_d_within": None, "median_abs_log10": None}
-    ok = t["D_um2_s"].to_numpy() > 0
-    err = np.abs(np.log10(t["D_um2_s"].to_numpy()[ok] / t["true_D_um2_s"].to_numpy()[ok]))
-    return {"particles": n, "matched": float(t["matched"].mean()),
-            "d_within": float(within(t["D_um2_s"], t["true_D_um2_s"]).mean()),
-            "floor_d_within": float(within(t["floor_D_um2_s"], t["true_D_um2_s"]).mean()),
+    est, true = t["D_um2_s"].to_numpy(np.float64), t["true_D_um2_s"].to_numpy(np.float64)  # object when a part was empty
+    with np.errstate(invalid="ignore"):
+        ok = est > 0
+    err = np.abs(np.log10(est[ok] / true[ok]))
+    return {"particles": n, "matched": float(t["matched"].astype(bool).mean()),
+            "d_within": float(within(est, true).mean()),
+            "floor_d_within": float(within(t["floor_D_um2_s"].to_numpy(np.float64), true).mean()),
             "median_abs_log10": float(np.median(err)) if len(err) else None}
