@@ -208,13 +208,20 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
         if dark.ndim == 2:
             dark = dark[None]
         dark_stats = _dark_stats(dark)
+    elif _counts_photons(frames, sums, ref, rng, bootstrap):
+        # Photon counting needs no dark frames: its zero offset and read noise are
+        # what the background's own cumulants say (variance and skew equal to the mean).
+        dark_stats = (0.0, 0.0, 0.0)
+        notes.append("no dark frames: the background's variance and third cumulant equal its mean, as photon "
+                     "counts' do, so offset 0 and no read noise are taken")
+
     def estimate(assume_enf=None):
         """The estimate and the bootstrap over frames (and dark frames) of its first five values."""
         est = _estimate_from_sums(sums.sum(0), ref, dark_stats, assume_enf)
         boots = []
         for _ in range(bootstrap):
             pick = rng.integers(0, len(frames), len(frames))
-            d = None if dark is None else _dark_stats(dark[rng.integers(0, len(dark), len(dark))])
+            d = dark_stats if dark is None else _dark_stats(dark[rng.integers(0, len(dark), len(dark))])
             b = _estimate_from_sums(sums[pick].sum(0), ref, d, assume_enf)
             if b is not None:
                 boots.append(b[:5])
@@ -223,7 +230,7 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
 
     est, boots, sd = estimate()
     assumed = None
-    if dark is None and (est is None or not math.isfinite(est[0]) or sd[0] > 0.1 * max(abs(est[4]), 1.0)):
+    if dark_stats is None and (est is None or not math.isfinite(est[0]) or sd[0] > 0.1 * max(abs(est[4]), 1.0)):
         # An even background cannot place the offset: take F as known instead (said below).
         assumed = ASSUMED_ENF
         est, boots, sd = estimate(assumed)
@@ -240,7 +247,8 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
     gain = slope2 / enf
     b_nbkg = boots[:, 4] / b_gain
 
-    offset_note = "" if dark is not None else "from the background's spread over the field (no dark frames)"
+    offset_note = ("" if dark is not None else "photon counting (no dark frames)" if dark_stats is not None
+                   else "from the background's spread over the field (no dark frames)")
     if assumed is not None:
         offset_note = (f"assumed: no dark frames and an even background; taken from the background's cumulants "
                        f"with the excess noise factor assumed {assumed:g} and no read noise (record 20 frames "
@@ -266,7 +274,7 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
     noise_rel = np.sqrt(var_t / n_t) / max(bkg, 1e-12)
     unevenness = float(np.sqrt(max(np.var(rel) - np.mean(noise_rel**2), 0.0)))
     photon_counting = bool(
-        dark is not None and abs(offset) < 0.05 and read_noise < 0.35  # rounding alone: 0.29
+        dark_stats is not None and abs(offset) < 0.05 and read_noise < 0.35  # rounding alone: 0.29
         and abs(slope2 - 1) < max(3 * sd[2], 0.05) and abs(enf - 1) < max(3 * enf_est.sigma, 0.05))
     if photon_counting:
         notes.append("photon counting recognised: offset 0, gain 1, no excess noise (the `poisson` detector)")
@@ -283,6 +291,27 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
         n_background_px=int(sums[..., 0].sum()),
         notes=notes,
     )
+
+
+def _counts_photons(frames: np.ndarray, sums: np.ndarray, ref: float, rng, bootstrap: int) -> bool:
+    """Whether non-negative integer frames fit photon counting (offset 0, gain 1, no
+    excess or read noise): the background's variance and third central moment both equal
+    its mean, within three bootstrap deviations (over frames) or 3 % and 10 %."""
+    if frames.min() < 0 or not np.array_equal(frames, np.round(frames)):
+        return False
+
+    def ratios(s):
+        mean, var, m3, n = _moments(s, ref)
+        if not len(n):
+            return math.nan, math.nan
+        w = n / n.sum()
+        mu = float(np.sum(w * mean))
+        return (float(np.sum(w * var)) / mu, float(np.sum(w * m3)) / mu) if mu > 0 else (math.nan, math.nan)
+
+    r2, r3 = ratios(sums.sum(0))
+    boots = np.array([ratios(sums[rng.integers(0, len(sums), len(sums))].sum(0)) for _ in range(max(bootstrap, 10))])
+    sd2, sd3 = np.nanstd(boots, axis=0)
+    return bool(abs(r2 - 1) < max(3 * sd2, 0.03) and abs(r3 - 1) < max(3 * sd3, 0.10))
 
 
 def _dark_stats(dark: np.ndarray) -> tuple[float, float, float]:
@@ -487,10 +516,16 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     # Dots in view: the simulated count scaled by the spots found per frame, real over
     # simulated (dim and out-of-focus dots are missed alike on both sides).
     in_view = math.nan
-    if (m := measure(sxy, nqd, spread)) is not None and m.spots_per_frame > 0:
-        in_view = particles["count"] * seen.spots_per_frame / m.spots_per_frame
-    s_sd = seen.sigma_xy_um.sigma / s_slope
-    n_sd = seen.n_qd.sigma * nqd / n_obs
+    final = measure(sxy, nqd, spread)
+    if final is not None and final.spots_per_frame > 0:
+        in_view = particles["count"] * seen.spots_per_frame / final.spots_per_frame
+    # Each estimate is where the simulated reading meets the recording's, and the
+    # simulated reading is a sample of spots too (one seed): its standard error adds to
+    # the recording's.
+    s_sim = final.sigma_xy_um.sigma if final is not None else 0.0
+    n_sim = final.n_qd.sigma / final.n_qd.value if final is not None and final.n_qd.value > 0 else 0.0
+    s_sd = math.hypot(seen.sigma_xy_um.sigma, s_sim) / s_slope
+    n_sd = nqd * math.hypot(seen.n_qd.sigma / n_obs, n_sim)
     q = tuple(v * nqd / n_obs for v in seen.n_qd_quantiles)
     return SpotCalibration(Estimate(sxy, s_sd), Estimate(nqd, n_sd), q, seen.n_spots, seen.spots_per_frame, notes,
                            n_qd_spread=spread, particles_in_view=in_view)
@@ -603,7 +638,7 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
                 raise FactoryError(f"{dark}: dark frames of {d.shape[1]} x {d.shape[2]} px, the recording's are "
                                    f"{shape[1]} x {shape[2]} px; record both with one field")
             dark_frames = d.frames(0, min(len(d), MAX_FRAMES))
-    sat = saturation(frames)
+    sat = saturation(frames) if float(frames.max()) > float(frames.min()) else None  # constant: refused below
     if sat is not None and float(np.median(frames)) >= sat[0]:
         raise FactoryError(f"{recording}: half or more of the pixels sit at the ceiling {sat[0]:g} ADU; nothing can "
                            "be calibrated from a saturated recording (lower the PMT gain or the laser power)")
