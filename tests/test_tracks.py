@@ -79,6 +79,15 @@ def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
     assert json.loads((tmp_path / "s" / "track.json").read_text())["estimator"] == "msd"
     st = pd.read_csv(tmp_path / "s" / "tracks.csv")
     assert set(st.movie) == {0, 1} and st.groupby("movie").frame.min().tolist() == [0, 12]
+    # Two passes: a small first radius, then fragments joined by their own D, never
+    # across two movies of a store.
+    r = run_cli("track", "trackpy", movie / "test_m.h5", "--out", tmp_path / "j", "-q", "--linker", "stitch",
+                "--min-diffusion-um2-s", "0.01", "--max-diffusion-um2-s", "0.2")
+    assert r.returncode == 0, r.stderr
+    used = json.loads((tmp_path / "j" / "track.json").read_text())
+    assert used["linker"] == "stitch" and used["stitch_max_diffusion_um2_s"] == 0.2
+    sj = pd.read_csv(tmp_path / "j" / "tracks.csv")
+    assert (sj.groupby("track")["movie"].nunique() == 1).all() and len(sj) == len(st)
 
 
 def test_bad_input_to_track_is_one_line(movie, tmp_path):
