@@ -275,24 +275,20 @@ def bench_predict(args):
 
 @section("track")
 def bench_track(args):
-    """`factory track` frames/s on 256 x 256 px frames: the default model vs the TrackPy pipeline."""
+    """`factory track` frames/s on real-size fields: the default model vs the TrackPy user pipeline."""
     from factory.config import parse_config
     from factory.kernel import simulate
     from factory.perf import tune_malloc
+    from loaders.datasets import truth_points
     from models.config import load_train_config
-    from models.registry import NetDetector, family
+    from models.metrics import Points
     from models.predict import load_detector
+    from models.registry import NetDetector, family
     from models.timing import ScanTiming
-    from models.trackpy_baseline import PAPER, TrackPyDetector
+    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
     from models.tracks import track_recording
 
     tune_malloc()
-    cfg = parse_config({"seed": 1, "datasets": {"m": {
-        "n_movies": 1, "movie": {"n_frames": 10, "margin_um": 1.0}, "image": {"height_px": 256, "width_px": 256},
-        "particles": {"count": {"type": "poisson", "mean": 30, "max": 60},
-                      "diffusion_um2_s": {"type": "uniform", "low": 0.05, "high": 1.0}, "xy_start": {"type": "uniform"}},
-        "output": {"expected": False, "trajectories": False}}}})
-    images = simulate(cfg.datasets["m"], cfg.seed)["images"].astype(np.float32)
     if args.model and (Path(args.model) / "best.pt").exists():  # what the laser saw: the exposure head
         net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
     else:
@@ -300,16 +296,40 @@ def bench_track(args):
         net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
                           target="exposure", head=1)
         label = "untrained SpotNet, default recipe (no runs/demo/model yet)"
-    print(f"10 frames of 256 x 256 px, about 30 particles; {label}")
-    timing = ScanTiming()
+    timing, px, d_max = ScanTiming(), 0.07, 0.5
     results = {}
-    for name, det in (("TrackPy pipeline (paper settings)", TrackPyDetector(PAPER)), ("SpotNet pipeline", net)):
-        track_recording(det, images[:2], timing, 0.07, 1.0)
-        t = median_time(lambda: track_recording(det, images, timing, 0.07, 1.0), repeats=3)
-        results[name] = len(images) / t
-    ref = results["TrackPy pipeline (paper settings)"]
-    for name, r in results.items():
-        print(f"{name:<36} {r:8.2f} frames/s  ({r / ref:.2f}x the TrackPy pipeline)")
+    # Fields as users record them (fields.yaml's laws): Poisson particles at 40 per
+    # 256 x 256 px, D log-uniform over 0.02 - 0.5 um^2/s, brightness +-30 %.
+    for size, frames_n, mean in ((256, 100, 40), (512, 40, 160)):
+        def movie(seed, size=size, frames_n=frames_n, mean=mean):
+            cfg = parse_config({"seed": seed, "datasets": {"m": {
+                "n_movies": 1, "movie": {"n_frames": frames_n, "margin_um": 1.0},
+                "image": {"height_px": size, "width_px": size},
+                "particles": {"count": {"type": "poisson", "mean": mean, "max": 3 * mean},
+                              "diffusion_um2_s": {"type": "log_uniform", "low": 0.02, "high": d_max},
+                              "n_qd": {"type": "uniform", "low": 7.0, "high": 13.0}, "xy_start": {"type": "uniform"},
+                              "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}},
+                "output": {"expected": False, "trajectories": False}}}})
+            return simulate(cfg.datasets["m"], cfg.seed)
+
+        tune, rows = movie(2), movie(1)
+        images = rows["images"]  # uint16, as a recording holds them
+        period = timing.frame_period_s(size, size)
+        gt = truth_points(tune["exposure_xy"], tune["n_particles"], tune["in_view"], True, size, size)
+        pipe = tune_user_pipeline(tune["images"], Points.from_masked(gt), px, 0.21,
+                                  user_search_range_px(d_max, period, px))
+        print(f"{frames_n} frames of {size} x {size} px, about {mean * 0.8:.0f} particles in view; {label}; "
+              f"TrackPy user pipeline {pipe.model_dump()}")
+        runs = {"TrackPy user pipeline": lambda: run_user_pipeline(images, pipe, px, period),
+                "factory track (SpotNet)": lambda: track_recording(net, images, timing, px, d_max)}
+        here = {}
+        for name, run in runs.items():
+            run()  # warm: compiled functions, caches
+            here[name] = len(images) / median_time(run, repeats=3)
+        ref = here["TrackPy user pipeline"]
+        for name, r in here.items():
+            print(f"  {name:<28} {r:8.2f} frames/s  ({r / ref:.2f}x the TrackPy user pipeline)")
+        results[f"{size}px"] = here
     return results
 
 
