@@ -34,12 +34,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from factory.stores import Store, find_store
+    from loaders.datasets import truth_points
     from models.fields import MovieTruth, score_particles, summarise
     from models.metrics import Points
     from models.predict import load_detector, localise
     from models.timing import ScanTiming, time_stamps
     from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
-    from models.tracks import blur_r, diffusion_table, link, match_to_truth, search_range_px, stitch
+    from models.tracks import blur_r, diffusion_table, link, score_tracks, search_range_px, stitch
 
     det = load_detector(args.model, "cpu", prefer="exposure")
 
@@ -52,8 +53,7 @@ def main() -> None:
             images = st.read("images")
         h, w = images.shape[1:]
         timing = ScanTiming.of_store_config(cfg, name)
-        mid = float(timing.schedule(h, w).start_s.mean())
-        t_c = rows["frame_start_s"][:, None] + mid + np.zeros_like(rows["diffusion"], np.float64)
+        t_c = timing.centroid_t_s(rows["frame_start_s"], h, w, rows["diffusion"].shape[1])
         for m in range(len(images) // F):
             a, b = m * F, (m + 1) * F
             yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), cfg, timing,
@@ -85,27 +85,23 @@ def main() -> None:
         per = {}
         links = {}
         secs = {}
+        n_frames = 0
         for frames, starts, truth, _, _, rows in movies(name):
+            n_frames += len(frames)
             t0 = time.perf_counter()
             table = localise(det, frames, min_score=getattr(det, "threshold", None))
             table = table.assign(t_s=time_stamps(table, h, w, timing, getattr(det, "timestamps", "scan"), starts))
             t_loc = time.perf_counter() - t0
-            from loaders.datasets import truth_points
-
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
             for label, run in linkers.items():
                 t0 = time.perf_counter()
                 tracks = run(table)
-                d = diffusion_table(tracks, px, r_scan)
                 secs[label] = secs.get(label, 0.0) + time.perf_counter() - t0 + t_loc
+                counts, d = score_tracks(tracks, gt, rows["diffusion"][0], 3.0, px, r_scan)  # links and D per track
                 per.setdefault(label, []).append(score_particles(tracks, d, truth, px, r_frame))
-                slot = match_to_truth(tracks, gt, 3.0)
-                tr = tracks["track"].to_numpy()
-                same = tr[1:] == tr[:-1]
-                both = same & (slot[1:] >= 0) & (slot[:-1] >= 0)
                 c = links.setdefault(label, [0, 0])
-                c[0] += int((both & (slot[1:] == slot[:-1])).sum())
-                c[1] += int(both.sum())
+                c[0] += counts["correct_links"]
+                c[1] += counts["matched_links"]
             t0 = time.perf_counter()
             tracks, d_msd = run_user_pipeline(frames, pipe, px, period)
             secs["TrackPy user pipeline"] = secs.get("TrackPy user pipeline", 0.0) + time.perf_counter() - t0
@@ -113,7 +109,6 @@ def main() -> None:
             tracks = tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan", starts))
             per.setdefault("TrackPy user pipeline, its tracks through our CVE", []).append(
                 score_particles(tracks, diffusion_table(tracks, px, r_scan), truth, px, r_frame))
-        n_frames = sum(len(f) for f, *_ in movies(name))
         lines = [f"## {name}", "", "| pipeline | particles | matched track | D within 1.5x | floor | median abs log10 | "
                  "correct links | frames/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, parts in per.items():

@@ -265,8 +265,8 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
                              True, h, w)
     diffusion = store.read("diffusion")
     starts = store.read("frame_start_s")
-    t_truth = (store.read("exposure_t_s") if target == "exposure"
-               else starts[:, None] + timing.schedule(h, w).start_s.mean() + np.zeros_like(diffusion, np.float64))
+    t_centroid = timing.centroid_t_s(starts, h, w, diffusion.shape[1])
+    t_truth = store.read("exposure_t_s") if target == "exposure" else t_centroid
     if threshold is not None:
         table = table[table["score"] >= threshold]
     table = table.assign(t_s=time_stamps(table, h, w, timing, stamps, starts), movie=table["frame"] // F)
@@ -274,7 +274,6 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     ests, floors, linked_all, particles = [], [], [], []
     rows = {k: store.read(k) for k in ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s")
             + (("on_fraction",) if "on_fraction" in store else ())}
-    t_centroid = starts[:, None] + timing.schedule(h, w).start_s.mean() + np.zeros_like(diffusion, np.float64)
     r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
     for m in range(len(store) // F):
         a, b = m * F, (m + 1) * F

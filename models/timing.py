@@ -43,6 +43,12 @@ class ScanTiming:
         s = self.schedule(height, width)
         return float(s.start_s[-1] + s.dwell_s)
 
+    def centroid_t_s(self, frame_start_s: np.ndarray, height: int, width: int, particles: int) -> np.ndarray:
+        """(frames, particles) time of a whole-frame centroid: its frame's start plus the
+        mean scan time of the frame's pixels."""
+        mid = float(self.schedule(height, width).start_s.mean())
+        return np.repeat(np.asarray(frame_start_s, np.float64)[:, None] + mid, particles, axis=1)
+
     def schedule(self, height: int, width: int):
         return frame_schedule(height, width, self.dwell_us, self.line_retrace_ms, self.bidirectional,
                               self.frame_flyback_ms)
