@@ -618,10 +618,10 @@ def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, 
     from models.timing import ScanTiming
 
     det = load_detector(model, device.value, prefer=target.value if target else None)
-    if target is not None and getattr(det, "target", None) != target.value:
+    if target is not None and det.target != target.value:
         raise FactoryError(f"{model}: --target {target.value}: the model has no {target.value} output "
-                           f"(it finds the {getattr(det, 'target', 'centroid')} target)")
-    if getattr(det, "ndim", 2) == 3:
+                           f"(it finds the {det.target} target)")
+    if det.ndim == 3:
         return _predict_stacks(det, Path(model), input, z_step_um, pixel_size_um, all_scores, quiet)
     # Read a chunk of frames at a time: a recording of any length fits in memory.
     with open_recording(input) as images:
@@ -638,7 +638,7 @@ def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, 
                              frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
         if not quiet:
             typer.echo(f"scan timing: {timing.describe()}", err=True)
-        thr = None if all_scores else getattr(det, "threshold", None)
+        thr = None if all_scores else det.threshold
         table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start,
                             min_score=thr)
     return table, f"{len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px"
@@ -652,7 +652,7 @@ def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all
     from models.volumes import with_z_um
 
     stacks = read_stacks(input)
-    trained = det.model_params.get("z_step_um") if hasattr(det, "model_params") else None
+    trained = det.z_step_um
     source = "--z-step-um"
     if z_step_um is None and is_store_path(input):
         with Store(input) as st:
@@ -677,9 +677,8 @@ def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all
     if pixel_size_um is not None:
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um
-    thr = getattr(det, "threshold", None)
-    if thr is not None and not all_scores:
-        table = table[table.score >= thr]
+    if det.threshold is not None and not all_scores:
+        table = table[table.score >= det.threshold]
     n, z, h, w = stacks.shape
     return table, f"{n} stack(s) of {z} planes of {h} x {w} px"
 
@@ -795,7 +794,7 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
     # What the laser saw, with its own time stamp, is what D needs: a network with a head
     # per target tracks with its exposure head.
     det = load_detector(model, device.value, prefer="exposure")
-    if getattr(det, "ndim", 2) == 3:
+    if det.ndim == 3:
         raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
                            "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
     # Read a chunk of frames at a time: a recording of any length fits in memory.
@@ -836,7 +835,7 @@ def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_ret
                     f"{Path(input).name}: {first['track'].nunique()} tracks")
     (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
                                                  "max_diffusion_um2_s": d_max, "model": str(model),
-                                                 "target": getattr(det, "target", None)}, indent=2))
+                                                 "target": det.target}, indent=2))
     return (f"{tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
             f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
 

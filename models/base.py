@@ -7,7 +7,7 @@ the origin at the centre of pixel (0, 0).  Higher scores mean more confident.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -17,10 +17,57 @@ COLUMNS = ["frame", "x", "y", "score"]
 
 @runtime_checkable
 class Detector(Protocol):
+    """What every detector is: TrackPy, TrackPy 3D and every network (``NetDetector``).
+
+    Callers read these attributes as they are; a detector that lacks one does not meet
+    the contract (``tests/test_detectors.py`` checks each one's presence, type and value).
+
+    Attributes
+    ----------
+    name : str
+        Its family in ``models.registry`` (``"trackpy"``, ``"spotnet"``, ...), or
+        ``"trackpy3d"``; progress bars and logs show it.
+    label : str
+        How evaluations, tables and reports name it, e.g. ``"TrackPy (ours, tuned on val)"``.
+    target : {"centroid", "exposure"}
+        The truth its positions estimate: the particle's centroid over the whole frame
+        (the paper's), or where the laser saw it (``loaders.datasets.TARGETS``).
+    timestamps : {"scan", "frame"}
+        The time its positions belong to (``models.timing.time_stamps``): ``"scan"``, the
+        scan time at the position (what the laser saw); ``"frame"``, the frame's mean
+        pixel time (a whole-frame centroid).  It also sets the motion-blur coefficient of
+        the D estimates (``models.tracks.blur_r``).
+    threshold : float or None
+        Score from which a localisation counts (F1, ``factory predict`` and
+        ``factory track``), in the detector's own score units (TrackPy: integrated mass;
+        networks: confidence); tuned on validation data.  None: none tuned, every
+        localisation counts.
+    ndim : {2, 3}
+        2: ``detect`` takes images (N, H, W); 3: z-stacks (N, Z, H, W), and the table
+        adds ``z`` in planes from the first plane.
+    z_step_um : float or None
+        3D networks: the z step (um) of the stacks they were trained on, the step their
+        z targets assume.  None where the detector does not depend on one (2D detectors,
+        TrackPy 3D) or it is not known (an untrained network).
+    """
+
     name: str
+    label: str
+    target: Literal["centroid", "exposure"]
+    timestamps: Literal["scan", "frame"]
+    threshold: float | None
+    ndim: Literal[2, 3]
+    z_step_um: float | None
 
     def detect(self, images: np.ndarray, progress: bool = False) -> pd.DataFrame:
-        """Localise particles in ``images`` (N, H, W)."""
+        """Localise particles in ``images`` (N, H, W), or stacks (N, Z, H, W) where ``ndim`` is 3."""
+        ...
+
+    def batch_frames(self, height: int, width: int) -> int:
+        """Frames of ``height`` x ``width`` px that ``detect`` processes together (1: one at
+        a time).  Fed that many per call, counted from the first frame, a detector returns
+        the same table to the bit as from one call on every frame
+        (``models.predict.localise``)."""
         ...
 
 

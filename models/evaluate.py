@@ -22,7 +22,7 @@ from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores, is_store_path
 from loaders.datasets import TARGETS, truth_points
 
-from .base import COLUMNS
+from .base import COLUMNS, Detector
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
 from .timing import ScanTiming, time_stamps
 from .fields import MovieTruth, score_particles, summarise
@@ -304,7 +304,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
             "d": d_errors(est) if len(est) else None, "d_floor_truth_positions": d_errors(floor) if len(floor) else None}
 
 
-def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None = None,
+def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str] | None = None,
                       progress: bool = True, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
     """Run ``detector`` on the test stores of ``data`` and write the run folder."""
     paths = {p.stem: p for p in find_test_stores(data, names)}
@@ -318,18 +318,16 @@ def evaluate_detector(detector, data: Path, out: Path, names: list[str] | None =
         log.info("%s on %s: %d localisations in %.1f s", detector.name, name, len(tables[name]), seconds[name])
     extra = {**(extra or {}), "detect_seconds": seconds}
     tracks = {}
-    target = getattr(detector, "target", "centroid")
+    target = detector.target
     for name, path in paths.items():
         with Store(path) as st:
             if is_movie_store(st) and "exposure_t_s" in st:
                 linked, tracks[name] = evaluate_tracks(tables[name], st,
                                                        target if target in targets_of(st) else "centroid",
-                                                       getattr(detector, "timestamps", "scan"),
-                                                       getattr(detector, "threshold", None))
+                                                       detector.timestamps, detector.threshold)
                 Path(out).mkdir(parents=True, exist_ok=True)
                 linked.to_csv(Path(out) / f"tracks_{name}.csv", index=False)
     if tracks:
         extra["tracks"] = tracks
-    return write_evaluation(out, getattr(detector, "label", detector.name), tables, paths,
-                            getattr(detector, "threshold", None), extra, gates_nm,
-                            getattr(detector, "target", "centroid"))
+    return write_evaluation(out, detector.label, tables, paths, detector.threshold, extra, gates_nm,
+                            detector.target)

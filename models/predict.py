@@ -10,6 +10,7 @@ import pandas as pd
 from factory.errors import FactoryError
 from factory.stores import Store, find_store, is_store_path
 
+from .base import Detector
 from .recording import Recording, as_recording, check_frames, check_pixels, check_tiff_pages, open_recording
 from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
@@ -99,7 +100,7 @@ def training_timing(run_dir: Path) -> ScanTiming | None:
     return ScanTiming.of_store_config(cfg, source) if cfg else None
 
 
-def localise(detector, images: np.ndarray | Recording, progress: bool = False,
+def localise(detector: Detector, images: np.ndarray | Recording, progress: bool = False,
              min_score: float | None = None) -> pd.DataFrame:
     """``detector.detect`` over a recording (or an (N, H, W) array), a chunk of frames at a
     time: the same table as one call on all the frames, in the memory of one chunk, less
@@ -113,10 +114,9 @@ def localise(detector, images: np.ndarray | Recording, progress: bool = False,
 
     rec = images if isinstance(images, Recording) else as_recording(images)
     n, h, w = rec.shape
-    batch = getattr(detector, "batch_frames", None)
-    step = batch(h, w) if batch else 1
+    step = detector.batch_frames(h, w)
     parts, empty = [], None
-    with tqdm(total=n, desc=getattr(detector, "name", "detect"), unit="frame", disable=not progress) as bar:
+    with tqdm(total=n, desc=detector.name, unit="frame", disable=not progress) as bar:
         for start, chunk in rec.chunks(step):
             for a in range(0, len(chunk), step):
                 table = detector.detect(chunk[a:a + step], progress=False)
@@ -133,16 +133,15 @@ def localise(detector, images: np.ndarray | Recording, progress: bool = False,
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
-def predict(detector, images: np.ndarray | Recording, pixel_size_um: float | None = None,
+def predict(detector: Detector, images: np.ndarray | Recording, pixel_size_um: float | None = None,
             progress: bool = False, timing: ScanTiming | None = None,
             frame_start_s: np.ndarray | None = None, min_score: float | None = None) -> pd.DataFrame:
     """Localise (``localise``: chunk by chunk, keeping scores from ``min_score``), then add
     ``t_s`` (with ``timing``) and micrometre columns (with ``pixel_size_um``)."""
     table = localise(detector, images, progress=progress, min_score=min_score)
     if timing is not None:
-        stamps = getattr(detector, "timestamps", "scan")
         _, h, w = images.shape
-        table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
+        table.insert(1, "t_s", time_stamps(table, h, w, timing, detector.timestamps, frame_start_s))
     if pixel_size_um is not None:
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um

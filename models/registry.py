@@ -115,7 +115,7 @@ class NetDetector:
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
                  min_score: float = 0.01, device: str = "cpu", label: str | None = None,
-                 target: str = "centroid", head: int = 0):
+                 target: str = "centroid", head: int = 0, z_step_um: float | None = None):
         self.family = fam
         self.head = head  # which output head of a multi-target network (SpotNet, target: both)
         self.target = target  # the truth it was trained on: "centroid" or "exposure"
@@ -128,6 +128,7 @@ class NetDetector:
         self.min_score = min_score
         self.device = device
         self.ndim = fam.ndim
+        self.z_step_um = z_step_um  # 3D: the training stacks' z step, which its z targets assume
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:

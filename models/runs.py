@@ -131,10 +131,10 @@ class RunFolder:
         label = None
         if len(targets) > 1:
             label = fam.label if target == "centroid" else f"{fam.label}, exposure head"
-        det = NetDetector(fam, model, threshold, cfg.min_score, device, label, target=target, head=head)
-        det.targets = targets
-        det.model_params = dict(cfg.model_params)  # 3D models: the voxel size they were trained on
-        return det
+        # 3D networks: the z step of the training stacks (``models.train`` records it).
+        z_step_um = cfg.model_params.get("z_step_um")
+        return NetDetector(fam, model, threshold, cfg.min_score, device, label, target=target, head=head,
+                           z_step_um=z_step_um)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST,

@@ -78,6 +78,10 @@ class TrackPyDetector:
     """Intensity-based localisation (Crocker-Grier, as implemented by TrackPy)."""
 
     name = "trackpy"
+    ndim = 2
+    target = "centroid"  # scored against the paper's truth first (both where a store has both)
+    timestamps = "scan"  # an intensity peak is where the laser saw the particle
+    z_step_um = None
 
     def __init__(self, params: Params | None = None, threshold: float | None = None,
                  label: str = LABEL):
@@ -85,8 +89,6 @@ class TrackPyDetector:
         # Mass above which a localisation counts for F1 (the AUCs rank every one).
         self.threshold = threshold
         self.label = label
-        self.target = "centroid"  # scored against the paper's truth first (both where a store has both)
-        self.timestamps = "scan"  # an intensity peak is where the laser saw the particle
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrackPyDetector":
@@ -136,6 +138,10 @@ class TrackPyDetector:
         # uncertainty, but the closest thing it reports.
         return as_table(np.concatenate(frames), np.concatenate(xs), np.concatenate(ys),
                         np.concatenate(masses), sigma=np.concatenate(sizes))
+
+    def batch_frames(self, height: int, width: int) -> int:
+        """1: ``trackpy.locate`` takes one image (or stack) at a time."""
+        return 1
 
 
 DEFAULT_GRID = {
@@ -295,14 +301,17 @@ class TrackPy3DDetector:
 
     name = "trackpy3d"
     ndim = 3
+    target = "centroid"
+    timestamps = "scan"  # as in 2D: an intensity peak is where the laser saw the particle
+    z_step_um = None  # diameters in planes: any z step
 
     def __init__(self, params: Params3D | None = None, threshold: float | None = None, label: str = LABEL_3D):
         self.params = params or Params3D()
         self.threshold = threshold
         self.label = label
-        self.target = "centroid"
 
     save = TrackPyDetector.save  # the same parameter file
+    batch_frames = TrackPyDetector.batch_frames
 
     def detect(self, stacks, progress: bool = False) -> pd.DataFrame:
         from tqdm.auto import tqdm

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from .base import Detector
 from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
 from .predict import localise
 from .recording import Recording
@@ -277,7 +278,7 @@ def d_errors(est: pd.DataFrame, bins=((5, 9), (10, 14), (15, 10**9))) -> dict:
     return out
 
 
-def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming, pixel_size_um: float,
+def track_recording(detector: Detector, images: np.ndarray | Recording, timing: ScanTiming, pixel_size_um: float,
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float | None = None, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
@@ -292,9 +293,8 @@ def track_recording(detector, images: np.ndarray | Recording, timing: ScanTiming
     D up to ``max_diffusion_um2_s``: ``stitch``).  Returns the tracks, the D table and
     what was used."""
     n, h, w = images.shape
-    thr = getattr(detector, "threshold", None)
-    table = localise(detector, images, progress=progress, min_score=thr)
-    stamps = getattr(detector, "timestamps", "scan")
+    table = localise(detector, images, progress=progress, min_score=detector.threshold)
+    stamps = detector.timestamps
     table = table.copy()
     table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     period = timing.frame_period_s(h, w)

@@ -22,6 +22,7 @@ from factory.errors import FactoryError, StoreError
 from factory.stores import Store
 from loaders.datasets import TARGETS, TARGETS_Z, stack_points
 
+from .base import Detector
 from .metrics import GATES_3D_NM, F1_GATE_3D_NM, Points, best_f1_threshold, evaluate_points_3d, gate_key, pr_auc
 from .trackpy_baseline import DEFAULT_GRID_3D, Params3D, TrackPy3DDetector
 
@@ -72,7 +73,7 @@ def table_um(table: pd.DataFrame, geom: StackGeometry, n_frames: int) -> Points:
     return geom.to_um(table["frame"], table["x"], table["y"], table["z"], n_frames)
 
 
-def validate(detector, stacks: np.ndarray, gt_um: Points, geom: StackGeometry) -> dict:
+def validate(detector: Detector, stacks: np.ndarray, gt_um: Points, geom: StackGeometry) -> dict:
     """Validation AUCs at the 3D gates and their mean (the model-selection score)."""
     table = detector.detect(stacks)
     pred = table_um(table, geom, len(stacks))
@@ -113,7 +114,7 @@ def with_z_um(table: pd.DataFrame, z_step_um: float) -> pd.DataFrame:
     return out[list(STACK_COLUMNS)]
 
 
-def evaluate_stacks(detector, stores: list[Path], out: Path, label: str, target: str = "centroid",
+def evaluate_stacks(detector: Detector, stores: list[Path], out: Path, label: str, target: str = "centroid",
                     extra: dict | None = None) -> dict:
     """Score a stack detector on stack stores and write ``metrics.json``, ``table.md``
     and ``predictions_<name>.csv`` into ``out``."""

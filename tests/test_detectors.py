@@ -1,12 +1,16 @@
 """One contract, one suite: every registered detector (TrackPy and each network family,
 the networks overfitted on a small set) is run through the same checks."""
 
+import types
+from typing import Literal, Union, get_args, get_origin, get_type_hints
+
 import numpy as np
 import pytest
 
 from conftest import ready_detector, small_training_set
-from models.base import COLUMNS
-from models.registry import DETECTORS_2D
+from models.base import COLUMNS, Detector
+from models.registry import DETECTORS_2D, FAMILIES, make_detector
+from models.trackpy_baseline import TrackPy3DDetector
 
 DETECTORS = list(DETECTORS_2D)
 
@@ -79,3 +83,52 @@ def test_keypointrcnn_zooms_every_image_size_by_one_factor():
 def test_contract_2d_input_is_one_frame(name, images):
     table = ready_detector(name).detect(images[0][0])
     assert len(table) and set(table.frame) == {0}
+
+
+def _conforms(value, hint) -> bool:
+    """``value`` has the type ``hint`` names: one of a Literal's values (of its type), any
+    member of a union, an int or float for ``float`` (never a bool)."""
+    if get_origin(hint) is Literal:
+        return any(value == a and type(value) is type(a) for a in get_args(hint))
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+# Every detector class, built as cheaply as it comes (networks untrained): each registered
+# family, TrackPy 3D, and a network on the exposure target (its own time stamps).
+KNOWN = [*FAMILIES, "trackpy3d", "spotnet-exposure"]
+
+
+def _build(name: str):
+    if name == "trackpy3d":
+        return TrackPy3DDetector()
+    if name == "spotnet-exposure":
+        return make_detector("spotnet", target="exposure")
+    return make_detector(name)
+
+
+@pytest.mark.parametrize("name", KNOWN)
+def test_every_detector_meets_the_protocol_with_typed_values(name):
+    """Callers read the protocol's attributes as they are (no defaults): each detector has
+    every one, of the annotated type and allowed value, and the values the callers
+    assumed before the protocol named them."""
+    det = _build(name)
+    assert isinstance(det, Detector), name
+    for attr, hint in get_type_hints(Detector).items():
+        value = getattr(det, attr)
+        assert _conforms(value, hint), (name, attr, value, hint)
+    network = name not in ("trackpy", "trackpy3d")
+    assert det.name == name.removesuffix("-exposure")
+    assert det.label and det.label != det.name
+    assert det.ndim == (3 if name in ("trackpy3d", "dmdetnet3d") else 2)
+    assert det.target == ("exposure" if name == "spotnet-exposure" else "centroid")
+    # A network's centroid is the whole frame's; everything else is where the laser saw it.
+    assert det.timestamps == ("frame" if network and det.target == "centroid" else "scan")
+    assert det.threshold is None and det.z_step_um is None  # untuned, untrained
+    step = det.batch_frames(24, 25)
+    assert type(step) is int and (step > 1 if network else step == 1), (name, step)

@@ -157,6 +157,13 @@ def test_predict_on_a_stack_larger_than_training_and_bad_input(stack_run, tmp_pa
     r = run_cli("predict", root / "model", tmp_path / "series.tif", "--out", tmp_path / "s.csv", "--z-step-um", "0.5")
     assert r.returncode == 0, r.stderr
     assert "2 stack(s)" in r.stdout, r.stdout
+    # No z step in the input: the training stacks' (the detector's z_step_um).
+    from models.runs import load_model
+
+    assert load_model(root / "model").z_step_um == DZ
+    np.save(tmp_path / "stack.npy", big)
+    r = run_cli("predict", root / "model", tmp_path / "stack.npy", "--out", tmp_path / "n.csv", "--all")
+    assert r.returncode == 0 and f"z step: {DZ:g} um (from the model's training data" in r.stderr, r.stderr
     # Bad input: a 2D image to a 3D model, a z step <= 0.
     tifffile.imwrite(tmp_path / "flat.tif", big[0])
     for args, msg in ((["flat.tif"], "needs a z-stack"), (["stack.tif", "--z-step-um", "0"], "z step must be > 0"),
