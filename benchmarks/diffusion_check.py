@@ -132,14 +132,14 @@ def main():
         floor = floors["true centroids"]
         for label, det in detectors.items():
             table = det.detect(sim["images"].astype(np.float32))
-            stamps = getattr(det, "timestamps", "scan")
+            stamps = det.timestamps
 
             def t_fn(b, stamps=stamps):
                 return time_stamps(b, size, size, timing, stamps, sim["frame_start_s"])
 
             r = blur_r(stamps, period, timing.line_period_s(size), timing.active_s(size, size), 0.21, px)
             search = search_range_px(D, period, px)
-            rmse, k = rel_rmse(per_movie_d(table, t_fn, frames, n, px, r, search, getattr(det, "threshold", None)), D)
+            rmse, k = rel_rmse(per_movie_d(table, t_fn, frames, n, px, r, search, det.threshold), D)
             rmse1, _ = rel_rmse(per_frame_d(table, t_fn, frames, n, px, r), D)
             results[(case, label)] = (rmse, rmse1)
             name = Path(label).parent.name + "/" + Path(label).name if "/" in label else label

@@ -89,8 +89,8 @@ def main() -> None:
         for frames, starts, truth, _, _, rows in movies(name):
             n_frames += len(frames)
             t0 = time.perf_counter()
-            table = localise(det, frames, min_score=getattr(det, "threshold", None))
-            table = table.assign(t_s=time_stamps(table, h, w, timing, getattr(det, "timestamps", "scan"), starts))
+            table = localise(det, frames, min_score=det.threshold)
+            table = table.assign(t_s=time_stamps(table, h, w, timing, det.timestamps, starts))
             t_loc = time.perf_counter() - t0
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
             for label, run in linkers.items():
