@@ -336,6 +336,7 @@ class SpotCalibration:
     notes: list[str] = field(default_factory=list)
     n_qd_spread: float = 0.0  # the dots' brightness: uniform over n_qd (1 +- spread)
     particles_in_view: float = math.nan  # dots in the field per frame, found or not
+    frames_looked: int = 0  # the first frames the spots came from (the reading stops at max_spots)
 
 
 def spot_noise(frame: np.ndarray, sigma_px: float) -> float:
@@ -396,8 +397,8 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
     half_c = int(math.ceil(3 * s_px))
     half_r = max(2, int(math.ceil(1.2 * s_px)))
     iso = 6 * s_px
-    widths, peaks, found, looked = [], [], 0, 0
-    for frame in photons:
+    widths, peaks, where, found, looked = [], [], [], 0, 0
+    for i, frame in enumerate(photons):
         r, c, hgt = find_spots(frame, s_px, thr)
         found += len(r)
         looked += 1
@@ -417,6 +418,7 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
             # smear, both of which the simulated side shares (``fit_spot_model``).
             widths.append(s)
             peaks.append(float(h.max()))
+            where.append((i, x, y))
         if len(widths) >= max_spots:
             break
     n = len(widths)
@@ -424,29 +426,74 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
         raise FactoryError(f"found {n} isolated spot(s) (need at least 5) to measure the PSF width and brightness")
     w = np.array(widths) * pixel_size_um
     sxy = float(np.median(w))
-    sxy_sd = float(1.2533 * 1.4826 * np.median(np.abs(w - sxy)) / math.sqrt(n))
     nqd = np.array(peaks) * 2 * math.pi * sxy**2 * math.sqrt(2 * math.pi) * sigma_z_um
     q = tuple(float(v) for v in np.percentile(nqd, [10, 50, 90]))
-    nqd_sd = float(1.2533 * 1.4826 * np.median(np.abs(nqd - q[1])) / math.sqrt(n))
+    # The spots of one dot in successive frames are one draw of its brightness, not many:
+    # the medians' standard errors come from resampling dots (spots linked within the
+    # isolation distance), not spots.
+    dot = dots(np.array(where), 2 * iso)
+    sxy_sd, nqd_sd = (float(np.std(v, ddof=1)) for v in
+                      cluster_bootstrap_medians(np.stack([w, nqd]), dot, seed=n).T)
     notes.append(f"N_qd: in-focus equivalent with sigma_z {sigma_z_um:g} um (a 2D recording does not "
                  "measure sigma_z; a dot out of focus counts as a dimmer one)")
     # Spots per frame over the frames looked at (the loop stops once it has max_spots).
-    return SpotCalibration(Estimate(sxy, sxy_sd), Estimate(q[1], nqd_sd), q, n, found / looked, notes)
+    return SpotCalibration(Estimate(sxy, sxy_sd), Estimate(q[1], nqd_sd), q, n, found / looked, notes,
+                           frames_looked=looked)
 
 
-def simulated_photons(microscope: dict, n_frames: int, seed: int, detector: DetectorCalibration | None = None):
+def dots(where: np.ndarray, radius_px: float) -> np.ndarray:
+    """The dot (0, 1, ...) of each spot ``(frame, x, y)``: spots linked from frame to
+    frame within ``radius_px``, across up to 2 frames without one."""
+    import pandas as pd
+
+    from .tracks import link
+
+    table = pd.DataFrame({"frame": where[:, 0], "x": where[:, 1].astype(float), "y": where[:, 2].astype(float),
+                          "spot": np.arange(len(where))})
+    linked = link(table, radius_px, memory=5)
+    out = np.empty(len(where), np.int64)
+    out[linked["spot"].to_numpy()] = linked["track"].to_numpy()
+    return out
+
+
+def cluster_bootstrap_medians(values: np.ndarray, cluster: np.ndarray, n_boot: int = 200,
+                              seed: int = 0) -> np.ndarray:
+    """Bootstrap medians (n_boot x K) of the K rows of ``values`` (K x N), resampling
+    whole clusters with replacement (N spots, ``cluster`` the id of each)."""
+    rng = np.random.default_rng(seed)
+    ids, inv = np.unique(cluster, return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(len(ids))]
+    out = np.empty((n_boot, values.shape[0]))
+    for b in range(n_boot):
+        take = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+        out[b] = np.median(values[:, take], axis=1)
+    return out
+
+
+def simulated_photons(microscope: dict, n_frames: int, seed: int, detector: DetectorCalibration | None = None,
+                      movie: dict | None = None, n_movies: int = 1):
     """Frames of the simulator for a datasets-config section ``microscope`` (image, scan,
     psf, background, particles, detector), turned into background-free photons the way a
-    recording is (with ``detector``: its estimated offset, gain and background)."""
+    recording is (with ``detector``: its estimated offset, gain and background).  With
+    ``movie`` (a `movie` section, such as ``{"frame_flyback_ms": 2}``), one movie of
+    ``n_frames`` (``n_movies`` of them, one after the other), whose dots live
+    ``MOVIE_MARGIN_UM`` beyond the field and diffuse in x, y and z from frame to frame as
+    a recording's do; else independent images."""
     from factory.config import parse_config
     from factory.kernel import simulate
 
-    ds_cfg = {**microscope, "n_images": n_frames, "output": {"expected": False, "trajectories": False}}
+    frames = {"n_images": n_frames} if movie is None else \
+        {"n_movies": n_movies, "movie": {**movie, "n_frames": n_frames, "margin_um": MOVIE_MARGIN_UM}}
+    ds_cfg = {**microscope, **frames, "output": {"expected": False, "trajectories": False}}
     cfg = parse_config({"seed": seed, "datasets": {"sim": ds_cfg}}, source="the calibrated microscope")
     adu = simulate(cfg.datasets["sim"], cfg.seed)["images"].astype(np.float64)
     if detector is None:
         return adu - microscope.get("background", {}).get("n_bkg", 0.0)
     return to_photons(adu, detector)
+
+
+MOVIE_MARGIN_UM = 1.0  # the calibrated movies' dots live this far beyond the field (as `movie.margin_um`)
+MOVIE_DOTS, MAX_MOVIES = 100, 4  # the spot model's simulated movies: dots pooled, and at most this many movies
 
 
 def to_photons(adu: np.ndarray, detector: DetectorCalibration) -> np.ndarray:
@@ -456,7 +503,9 @@ def to_photons(adu: np.ndarray, detector: DetectorCalibration) -> np.ndarray:
 
 
 def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCalibration, pixel_size_um: float,
-                   sigma_z_um: float = 1.36, sim_frames: int = 24, seed: int = 0) -> SpotCalibration:
+                   sigma_z_um: float = 1.36, sim_frames: int = 24, seed: int = 0,
+                   diffusion_um2_s: dict | float | None = None, frame_flyback_ms: float | None = None
+                   ) -> SpotCalibration:
     """sigma_xy and N_qd by the simulator's own spot model (indirect inference).
 
     The row-wise fit (``calibrate_spots``) is exact on noise-free spots but reads dim,
@@ -466,7 +515,14 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     frames measured exactly as the recording's; sigma_xy is where the measured width,
     a straight line in the candidate, meets the recording's.  N_qd is then scaled by
     observed / simulated brightness (twice).  Noise, scan smear, spot selection and
-    out-of-focus dots are so the same on both sides."""
+    out-of-focus dots are so the same on both sides.
+
+    A recording is a movie: its dots wander in z from frame to frame, so later frames
+    hold more dim, out-of-focus dots than independent images do (N_qd came out 5-10%
+    low on held-out movies).  With ``diffusion_um2_s`` (the D law of a first tracking
+    pass), the fit ends with two rounds on a simulated movie as long as the stretch of
+    the recording read (and its ``frame_flyback_ms``), with the dots in view found above
+    and that D: its reading corrects N_qd once more."""
     # The measurement (its smoothing, window and isolation distance follow the guessed
     # width) is set once, from a first look, and then applied alike to both sides.
     guess = calibrate_spots(photons, pixel_size_um, sigma_z_um).sigma_xy_um.value
@@ -478,11 +534,17 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     particles["count"] = max(int(particles.get("count", 1)), 10)
     microscope = {**microscope, "particles": particles}
 
-    def measure(sxy, nqd, spread=0.0):
+    def measure(sxy, nqd, spread=0.0, movie=None, n_movies=1):
         """The simulated side's reading, or None where too few isolated spots show."""
-        sim = simulated_photons(_with_spots(microscope, sxy, nqd, spread), sim_frames, seed, detector)
-        try:
-            return calibrate_spots(sim, pixel_size_um, sigma_z_um, sigma_guess_um=guess)
+        if movie is None:
+            sim = simulated_photons(_with_spots(microscope, sxy, nqd, spread), sim_frames, seed, detector)
+        else:
+            flyback = {} if frame_flyback_ms is None else {"frame_flyback_ms": frame_flyback_ms}
+            sim = simulated_photons(_with_spots(movie, sxy, nqd, spread), seen.frames_looked, seed, detector, flyback,
+                                    n_movies)
+        try:  # every frame of the simulated movies: each covers the stretch of the recording read
+            return calibrate_spots(sim, pixel_size_um, sigma_z_um, sigma_guess_um=guess,
+                                   **({} if movie is None else {"max_spots": 10**9}))
         except FactoryError:
             return None
 
@@ -519,6 +581,24 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     final = measure(sxy, nqd, spread)
     if final is not None and final.spots_per_frame > 0:
         in_view = particles["count"] * seen.spots_per_frame / final.spots_per_frame
+    if diffusion_um2_s is not None and math.isfinite(in_view) and s_slope > 0.1 and seen.frames_looked > 1:
+        img = microscope["image"]
+        h_um, w_um = img["height_px"] * pixel_size_um, img["width_px"] * pixel_size_um
+        region = (h_um + 2 * MOVIE_MARGIN_UM) * (w_um + 2 * MOVIE_MARGIN_UM) / (h_um * w_um)
+        movie = {**microscope, "particles": {**particles, "count": max(1, round(in_view * region)),
+                                             "diffusion_um2_s": diffusion_um2_s}}
+        # A movie's dots are few (tens): its own brightness draw would move the median by
+        # several percent, so movies are pooled until they hold MOVIE_DOTS dots.
+        n_movies = int(min(MAX_MOVIES, math.ceil(MOVIE_DOTS / movie["particles"]["count"])))
+        for _ in range(2):
+            if (m := measure(sxy, nqd, spread, movie, n_movies)) is None:
+                break
+            # Brightness only, by the spots' peak heights (N_qd / width^2): the width read
+            # from a few hundred movie spots is too noisy to move sigma_xy, or N_qd through
+            # it, and drift in z dims dots rather than widens them.
+            final = m
+            peak_ratio = (n_obs / s_obs**2) / (m.n_qd.value / m.sigma_xy_um.value**2)
+            nqd = float(max(nqd * peak_ratio, 1e-3))
     # Each estimate is where the simulated reading meets the recording's, and the
     # simulated reading is a sample of spots too (one seed): its standard error adds to
     # the recording's.
@@ -590,6 +670,16 @@ def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um:
     return {"D_um2_s": [float(v) for v in d["D_um2_s"]], "n_tracks": int(len(d)), "frames": t}
 
 
+def first_pass_law(first_pass: dict) -> dict | float:
+    """The D law the first pass saw: log-uniform over the 10th - 90th percentile of its
+    positive D, or the field's 0.02 - 0.5 um^2/s with fewer than 5 tracks."""
+    d = np.array([v for v in first_pass["D_um2_s"] if v > 0])
+    if len(d) < 5:
+        return {"type": "log_uniform", "low": 0.02, "high": 0.5}
+    lo, hi = np.percentile(d, [10, 90])
+    return {"type": "log_uniform", "low": float(lo), "high": float(max(hi, 1.01 * lo))}
+
+
 def d_range(first_pass: dict) -> tuple[dict, str]:
     """The ``particles.diffusion_um2_s`` to train for, and a note on where it came from:
     log-uniform from half the 10th to twice the 90th percentile of the first pass's
@@ -652,16 +742,24 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
             "direction": "bidirectional" if bidirectional else "unidirectional"}
     photons = to_photons(frames, det)
     count = max(1, round(spots_guess(photons, pixel_size_um)))
+    from .timing import ScanTiming
+
+    timing = ScanTiming(float(dwell_us), float(line_retrace_ms), frame_flyback_ms, bidirectional,
+                        "the command line")
     try:
         if sat is not None:  # clipped spot cores: their width and brightness would come out wrong
             raise FactoryError(f"{100 * sat[1]:.2g}% of the pixels sit at the detector's ceiling {sat[0]:g} ADU, so the "
                                "brightest spots are clipped; record with a lower gain to calibrate them")
+        # The dots' D, for the spot model's movie: a first pass at the directly read width.
+        guess_um = calibrate_spots(photons, pixel_size_um, sigma_z_um).sigma_xy_um.value
+        first = first_pass_diffusion(photons, pixel_size_um, guess_um, timing)
         spots = fit_spot_model(photons, {"image": image, "scan": scan, "detector": det.detector_config(),
                                          "background": {"n_bkg": det.n_bkg.value},
                                          "particles": {"count": count,
                                                        "diffusion_um2_s": 0.1,
                                                        "z_start_um": {"type": "uniform", "low": -1.0, "high": 1.0}}},
-                               det, pixel_size_um, sigma_z_um, seed=seed)
+                               det, pixel_size_um, sigma_z_um, seed=seed, diffusion_um2_s=first_pass_law(first),
+                               frame_flyback_ms=frame_flyback_ms)
         sigma_xy, n_qd, spread = spots.sigma_xy_um.value, spots.n_qd.value, spots.n_qd_spread
         notes += spots.notes
         if math.isfinite(spots.particles_in_view):
@@ -675,10 +773,6 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
         notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy 0.21 um and N_qd 10 "
                      "(+-30%) are written")
         notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
-    from .timing import ScanTiming
-
-    timing = ScanTiming(float(dwell_us), float(line_retrace_ms), frame_flyback_ms, bidirectional,
-                        "the command line")
     first = first_pass_diffusion(photons, pixel_size_um, sigma_xy, timing)
     diffusion, note = d_range(first)
     notes.append(note)

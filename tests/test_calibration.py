@@ -271,3 +271,29 @@ def test_a_recording_of_the_papers_microscope_gives_back_the_papers_values(tmp_p
     assert c["background"]["n_bkg"] == pytest.approx(8.4, rel=0.05)
     assert c["psf"]["sigma_xy_um"] == pytest.approx(0.21, rel=0.10)
     assert r["spots"]["n_qd"]["value"] == pytest.approx(10.0, rel=0.20)
+
+
+def test_the_brightness_uncertainty_counts_dots_not_spots():
+    """Spots of one dot in many frames are one draw of its brightness: the standard error
+    of the median is that of the dots, ~1.2533 sd / sqrt(n_dots) (the median's asymptotic
+    law), not sd / sqrt(n_spots); and linking puts each dot's spots together."""
+    from models.calibration import cluster_bootstrap_medians, dots
+
+    rng = np.random.default_rng(4)
+    n_dots, frames = 40, 25
+    brightness = rng.normal(10.0, 2.0, n_dots)
+    values = np.repeat(brightness, frames) + rng.normal(0, 0.05, n_dots * frames)
+    cluster = np.repeat(np.arange(n_dots), frames)
+    se = float(np.std(cluster_bootstrap_medians(values[None], cluster, n_boot=400, seed=1)[:, 0], ddof=1))
+    want = 1.2533 * 2.0 / np.sqrt(n_dots)  # 0.40
+    assert 0.7 * want < se < 1.4 * want, (se, want)
+    assert se > 3 * 1.2533 * 2.0 / np.sqrt(n_dots * frames)  # the spot count's error is 5x smaller
+
+    # Dots 60 px apart, each moving < 2 px per frame and missed in two frames: one id each.
+    where = [(f, 30 + 60 * k + int(rng.integers(-1, 2)), 40 + 60 * (k % 2)) for k in range(4) for f in range(12)
+             if f not in (5, 6)]
+    ids = dots(np.array(where), 10.0)
+    for k in range(4):
+        mine = {ids[i] for i, w in enumerate(where) if abs(w[1] - (30 + 60 * k)) <= 1}
+        assert len(mine) == 1
+    assert len(set(ids)) == 4
