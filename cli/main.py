@@ -70,6 +70,15 @@ def user_errors(fn):
     return wrapper
 
 
+def _stderr(quiet: bool):
+    """Where a command's notes go (which settings were used and why): stderr, none with --quiet."""
+    return None if quiet else (lambda line: typer.echo(line, err=True))
+
+
+# How the notes name settings that came from flags.
+_GIVEN_BY = "the command line"
+
+
 @app.command()
 @user_errors
 def build(
@@ -97,7 +106,7 @@ def build(
 
     cfg = load_config(config)
     # The size estimate goes to stderr (stdout lists the stores built); --quiet drops it.
-    report = None if quiet else (lambda line: typer.echo(line, err=True))
+    report = _stderr(quiet)
     if shard is not None:
         shard_spec = parse_shard(shard)
         results = build_shards(cfg, out, fmt.value, only, shard_spec, overwrite, progress=not quiet,
@@ -295,166 +304,17 @@ def evaluate(
     deepBlink's F1 integral, F1 and RMSE at 140 nm; Table 1 beside the paper's rows.
 
     Gates are physical distances, converted to pixels with each store's pixel size."""
-    import math
-
+    from models.evaluate import EVALUATION_FILES, evaluate_stores
     from models.outputs import staged_output
 
     gates = _gates(gates_nm)
-    chosen = [x for x in (detector, model, predictions) if x is not None]
-    if len(chosen) != 1:
-        raise FactoryError("give exactly one of --detector, --model or --predictions")
-    if threshold is not None and not math.isfinite(threshold):
-        raise FactoryError(f"--threshold {threshold}: a score cut must be a finite number")
     # An input inside --out (a trackpy.json given to --params) is never removed by --overwrite.
     with staged_output(out, "folder", EVALUATION_FILES, overwrite, what="the evaluation (metrics.json, table.md, ...)",
                        keep=(params,) if params else ()) as stage:
-        _evaluate(stage, data, detector, model, predictions, datasets, params, tune_on, tune_images, threshold,
-                  gates, target, quiet)
+        evaluate_stores(data, stage, detector=detector, model=model, predictions=predictions, datasets=datasets,
+                        params=params, tune_on=tune_on, tune_images=tune_images, threshold=threshold, gates_nm=gates,
+                        target=target.value, progress=not quiet, report=_stderr(quiet))
     typer.echo((out / "table.md").read_text())
-
-
-# What `factory evaluate` writes into --out (glob patterns).
-EVALUATION_FILES = ("metrics.json", "table.md", "table.csv", "pr_*.png", "predictions_*.csv", "tracks_*.csv",
-                    "trackpy.json", "trackpy3d.json")
-
-
-def _evaluate(out: Path, data: Path, detector, model, predictions, datasets, params, tune_on: str, tune_images: int,
-              threshold, gates, target: Target, quiet: bool) -> None:
-    """``factory evaluate`` into the folder ``out``."""
-    from models.evaluate import evaluate_detector, find_test_stores, read_predictions_csv, write_evaluation
-
-    if _stack_stores(find_test_stores(data, datasets)):
-        _evaluate_stacks(data, out, detector, model, predictions, datasets, tune_on, quiet)
-    elif predictions is not None:
-        stores = find_test_stores(data, datasets)
-        if len(stores) != 1:
-            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME "
-                               f"(found {', '.join(p.stem for p in stores)})")
-        from factory.stores import Store
-
-        with Store(stores[0]) as st:
-            n = len(st)
-        table = read_predictions_csv(predictions, n)
-        write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]}, threshold,
-                         gates_nm=gates, target=target.value)
-    elif detector is not None:
-        if detector not in ("trackpy", "trackpy-paper"):
-            raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
-                               "trained networks: --model RUN_DIR)")
-        det = _trackpy_detector(data, out, params, tune_on, tune_images, quiet, paper=detector == "trackpy-paper",
-                                target=target.value)
-        evaluate_detector(det, data, out, datasets, progress=not quiet,
-                          extra={"params": det.params.model_dump()}, gates_nm=gates)
-    else:
-        from models.runs import load_model
-
-        from models.runs import RunFolder
-
-        heads = RunFolder(model).read_config().targets
-        det = load_model(model, target=target.value if len(heads) > 1 else None)
-        if det.ndim == 3:
-            raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
-        evaluate_detector(det, data, out, datasets, progress=not quiet, extra={"model": str(model)}, gates_nm=gates)
-
-
-def _stack_stores(stores: list[Path]) -> bool:
-    """Whether the test stores are z-stacks (all of them) or images (none)."""
-    from factory.stores import Store
-    from models.volumes import is_stack_store
-
-    kinds = {}
-    for p in stores:
-        with Store(p) as st:
-            kinds[p] = is_stack_store(st)
-    if len(set(kinds.values())) > 1:
-        raise FactoryError(f"{', '.join(str(p) for p in stores)}: mixes z-stacks and images; "
-                           "score them in separate runs (--datasets)")
-    return any(kinds.values())
-
-
-def _evaluate_stacks(data: Path, out: Path, detector, model, predictions, datasets, tune_on: str, quiet: bool):
-    """``factory evaluate`` on z-stack stores: TrackPy 3D tuned on --tune-on, a 3D model,
-    or a CSV of frame, x, y, z_um, score."""
-    import numpy as np
-
-    from factory.stores import Store
-    from models.evaluate import find_test_stores, read_predictions_csv
-    from models.volumes import evaluate_stacks, geometry, truth_um, tune_trackpy
-
-    stores = find_test_stores(data, datasets)
-    if predictions is not None:
-        from models.metrics import evaluate_points_3d
-        from models.volumes import stack_table
-
-        if len(stores) != 1:
-            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME")
-        with Store(stores[0]) as st:
-            gt, geom = truth_um(st), geometry(st)
-        table = read_predictions_csv(predictions, gt.n_frames, ("frame", "x", "y", "z_um", "score"))
-        pred = geom.to_um(table["frame"], table["x"], table["y"], table["z_um"] / geom.z_step_um, gt.n_frames)
-        m = {stores[0].stem: evaluate_points_3d(pred, table["score"].to_numpy(np.float64), gt)}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"kind": "stacks", "label": predictions.stem, "datasets": m},
-                                                     indent=2))
-        (out / "table.md").write_text(stack_table({predictions.stem: m}) + "\n")
-    elif detector is not None:
-        if detector != "trackpy":
-            raise FactoryError(f"--detector {detector}: z-stacks have one built-in detector, trackpy "
-                               "(TrackPy 3D, tuned on --tune-on)")
-        if tune_on.startswith("test"):
-            raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
-        path = find_test_stores(data, [tune_on])[0]
-        with Store(path) as st:
-            stacks, gt, geom = st.read("images"), truth_um(st), geometry(st)
-        if not quiet:
-            typer.echo(f"tuning TrackPy 3D on {path} ({len(stacks)} stacks)...", err=True)
-        det, grid = tune_trackpy(stacks, gt, geom)
-        out.mkdir(parents=True, exist_ok=True)
-        det.save(out / "trackpy3d.json", {"tuned_on": str(path), "tune_stacks": len(stacks), "grid": grid})
-        evaluate_stacks(det, stores, out, det.label, extra={"params": det.params.model_dump()})
-    else:
-        from models.runs import load_model
-
-        det = load_model(model)
-        if det.ndim != 3:
-            raise FactoryError(f"{model}: a 2D model scores images; {data} holds z-stacks (train dmdetnet3d)")
-        evaluate_stacks(det, stores, out, det.label, target=det.target, extra={"model": str(model)})
-
-
-def _trackpy_detector(data: Path, out: Path, params: Optional[Path], tune_on: str, tune_images: int, quiet: bool,
-                      paper: bool = False, target: str = "centroid"):
-    """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
-
-    The F1 threshold (a mass) is chosen on the tuning store in every case."""
-    from factory.stores import Store
-    from models.evaluate import find_test_stores, ground_truth, pixel_size_um
-    from models.trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
-
-    if params is not None:
-        det = TrackPyDetector.from_json(params)
-        det.target = target
-        return det
-    if tune_on.startswith("test"):
-        raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
-    path = find_test_stores(data, [tune_on])[0]
-    with Store(path) as st:
-        n = min(tune_images, len(st))
-        images, gt, px = st.read("images", 0, n), ground_truth(st, target, 0, n), pixel_size_um(st)
-    if paper:
-        det = TrackPyDetector(PAPER, label=PAPER_LABEL)
-        det.threshold = operating_point(det, images, gt, px)
-        info = {"threshold_tuned_on": str(path), "tune_images": n, "target": target}
-    else:
-        if not quiet:
-            typer.echo(f"tuning TrackPy on {path} ({n} images, {target} target)...", err=True)
-        det, grid = tune(images, gt, px)
-        info = {"tuned_on": str(path), "tune_images": n, "target": target, "grid": grid}
-        if target == "exposure":
-            det.label = "TrackPy (ours, tuned on val, exposure target)"
-    det.target = target
-    out.mkdir(parents=True, exist_ok=True)
-    det.save(out / "trackpy.json", info)
-    return det
 
 
 class Network(str, Enum):
@@ -523,48 +383,6 @@ def train(
                f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
 
 
-# A physical flag takes the limits of the config field it stands for (`factory schema`):
-# flag -> (field, what it is, unit).
-_PHYSICAL_FLAGS = {
-    "--pixel-size-um": ("image.pixel_size_um", "a pixel size", "um"),
-    "--dwell-us": ("scan.dwell_us", "a dwell time", "us"),
-    "--line-retrace-ms": ("scan.line_retrace_ms", "a time", "ms"),
-    "--frame-flyback-ms": ("movie.frame_flyback_ms", "a time", "ms"),
-    "--z-step-um": ("stack.z_step_um", "a z step", "um"),
-}
-
-
-def _check_flags(**flags) -> None:
-    """One line for a physical flag that is not finite or outside its config field's
-    limits (``flags``: flag name with '_' for '-' and no leading '--' -> value or None).
-    Flags without a config field (--max-diffusion-um2-s, --search-range-um) must be
-    finite and > 0."""
-    import math
-
-    from factory.inspect_store import check_against_field
-
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if flag in _PHYSICAL_FLAGS:
-            problem = check_against_field(flag, value, *_PHYSICAL_FLAGS[flag])
-        else:
-            problem = None if math.isfinite(value) and value > 0 else f"{flag} {value}: must be a finite number > 0"
-        if problem:
-            raise FactoryError(problem)
-
-
-def _with_flags(timing, **flags):
-    """``timing`` with the timing flags that were given replacing its values."""
-    import dataclasses
-
-    given = {k: v for k, v in flags.items() if v is not None}
-    if not given:
-        return timing
-    return dataclasses.replace(timing, **given, source=f"the command line ({', '.join(given)}) and {timing.source}")
-
-
 @app.command()
 @user_errors
 def predict(
@@ -598,89 +416,18 @@ def predict(
     centroid-target models.  Scan timing: the flags, else the store's own (store input),
     else the model's training data, else the seed paper's; the output says which."""
     from models.outputs import staged_output
+    from models.predict import predict_file
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
-    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                 frame_flyback_ms=frame_flyback_ms, z_step_um=z_step_um)
     with staged_output(out, "file", overwrite=overwrite, what="CSV file") as csv:
-        table, what = _predict(model, input, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
-                               bidirectional, all_scores, z_step_um, target, device, quiet)
-        table.to_csv(csv, index=False)
-    typer.echo(f"{out}: {len(table)} localisations in {what}")
-
-
-def _predict(model: str, input: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
-             all_scores: bool, z_step_um, target, device, quiet: bool):
-    """The localisation table of ``factory predict`` and what it was found in."""
-    from models.predict import load_detector, predict as run_predict, training_timing
-    from models.recording import open_recording
-    from models.timing import ScanTiming
-
-    det = load_detector(model, device.value, prefer=target.value if target else None)
-    if target is not None and det.target != target.value:
-        raise FactoryError(f"{model}: --target {target.value}: the model has no {target.value} output "
-                           f"(it finds the {det.target} target)")
-    if det.ndim == 3:
-        return _predict_stacks(det, Path(model), input, z_step_um, pixel_size_um, all_scores, quiet)
-    # Read a chunk of frames at a time: a recording of any length fits in memory.
-    with open_recording(input) as images:
-        frame_start = None
-        from factory.stores import Store, is_store_path
-
-        if is_store_path(input):
-            with Store(input) as st:
-                timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {input}")
-                frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
-        else:
-            timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
-        timing = _with_flags(timing, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                             frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
-        if not quiet:
-            typer.echo(f"scan timing: {timing.describe()}", err=True)
-        thr = None if all_scores else det.threshold
-        table = run_predict(det, images, pixel_size_um, progress=not quiet, timing=timing, frame_start_s=frame_start,
-                            min_score=thr)
-    return table, f"{len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px"
-
-
-def _predict_stacks(det, model: Path, input: Path, z_step_um, pixel_size_um, all_scores: bool, quiet: bool):
-    """``factory predict`` with a 3D model: stacks in, (x, y, z_um) out."""
-    from factory.inspect_store import check_against_field
-    from factory.stores import Store, is_store_path
-    from models.predict import read_stacks, tiff_z_step_um
-    from models.volumes import with_z_um
-
-    stacks = read_stacks(input)
-    trained = det.z_step_um
-    source = "--z-step-um"
-    if z_step_um is None and is_store_path(input):
-        with Store(input) as st:
-            stack = st.config["dataset"].get("stack")
-        z_step_um, source = (stack or {}).get("z_step_um"), f"the store {input}"
-    if z_step_um is None and input.suffix.lower() in (".tif", ".tiff"):
-        z_step_um, source = tiff_z_step_um(input), f"the TIFF's metadata ({input})"
-    if z_step_um is None and trained:
-        z_step_um, source = trained, f"the model's training data ({model})"
-    if z_step_um is None:
-        raise FactoryError(f"{input}: the z step is not recorded; give --z-step-um")
-    problem = check_against_field(f"{input}: the z step from {source} is", z_step_um, *_PHYSICAL_FLAGS["--z-step-um"])
-    if problem:
-        raise FactoryError(problem)
-    if not quiet:
-        typer.echo(f"z step: {z_step_um:g} um (from {source})", err=True)
-        if trained and abs(z_step_um - trained) > 1e-6 * trained:
-            typer.echo(f"note: the model was trained on stacks {trained:g} um apart; its z targets assume "
-                       "that step", err=True)
-    table = det.detect(stacks, progress=not quiet)
-    table = with_z_um(table, z_step_um)
-    if pixel_size_um is not None:
-        table["x_um"] = table["x"] * pixel_size_um
-        table["y_um"] = table["y"] * pixel_size_um
-    if det.threshold is not None and not all_scores:
-        table = table[table.score >= det.threshold]
-    n, z, h, w = stacks.shape
-    return table, f"{n} stack(s) of {z} planes of {h} x {w} px"
+        found = predict_file(model, input, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
+                             line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
+                             bidirectional=bidirectional, all_scores=all_scores, z_step_um=z_step_um,
+                             target=target.value if target else None, device=device.value, progress=not quiet,
+                             report=_stderr(quiet), given_by=_GIVEN_BY)
+        found.table.to_csv(csv, index=False)
+    typer.echo(f"{out}: {len(found.table)} localisations in {found.description}")
 
 
 @app.command()
@@ -709,9 +456,10 @@ def calibrate(
     --data DATA --out RUN`, `factory track RUN RECORDING --out TRACKS`."""
     from models.calibration import CALIBRATION_FILES, calibrate as run_calibrate
     from models.outputs import staged_output
+    from models.recording import check_settings
 
-    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                 frame_flyback_ms=frame_flyback_ms)
+    check_settings(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                   frame_flyback_ms=frame_flyback_ms)
     with staged_output(out, "folder", CALIBRATION_FILES, overwrite, what=", ".join(CALIBRATION_FILES)) as folder:
         result = run_calibrate(recording, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
                                line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
@@ -759,85 +507,17 @@ def track(
     """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
     each track (covariance-based estimator on each localisation's own time stamp, with
     its 95% confidence interval and the localisation error)."""
-    from factory.stores import is_store_path
     from models.outputs import staged_output
+    from models.tracks import TRACK_FILES, track_file
 
-    from models.tracks import LINKERS
-
-    if linker not in LINKERS:
-        raise FactoryError(f"--linker {linker}: unknown (have: {', '.join(LINKERS)})")
-    _check_flags(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
-                 frame_flyback_ms=frame_flyback_ms, max_diffusion_um2_s=max_diffusion, search_range_um=search_range_um,
-                 min_diffusion_um2_s=min_diffusion)
-    if not is_store_path(input) and input.suffix.lower() not in (".tif", ".tiff"):
-        raise FactoryError(f"{input}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     with staged_output(out, "folder", TRACK_FILES, overwrite, what=", ".join(TRACK_FILES)) as folder:
-        msg = _track(model, input, folder, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms, bidirectional,
-                     max_diffusion, search_range_um, memory, estimator, device, quiet, linker, min_diffusion)
-    typer.echo(f"{out}: {msg}")
-
-
-TRACK_FILES = ("tracks.csv", "diffusion.csv", "tracks.png", "track.json")
-
-
-def _track(model: str, input: Path, out: Path, pixel_size_um, dwell_us, line_retrace_ms, frame_flyback_ms,
-           bidirectional, max_diffusion, search_range_um, memory: int, estimator, device, quiet: bool,
-           linker: str = "trackpy", min_diffusion: float | None = None) -> str:
-    """``factory track`` into the folder ``out``; the line to report."""
-    from factory.config import ImageSpec, ParticleSpec, PSFSpec
-    from factory.stores import Store, is_store_path
-    from models.predict import load_detector, training_data_config
-    from models.recording import open_recording
-    from models.timing import ScanTiming
-    from models.tracks import max_diffusion as max_diffusion_of, min_diffusion as min_diffusion_of, plot_tracks, track_recording
-
-    # What the laser saw, with its own time stamp, is what D needs: a network with a head
-    # per target tracks with its exposure head.
-    det = load_detector(model, device.value, prefer="exposure")
-    if det.ndim == 3:
-        raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
-                           "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
-    # Read a chunk of frames at a time: a recording of any length fits in memory.
-    with open_recording(input) as images:
-        if len(images) < 2:
-            raise FactoryError(f"{input}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a movie (T x H x W)")
-        frame_start, movie_frames = None, None
-        if is_store_path(input):
-            with Store(input) as st:
-                cfg = st.config["dataset"]
-                source = f"the store {input}"
-                if cfg.get("movie") is None:
-                    raise FactoryError(f"{input}: holds independent images, not movies")
-                frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
-        else:
-            cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
-        timing = _with_flags(ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming(), dwell_us=dwell_us,
-                             line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
-        # Without the training data's config: the schema's defaults (the paper's microscope).
-        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else ImageSpec().pixel_size_um)
-        d_max = max_diffusion or (max_diffusion_of(cfg) if cfg else ParticleSpec().diffusion_um2_s.high)
-        d_min = min(min_diffusion or (min_diffusion_of(cfg) if cfg else ParticleSpec().diffusion_um2_s.low), d_max)
-        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else PSFSpec().sigma_xy_um
-        if not quiet:
-            span = f"from {d_min:g} " if linker == "stitch" else ""
-            typer.echo(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
-                       f"{d_max:g} um^2/s", err=True)
-        tracks, diff, used = track_recording(det, images, timing, px, d_max,
-                                             search_range_um / px if search_range_um else None, memory, sigma_xy,
-                                             frame_start, movie_frames, progress=not quiet, estimator=estimator.value,
-                                             linker=linker, min_diffusion_um2_s=d_min)
-        cols = ["movie"] if "movie" in tracks else []
-        cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
-        tracks[cols].to_csv(out / "tracks.csv", index=False)
-        diff.to_csv(out / "diffusion.csv", index=False)
-        first = tracks[tracks["movie"] == 0] if "movie" in tracks else tracks
-        plot_tracks(images.mean_frame(movie_frames), first, out / "tracks.png",
-                    f"{Path(input).name}: {first['track'].nunique()} tracks")
-    (out / "track.json").write_text(json.dumps({**used, "timing": timing.describe(), "pixel_size_um": px,
-                                                 "max_diffusion_um2_s": d_max, "model": str(model),
-                                                 "target": det.target}, indent=2))
-    return (f"{tracks['track'].nunique()} tracks, {len(diff)} with D (>= 5 frames), "
-            f"median D {diff['D_um2_s'].median() if len(diff) else float('nan'):.3f} um^2/s")
+        result = track_file(model, input, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
+                            line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
+                            bidirectional=bidirectional, max_diffusion_um2_s=max_diffusion,
+                            min_diffusion_um2_s=min_diffusion, search_range_um=search_range_um, memory=memory,
+                            linker=linker, estimator=estimator.value, device=device.value, progress=not quiet,
+                            report=_stderr(quiet), given_by=_GIVEN_BY)
+    typer.echo(f"{out}: {result.summary()}")
 
 
 @app.command()

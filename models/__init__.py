@@ -1,0 +1,41 @@
+"""Detectors, training, evaluation, localisation and tracking.
+
+The functions in ``__all__`` are the Python API; every `factory` command that uses
+a detector is one call to one of them.  Each is imported on first use (PEP 562), so
+``import models`` loads neither torch nor trackpy: a command's start-up, and a
+script that needs only TrackPy, pay for what they use.
+
+>>> from models import load_detector, predict_file, track_file, evaluate_stores
+"""
+
+from importlib import import_module
+
+# Public name -> the module that defines it.
+_API = {
+    "load_detector": "models.predict",  # a run folder, a trackpy.json or "trackpy" -> a detector
+    "predict_file": "models.predict",  # `factory predict`
+    "Prediction": "models.predict",
+    "track_file": "models.tracks",  # `factory track`
+    "TrackResult": "models.tracks",
+    "evaluate_stores": "models.evaluate",  # `factory evaluate`
+    "load_train_config": "models.config",
+    "fit": "models.train",  # `factory train`
+    "calibrate": "models.calibration",  # `factory calibrate`
+    "write_report": "models.report",  # `factory report`
+    "Detector": "models.base",  # what every detector offers
+    "ScanTiming": "models.timing",
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,4 +1,5 @@
-"""The evaluator: one code path for every detector and for users' CSV files.
+"""The evaluator: one code path for every detector and for users' CSV files
+(``evaluate_stores`` is `factory evaluate`).
 
 Writes into a run folder:
 - ``metrics.json``: ``{"datasets": {name: {"auc": {"70": .., "140": .., "210": ..},
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -24,6 +27,7 @@ from loaders.datasets import TARGETS, truth_points
 
 from .base import COLUMNS, Detector
 from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
+from .predict import load_detector
 from .timing import ScanTiming, time_stamps
 from .fields import MovieTruth, score_particles, summarise
 from .tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
@@ -331,3 +335,196 @@ def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str
         extra["tracks"] = tracks
     return write_evaluation(out, detector.label, tables, paths, detector.threshold, extra, gates_nm,
                             detector.target)
+
+
+# --- the test stores of a data folder in, a scored run folder out: `factory evaluate` ------
+
+# What ``evaluate_stores`` writes into its folder (glob patterns).
+EVALUATION_FILES = ("metrics.json", "table.md", "table.csv", "pr_*.png", "predictions_*.csv", "tracks_*.csv",
+                    "trackpy.json", "trackpy3d.json")
+
+
+def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None = None, model: str | Path | None = None,
+                    predictions: str | Path | None = None, datasets: list[str] | None = None,
+                    params: str | Path | None = None, tune_on: str = "val", tune_images: int = 600,
+                    threshold: float | None = None, gates_nm=GATES_NM, target: str = "centroid",
+                    progress: bool = True, report: Callable[[str], None] | None = None) -> dict:
+    """Score a detector on the test stores of a data folder (`factory evaluate`).
+
+    Images: the seed paper's PR-AUC at ``gates_nm``, deepBlink's F1 integral, F1 and RMSE
+    at 140 nm, Table 1 beside the paper's rows; a movie store's tracks and D per track
+    too.  z-stacks (stack stores): the 3D metrics.  Writes ``EVALUATION_FILES`` into
+    ``out``: ``metrics.json``, ``table.md``, ``table.csv``, ``pr_<dataset>.png``, the
+    localisations scored (``predictions_<dataset>.csv``), ``tracks_<dataset>.csv`` and
+    the tuned TrackPy parameters.
+
+    Parameters
+    ----------
+    data : str or Path
+        A folder of stores (its ``test*`` stores are scored) or one store.
+    out : str or Path
+        The folder to write into (created).
+    detector : {"trackpy", "trackpy-paper"}, optional
+        A built-in detector: TrackPy tuned on ``tune_on``, or with the seed paper's
+        settings (diameter 7, separation 7, no preprocessing; its F1 threshold chosen on
+        ``tune_on``).  z-stacks: ``"trackpy"`` (TrackPy 3D, tuned on ``tune_on``).
+    model : str or Path, optional
+        A trained model's run folder (what ``models.predict.load_detector`` takes); a
+        model with a head per target is scored with its ``target`` head.
+    predictions : str or Path, optional
+        A CSV to score against ``data`` (one store): ``frame, x, y, score`` (z-stacks:
+        ``frame, x, y, z_um, score``), pixel-centre origin.
+    datasets : list of str, optional
+        Score only these stores of ``data``.
+    params : str or Path, optional
+        TrackPy parameters (a ``trackpy.json`` of an earlier run): no tuning.
+    tune_on : str
+        The store of ``data`` TrackPy is tuned on (never a test set).
+    tune_images : int
+        Images of ``tune_on`` used for tuning.
+    threshold : float, optional
+        With ``predictions``: the score cut for F1 (default: every row counts).
+    gates_nm : sequence of float
+        Distance gates of the PR-AUC (nm), converted per store with its pixel size.
+    target : {"centroid", "exposure"}
+        TrackPy and ``predictions``: the truth tuned on and first scored against.  Every
+        store is also scored against each truth it holds.
+    progress : bool
+        Progress bars (stderr).
+    report : callable, optional
+        Receives the line saying what TrackPy is tuned on; default: this module's
+        logger at INFO.
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds: ``datasets`` (per store: ``auc`` by gate in nm,
+        ``f1_integral``, ``f1``, ``rmse_nm``, ...), ``pooled`` over several stores,
+        ``tracks`` for movie stores, the detector and its settings.
+
+    Raises
+    ------
+    FactoryError
+        Not exactly one of ``detector``, ``model`` and ``predictions``; bad stores,
+        files or settings; in one line.
+    """
+    chosen = [x for x in (detector, model, predictions) if x is not None]
+    if len(chosen) != 1:
+        raise FactoryError("give exactly one of --detector, --model or --predictions")
+    if threshold is not None and not math.isfinite(threshold):
+        raise FactoryError(f"--threshold {threshold}: a score cut must be a finite number")
+    say = report or log.info
+    data, out = Path(data), Path(out)
+    predictions = None if predictions is None else Path(predictions)
+    stores = find_test_stores(data, datasets)
+    if _stack_stores(stores):
+        return _evaluate_stacks(data, out, stores, detector, model, predictions, tune_on, say)
+    if predictions is not None:
+        if len(stores) != 1:
+            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME "
+                               f"(found {', '.join(p.stem for p in stores)})")
+        with Store(stores[0]) as st:
+            n = len(st)
+        table = read_predictions_csv(predictions, n)
+        return write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]},
+                                threshold, gates_nm=gates_nm, target=target)
+    if detector is not None:
+        if detector not in ("trackpy", "trackpy-paper"):
+            raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
+                               "trained networks: --model RUN_DIR)")
+        det = _trackpy_detector(data, out, params, tune_on, tune_images, say, paper=detector == "trackpy-paper",
+                                target=target)
+        return evaluate_detector(det, data, out, datasets, progress=progress,
+                                 extra={"params": det.params.model_dump()}, gates_nm=gates_nm)
+    det = load_detector(model, prefer=target)
+    if det.ndim == 3:
+        raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
+    return evaluate_detector(det, data, out, datasets, progress=progress, extra={"model": str(model)},
+                             gates_nm=gates_nm)
+
+
+def _stack_stores(stores: list[Path]) -> bool:
+    """Whether the test stores are z-stacks (all of them) or images (none)."""
+    from .volumes import is_stack_store
+
+    kinds = {}
+    for p in stores:
+        with Store(p) as st:
+            kinds[p] = is_stack_store(st)
+    if len(set(kinds.values())) > 1:
+        raise FactoryError(f"{', '.join(str(p) for p in stores)}: mixes z-stacks and images; "
+                           "score them in separate runs (--datasets)")
+    return any(kinds.values())
+
+
+def _evaluate_stacks(data: Path, out: Path, stores: list[Path], detector: str | None, model, predictions: Path | None,
+                     tune_on: str, say: Callable[[str], None]) -> dict:
+    """``evaluate_stores`` on z-stack stores: TrackPy 3D tuned on ``tune_on``, a 3D model,
+    or a CSV of frame, x, y, z_um, score."""
+    from .metrics import evaluate_points_3d
+    from .volumes import evaluate_stacks, geometry, stack_table, truth_um, tune_trackpy
+
+    if predictions is not None:
+        if len(stores) != 1:
+            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME")
+        with Store(stores[0]) as st:
+            gt, geom = truth_um(st), geometry(st)
+        table = read_predictions_csv(predictions, gt.n_frames, ("frame", "x", "y", "z_um", "score"))
+        pred = geom.to_um(table["frame"], table["x"], table["y"], table["z_um"] / geom.z_step_um, gt.n_frames)
+        m = {stores[0].stem: evaluate_points_3d(pred, table["score"].to_numpy(np.float64), gt)}
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {"kind": "stacks", "label": predictions.stem, "datasets": m}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "table.md").write_text(stack_table({predictions.stem: m}) + "\n")
+        return metrics
+    if detector is not None:
+        if detector != "trackpy":
+            raise FactoryError(f"--detector {detector}: z-stacks have one built-in detector, trackpy "
+                               "(TrackPy 3D, tuned on --tune-on)")
+        if tune_on.startswith("test"):
+            raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
+        path = find_test_stores(data, [tune_on])[0]
+        with Store(path) as st:
+            stacks, gt, geom = st.read("images"), truth_um(st), geometry(st)
+        say(f"tuning TrackPy 3D on {path} ({len(stacks)} stacks)...")
+        det, grid = tune_trackpy(stacks, gt, geom)
+        out.mkdir(parents=True, exist_ok=True)
+        det.save(out / "trackpy3d.json", {"tuned_on": str(path), "tune_stacks": len(stacks), "grid": grid})
+        return evaluate_stacks(det, stores, out, det.label, extra={"params": det.params.model_dump()})
+    det = load_detector(model)
+    if det.ndim != 3:
+        raise FactoryError(f"{model}: a 2D model scores images; {data} holds z-stacks (train dmdetnet3d)")
+    return evaluate_stacks(det, stores, out, det.label, target=det.target, extra={"model": str(model)})
+
+
+def _trackpy_detector(data: Path, out: Path, params: str | Path | None, tune_on: str, tune_images: int,
+                      say: Callable[[str], None], paper: bool = False, target: str = "centroid"):
+    """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
+
+    The F1 threshold (a mass) is chosen on the tuning store in every case."""
+    from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
+
+    if params is not None:
+        det = TrackPyDetector.from_json(params)
+        det.target = target
+        return det
+    if tune_on.startswith("test"):
+        raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
+    path = find_test_stores(data, [tune_on])[0]
+    with Store(path) as st:
+        n = min(tune_images, len(st))
+        images, gt, px = st.read("images", 0, n), ground_truth(st, target, 0, n), pixel_size_um(st)
+    if paper:
+        det = TrackPyDetector(PAPER, label=PAPER_LABEL)
+        det.threshold = operating_point(det, images, gt, px)
+        info = {"threshold_tuned_on": str(path), "tune_images": n, "target": target}
+    else:
+        say(f"tuning TrackPy on {path} ({n} images, {target} target)...")
+        det, grid = tune(images, gt, px)
+        info = {"tuned_on": str(path), "tune_images": n, "target": target, "grid": grid}
+        if target == "exposure":
+            det.label = "TrackPy (ours, tuned on val, exposure target)"
+    det.target = target
+    out.mkdir(parents=True, exist_ok=True)
+    det.save(out / "trackpy.json", info)
+    return det

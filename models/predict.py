@@ -1,8 +1,15 @@
-"""Run a detector on users' recordings: TIFF, .npy or a store -> a localisation CSV."""
+"""Run a detector on users' recordings: TIFF, .npy or a store -> a localisation table.
+
+``predict_file`` is `factory predict`; ``load_detector`` is the one way to load a
+detector (a run folder, a TrackPy parameter file, or TrackPy with the paper's settings).
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -11,9 +18,11 @@ from factory.errors import FactoryError
 from factory.stores import Store, find_store, is_store_path
 
 from .base import Detector
-from .recording import Recording, as_recording, check_frames, check_pixels, check_tiff_pages, open_recording
+from .recording import SETTINGS, Recording, as_recording, check_frames, check_pixels, check_settings, check_tiff_pages, open_recording
 from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
+
+log = logging.getLogger(__name__)
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -58,9 +67,28 @@ def read_images(path: str | Path) -> np.ndarray:
         return rec.read()
 
 
-def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None):
-    """'trackpy' (the paper's settings), a TrackPy parameter JSON, or a model run folder
-    (of a network with a head per target: the ``prefer`` head, else its first)."""
+def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None) -> Detector:
+    """A detector, ready to ``detect``.
+
+    Parameters
+    ----------
+    spec : str or Path
+        ``"trackpy"`` (TrackPy with the seed paper's settings), a TrackPy parameter file
+        (``trackpy.json``, written by `factory evaluate`), or a model's run folder
+        (`factory train`).
+    device : str
+        ``"cpu"`` or ``"cuda"``: where a network runs.
+    prefer : {"centroid", "exposure"} or None
+        A network with a head per target: the head to use (default: its first, the
+        centroid).  Ignored by other detectors.
+
+    Returns
+    -------
+    Detector
+        See ``models.base.Detector``: ``detect(images)`` takes (N, H, W) frames (3D
+        models: (N, Z, H, W) stacks) and returns ``frame, x, y, score`` (+ ``sigma``) in
+        pixels from the centre of pixel (0, 0); ``threshold`` is its tuned score cut.
+    """
     if str(spec) == "trackpy":
         return TrackPyDetector(PAPER, label=PAPER_LABEL)
     p = Path(spec)
@@ -186,3 +214,151 @@ def read_stacks(path: str | Path) -> np.ndarray:
         raise FactoryError(f"{path}: stacks of {a.shape[1]} planes of {a.shape[2]} x {a.shape[3]} px are too small "
                            "(at least 3 planes of 8 x 8 px)")
     return _as_pixels(a, path)
+
+
+# --- a recording's file in, its localisations out: `factory predict` ----------------------
+
+
+@dataclass
+class Prediction:
+    """What ``predict_file`` found, and with which settings.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per localisation, in pixels from the centre of pixel (0, 0): ``frame,
+        t_s, x, y, score`` (+ ``sigma``), and ``x_um, y_um`` (+ ``sigma_um``) when the
+        pixel size was given.  3D models: ``frame, x, y, z_um, score, sigma`` (+ ``x_um,
+        y_um``), ``z_um`` from the first plane.
+    description : str
+        What was read, e.g. ``"12 frame(s) of 256 x 256 px"``.
+    timing : ScanTiming or None
+        The scan timing behind ``t_s`` (2D models); ``timing.source`` says where it came from.
+    z_step_um : float or None
+        The z step of the stacks (3D models).
+    """
+
+    table: pd.DataFrame
+    description: str
+    timing: ScanTiming | None = None
+    z_step_um: float | None = None
+
+
+def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: float | None = None,
+                 dwell_us: float | None = None, line_retrace_ms: float | None = None,
+                 frame_flyback_ms: float | None = None, bidirectional: bool | None = None,
+                 all_scores: bool = False, z_step_um: float | None = None, target: str | None = None,
+                 device: str = "cpu", progress: bool = True, report: Callable[[str], None] | None = None,
+                 given_by: str = "the arguments") -> Prediction:
+    """Localise the particles of a recording and time-stamp each one (`factory predict`).
+
+    A 2D model reads the recording a chunk of frames at a time, so one of any length
+    fits in memory.
+
+    Parameters
+    ----------
+    model : str or Path
+        What ``load_detector`` takes: a run folder, a ``trackpy.json`` or ``"trackpy"``.
+    recording : str or Path
+        A TIFF (one image or a T x H x W stack), a ``.npy`` file or a store.  3D models
+        take z-stacks: a Z x H x W or T x Z x H x W TIFF, ``.npy`` or a stack store.
+    pixel_size_um : float, optional
+        Adds ``x_um, y_um`` (and ``sigma_um``).
+    dwell_us, line_retrace_ms, frame_flyback_ms : float, optional
+        The recording's pixel dwell time (us), line retrace (ms) and the time from a
+        frame's last pixel to the next frame's first (ms; default one line retrace).
+    bidirectional : bool, optional
+        Scan direction.  Scan timing: these values where given, else the store's own
+        (a store), else the model's training data, else the seed paper's.
+    all_scores : bool
+        Keep every candidate, not only those from the detector's tuned ``threshold``.
+    z_step_um : float, optional
+        3D models: the z step of the stacks; else the store's or the TIFF's metadata,
+        else the model's training data.
+    target : {"centroid", "exposure"}, optional
+        Models with a head per target: which head (default: the centroid).  A model
+        without that head is refused.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    progress : bool
+        A progress bar (stderr) counting frames.
+    report : callable, optional
+        Receives the lines saying which scan timing (or z step) was used and why;
+        default: this module's logger at INFO.
+    given_by : str
+        Who gave the timing values, as the reports name them.
+
+    Returns
+    -------
+    Prediction
+        The localisation table and the settings used.  ``t_s`` (seconds from the
+        recording's first pixel) is the scan time at the localisation for
+        exposure-target models and TrackPy, the frame's mean pixel time for
+        centroid-target models.
+
+    Raises
+    ------
+    FactoryError
+        Bad input (file, model, setting), in one line.
+    """
+    check_settings(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                   frame_flyback_ms=frame_flyback_ms, z_step_um=z_step_um)
+    say = report or log.info
+    recording = Path(recording)
+    det = load_detector(model, device, prefer=target)
+    if target is not None and det.target != target:
+        raise FactoryError(f"{model}: --target {target}: the model has no {target} output "
+                           f"(it finds the {det.target} target)")
+    if det.ndim == 3:
+        return _predict_stacks(det, Path(model), recording, z_step_um, pixel_size_um, all_scores, progress, say)
+    with open_recording(recording) as images:
+        frame_start = None
+        if is_store_path(recording):
+            with Store(recording) as st:
+                timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {recording}")
+                frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
+        else:
+            timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()
+        timing = timing.with_values(given_by, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                                    frame_flyback_ms=frame_flyback_ms, bidirectional=bidirectional)
+        say(f"scan timing: {timing.describe()}")
+        table = predict(det, images, pixel_size_um, progress=progress, timing=timing, frame_start_s=frame_start,
+                        min_score=None if all_scores else det.threshold)
+    return Prediction(table, f"{len(images)} frame(s) of {images.shape[1]} x {images.shape[2]} px", timing)
+
+
+def _predict_stacks(det: Detector, model: Path, recording: Path, z_step_um: float | None,
+                    pixel_size_um: float | None, all_scores: bool, progress: bool,
+                    say: Callable[[str], None]) -> Prediction:
+    """``predict_file`` with a 3D model: stacks in, (x, y, z_um) out."""
+    from factory.inspect_store import check_against_field
+
+    from .volumes import with_z_um
+
+    stacks = read_stacks(recording)
+    trained = det.z_step_um
+    source = "--z-step-um"
+    if z_step_um is None and is_store_path(recording):
+        with Store(recording) as st:
+            stack = st.config["dataset"].get("stack")
+        z_step_um, source = (stack or {}).get("z_step_um"), f"the store {recording}"
+    if z_step_um is None and recording.suffix.lower() in (".tif", ".tiff"):
+        z_step_um, source = tiff_z_step_um(recording), f"the TIFF's metadata ({recording})"
+    if z_step_um is None and trained:
+        z_step_um, source = trained, f"the model's training data ({model})"
+    if z_step_um is None:
+        raise FactoryError(f"{recording}: the z step is not recorded; give --z-step-um")
+    problem = check_against_field(f"{recording}: the z step from {source} is", z_step_um, *SETTINGS["z_step_um"])
+    if problem:
+        raise FactoryError(problem)
+    say(f"z step: {z_step_um:g} um (from {source})")
+    if trained and abs(z_step_um - trained) > 1e-6 * trained:
+        say(f"note: the model was trained on stacks {trained:g} um apart; its z targets assume that step")
+    table = with_z_um(det.detect(stacks, progress=progress), z_step_um)
+    if pixel_size_um is not None:
+        table["x_um"] = table["x"] * pixel_size_um
+        table["y_um"] = table["y"] * pixel_size_um
+    if det.threshold is not None and not all_scores:
+        table = table[table.score >= det.threshold]
+    n, z, h, w = stacks.shape
+    return Prediction(table, f"{n} stack(s) of {z} planes of {h} x {w} px", z_step_um=z_step_um)

@@ -250,6 +250,36 @@ def _open_npy(path: Path) -> Recording:
 
 # --- checks -----------------------------------------------------------------------------
 
+# A physical setting of a recording takes the limits of the config field it stands for
+# (`factory schema`): setting -> (field, what it is, unit).
+SETTINGS = {
+    "pixel_size_um": ("image.pixel_size_um", "a pixel size", "um"),
+    "dwell_us": ("scan.dwell_us", "a dwell time", "us"),
+    "line_retrace_ms": ("scan.line_retrace_ms", "a time", "ms"),
+    "frame_flyback_ms": ("movie.frame_flyback_ms", "a time", "ms"),
+    "z_step_um": ("stack.z_step_um", "a z step", "um"),
+}
+
+
+def check_settings(**settings: float | None) -> None:
+    """Refuse, in one line, a setting that is not finite or outside its config field's
+    limits (``SETTINGS``); one without a config field (``max_diffusion_um2_s``,
+    ``search_range_um``) must be finite and > 0.  None: not given.  The line names the
+    setting as its command-line flag (``dwell_us``: ``--dwell-us``)."""
+    from factory.inspect_store import check_against_field
+
+    for key, value in settings.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in SETTINGS:
+            problem = check_against_field(flag, value, *SETTINGS[key])
+        else:
+            problem = None if math.isfinite(value) and value > 0 else f"{flag} {value}: must be a finite number > 0"
+        if problem:
+            raise FactoryError(problem)
+
+
 
 def check_tiff_pages(tf, path: Path) -> None:
     """Refuse a TIFF (an open ``tifffile.TiffFile``) whose pages differ in size."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,14 @@ class ScanTiming:
         scan, movie = dataset["scan"], dataset.get("movie") or {}
         return cls(scan["dwell_us"], scan["line_retrace_ms"], movie.get("frame_flyback_ms"),
                    scan["direction"] == "bidirectional", source)
+
+    def with_values(self, given_by: str, **values) -> "ScanTiming":
+        """This timing with the ``values`` that are given (not None) in place of its own;
+        its ``source`` then names them and ``given_by`` (e.g. "the command line")."""
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            return self
+        return replace(self, **given, source=f"{given_by} ({', '.join(given)}) and {self.source}")
 
     def describe(self) -> str:
         fly = self.line_retrace_ms if self.frame_flyback_ms is None else self.frame_flyback_ms

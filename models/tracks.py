@@ -5,26 +5,39 @@ frames of gap closing).  Its search range follows from the largest D expected an
 frame period: a particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of
 those (a 2D displacement beyond it has probability exp(-8) = 3e-4) plus twice the
 localisation error.  D per track is the CVE (``models.diffusion``) on the track's own
-time stamps.
+time stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
+their D out.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from factory.config import ImageSpec, ParticleSpec, PSFSpec
+from factory.errors import FactoryError
+from factory.stores import Store, is_store_path
+
 from .base import Detector
 from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
-from .predict import localise
-from .recording import Recording
+from .predict import load_detector, localise, training_data_config
+from .recording import Recording, check_settings, open_recording
 from .timing import ScanTiming, time_stamps
 from .trackpy_baseline import import_trackpy
 
+log = logging.getLogger(__name__)
+
 MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
+ESTIMATORS = ("cve", "msd")
 
 
 def max_diffusion(dataset: dict) -> float:
@@ -307,8 +320,6 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
         table["movie"] = table["frame"] // movie_frames
         group = "movie"
     if sigma_xy_um is None:  # the schema's default PSF (the paper's)
-        from factory.config import PSFSpec
-
         sigma_xy_um = PSFSpec().sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
     tracks = link(table, search, memory, group)
@@ -350,3 +361,167 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+# --- a recording's file in, tracks and D out: `factory track` ------------------------------
+
+TRACK_FILES = ("tracks.csv", "diffusion.csv", "tracks.png", "track.json")
+
+
+@dataclass
+class TrackResult:
+    """What ``track_file`` found, and with which settings.
+
+    Attributes
+    ----------
+    tracks : pandas.DataFrame
+        One row per localisation: ``frame, t_s, x, y, score`` (+ ``sigma``), ``track,
+        x_um, y_um``; a movie store adds ``movie`` first (its movies are linked apart).
+    diffusion : pandas.DataFrame
+        One row per track of at least ``MIN_TRACK_POINTS`` positions: ``track, n_frames,
+        D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um`` (D with its 95% confidence
+        interval, and the localisation error).
+    settings : dict
+        What was used (``track.json``): linker, linking radius, memory, blur
+        coefficient, frame period, time stamps, estimator, scan timing and its source,
+        pixel size, the largest D, model and target.
+    """
+
+    tracks: pd.DataFrame
+    diffusion: pd.DataFrame
+    settings: dict
+
+    def summary(self) -> str:
+        """One line: tracks, tracks with D, their median D."""
+        d = self.diffusion
+        return (f"{self.tracks['track'].nunique()} tracks, {len(d)} with D (>= {MIN_TRACK_POINTS} frames), "
+                f"median D {d['D_um2_s'].median() if len(d) else float('nan'):.3f} um^2/s")
+
+
+def track_file(model: str | Path, recording: str | Path, out: str | Path | None = None, *,
+               pixel_size_um: float | None = None, dwell_us: float | None = None,
+               line_retrace_ms: float | None = None, frame_flyback_ms: float | None = None,
+               bidirectional: bool | None = None, max_diffusion_um2_s: float | None = None,
+               min_diffusion_um2_s: float | None = None, search_range_um: float | None = None, memory: int = 1,
+               linker: str = "trackpy", estimator: str = "cve", device: str = "cpu", progress: bool = True,
+               report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> TrackResult:
+    """Localise, link and estimate D per track in a movie (`factory track`).
+
+    Every frame is localised above the detector's threshold (a network with a head per
+    target uses its exposure head: what the laser saw, with its own time stamp, is what
+    D needs), each localisation is stamped with the time the laser saw it, linked, and
+    each track of at least ``MIN_TRACK_POINTS`` positions gets its D.  The recording is
+    read a chunk of frames at a time.
+
+    Parameters
+    ----------
+    model : str or Path
+        What ``models.predict.load_detector`` takes: a run folder, a ``trackpy.json`` or
+        ``"trackpy"``.  2D models only.
+    recording : str or Path
+        A T x H x W TIFF, or a movie store (every movie tracked, each apart).
+    out : str or Path, optional
+        A folder to write ``TRACK_FILES`` into: ``tracks.csv``, ``diffusion.csv``,
+        ``tracks.png`` (the tracks over the mean frame) and ``track.json`` (the settings).
+    pixel_size_um : float, optional
+        Default: the store's, else the model's training data's, else the seed paper's.
+    dwell_us, line_retrace_ms, frame_flyback_ms : float, optional
+        Pixel dwell time (us), line retrace (ms), time from a frame's last pixel to the
+        next frame's first (ms; default one line retrace).
+    bidirectional : bool, optional
+        Scan direction.  Scan timing: these values where given, else the store's, else
+        the model's training data, else the seed paper's.
+    max_diffusion_um2_s : float, optional
+        The largest D expected: sets the linking radius, 4 sqrt(2 D dt) + 2 px (default:
+        the store's or the training data's largest D, else the schema's).
+    min_diffusion_um2_s : float, optional
+        ``linker="stitch"``: the smallest D expected, the first radius (default: the
+        training data's smallest D).
+    search_range_um : float, optional
+        The linking radius, instead of one derived from D and the frame period.
+    memory : int
+        Frames a particle may vanish and still be linked.
+    linker : {"trackpy", "stitch"}
+        One radius for the largest D, or a radius for the smallest D and then fragments
+        joined by their own D (fields of mixed mobility).
+    estimator : {"cve", "msd"}
+        D per track: covariance-based (Vestergaard 2014) or an MSD fit.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    progress : bool
+        A progress bar (stderr) counting frames.
+    report : callable, optional
+        Receives the line saying which scan timing, pixel size and D range were used and
+        why; default: this module's logger at INFO.
+    given_by : str
+        Who gave the timing values, as the reports name them.
+
+    Returns
+    -------
+    TrackResult
+        The tracks, D per track, and the settings used.
+
+    Raises
+    ------
+    FactoryError
+        Bad input (file, model, setting), in one line.
+    """
+    if linker not in LINKERS:
+        raise FactoryError(f"--linker {linker}: unknown (have: {', '.join(LINKERS)})")
+    if estimator not in ESTIMATORS:
+        raise FactoryError(f"--estimator {estimator}: unknown (have: {', '.join(ESTIMATORS)})")
+    check_settings(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
+                   frame_flyback_ms=frame_flyback_ms, max_diffusion_um2_s=max_diffusion_um2_s,
+                   search_range_um=search_range_um, min_diffusion_um2_s=min_diffusion_um2_s)
+    recording = Path(recording)
+    if not is_store_path(recording) and recording.suffix.lower() not in (".tif", ".tiff"):
+        raise FactoryError(f"{recording}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
+    say = report or log.info
+    det = load_detector(model, device, prefer="exposure")
+    if det.ndim == 3:
+        raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
+                           "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
+    with open_recording(recording) as images:
+        if len(images) < 2:
+            raise FactoryError(f"{recording}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a "
+                               "movie (T x H x W)")
+        frame_start, movie_frames = None, None
+        if is_store_path(recording):
+            with Store(recording) as st:
+                cfg = st.config["dataset"]
+                source = f"the store {recording}"
+                if cfg.get("movie") is None:
+                    raise FactoryError(f"{recording}: holds independent images, not movies")
+                frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
+        else:
+            cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
+        timing = (ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming()).with_values(
+            given_by, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
+            bidirectional=bidirectional)
+        # Without a dataset config: the schema's defaults (the paper's microscope).
+        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else ImageSpec().pixel_size_um)
+        d_max = max_diffusion_um2_s or (max_diffusion(cfg) if cfg else ParticleSpec().diffusion_um2_s.high)
+        d_min = min(min_diffusion_um2_s or (min_diffusion(cfg) if cfg else ParticleSpec().diffusion_um2_s.low), d_max)
+        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else PSFSpec().sigma_xy_um
+        span = f"from {d_min:g} " if linker == "stitch" else ""
+        say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
+            f"{d_max:g} um^2/s")
+        tracks, diff, used = track_recording(det, images, timing, px, d_max,
+                                             search_range_um / px if search_range_um else None, memory, sigma_xy,
+                                             frame_start, movie_frames, progress=progress, estimator=estimator,
+                                             linker=linker, min_diffusion_um2_s=d_min)
+        cols = ["movie"] if "movie" in tracks else []
+        cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
+        result = TrackResult(tracks[cols], diff, {**used, "timing": timing.describe(), "pixel_size_um": px,
+                                                  "max_diffusion_um2_s": d_max, "model": str(model),
+                                                  "target": det.target})
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            result.tracks.to_csv(out / "tracks.csv", index=False)
+            diff.to_csv(out / "diffusion.csv", index=False)
+            first = result.tracks[result.tracks["movie"] == 0] if "movie" in tracks else result.tracks
+            plot_tracks(images.mean_frame(movie_frames), first, out / "tracks.png",
+                        f"{recording.name}: {first['track'].nunique()} tracks")
+            (out / "track.json").write_text(json.dumps(result.settings, indent=2))
+    return result
