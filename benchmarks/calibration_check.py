@@ -97,7 +97,7 @@ def main() -> None:
         return
     import tifffile
 
-    from models.calibration import calibrate, calibrate_detector
+    from models.recordings.calibration import calibrate, calibrate_detector
 
     rng = np.random.default_rng(args.seed)
     root = args.out or Path(tempfile.mkdtemp(prefix="calibration-check-"))

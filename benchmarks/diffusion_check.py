@@ -44,7 +44,7 @@ def movies(D: float, size: int, frames: int, n: int, seed: int):
 
 def per_frame_d(table, t_fn, frames: int, n: int, px: float, r: float) -> np.ndarray:
     """Locate + CVE without linking: each frame's best-scored localisation."""
-    from models.diffusion import cve
+    from models.tracking.diffusion import cve
 
     best = table.sort_values("score").groupby("frame").tail(1).sort_values("frame")
     out = np.full(n, np.nan)
@@ -59,8 +59,8 @@ def per_movie_d(table, t_fn, frames: int, n: int, px: float, r: float, search: f
                 threshold: float | None) -> np.ndarray:
     """The pipeline of `factory track`: localisations above the detector's threshold,
     linked (trackpy.link, memory 1), then the CVE on each movie's longest track."""
-    from models.diffusion import cve
-    from models.tracks import link
+    from models.tracking.diffusion import cve
+    from models.tracking.tracks import link
 
     if threshold is not None:
         table = table[table.score >= threshold]
@@ -88,13 +88,13 @@ def main():
     args = ap.parse_args()
 
     from factory.perf import tune_malloc
-    from models.diffusion import cve
-    from models.predict import load_detector
-    from models.timing import ScanTiming, time_stamps
-    from models.tracks import blur_r, search_range_px
+    from models.tracking.diffusion import cve
+    from models.recordings.predict import load_detector
+    from models.tracking.timing import ScanTiming, time_stamps
+    from models.tracking.tracks import blur_r, search_range_px
 
     tune_malloc()
-    from models.runs import RunFolder, load_model
+    from models.training.runs import RunFolder, load_model
 
     models = args.model or [str(p) for p in (ROOT / "runs/demo/model", ROOT / "runs/movies/movie-model")
                             if (p / "best.pt").exists()]
@@ -104,7 +104,7 @@ def main():
         for t in targets:
             detectors[m if len(targets) == 1 else f"{m} ({t} head)"] = load_model(m, target=t)
     detectors["trackpy (paper settings)"] = load_detector("trackpy")
-    from models.trackpy_baseline import TrackPyDetector
+    from models.detectors.trackpy import TrackPyDetector
 
     detectors["trackpy (diameter 7, band-pass)"] = TrackPyDetector()
     for p in args.trackpy or []:

@@ -8,7 +8,7 @@ For each store and movie: the model's localisations (its exposure head, above it
 threshold, once), linked by each linker below, D by the CVE per track; the TrackPy user
 pipeline (minmass and diameter tuned on field_val's first movie, SPEC "A baseline as
 users run it") with its imsd line fit and its tracks through our CVE.  Scored per
-particle (models.fields): matched track, D within 1.5x, median |log10 D error|, the
+particle (models.evaluation.fields): matched track, D within 1.5x, median |log10 D error|, the
 floor; and correct links.  Prints one markdown table per store.
 """
 
@@ -35,12 +35,12 @@ def main() -> None:
 
     from factory.stores import Store, find_store
     from loaders.datasets import truth_points
-    from models.fields import MovieTruth, score_particles, summarise
-    from models.metrics import Points
-    from models.predict import load_detector, localise
-    from models.timing import ScanTiming, time_stamps
-    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
-    from models.tracks import blur_r, diffusion_table, link, score_tracks, search_range_px, stitch
+    from models.evaluation.fields import MovieTruth, score_particles, summarise
+    from models.evaluation.metrics import Points
+    from models.recordings.predict import load_detector, localise
+    from models.tracking.timing import ScanTiming, time_stamps
+    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.tracking.tracks import blur_r, diffusion_table, link, score_tracks, search_range_px, stitch
 
     det = load_detector(args.model, "cpu", prefer="exposure")
 

@@ -1,6 +1,6 @@
 """Does training for your microscope pay?  Held-out recordings of the example microscope
 of `make microscope` (benchmarks/calibration_check.py, EXAMPLE), tracked three ways and
-scored per particle (models.fields):
+scored per particle (models.evaluation.fields):
 
 - the SpotNet trained from the calibrated config (`make microscope` leaves it in RUN/model),
 - the demo's default model, trained on the paper's microscope (`make demo`: runs/demo/model),
@@ -43,12 +43,12 @@ def main() -> None:
 
     import tifffile
 
-    from models.fields import MovieTruth, score_particles, summarise
-    from models.metrics import Points
-    from models.predict import load_detector, training_data_config
-    from models.timing import ScanTiming, time_stamps
-    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
-    from models.tracks import blur_r, diffusion_table, max_diffusion, track_recording
+    from models.evaluation.fields import MovieTruth, score_particles, summarise
+    from models.evaluation.metrics import Points
+    from models.recordings.predict import load_detector, training_data_config
+    from models.tracking.timing import ScanTiming, time_stamps
+    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.tracking.tracks import blur_r, diffusion_table, max_diffusion, track_recording
 
     m = EXAMPLE
     px = m["pixel_size_um"]

@@ -236,10 +236,10 @@ def bench_predict(args):
     from factory.config import load_config
     from factory.kernel import simulate
     from factory.perf import tune_malloc
-    from models.config import load_train_config
-    from models.registry import NetDetector, family
-    from models.runs import load_model
-    from models.trackpy_baseline import TrackPyDetector
+    from models.training.config import load_train_config
+    from models.detectors.registry import NetDetector, family
+    from models.training.runs import load_model
+    from models.detectors.trackpy import TrackPyDetector
 
     tune_malloc()
     cfg = load_config(ROOT / "datasets.yaml")
@@ -280,13 +280,13 @@ def bench_track(args):
     from factory.kernel import simulate
     from factory.perf import tune_malloc
     from loaders.datasets import truth_points
-    from models.config import load_train_config
-    from models.metrics import Points
-    from models.predict import load_detector
-    from models.registry import NetDetector, family
-    from models.timing import ScanTiming
-    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
-    from models.tracks import track_recording
+    from models.training.config import load_train_config
+    from models.evaluation.metrics import Points
+    from models.recordings.predict import load_detector
+    from models.detectors.registry import NetDetector, family
+    from models.tracking.timing import ScanTiming
+    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.tracking.tracks import track_recording
 
     tune_malloc()
     if args.model and (Path(args.model) / "best.pt").exists():  # what the laser saw: the exposure head

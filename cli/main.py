@@ -242,7 +242,7 @@ def preview(
     from factory.errors import StoreError
     from factory.preview import movie_preview, preview as draw
     from factory.stores import Store
-    from models.outputs import staged_output
+    from models.recordings.outputs import staged_output
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".gif"):
         raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
@@ -304,8 +304,8 @@ def evaluate(
     deepBlink's F1 integral, F1 and RMSE at 140 nm; Table 1 beside the paper's rows.
 
     Gates are physical distances, converted to pixels with each store's pixel size."""
-    from models.evaluate import EVALUATION_FILES, evaluate_stores
-    from models.outputs import staged_output
+    from models.evaluation.evaluate import EVALUATION_FILES, evaluate_stores
+    from models.recordings.outputs import staged_output
 
     gates = _gates(gates_nm)
     # An input inside --out (a trackpy.json given to --params) is never removed by --overwrite.
@@ -318,7 +318,7 @@ def evaluate(
 
 
 class Network(str, Enum):
-    """The trainable network families (models.registry.NETWORKS, kept equal by a test: the
+    """The trainable network families (models.detectors.registry.NETWORKS, kept equal by a test: the
     registry imports torch, too slow to load for `--help`)."""
 
     spotnet = "spotnet"
@@ -363,10 +363,10 @@ def train(
     Optimiser, schedule and seed come from the config; the run folder can be passed to
     `factory evaluate --model` and `factory predict`, and its config.yaml back to
     `factory train --config` to reproduce the run."""
-    from models.config import load_train_config
-    from models.outputs import check_output
-    from models.runs import RunFolder
-    from models.train import fit
+    from models.training.config import load_train_config
+    from models.recordings.outputs import check_output
+    from models.training.runs import RunFolder
+    from models.training.train import fit
 
     # Where the run goes, before anything is read or trained; whether it already holds a
     # trained model (--resume, --overwrite) is for fit to judge.
@@ -415,8 +415,8 @@ def predict(
     for exposure-target models and TrackPy, and the frame's mean pixel time for
     centroid-target models.  Scan timing: the flags, else the store's own (store input),
     else the model's training data, else the seed paper's; the output says which."""
-    from models.outputs import staged_output
-    from models.predict import predict_file
+    from models.recordings.outputs import staged_output
+    from models.recordings.predict import predict_file
 
     if out.suffix.lower() != ".csv":
         raise FactoryError(f"{out}: --out must be a .csv file")
@@ -454,9 +454,9 @@ def calibrate(
     config, and a report with a picture of real beside simulated frames.  Then:
     `factory build OUT/microscope.yaml --out DATA`, `factory train --config OUT/train.yaml
     --data DATA --out RUN`, `factory track RUN RECORDING --out TRACKS`."""
-    from models.calibration import CALIBRATION_FILES, calibrate as run_calibrate
-    from models.outputs import staged_output
-    from models.recording import check_settings
+    from models.recordings.calibration import CALIBRATION_FILES, calibrate as run_calibrate
+    from models.recordings.outputs import staged_output
+    from models.recordings.recording import check_settings
 
     check_settings(pixel_size_um=pixel_size_um, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms,
                    frame_flyback_ms=frame_flyback_ms)
@@ -507,8 +507,8 @@ def track(
     """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
     each track (covariance-based estimator on each localisation's own time stamp, with
     its 95% confidence interval and the localisation error)."""
-    from models.outputs import staged_output
-    from models.tracks import TRACK_FILES, track_file
+    from models.recordings.outputs import staged_output
+    from models.tracking.tracks import TRACK_FILES, track_file
 
     with staged_output(out, "folder", TRACK_FILES, overwrite, what=", ".join(TRACK_FILES)) as folder:
         result = track_file(model, input, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
@@ -530,8 +530,8 @@ def report(
     """Write <runs>/report.md: Table 1 with the paper's rows and every evaluated detector,
     the other metrics, PR curves and predictions drawn over test images (each run of
     report rewrites them: they describe the folder as it is)."""
-    from models.outputs import check_output
-    from models.report import write_report
+    from models.recordings.outputs import check_output
+    from models.evaluation.report import write_report
 
     if not runs.is_dir():
         raise FactoryError(f"{runs}: no such folder (the folder holding the evaluation runs to report)")

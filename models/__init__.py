@@ -12,18 +12,18 @@ from importlib import import_module
 
 # Public name -> the module that defines it.
 _API = {
-    "load_detector": "models.predict",  # a run folder, a trackpy.json or "trackpy" -> a detector
-    "predict_file": "models.predict",  # `factory predict`
-    "Prediction": "models.predict",
-    "track_file": "models.tracks",  # `factory track`
-    "TrackResult": "models.tracks",
-    "evaluate_stores": "models.evaluate",  # `factory evaluate`
-    "load_train_config": "models.config",
-    "fit": "models.train",  # `factory train`
-    "calibrate": "models.calibration",  # `factory calibrate`
-    "write_report": "models.report",  # `factory report`
-    "Detector": "models.base",  # what every detector offers
-    "ScanTiming": "models.timing",
+    "load_detector": "models.recordings.predict",  # a run folder, a trackpy.json or "trackpy" -> a detector
+    "predict_file": "models.recordings.predict",  # `factory predict`
+    "Prediction": "models.recordings.predict",
+    "track_file": "models.tracking.tracks",  # `factory track`
+    "TrackResult": "models.tracking.tracks",
+    "evaluate_stores": "models.evaluation.evaluate",  # `factory evaluate`
+    "load_train_config": "models.training.config",
+    "fit": "models.training.train",  # `factory train`
+    "calibrate": "models.recordings.calibration",  # `factory calibrate`
+    "write_report": "models.evaluation.report",  # `factory report`
+    "Detector": "models.detectors.base",  # what every detector offers
+    "ScanTiming": "models.tracking.timing",
 }
 
 __all__ = list(_API)

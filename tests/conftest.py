@@ -142,7 +142,7 @@ def overfit(name: str):
         return _TRAINED[name]
     import torch
 
-    from models.registry import NetDetector, family, parse_params
+    from models.detectors.registry import NetDetector, family, parse_params
 
     recipe = OVERFIT[name]
     images, centroids = small_training_set()
@@ -168,6 +168,6 @@ def overfit(name: str):
 
 def ready_detector(name: str):
     """Any registered detector, ready to run: TrackPy as it is, networks overfitted."""
-    from models.registry import family, make_detector
+    from models.detectors.registry import family, make_detector
 
     return make_detector(name) if family(name).kind == "classical" else overfit(name)

@@ -170,7 +170,7 @@ def test_the_commands_choices_are_the_librarys():
     import for `--help`); they stay the library's."""
     from cli.main import Estimator, Target
     from loaders.datasets import TARGETS
-    from models.tracks import ESTIMATORS
+    from models.tracking.tracks import ESTIMATORS
 
     assert [e.value for e in Estimator] == list(ESTIMATORS)
     assert [t.value for t in Target] == list(TARGETS)

@@ -1,4 +1,4 @@
-"""The detector of a user's microscope, estimated from its own recording (models.calibration).
+"""The detector of a user's microscope, estimated from its own recording (models.recordings.calibration).
 
 Checked against data drawn with NumPy's own generators from the compound Poisson-gamma
 law (not the simulator's), against the simulator's PMT with spots in the field, and on
@@ -11,7 +11,7 @@ import pytest
 from conftest import dataset
 from factory.errors import FactoryError
 from factory.kernel import simulate
-from models.calibration import calibrate_detector
+from models.recordings.calibration import calibrate_detector
 
 
 def pmt_frames(rng, shape, m, g, enf, offset, read):
@@ -124,7 +124,7 @@ def foreign_recording(tmp_path_factory):
 def test_the_spot_model_fit_gives_back_sigma_xy_and_the_brightness(foreign_recording):
     """sigma_xy within 10% and the median N_qd within 20% of the truth (0.25 um; N_qd
     uniform over 8.4 - 15.6, median 12), through the simulator's own spot model."""
-    from models.calibration import fit_spot_model, to_photons
+    from models.recordings.calibration import fit_spot_model, to_photons
 
     root, frames = foreign_recording
     import tifffile
@@ -214,7 +214,7 @@ def test_a_recording_without_spots_says_what_was_not_estimated(tmp_path):
 def test_a_recording_too_short_for_tracks_keeps_the_default_d_range_and_says_so(foreign_recording, tmp_path):
     import tifffile
 
-    from models.calibration import calibrate
+    from models.recordings.calibration import calibrate
 
     root, frames = foreign_recording
     tifffile.imwrite(tmp_path / "short.tif", frames[:4], photometric="minisblack")
@@ -256,7 +256,7 @@ def test_a_recording_of_the_papers_microscope_gives_back_the_papers_values(tmp_p
     background, sigma_xy and median N_qd come back within 5%, 10% and 20%."""
     import tifffile
 
-    from models.calibration import calibrate
+    from models.recordings.calibration import calibrate
 
     paper = dict(image={"height_px": 128, "width_px": 128, "pixel_size_um": 0.07},
                  output={"expected": False, "trajectories": False},
@@ -277,7 +277,7 @@ def test_the_brightness_uncertainty_counts_dots_not_spots():
     """Spots of one dot in many frames are one draw of its brightness: the standard error
     of the median is that of the dots, ~1.2533 sd / sqrt(n_dots) (the median's asymptotic
     law), not sd / sqrt(n_spots); and linking puts each dot's spots together."""
-    from models.calibration import cluster_bootstrap_medians, dots
+    from models.recordings.calibration import cluster_bootstrap_medians, dots
 
     rng = np.random.default_rng(4)
     n_dots, frames = 40, 25

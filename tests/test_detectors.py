@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import ready_detector, small_training_set
-from models.base import COLUMNS, Detector
-from models.registry import DETECTORS_2D, FAMILIES, make_detector
-from models.trackpy_baseline import TrackPy3DDetector
+from models.detectors.base import COLUMNS, Detector
+from models.detectors.registry import DETECTORS_2D, FAMILIES, make_detector
+from models.detectors.trackpy import TrackPy3DDetector
 
 DETECTORS = list(DETECTORS_2D)
 

@@ -5,7 +5,7 @@ localisation noise), independently of the microscope simulator."""
 import numpy as np
 import pytest
 
-from models.diffusion import blur_coefficient_uniform, cve, msd_fit
+from models.tracking.diffusion import blur_coefficient_uniform, cve, msd_fit
 
 D_TRUE, DT, TAU, SIGMA = 0.2, 0.08, 0.03, 0.03  # um^2/s, s, s (exposure window), um
 

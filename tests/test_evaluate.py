@@ -104,8 +104,8 @@ def test_gates_are_physical_on_a_store_with_other_pixels(tmp_path):
 
 def test_pooled_metrics_over_stores_of_different_pixel_sizes():
     """Pooled in um: the gates keep their physical size in every store."""
-    from models.evaluate import pooled_metrics
-    from models.metrics import Points
+    from models.evaluation.evaluate import pooled_metrics
+    from models.evaluation.metrics import Points
 
     gt = [Points.from_arrays([0, 1], [5.0, 5.0], [5.0, 5.0], 2)] * 2
     # 1.5 px off: 105 nm at 0.07 um, 150 nm at 0.1 um.

@@ -1,4 +1,4 @@
-"""Scores per particle on fields (models.fields) and the TrackPy user pipeline, on hand-made
+"""Scores per particle on fields (models.evaluation.fields) and the TrackPy user pipeline, on hand-made
 cases and on spots drawn here from the physics (not the simulator)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.fields import (MovieTruth, longest_run, match_tracks, score_particles, scored_runs, summarise,
+from models.evaluation.fields import (MovieTruth, longest_run, match_tracks, score_particles, scored_runs, summarise,
                            within)
 
 
@@ -59,7 +59,7 @@ def test_within_a_factor_and_the_summary_by_hand():
 
 def test_the_true_positions_as_tracks_score_at_the_floor():
     """Tracks that are the truth itself give every scored particle the floor's D."""
-    from models.tracks import diffusion_table
+    from models.tracking.tracks import diffusion_table
 
     tr = _truth(40, 4, seed=3)
     tracks = pd.concat([pd.DataFrame({"frame": np.arange(40), "t_s": tr.centroid_t_s[:, p], "x": tr.centroids[:, p, 0],
@@ -87,8 +87,8 @@ def test_the_trackpy_user_pipeline_gives_back_d_from_the_msd_slope():
     """Three spots on Brownian walks (D 0.02 um^2/s, 0.1 um pixels, 0.5 s frames: 1.4 px
     per axis per frame) for 150 frames: trackpy's imsd line fit gives D back within 20%
     (pooled) and the line fit to each particle's own MSD, and the tuning picks a diameter and a minmass that find every spot."""
-    from models.metrics import Points
-    from models.trackpy_baseline import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.evaluation.metrics import Points
+    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
 
     F, D, dt, px = 150, 0.02, 0.5, 0.1
     rng = np.random.default_rng(3)
@@ -161,7 +161,7 @@ def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_
     from factory.build import build
     from factory.config import parse_config
     from factory.stores import Store
-    from models.evaluate import evaluate_detector
+    from models.evaluation.evaluate import evaluate_detector
 
     cfg = parse_config({"seed": 3, "datasets": {"test_m": {
         "n_movies": 3, "movie": {"n_frames": 20, "margin_um": 0.5},

@@ -220,8 +220,8 @@ def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path):
 
 
 def test_train_overwrite_removes_the_earlier_model_only_once_the_new_run_can_start(tmp_path):
-    from models.config import parse_train_config
-    from models.runs import RunFolder
+    from models.training.config import parse_train_config
+    from models.training.runs import RunFolder
 
     run = RunFolder(tmp_path / "run")
     run.create()
@@ -271,8 +271,8 @@ def test_huge_pixels_are_not_called_nan(tmp_path):
 
 
 def _run_folder(path: Path, model: str = "spotnet", params: dict | None = None):
-    from models.config import parse_train_config
-    from models.runs import RunFolder
+    from models.training.config import parse_train_config
+    from models.training.runs import RunFolder
 
     run = RunFolder(path)
     run.create()
@@ -308,7 +308,7 @@ def test_weights_messages_say_what_the_file_is_and_never_advise_unsafe_loading(m
 
 
 def test_track_with_a_3d_model_says_it_is_a_stack_model(movie, tmp_path):
-    from models.registry import family, parse_params
+    from models.detectors.registry import family, parse_params
 
     params = {"widths": [4, 8], "pixel_size_um": 0.07, "z_step_um": 0.5}
     run = _run_folder(tmp_path / "run3d", "dmdetnet3d", params)
@@ -365,7 +365,7 @@ def test_schema_lists_every_size_field():
 
 
 def test_train_model_offers_every_network(tmp_path):
-    from models.registry import NETWORKS
+    from models.detectors.registry import NETWORKS
 
     from cli.main import Network
 

@@ -33,5 +33,5 @@ def test_no_module_imports_a_layer_above_its_own(layer):
 
 def test_the_walk_sees_imports_inside_functions(tmp_path):
     p = tmp_path / "m.py"
-    p.write_text("def f():\n    from models.train import fit\n    import cli.main\n")
+    p.write_text("def f():\n    from models.training.train import fit\n    import cli.main\n")
     assert {n for n, _ in imports_of(p)} == {"models", "cli"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.metrics import (GATES_NM, Points, best_f1_threshold, evaluate_points, f1_cutoffs_px, f1_integral,
+from models.evaluation.metrics import (GATES_NM, Points, best_f1_threshold, evaluate_points, f1_cutoffs_px, f1_integral,
                             f1_rmse, match_counts, nm_to_px, pr_auc, pr_curve)
 
 CUT = np.linspace(0, 3, 50)  # deepBlink's cutoffs at 0.07 um per pixel

@@ -132,8 +132,8 @@ def test_predict_stamps_each_localisation_with_the_scan_time_of_a_fixed_particle
 
     from conftest import overfit, run_cli
     from factory.kernel import simulate
-    from models.config import parse_train_config
-    from models.runs import RunFolder
+    from models.training.config import parse_train_config
+    from models.training.runs import RunFolder
 
     x0, y0, F, fly = 12.0, 9.0, 4, 3.0
     cfg, ds = dataset(None, n_movies=1, movie={"n_frames": F, "frame_flyback_ms": fly},

@@ -85,8 +85,8 @@ def test_weight_map_is_lambda_plus_one_around_spots():
 def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, small_set):
     import tifffile
 
-    from models.config import parse_train_config
-    from models.runs import RunFolder
+    from models.training.config import parse_train_config
+    from models.training.runs import RunFolder
 
     det = overfit("spotnet")
     run = RunFolder(tmp_path / "run")

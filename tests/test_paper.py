@@ -8,8 +8,8 @@ import pytest
 from conftest import ROOT
 from factory.build import build
 from factory.config import load_config
-from models.evaluate import PAPER_ROWS, evaluate_detector
-from models.trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
+from models.evaluation.evaluate import PAPER_ROWS, evaluate_detector
+from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
 
 TOLERANCE = 0.08
 

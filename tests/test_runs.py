@@ -15,7 +15,7 @@ import yaml
 
 import conftest
 from conftest import run_cli
-from models.runs import RunFolder
+from models.training.runs import RunFolder
 
 TINY = {"model": "spotnet", "model_params": {"widths": [8, 16], "flip_tta": False}, "epochs": 1,
         "batch_size": 8, "schedule": "constant", "lr": 0.005, "val_images": 64, "seed": 1,
@@ -169,7 +169,7 @@ def test_weights_that_are_code_are_refused_and_never_run(data, tmp_path):
 def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(data, tmp_path):
     """`target: both` on images and movies: one backbone, a head per target, each head
     validated and thresholded on its own truth; predict and track pick the head."""
-    from models.runs import load_model
+    from models.training.runs import load_model
 
     recipe = tmp_path / "both.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "target": "both", "train": ["train", "movies_train"],
@@ -223,7 +223,7 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     import torch
 
     from factory.stores import Store
-    from models.runs import load_model
+    from models.training.runs import load_model
 
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump(TINY))
@@ -231,8 +231,8 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     # Validation during training ran the network in inference mode: the saved model scores
     # on the validation set exactly what the history says (batch norm on running statistics,
     # left unmoved by the validation images).
-    from models.evaluate import ground_truth, pixel_size_um
-    from models.train import validate
+    from models.evaluation.evaluate import ground_truth, pixel_size_um
+    from models.training.train import validate
 
     with Store(data / "val.h5") as st:
         images, gt = st.read("images", 0, TINY["val_images"]), ground_truth(st, "centroid", 0, TINY["val_images"])

@@ -19,15 +19,15 @@ import tifffile
 import yaml
 from typer.testing import CliRunner
 
-import models.recording as recording
+import models.recordings.recording as recording
 from cli.main import app
 from conftest import ROOT, one_line_error, run_cli
 from factory.errors import FactoryError
-from models.predict import localise
-from models.recording import open_recording
-from models.timing import ScanTiming
-from models.trackpy_baseline import PAPER, TrackPyDetector
-from models.tracks import track_recording
+from models.recordings.predict import localise
+from models.recordings.recording import open_recording
+from models.tracking.timing import ScanTiming
+from models.detectors.trackpy import PAPER, TrackPyDetector
+from models.tracking.tracks import track_recording
 
 H = W = 32
 
@@ -118,7 +118,7 @@ def _spotnet_in_batches_of_two():
     """An untrained SpotNet that runs 2 frames of 32 x 32 px per forward pass."""
     import torch
 
-    from models.registry import NetDetector, family, parse_params
+    from models.detectors.registry import NetDetector, family, parse_params
 
     torch.manual_seed(0)
     fam = dataclasses.replace(family("spotnet"), pixels_per_batch=2 * H * W)
@@ -233,7 +233,7 @@ def test_a_file_that_breaks_half_way_leaves_nothing_written(tmp_path, small_chun
 MEMORY = """
 import json, resource, sys, tracemalloc
 import numpy as np
-from models.recording import CHUNK_BYTES, open_recording
+from models.recordings.recording import CHUNK_BYTES, open_recording
 
 def rss_mb():
     # The peak resident memory of this interpreter (ru_maxrss would count the pytest
@@ -311,9 +311,9 @@ def test_a_command_imports_only_what_it_needs(tmp_path):
     torchvision (Keypoint R-CNN's); nothing loads the simulator's compiled kernels."""
     import torch
 
-    from models.config import parse_train_config
-    from models.registry import family, parse_params
-    from models.runs import RunFolder
+    from models.training.config import parse_train_config
+    from models.detectors.registry import family, parse_params
+    from models.training.runs import RunFolder
 
     tifffile.imwrite(tmp_path / "m.tif", movie_frames(3), photometric="minisblack")
     assert _imports("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q") == set()
@@ -328,7 +328,7 @@ def test_a_command_imports_only_what_it_needs(tmp_path):
 
 
 def test_the_registry_still_lists_every_family():
-    from models.registry import DETECTORS_2D, FAMILIES, NETWORKS, family
+    from models.detectors.registry import DETECTORS_2D, FAMILIES, NETWORKS, family
 
     assert list(FAMILIES) == [*NETWORKS, "trackpy"] and "dmdetnet3d" not in DETECTORS_2D
     assert all(family(n).name == n for n in FAMILIES)

@@ -10,7 +10,7 @@ import tifffile
 import yaml
 
 from conftest import one_line_error, run_cli
-from models.tracks import link, match_to_truth, score_tracks, search_range_px
+from models.tracking.tracks import link, match_to_truth, score_tracks, search_range_px
 
 
 def test_search_range_follows_d_and_the_frame_period():
@@ -116,7 +116,7 @@ def test_stitch_joins_a_fast_particles_fragments_by_its_own_d_and_leaves_a_slow_
     (D 0.01) whose track stops where the fast one passes.  Stitching by each fragment's
     own D rejoins the fast particle's fragments, and no fast fragment is hung on the slow
     track: the slow particle's reach (4 sigma of a 0.9 px step) is far shorter."""
-    from models.tracks import stitch
+    from models.tracking.tracks import stitch
 
     rng = np.random.default_rng(4)
     px, dt = 0.1, 0.4

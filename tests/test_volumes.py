@@ -10,10 +10,10 @@ import yaml
 
 from conftest import dataset, one_line_error, run_cli
 from factory.kernel import simulate
-from models.metrics import Points, evaluate_points_3d
+from models.evaluation.metrics import Points, evaluate_points_3d
 from models.networks import dmdetnet3d as net
-from models.registry import NetDetector, family
-from models.trackpy_baseline import Params3D, TrackPy3DDetector
+from models.detectors.registry import NetDetector, family
+from models.detectors.trackpy import Params3D, TrackPy3DDetector
 
 PX, DZ = 0.07, 0.5
 
@@ -158,7 +158,7 @@ def test_predict_on_a_stack_larger_than_training_and_bad_input(stack_run, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "2 stack(s)" in r.stdout, r.stdout
     # No z step in the input: the training stacks' (the detector's z_step_um).
-    from models.runs import load_model
+    from models.training.runs import load_model
 
     assert load_model(root / "model").z_step_um == DZ
     np.save(tmp_path / "stack.npy", big)

@@ -29,7 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from factory.config import StrictModel
 from loaders.targets import keypoint_decode, keypoint_target
 
-from ..weights import load_matching
+from models.detectors.weights import load_matching
 from .blocks import normalize_images
 
 

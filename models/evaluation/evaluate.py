@@ -25,12 +25,12 @@ from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores, is_store_path
 from loaders.datasets import TARGETS, truth_points
 
-from .base import COLUMNS, Detector
-from .metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
-from .predict import load_detector
-from .timing import ScanTiming, time_stamps
-from .fields import MovieTruth, score_particles, summarise
-from .tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
+from models.detectors.base import COLUMNS, Detector
+from models.evaluation.metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
+from models.recordings.predict import load_detector
+from models.tracking.timing import ScanTiming, time_stamps
+from models.evaluation.fields import MovieTruth, score_particles, summarise
+from models.tracking.tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
         settings (diameter 7, separation 7, no preprocessing; its F1 threshold chosen on
         ``tune_on``).  z-stacks: ``"trackpy"`` (TrackPy 3D, tuned on ``tune_on``).
     model : str or Path, optional
-        A trained model's run folder (what ``models.predict.load_detector`` takes); a
+        A trained model's run folder (what ``models.recordings.predict.load_detector`` takes); a
         model with a head per target is scored with its ``target`` head.
     predictions : str or Path, optional
         A CSV to score against ``data`` (one store): ``frame, x, y, score`` (z-stacks:
@@ -445,7 +445,7 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
 
 def _stack_stores(stores: list[Path]) -> bool:
     """Whether the test stores are z-stacks (all of them) or images (none)."""
-    from .volumes import is_stack_store
+    from models.evaluation.volumes import is_stack_store
 
     kinds = {}
     for p in stores:
@@ -461,8 +461,8 @@ def _evaluate_stacks(data: Path, out: Path, stores: list[Path], detector: str | 
                      tune_on: str, say: Callable[[str], None]) -> dict:
     """``evaluate_stores`` on z-stack stores: TrackPy 3D tuned on ``tune_on``, a 3D model,
     or a CSV of frame, x, y, z_um, score."""
-    from .metrics import evaluate_points_3d
-    from .volumes import evaluate_stacks, geometry, stack_table, truth_um, tune_trackpy
+    from models.evaluation.metrics import evaluate_points_3d
+    from models.evaluation.volumes import evaluate_stacks, geometry, stack_table, truth_um, tune_trackpy
 
     if predictions is not None:
         if len(stores) != 1:
@@ -502,7 +502,7 @@ def _trackpy_detector(data: Path, out: Path, params: str | Path | None, tune_on:
     """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
 
     The F1 threshold (a mass) is chosen on the tuning store in every case."""
-    from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
+    from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
 
     if params is not None:
         det = TrackPyDetector.from_json(params)

@@ -21,10 +21,10 @@ from pydantic import Field, ValidationError
 from factory.config import StrictModel
 from factory.errors import FactoryError
 
-from .base import as_table, check_images, empty_table
+from models.detectors.base import as_table, check_images, empty_table
 
 if TYPE_CHECKING:  # the metrics (Numba, SciPy) are imported by tuning only, not to localise
-    from .metrics import Points
+    from models.evaluation.metrics import Points
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ DEFAULT_GRID = {
 
 
 def _f1_threshold(table: pd.DataFrame, gt: Points, pixel_size_um: float) -> float:
-    from .metrics import F1_GATE_NM, best_f1_threshold, nm_to_px
+    from models.evaluation.metrics import F1_GATE_NM, best_f1_threshold, nm_to_px
 
     return best_f1_threshold(table.frame, table[["x", "y"]].to_numpy(), table.score, gt,
                              nm_to_px(F1_GATE_NM, pixel_size_um))
@@ -172,7 +172,7 @@ def tune(images: np.ndarray, gt: Points, pixel_size_um: float,
     Returns the tuned detector and every grid point's scores.  Its F1 threshold (a
     mass) is the one that maximises F1 on the same data.
     """
-    from .metrics import GATES_NM, Points, nm_to_px, pr_auc
+    from models.evaluation.metrics import GATES_NM, Points, nm_to_px, pr_auc
 
     grid = {**DEFAULT_GRID, **(grid or {})}
     gates_px = [nm_to_px(g, pixel_size_um) for g in GATES_NM]
@@ -222,7 +222,7 @@ def tune_user_pipeline(frames: np.ndarray, gt: Points, pixel_size_um: float, sig
                        search_range_px: float) -> UserPipeline:
     """The diameter (odd, 2.5 - 4.5 PSF sigmas, where a user looking at the spots would
     set it) and the ``minmass`` that maximise F1 on a tuning movie with truth."""
-    from .metrics import F1_GATE_NM, Points, f1_rmse, nm_to_px
+    from models.evaluation.metrics import F1_GATE_NM, Points, f1_rmse, nm_to_px
 
     s = sigma_xy_um / pixel_size_um
     lo, hi = max(3, int(round(2.5 * s)) | 1), max(3, int(round(4.5 * s)) | 1)

@@ -3,7 +3,7 @@
 Detectors of stacks return ``frame, x, y, z, score, sigma`` in voxel coordinates (x, y
 px; z in planes from the first plane).  Scoring converts both sides to micrometres with
 the store's pixel size and z step (``StackGeometry``), so gates are physical distances
-in 3D and the RMSE splits into xy and z (``models.metrics.evaluate_points_3d``).
+in 3D and the RMSE splits into xy and z (``models.evaluation.metrics.evaluate_points_3d``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from factory.errors import FactoryError, StoreError
 from factory.stores import Store
 from loaders.datasets import TARGETS, TARGETS_Z, stack_points
 
-from .base import Detector
-from .metrics import GATES_3D_NM, F1_GATE_3D_NM, Points, best_f1_threshold, evaluate_points_3d, gate_key, pr_auc
-from .trackpy_baseline import DEFAULT_GRID_3D, Params3D, TrackPy3DDetector
+from models.detectors.base import Detector
+from models.evaluation.metrics import GATES_3D_NM, F1_GATE_3D_NM, Points, best_f1_threshold, evaluate_points_3d, gate_key, pr_auc
+from models.detectors.trackpy import DEFAULT_GRID_3D, Params3D, TrackPy3DDetector
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def write_volume_report(runs: Path, tests: dict[str, Path]) -> Path:
     runs = Path(runs)
     evals = {}
     for m in sorted(runs.glob("*/metrics.json")):
-        if m.parent.name.startswith("."):  # an evaluation still being written (models.outputs)
+        if m.parent.name.startswith("."):  # an evaluation still being written (models.recordings.outputs)
             continue
         data = json.loads(m.read_text())
         if data.get("kind") == "stacks":

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from factory.config import StrictModel, parse_yaml
 from factory.errors import ConfigError
 
-from .registry import NETWORKS, family, parse_params
+from models.detectors.registry import NETWORKS, family, parse_params
 
 
 class TrainConfig(StrictModel):

@@ -17,10 +17,11 @@ import pandas as pd
 from factory.errors import FactoryError
 from factory.stores import Store, find_store, is_store_path
 
-from .base import Detector
-from .recording import SETTINGS, Recording, as_recording, check_frames, check_pixels, check_settings, check_tiff_pages, open_recording
-from .timing import ScanTiming, time_stamps
-from .trackpy_baseline import PAPER, PAPER_LABEL, TrackPyDetector
+from models.detectors.base import Detector
+from models.recordings.recording import (SETTINGS, Recording, as_recording, check_frames, check_pixels, check_settings,
+                                         check_tiff_pages, open_recording)
+from models.tracking.timing import ScanTiming, time_stamps
+from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
     Returns
     -------
     Detector
-        See ``models.base.Detector``: ``detect(images)`` takes (N, H, W) frames (3D
+        See ``models.detectors.base.Detector``: ``detect(images)`` takes (N, H, W) frames (3D
         models: (N, Z, H, W) stacks) and returns ``frame, x, y, score`` (+ ``sigma``) in
         pixels from the centre of pixel (0, 0); ``threshold`` is its tuned score cut.
     """
@@ -97,7 +98,7 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
     if not p.exists():
         raise FactoryError(f"{p}: no such model (a run folder from `factory train`, a trackpy.json, or 'trackpy')")
     # Imported here: the network registry imports torch, which TrackPy never needs.
-    from .runs import RunFolder, load_model
+    from models.training.runs import RunFolder, load_model
 
     if prefer is not None and p.is_dir():
         try:
@@ -111,7 +112,7 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
 
 def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
     """The dataset config of the store a model was trained on, if it is still there."""
-    from .runs import RunFolder
+    from models.training.runs import RunFolder
 
     try:
         cfg = RunFolder(run_dir).read_config()
@@ -333,7 +334,7 @@ def _predict_stacks(det: Detector, model: Path, recording: Path, z_step_um: floa
     """``predict_file`` with a 3D model: stacks in, (x, y, z_um) out."""
     from factory.inspect_store import check_against_field
 
-    from .volumes import with_z_um
+    from models.evaluation.volumes import with_z_um
 
     stacks = read_stacks(recording)
     trained = det.z_step_um

@@ -25,7 +25,7 @@ class Detector(Protocol):
     Attributes
     ----------
     name : str
-        Its family in ``models.registry`` (``"trackpy"``, ``"spotnet"``, ...), or
+        Its family in ``models.detectors.registry`` (``"trackpy"``, ``"spotnet"``, ...), or
         ``"trackpy3d"``; progress bars and logs show it.
     label : str
         How evaluations, tables and reports name it, e.g. ``"TrackPy (ours, tuned on val)"``.
@@ -33,10 +33,10 @@ class Detector(Protocol):
         The truth its positions estimate: the particle's centroid over the whole frame
         (the paper's), or where the laser saw it (``loaders.datasets.TARGETS``).
     timestamps : {"scan", "frame"}
-        The time its positions belong to (``models.timing.time_stamps``): ``"scan"``, the
+        The time its positions belong to (``models.tracking.timing.time_stamps``): ``"scan"``, the
         scan time at the position (what the laser saw); ``"frame"``, the frame's mean
         pixel time (a whole-frame centroid).  It also sets the motion-blur coefficient of
-        the D estimates (``models.tracks.blur_r``).
+        the D estimates (``models.tracking.tracks.blur_r``).
     threshold : float or None
         Score from which a localisation counts (F1, ``factory predict`` and
         ``factory track``), in the detector's own score units (TrackPy: integrated mass;
@@ -67,7 +67,7 @@ class Detector(Protocol):
         """Frames of ``height`` x ``width`` px that ``detect`` processes together (1: one at
         a time).  Fed that many per call, counted from the first frame, a detector returns
         the same table to the bit as from one call on every frame
-        (``models.predict.localise``)."""
+        (``models.recordings.predict.localise``)."""
         ...
 
 

@@ -1,6 +1,6 @@
 """The trainer: plain ``train_one_epoch`` and ``validate`` functions and ``fit``.
 
-``fit`` writes a run folder (``models.runs.RunFolder``): the config, the best and last
+``fit`` writes a run folder (``models.training.runs.RunFolder``): the config, the best and last
 checkpoints, and the metrics with the F1 threshold tuned on the validation set.
 Training stops on a non-finite loss.
 """
@@ -20,12 +20,12 @@ from factory.stores import Store, find_store
 from loaders.augment import flip_batch
 from loaders.datasets import StoreBatches
 
-from .evaluate import ground_truth, pixel_size_um as store_pixel_size
-from .config import TrainConfig
-from . import volumes
-from .metrics import F1_GATE_3D_NM, F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
-from .registry import NetDetector, family
-from .runs import RunFolder
+from models.evaluation.evaluate import ground_truth, pixel_size_um as store_pixel_size
+from models.training.config import TrainConfig
+from models.evaluation import volumes
+from models.evaluation.metrics import F1_GATE_3D_NM, F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
+from models.detectors.registry import NetDetector, family
+from models.training.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _start_from(model, cfg: TrainConfig, load: bool = True) -> dict:
     it lacks starts as a copy of the first.  What was loaded, for metrics.json."""
     import hashlib
 
-    from .weights import load_matching, matching_tensors
+    from models.detectors.weights import load_matching, matching_tensors
 
     path = Path(cfg.init_from)
     if not path.exists():

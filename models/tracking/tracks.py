@@ -4,7 +4,7 @@ Linking is ``trackpy.link`` (Crocker-Grier with subnetwork resolution and ``memo
 frames of gap closing).  Its search range follows from the largest D expected and the
 frame period: a particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of
 those (a 2D displacement beyond it has probability exp(-8) = 3e-4) plus twice the
-localisation error.  D per track is the CVE (``models.diffusion``) on the track's own
+localisation error.  D per track is the CVE (``models.tracking.diffusion``) on the track's own
 time stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
 their D out.
 """
@@ -27,12 +27,12 @@ from factory.config import ImageSpec, ParticleSpec, PSFSpec
 from factory.errors import FactoryError
 from factory.stores import Store, is_store_path
 
-from .base import Detector
-from .diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
-from .predict import load_detector, localise, training_data_config
-from .recording import Recording, check_settings, open_recording
-from .timing import ScanTiming, time_stamps
-from .trackpy_baseline import import_trackpy
+from models.detectors.base import Detector
+from models.tracking.diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
+from models.recordings.predict import load_detector, localise, training_data_config
+from models.recordings.recording import Recording, check_settings, open_recording
+from models.tracking.timing import ScanTiming, time_stamps
+from models.detectors.trackpy import import_trackpy
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     Parameters
     ----------
     model : str or Path
-        What ``models.predict.load_detector`` takes: a run folder, a ``trackpy.json`` or
+        What ``models.recordings.predict.load_detector`` takes: a run folder, a ``trackpy.json`` or
         ``"trackpy"``.  2D models only.
     recording : str or Path
         A T x H x W TIFF, or a movie store (every movie tracked, each apart).

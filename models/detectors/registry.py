@@ -4,7 +4,7 @@ A family has a name, a label for tables, typed parameters (a strict pydantic mod
 unknown keys and wrong types are errors) and, for networks, how to build the network
 from them, its training loss (images and NaN-padded centroids (B, P, 2) in), and its
 decoding into localisations.  ``NetDetector`` puts a network behind the detector
-contract that TrackPy follows (``models.base``).
+contract that TrackPy follows (``models.detectors.base``).
 
 A network's module is imported when its family is first asked for (``family``): a
 command that runs SpotNet never loads torchvision, which Keypoint R-CNN needs and which
@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from factory.config import StrictModel
 from factory.errors import ConfigError, FactoryError
 
-from . import trackpy_baseline
-from .base import as_table, check_images, empty_table
+from models.detectors import trackpy as trackpy_detector
+from models.detectors.base import as_table, check_images, empty_table
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ _NETWORK_MODULES = {
 NETWORKS = tuple(_NETWORK_MODULES)
 _NAMES = NETWORKS + ("trackpy",)
 _LOADED: dict[str, Family] = {
-    "trackpy": Family("trackpy", trackpy_baseline.LABEL, trackpy_baseline.Params, "classical"),
+    "trackpy": Family("trackpy", trackpy_detector.LABEL, trackpy_detector.Params, "classical"),
 }
 
 
@@ -69,7 +69,7 @@ def family(name: str) -> Family:
     if name not in _NAMES:
         raise FactoryError(f"{name}: unknown detector (have: {', '.join(_NAMES)})")
     if name not in _LOADED:
-        module = importlib.import_module(f".networks.{_NETWORK_MODULES[name]}", __package__)
+        module = importlib.import_module(f"models.networks.{_NETWORK_MODULES[name]}")
         _LOADED[name] = _network(name, module)
     return _LOADED[name]
 
@@ -106,7 +106,7 @@ def make_detector(name: str, params: Any = None, **kwargs):
     fam = family(name)
     p = parse_params(name, params)
     if fam.kind == "classical":
-        return trackpy_baseline.TrackPyDetector(p, **kwargs)
+        return trackpy_detector.TrackPyDetector(p, **kwargs)
     return NetDetector(fam, fam.build(p), **kwargs)
 
 

@@ -446,7 +446,7 @@ def dots(where: np.ndarray, radius_px: float) -> np.ndarray:
     frame within ``radius_px``, across up to 2 frames without one."""
     import pandas as pd
 
-    from .tracks import link
+    from models.tracking.tracks import link
 
     table = pd.DataFrame({"frame": where[:, 0], "x": where[:, 1].astype(float), "y": where[:, 2].astype(float),
                           "spot": np.arange(len(where))})
@@ -638,8 +638,8 @@ def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um:
     ``{"D_um2_s": [...], "n_tracks": n}``; no tracks where the recording is too short."""
     import pandas as pd
 
-    from .timing import time_stamps
-    from .tracks import blur_r, diffusion_table, link, search_range_px
+    from models.tracking.timing import time_stamps
+    from models.tracking.tracks import blur_r, diffusion_table, link, search_range_px
 
     t, h, w = photons.shape
     if t < MIN_TRACK_FRAMES:
@@ -714,7 +714,7 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
     `factory train` config for it), ``calibration.md`` (the table of estimates, with what
     was assumed) and ``calibration.png`` (real beside simulated frames, pixel histograms).
     Returns the estimates as a dict."""
-    from models.recording import open_recording
+    from models.recordings.recording import open_recording
 
     recording, out = Path(recording), Path(out)
     with open_recording(recording) as rec:
@@ -742,7 +742,7 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
             "direction": "bidirectional" if bidirectional else "unidirectional"}
     photons = to_photons(frames, det)
     count = max(1, round(spots_guess(photons, pixel_size_um)))
-    from .timing import ScanTiming
+    from models.tracking.timing import ScanTiming
 
     timing = ScanTiming(float(dwell_us), float(line_retrace_ms), frame_flyback_ms, bidirectional,
                         "the command line")

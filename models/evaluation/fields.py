@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .tracks import diffusion_table
+from models.tracking.tracks import diffusion_table
 
 MIN_FRAMES_IN_VIEW = 10
 MATCH_PX = 3.0

@@ -1,6 +1,6 @@
 """The run folder of a trained model: one type that writes and reads its own files.
 
-    config.yaml    the full training config (``models.config.TrainConfig``); passing it
+    config.yaml    the full training config (``models.training.config.TrainConfig``); passing it
                    back to ``factory train --config`` reproduces the run
     best.pt        {"model": state dict, "epoch": int}: the epoch with the best
                    validation score
@@ -10,7 +10,7 @@
                    threshold that maximises F1 on the validation set
 
 Weights hold tensors and plain values only and are read with ``weights_only=True``;
-anything else is refused (``models.weights``).
+anything else is refused (``models.detectors.weights``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 
 from factory.errors import FactoryError
 
-from .config import TrainConfig, dump_train_config, parse_train_config, read_yaml
-from .registry import NetDetector, family
-from .weights import load_weights, state_dict_of
+from models.training.config import TrainConfig, dump_train_config, parse_train_config, read_yaml
+from models.detectors.registry import NetDetector, family
+from models.detectors.weights import load_weights, state_dict_of
 
 
 class RunFolder:
@@ -131,7 +131,7 @@ class RunFolder:
         label = None
         if len(targets) > 1:
             label = fam.label if target == "centroid" else f"{fam.label}, exposure head"
-        # 3D networks: the z step of the training stacks (``models.train`` records it).
+        # 3D networks: the z step of the training stacks (``models.training.train`` records it).
         z_step_um = cfg.model_params.get("z_step_um")
         return NetDetector(fam, model, threshold, cfg.min_score, device, label, target=target, head=head,
                            z_step_um=z_step_um)

@@ -12,8 +12,8 @@ from factory.stores import Store
 
 from factory.errors import FactoryError
 
-from .evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, is_movie_store, table1
-from .volumes import is_stack_store, write_volume_report
+from models.evaluation.evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, is_movie_store, table1
+from models.evaluation.volumes import is_stack_store, write_volume_report
 
 
 def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
@@ -23,7 +23,7 @@ def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
     where two folders evaluated detectors with the same label."""
     found = []
     for m in sorted(Path(runs).glob("*/metrics.json")):
-        if m.parent.name.startswith("."):  # an evaluation still being written (models.outputs)
+        if m.parent.name.startswith("."):  # an evaluation still being written (models.recordings.outputs)
             continue
         data = json.loads(m.read_text())
         if "datasets" in data and "detector" in data:
@@ -115,7 +115,7 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             bl = (d or {}).get("by_length", {})
             lines.append(f"| true {truth} positions (floor) | {name} |  |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
                          f"| {cell(d, 'rel_rmse')} | " + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
-        # Per particle: what a user publishes is a D per particle (models.fields).
+        # Per particle: what a user publishes is a D per particle (models.evaluation.fields).
         lines += ["", "Per particle (in view >= 10 consecutive frames, on in half of them when blinking): the share "
                   "with a matched track (>= 60% of its points within 3 px), with D within 1.5x of the truth (its "
                   "longest matched track's D), and the floor's share (the estimator on its true centroids).", "",
@@ -127,7 +127,7 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
                 lines.append(f"| {label} | {name} | {p['particles']} | {p['matched']:.2f} | {p['d_within']:.2f} | "
                              f"{p['floor_d_within']:.2f} | {p['median_abs_log10']:.3f} |")
         # One movie's tracks, from the tracker with the smallest D error.
-        from .tracks import plot_tracks
+        from models.tracking.tracks import plot_tracks
 
         ranked = sorted(((t.get("d") or {}).get("rel_rmse") or 1e9, label, name) for label, name, t in tracked)
         _, label, name = ranked[0]
