@@ -36,6 +36,24 @@ BATCH_BYTES = 64 * 2**20  # simulated data held in memory at once (about)
 
 @dataclass
 class BuildResult:
+    """What building one dataset (or one shard of it) did.
+
+    Attributes
+    ----------
+    name : str
+        The dataset.
+    path : Path
+        The store written (a shard: its manifest).
+    n_images : int
+        Store rows built (a shard: its rows).
+    seconds : float
+        Wall time of the build (0 when skipped).
+    bytes_on_disk : int
+        Size of the store (0 for a shard).
+    skipped : bool
+        A shard found complete and valid, left as it was.
+    """
+
     name: str
     path: Path
     n_images: int
@@ -45,6 +63,7 @@ class BuildResult:
 
 
 def store_path(out: Path, name: str, fmt: str) -> Path:
+    """Where dataset ``name`` is stored in ``out``: ``<out>/<name>.h5`` or ``.zarr``."""
     return Path(out) / f"{name}{FORMATS[fmt]}"
 
 
@@ -66,6 +85,7 @@ def store_attrs(cfg: FactoryConfig, ds: Dataset, fmt: str = "hdf5") -> dict:
 
 
 def specs_for(ds: Dataset, n: int | None = None) -> list[ArraySpec]:
+    """The store's arrays for ``n`` rows of ``ds`` (default: all its rows)."""
     return array_specs(ds.n_images if n is None else n, ds.image.height_px, ds.image.width_px,
                        ds.particles.max_particles, ds.chunk_rows,
                        ds.output.expected, ds.output.trajectories,
@@ -79,7 +99,7 @@ def batch_images(ds: Dataset) -> int:
 
     Parameters
     ----------
-    ds
+    ds : Dataset
         The dataset.
 
     Returns
@@ -102,6 +122,7 @@ def batch_images(ds: Dataset) -> int:
 
 
 def disk_usage(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
@@ -109,6 +130,13 @@ def disk_usage(path: Path) -> int:
 
 
 def check_output_dir(out: Path) -> None:
+    """Create the output folder ``out`` if needed.
+
+    Raises
+    ------
+    FactoryError
+        ``out`` is a file, cannot be created, or is not writable.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FactoryError(f"{out}: --out exists and is not a directory")
@@ -172,6 +200,7 @@ def write_range(cfg: FactoryConfig, ds: Dataset, writer, start: int, stop: int, 
 
 
 def progress_bar(ds: Dataset, total: int, progress: bool, desc: str | None = None):
+    """A tqdm bar of ``total`` images named ``desc`` (default: the dataset), shown only with ``progress``."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc or ds.name, unit="img", disable=not progress, leave=True)
@@ -217,17 +246,24 @@ def select_for_build(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | 
 
     Parameters
     ----------
-    cfg, out, fmt, only
-        The config, the output folder, "hdf5" or "zarr", the dataset names (None: all).
-    shard
+    cfg : FactoryConfig
+        The config.
+    out : Path
+        The output folder.
+    fmt : {"hdf5", "zarr"}
+        The store format.
+    only : list of str or None
+        The dataset names (None: all).
+    shard : tuple of int, optional
         ``(I, N)`` when building shard I of N of each dataset: the estimate and the
         free-space check cover that shard's rows.
-    report
+    report : callable, optional
         Called with each line of the size estimate (default: logged at INFO level).
 
     Returns
     -------
     list of Dataset
+        The datasets to build, in the order of ``only`` (else the config's).
 
     Raises
     ------
@@ -262,11 +298,48 @@ def select_for_build(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | 
 
 def build(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
           overwrite: bool = False, progress: bool = True, report=None) -> list[BuildResult]:
-    """Build the selected datasets of ``cfg`` into ``out`` in this process.
+    """Build the selected datasets of ``cfg`` into ``out`` in this process (``factory.build_stores``).
 
     Every check (dataset names, output folder, free disk, existing stores) runs before
-    any work; ``report`` receives the size estimate's lines.
+    any work.  Each store is written under a temporary name and renamed when complete,
+    under a lock that a second build of the same store finds taken.
     (``factory.shards.build_shards`` builds one shard of each instead.)
+
+    Parameters
+    ----------
+    cfg : FactoryConfig
+        The validated config (``load_config``).
+    out : Path
+        The output folder, created if missing; dataset ``name`` is written to
+        ``<out>/<name>.h5`` (HDF5) or ``<out>/<name>.zarr`` (Zarr).
+    fmt : {"hdf5", "zarr"}
+        The store format.
+    only : list of str, optional
+        The datasets to build, by name (None: every one).
+    overwrite : bool
+        Replace existing stores; without it an existing store is refused before any work.
+    progress : bool
+        A progress bar (stderr) per dataset, counting images.
+    report : callable, optional
+        Receives each line of the size estimate (default: this module's logger at INFO).
+
+    Returns
+    -------
+    list of BuildResult
+        One per dataset built, in the order built.
+
+    Raises
+    ------
+    FactoryError
+        A bad format or dataset name, an unusable output folder, too little free disk
+        for the estimated stores, an existing store without ``overwrite``, or a store
+        that another process is writing: all found before any work.  Also a store
+        that appeared at its final path while this one was built, without ``overwrite``.
+
+    Examples
+    --------
+    >>> from factory import build_stores, load_config
+    >>> results = build_stores(load_config("datasets.yaml"), "data", only=["val"])  # doctest: +SKIP
     """
     selected = select_for_build(cfg, out, fmt, only, report=report)
     out = Path(out)

@@ -58,7 +58,20 @@ _TAG_OF_KEY = {
 
 
 def infer_tag(value: Any) -> Any:
-    """Fill in a variant's missing ``type`` from the keys written, when they tell."""
+    """Fill in a variant's missing ``type`` from the keys written, when they tell.
+
+    Parameters
+    ----------
+    value : Any
+        A section as written in YAML.
+
+    Returns
+    -------
+    Any
+        ``value`` with ``type`` added when it is a mapping without one whose keys belong
+        to one variant only (``{low: 1, high: 2}`` -> ``type: uniform``); else ``value``
+        unchanged.
+    """
     if isinstance(value, dict) and "type" not in value:
         tags = {_TAG_OF_KEY[k] for k in value if k in _TAG_OF_KEY}
         if len(tags) == 1:
@@ -74,11 +87,15 @@ def _scalar_is_fixed(value: Any) -> Any:
 
 
 class Fixed(StrictModel):
+    """Every draw is ``value`` (in the field's unit)."""
+
     type: Literal["fixed"] = "fixed"
     value: NonNegativeFloat
 
 
 class Uniform(StrictModel):
+    """Uniform on [``low``, ``high``] (in the field's unit)."""
+
     type: Literal["uniform"] = "uniform"
     low: NonNegativeFloat
     high: NonNegativeFloat
@@ -94,7 +111,8 @@ class LogUniform(StrictModel):
     """log(value) uniform on [log low, log high] (a spread over decades).
 
     D spans one to two decades in real recordings (SPEC, Real recordings).  One uniform
-    per draw, as ``uniform`` takes, so the streams after it are the same."""
+    per draw, as ``uniform`` takes, so the streams after it are the same.
+    """
 
     type: Literal["log_uniform"] = "log_uniform"
     low: PositiveFloat
@@ -111,11 +129,15 @@ NonNegativeDistribution = Annotated[Union[Fixed, Uniform, LogUniform], Field(dis
 
 
 class FixedZ(StrictModel):
+    """Every particle starts at ``value`` um."""
+
     type: Literal["fixed"] = "fixed"
     value: FiniteFloat = 0.0
 
 
 class UniformZ(StrictModel):
+    """Uniform on [``low``, ``high``] um."""
+
     type: Literal["uniform"] = "uniform"
     low: FiniteFloat
     high: FiniteFloat
@@ -128,6 +150,8 @@ class UniformZ(StrictModel):
 
 
 class NormalZ(StrictModel):
+    """Normal with mean ``mean`` um and standard deviation ``std`` um."""
+
     type: Literal["normal"] = "normal"
     mean: FiniteFloat = 0.0
     std: NonNegativeFloat
@@ -137,11 +161,15 @@ ZDistribution = Annotated[Union[FixedZ, UniformZ, NormalZ], Field(discriminator=
 
 
 class FixedCount(StrictModel):
+    """Exactly ``n`` particles per image (per movie, per stack)."""
+
     type: Literal["fixed"] = "fixed"
     n: Annotated[int, Field(ge=0, le=4096)] = 1
 
 
 class PoissonCount(StrictModel):
+    """Poisson(``mean``) particles per image (per movie, per stack), capped at ``max``."""
+
     type: Literal["poisson"] = "poisson"
     mean: NonNegativeFloat
     max: Annotated[int, Field(ge=1, le=4096)]
@@ -172,6 +200,8 @@ StartDistribution = Annotated[Union[UniformStart, FixedStart], Field(discriminat
 
 
 class ImageSpec(StrictModel):
+    """Image size (pixels) and pixel size (um)."""
+
     height_px: Annotated[int, Field(ge=1, le=4096)] = 24
     width_px: Annotated[int, Field(ge=1, le=4096)] = 25
     # Upper limits here and below: far beyond any real two-photon setup, so only a slip
@@ -212,7 +242,8 @@ class BlinkingSpec(StrictModel):
     (hundreds of us); t_max 100 s, beyond the tens of seconds that dark periods last
     (Frantsuzov 2008) and beyond any movie here; an on-time cut-off of 2 s, of the order
     of the seconds measured for the on-time truncation (Kuno 2001).  With these laws a
-    dot is on about 11 % of the time (``factory.blinking.on_probability``)."""
+    dot is on about 11 % of the time (``factory.blinking.on_probability``).
+    """
 
     # Power-law exponents minus 1, on and off: 0.5 (Kuno 2000, 2001; Frantsuzov 2008).
     alpha_on: Annotated[float, Field(gt=0, le=3, allow_inf_nan=False)] = 0.5
@@ -240,6 +271,8 @@ class BlinkingSpec(StrictModel):
 
 
 class ParticleSpec(StrictModel):
+    """How many particles, their D (um^2/s), brightness (N_qd), start and blinking."""
+
     count: CountDistribution = FixedCount()
     diffusion_um2_s: NonNegativeDistribution = Uniform(low=0.75, high=1.75)
     n_qd: NonNegativeDistribution = Fixed(value=10.0)
@@ -275,10 +308,13 @@ class ParticleSpec(StrictModel):
 
     @property
     def max_particles(self) -> int:
+        """Most particles an image (movie, stack) can hold: the P of the stored arrays."""
         return self.count.n if isinstance(self.count, FixedCount) else self.count.max
 
 
 class BackgroundSpec(StrictModel):
+    """Background photons per pixel (N_bkg of Eq. 1)."""
+
     n_bkg: NonNegativeFloat = 8.4
 
 
@@ -319,6 +355,8 @@ DetectorSpec = Annotated[Union[PoissonDetector, PMTDetector], Field(discriminato
 
 
 class OutputSpec(StrictModel):
+    """What a store keeps beside the images, and how it is chunked and compressed."""
+
     expected: bool = True
     trajectories: bool = True
     chunk_images: Annotated[int, Field(ge=64, le=65536)] = 256
@@ -342,7 +380,8 @@ class MovieSpec(StrictModel):
     edge) with reflecting walls, so they enter and leave the field as in a real recording
     and a particle just outside still lights the edge pixels.  They keep walking through
     every line retrace and the flyback between frames.  A uniform ``xy_start`` covers
-    the whole region (``margin_px`` does not apply)."""
+    the whole region (``margin_px`` does not apply).
+    """
 
     n_frames: Annotated[int, Field(ge=1, le=100000)]
     frame_flyback_ms: Optional[GapMs] = None  # None: one line retrace
@@ -351,12 +390,14 @@ class MovieSpec(StrictModel):
 
 
 class StackSpec(StrictModel):
-    """z-stacks: the focal plane steps through ``n_planes`` planes ``z_step_um`` apart,
-    each plane a full raster frame with the scan's dwell and retrace timing, and a stage
-    or piezo move of ``plane_flyback_ms`` between planes.  Particles keep their 3D walk
-    through the whole stack, so a particle that moves is recorded at a different time in
-    every plane.  The planes are centred on ``psf.focal_z_um`` unless ``first_plane_um``
-    places the first one."""
+    """z-stacks: the focal plane steps through ``n_planes`` planes ``z_step_um`` apart.
+
+    Each plane is a full raster frame with the scan's dwell and retrace timing, and a
+    stage or piezo move of ``plane_flyback_ms`` separates the planes.  Particles keep
+    their 3D walk through the whole stack, so a particle that moves is recorded at a
+    different time in every plane.  The planes are centred on ``psf.focal_z_um`` unless
+    ``first_plane_um`` places the first one.
+    """
 
     n_planes: Annotated[int, Field(ge=1, le=4096)]
     z_step_um: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
@@ -379,28 +420,32 @@ class DatasetSpec(StrictModel):
 
     @property
     def frames_per_movie(self) -> int:
-        """Raster frames simulated from one random stream: a movie's frames, a stack's
-        planes, 1 for independent images."""
+        """Raster frames simulated from one random stream.
+
+        A movie's frames, a stack's planes, 1 for independent images.
+        """
         if self.stack is not None:
             return self.stack.n_planes
         return self.movie.n_frames if self.movie is not None else 1
 
     @property
     def planes(self) -> int:
-        """Raster frames per store row: a stack's planes (1 for images and movies, whose
-        frames are rows of their own)."""
+        """Raster frames per store row.
+
+        A stack's planes; 1 for images and movies, whose frames are rows of their own.
+        """
         return self.stack.n_planes if self.stack is not None else 1
 
     @property
     def flyback_ms(self) -> float:
-        """Time from the last pixel of a frame (or plane) to the first of the next."""
+        """Time (ms) from the last pixel of a frame (or plane) to the first of the next."""
         gap = self.movie.frame_flyback_ms if self.movie is not None else (
             self.stack.plane_flyback_ms if self.stack is not None else None)
         return self.scan.line_retrace_ms if gap is None else gap
 
     @property
     def plane_z_um(self) -> tuple[float, ...]:
-        """Focal z of every plane of a stack (one plane, ``psf.focal_z_um``, otherwise)."""
+        """Focal z (um) of every plane of a stack (one plane, ``psf.focal_z_um``, otherwise)."""
         st = self.stack
         if st is None:
             return (self.psf.focal_z_um,)
@@ -410,9 +455,12 @@ class DatasetSpec(StrictModel):
 
     @property
     def chunk_rows(self) -> int:
-        """Store rows per chunk.  Images and movies: ``output.chunk_images`` rounded up to
-        whole movies, so chunks, batches and shards always hold whole movies.  Stacks:
-        whole stacks of about ``chunk_images`` planes."""
+        """Store rows per chunk.
+
+        Images and movies: ``output.chunk_images`` rounded up to whole movies, so chunks,
+        batches and shards always hold whole movies.  Stacks: whole stacks of about
+        ``chunk_images`` planes.
+        """
         if self.stack is not None:
             return max(1, -(-self.output.chunk_images // self.stack.n_planes))
         f = self.frames_per_movie
@@ -420,8 +468,11 @@ class DatasetSpec(StrictModel):
 
     @property
     def trajectory_resolution(self) -> Literal["dwell", "line", "frame"]:
-        """``output.trajectory_step`` with "auto" resolved: "dwell" while one row's
-        per-dwell trajectories take at most ``AUTO_DWELL_MAX_BYTES``, else "line"."""
+        """``output.trajectory_step`` with "auto" resolved.
+
+        "auto" is "dwell" while one row's per-dwell trajectories take at most
+        ``AUTO_DWELL_MAX_BYTES``, else "line".
+        """
         step = self.output.trajectory_step
         if step != "auto":
             return step
@@ -430,8 +481,10 @@ class DatasetSpec(StrictModel):
 
     @property
     def trajectory_stride(self) -> int:
-        """Pixel steps from one stored trajectory sample to the next (1, W or H * W);
-        samples are taken at the steps ``0, stride, 2 * stride, ...`` of every frame."""
+        """Pixel steps from one stored trajectory sample to the next (1, W or H * W).
+
+        Samples are taken at the steps ``0, stride, 2 * stride, ...`` of every frame.
+        """
         h, w = self.image.height_px, self.image.width_px
         return {"dwell": 1, "line": w, "frame": h * w}[self.trajectory_resolution]
 
@@ -463,9 +516,12 @@ class DatasetSpec(StrictModel):
 
 
 class Dataset(DatasetSpec):
-    """A named dataset and its size: ``n_images``, or for movies ``n_movies`` (then
-    ``n_images`` = ``n_movies * movie.n_frames`` frames), or for stacks ``n_stacks``
-    (the store's rows: ``n_images`` = ``n_stacks``)."""
+    """A named dataset and its size.
+
+    The size is ``n_images``, or for movies ``n_movies`` (then ``n_images`` =
+    ``n_movies * movie.n_frames`` frames), or for stacks ``n_stacks`` (the store's rows:
+    ``n_images`` = ``n_stacks``).  After validation all that apply are set.
+    """
 
     name: str
     n_images: Annotated[int, Field(ge=1, le=10**10)]
@@ -509,14 +565,36 @@ class Dataset(DatasetSpec):
 
 
 class FactoryConfig(StrictModel):
+    """A validated datasets file: what ``load_config`` and ``parse_config`` return.
+
+    Attributes
+    ----------
+    seed : int
+        The file's seed, 0 <= seed < 2**63; every image's random stream derives from it
+        and the dataset's name.
+    datasets : dict of str to Dataset
+        Each dataset by name, the file's defaults merged in, in the file's order.
+    source : str
+        Where it was read from (the path; ``"<config>"`` by default for ``parse_config``),
+        named by every error; not part of the hash.
+    """
+
     seed: Annotated[int, Field(ge=0, lt=2**63)]
     datasets: dict[str, Dataset]
     source: str = ""
 
     def hash(self) -> str:
+        """Hash (16 hex digits) of the seed and every dataset, ``source`` left out."""
         return config_hash(self.model_dump(mode="json", exclude={"source"}))
 
     def select(self, names: list[str] | None) -> list[Dataset]:
+        """The datasets called ``names``, in that order; every one when ``names`` is empty or None.
+
+        Raises
+        ------
+        ConfigError
+            A name that is not a dataset of this config (``--only``).
+        """
         if not names:
             return list(self.datasets.values())
         unknown = [n for n in names if n not in self.datasets]
@@ -535,7 +613,20 @@ def dataset_hash(seed: int, ds: Dataset) -> str:
     built before it was a setting keep their hash, and shards compressed differently
     still hold the same dataset.  The trajectory step enters resolved ("auto" and the
     step it stands for give the same arrays, so the same hash), and not at all when it
-    is "dwell" (every store built before it was a setting) or nothing is stored."""
+    is "dwell" (every store built before it was a setting) or nothing is stored.
+
+    Parameters
+    ----------
+    seed : int
+        The config's seed.
+    ds : Dataset
+        The dataset.
+
+    Returns
+    -------
+    str
+        16 hex digits (``config_hash`` of the seed and the dataset's settings).
+    """
     d = ds.model_dump(mode="json", exclude={"output": {"compression", "trajectory_step"}})
     for key in ("movie", "n_movies", "stack", "n_stacks"):  # absent from stores built before them
         if d.get(key) is None:
@@ -546,6 +637,7 @@ def dataset_hash(seed: int, ds: Dataset) -> str:
 
 
 def config_hash(obj: Any) -> str:
+    """First 16 hex digits of the SHA-256 of ``obj`` as canonical JSON (sorted keys)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -595,7 +687,36 @@ def _format_error(source: str, prefix: str, err: dict) -> str:
 
 
 def parse_config(raw: Any, source: str = "<config>") -> FactoryConfig:
-    """Validate a parsed YAML document; raise ConfigError naming the file and field."""
+    """Validate a parsed datasets document (``factory.parse_config``).
+
+    Each dataset's settings are merged key by key into ``defaults`` (a section given
+    another variant with ``type:`` replaces the default's whole section), then validated.
+
+    Parameters
+    ----------
+    raw : Any
+        The document as YAML reads it: a mapping with keys ``seed``, ``datasets`` and
+        optionally ``defaults``.
+    source : str
+        What errors name as the file.
+
+    Returns
+    -------
+    FactoryConfig
+        The validated config, ``source`` recorded.
+
+    Raises
+    ------
+    ConfigError
+        The first problem, in one line naming ``source`` and the field's path (under
+        ``datasets.<name>`` where the dataset wrote the value, else ``defaults``).
+
+    Examples
+    --------
+    >>> cfg = parse_config({"seed": 1, "datasets": {"val": {"n_images": 8}}})
+    >>> cfg.datasets["val"].image.pixel_size_um
+    0.07
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with keys seed, defaults, datasets")
     unknown = sorted(set(raw) - {"seed", "defaults", "datasets"})
@@ -652,7 +773,24 @@ def _strip_tags(loc: tuple) -> tuple:
 
 
 def load_config(path: str | Path) -> FactoryConfig:
-    """Read and validate a datasets YAML file."""
+    """Read and validate a datasets YAML file (``factory.load_config``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The YAML file (keys ``seed``, ``defaults``, ``datasets``; see the module).
+
+    Returns
+    -------
+    FactoryConfig
+        The validated config; its ``source`` is ``path``.
+
+    Raises
+    ------
+    ConfigError
+        A missing or unreadable file, invalid YAML, a key written twice, or an invalid
+        setting, in one line naming the file and the field.
+    """
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -669,9 +807,28 @@ def load_config(path: str | Path) -> FactoryConfig:
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """The YAML document of ``text`` (plain data only: safe loading), refusing what the
-    YAML reader would silently drop: a key written twice in one mapping (the last would
-    win).  Errors are one ConfigError naming ``source``, the field and the line."""
+    """The YAML document of ``text`` (plain data only: safe loading).
+
+    It refuses what the YAML reader would silently drop: a key written twice in one
+    mapping (the last would win).
+
+    Parameters
+    ----------
+    text : str
+        The YAML text.
+    source : str
+        What errors name as the file.
+
+    Returns
+    -------
+    Any
+        The document (None when empty).
+
+    Raises
+    ------
+    ConfigError
+        Invalid YAML or a duplicate key, naming ``source``, the field and the line.
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -720,7 +877,8 @@ def config_from_json(text: str) -> FactoryConfig:
     """Rebuild a config stored in a store's attributes.
 
     A store written before ``output.trajectory_step`` existed holds every dwell, so a
-    stored config without the field reads as "dwell" (not the "auto" default)."""
+    stored config without the field reads as "dwell" (not the "auto" default).
+    """
     data = json.loads(text)
     for ds in (data.get("datasets") or {}).values():
         if isinstance(ds, dict) and isinstance(ds.get("output"), dict):

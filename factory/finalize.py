@@ -1,6 +1,8 @@
-"""Publish and check sharded builds: ``finalize`` assembles the shards into a store
-(a virtual HDF5 dataset over the shard files, one copied file, or a consolidated Zarr
-store) after checking every one; ``verify`` proves a finished store whole.
+"""Publish and check sharded builds.
+
+``finalize`` assembles the shards into a store (a virtual HDF5 dataset over the shard
+files, one copied file, or a consolidated Zarr store) after checking every one;
+``verify`` proves a finished store whole.
 """
 
 from __future__ import annotations
@@ -89,7 +91,23 @@ def finalize_dataset(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, copy:
 
 
 def verify_store(path: Path) -> list[str]:
-    """Problems with a finished store (empty when it is complete and intact)."""
+    """Problems with a finished store, empty when it is complete and intact (``factory.verify_store``).
+
+    Reads the whole store: the stored config against its hash, the completeness mark,
+    that the recorded shards cover every row once, that no shard file of a virtual HDF5
+    store is missing, and every shard's checksums against its rows.
+
+    Parameters
+    ----------
+    path : Path
+        A store (``.h5`` or ``.zarr``), built in one process or finalized from shards.
+
+    Returns
+    -------
+    list of str
+        One line per problem, each naming ``path`` (and the shard and its rows where
+        one is at fault); a store that cannot be opened gives its one error line.
+    """
     path = Path(path)
     try:
         st = Store(path, complete=False)  # verify says itself what is unfinished
@@ -139,6 +157,44 @@ def verify_store(path: Path) -> list[str]:
 
 def finalize(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
              copy: bool = False, progress: bool = True, overwrite: bool = False) -> list[Path]:
+    """Check every shard of the selected datasets, then publish each store (``factory.finalize_stores``).
+
+    Run once all the shards of ``build_shards`` are built.  A store appears under its
+    final name only when every shard is complete and valid.
+
+    Parameters
+    ----------
+    cfg : FactoryConfig
+        The config the shards were built from.
+    out : Path
+        The build's output folder; dataset ``name`` is published as ``<out>/<name>.h5``
+        or ``<out>/<name>.zarr``.
+    fmt : {"hdf5", "zarr"}
+        The store format of the shards.
+    only : list of str, optional
+        The datasets, by name (None: every one).
+    copy : bool
+        HDF5: copy the shards' rows into one self-contained file, instead of a virtual
+        dataset over the shard files (which must then stay beside it).
+    progress : bool
+        A progress bar (stderr) of the copy.
+    overwrite : bool
+        Replace an existing store of another dataset (one of the same dataset, from an
+        earlier finalize, is replaced anyway).
+
+    Returns
+    -------
+    list of Path
+        The stores published, one per dataset.
+
+    Raises
+    ------
+    FactoryError
+        A bad format, ``copy`` with Zarr, an unknown dataset, no shards, shards missing,
+        incomplete, built from another config or failing their checksums (the message
+        names the ``--shard I/N`` to rerun), an existing store of another dataset
+        without ``overwrite``, or the store locked by another process.
+    """
     if fmt not in FORMATS:
         raise FactoryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if copy and fmt != "hdf5":

@@ -16,7 +16,36 @@ _SAMPLE = 4096  # images read for photon statistics
 
 
 def summarize(path: Path) -> dict:
-    """Shapes, generation parameters and photon statistics of one store."""
+    """Shapes, generation parameters and photon statistics of one store (``factory.summarize``).
+
+    What ``factory inspect`` prints (``format_summary``).  The photon statistics are of
+    the first 4096 images (stacks: stacks), the particle count of every image.
+
+    Parameters
+    ----------
+    path : Path
+        A finished store (``.h5`` or ``.zarr``).
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``path``, ``format``, ``n_images`` (store rows), ``arrays`` (name ->
+        shape, dtype, chunks; None for a virtual array), ``seed``, ``package_version``,
+        ``dataset_hash``, ``compression``, ``parameters`` (image size in px, pixel size
+        um, dwell us, line retrace ms, scan direction, PSF sigmas um, N_bkg, detector, D
+        um^2/s and N_qd laws, and the movie, stack and blinking sections), ``stats``
+        (``mean_count``, ``std_count``, ``max_count`` and ``mean_peak_count`` in photon
+        counts or ADU, ``particles_per_image``, ``diffusion_um2_s_range``; movies add
+        ``particles_in_view_per_frame`` and ``frame_period_ms``, stacks ``planes``,
+        ``plane_period_ms`` and ``particles_in_view_per_stack``, blinking
+        ``mean_on_fraction``, a stored expectation ``mean_expected`` and
+        ``mean_peak_expected``); movies add ``n_movies``, stacks ``n_stacks``.
+
+    Raises
+    ------
+    StoreError
+        A missing, unreadable or incomplete store.
+    """
     with Store(path) as st:
         n = len(st)
         m = min(n, _SAMPLE)
@@ -86,6 +115,7 @@ def summarize(path: Path) -> dict:
 
 
 def format_summary(s: dict, brief: bool = False) -> str:
+    """A ``summarize`` result as text: a block of lines, or one line with ``brief``."""
     st = s["stats"]
     if brief:
         d = st["diffusion_um2_s_range"]
@@ -150,8 +180,11 @@ def config_field(path: str, model: type[BaseModel] = DatasetSpec):
 
 
 def check_against_field(label: str, value: float, path: str, noun: str, unit: str) -> str | None:
-    """Why ``value`` (given as ``label``, e.g. a command-line flag) is outside the limits
-    of the config field at ``path``, in one line; None when it is inside them."""
+    """Why ``value`` is outside the limits of the config field at ``path``; None when inside.
+
+    ``label`` names where the value was given (e.g. a command-line flag), ``noun`` and
+    ``unit`` how the line names the quantity; the reason is one line.
+    """
     from pydantic import TypeAdapter, ValidationError
 
     field = config_field(path)
@@ -229,8 +262,10 @@ _SIZE_NOTES = {
 
 
 def size_lines() -> list[str]:
-    """One line per size field of a dataset (``n_images``, ``n_movies``, ``n_stacks``):
-    the fields a dataset has beyond the shared sections, its name aside."""
+    """One line per size field of a dataset (``n_images``, ``n_movies``, ``n_stacks``).
+
+    These are the fields a dataset has beyond the shared sections, its name aside.
+    """
     from .config import Dataset
 
     lines = []

@@ -42,6 +42,8 @@ BLINK_STREAMS = 4096
 
 
 class KernelParams(NamedTuple):
+    """A dataset's settings as the kernel's scalars (``kernel_params``): lengths in px or um, times in s."""
+
     height: int
     width: int
     pixel_size_um: float
@@ -185,9 +187,9 @@ def simulate_batch(k, rows, cols, directions, starts_s, dt_after_s, key, first_m
                    trajectories, centroids, n_particles, diffusion, n_qd, exposure_xy, exposure_t_s,
                    in_view, frame_start_s, centroid_z_um, exposure_z_um, exposure_weight,
                    on_fraction, blink_key, noise_key, want_expected, want_traj):
-    """Fill the batch arrays with the frames of movies ``first_movie ..`` (one movie per
-    ``k.n_frames`` consecutive rows; an image is a movie of one frame).
+    """Fill the batch arrays with the frames of movies ``first_movie ..``.
 
+    One movie takes ``k.n_frames`` consecutive rows; an image is a movie of one frame.
     ``rows, cols, directions, starts_s, dt_after_s`` are the frame's scan schedule
     (``scan.frame_schedule``).  Arrays (B = frames in the batch, P = max particles,
     T = H * W): images (B, H, W) uint16, expected (B, H, W) float32 (or (1, 1, 1) when
@@ -411,8 +413,12 @@ def schedule_of(ds: Dataset) -> FrameSchedule:
 
 def run_batch(k: KernelParams, s: FrameSchedule, key, first_index: int, arrays: dict,
               want_expected: bool, want_traj: bool) -> dict:
-    """Run the kernel over preallocated ``arrays`` (whole movies from frame
-    ``first_index`` on); returns the arrays that were filled."""
+    """Run the kernel over preallocated ``arrays``: whole movies from frame ``first_index`` on.
+
+    Returns the arrays that were filled (``arrays`` without the placeholders of those
+    not wanted: ``expected``, ``trajectories``, and ``on_fraction`` without blinking).
+    Raises ValueError when the frames are not whole movies.
+    """
     if first_index % k.n_frames or len(arrays["images"]) % k.n_frames:
         raise ValueError(f"batches hold whole movies of {k.n_frames} frames "
                          f"(got frames {first_index}..{first_index + len(arrays['images']) - 1})")
@@ -442,9 +448,47 @@ def store_rows(ds: Dataset, frames: dict) -> dict:
 
 
 def simulate(ds: Dataset, seed: int, start: int = 0, stop: int | None = None, rows: bool = True) -> dict:
-    """Simulate store rows ``start .. stop`` of dataset ``ds`` in memory (tests,
-    notebooks): images, movie frames or stacks.  ``rows=False`` returns the kernel's
-    per-frame arrays instead (a stack's planes one by one, with their z truth)."""
+    """Simulate store rows ``start .. stop`` of dataset ``ds`` in memory (``factory.simulate``).
+
+    For tests and notebooks: images, movie frames or stacks, the same bytes that
+    ``factory build`` writes to those rows of the store, whatever ``start`` and ``stop``.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A validated dataset (``FactoryConfig.datasets[name]``); its name keys the
+        random streams.
+    seed : int
+        The config's seed (``FactoryConfig.seed``).
+    start, stop : int
+        Store rows ``start .. stop - 1`` (default: all ``ds.n_images``); for movies,
+        whole movies.
+    rows : bool
+        True: the store's rows.  False: the kernel's per-frame arrays instead (a stack's
+        planes one by one, with their z truth ``centroid_z_um``, ``exposure_z_um`` and
+        ``exposure_weight``).
+
+    Returns
+    -------
+    dict of str to ndarray
+        The arrays, named, shaped and typed as in a store (``factory.stores``): e.g.
+        ``images`` (N, H, W) uint16 photon counts ((N, Z, H, W) for stacks),
+        ``centroids`` (N, P, 2) float32 px, ``exposure_xy`` (N, P, 2) px,
+        ``exposure_t_s`` (N, P) s from the movie's start, ``diffusion`` (N, P) um^2/s;
+        ``expected`` and ``trajectories`` only where ``ds.output`` keeps them.
+
+    Raises
+    ------
+    ValueError
+        ``start`` or ``stop`` splits a movie.
+
+    Examples
+    --------
+    >>> from factory import parse_config, simulate
+    >>> cfg = parse_config({"seed": 1, "datasets": {"val": {"n_images": 8}}})
+    >>> simulate(cfg.datasets["val"], cfg.seed, 0, 4)["images"].shape
+    (4, 24, 25)
+    """
     stop = ds.n_images if stop is None else stop
     k = kernel_params(ds)
     Z = ds.planes

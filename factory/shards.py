@@ -45,7 +45,17 @@ log = logging.getLogger(__name__)
 
 
 def parse_shard(spec: str, env: dict | None = None) -> tuple[int, int]:
-    """``"I/N"`` (I from 0) or ``"auto"`` (from SLURM's array variables)."""
+    """Shard ``(I, N)`` from ``--shard``: ``"I/N"`` (I from 0) or ``"auto"``.
+
+    ``"auto"`` reads SLURM's array variables (``SLURM_ARRAY_TASK_ID``,
+    ``SLURM_ARRAY_TASK_COUNT``, ``SLURM_ARRAY_TASK_MIN``) from ``env`` (default: the
+    process environment).
+
+    Raises
+    ------
+    FactoryError
+        Not of either form, a variable missing or not an integer, or not 0 <= I < N.
+    """
     env = os.environ if env is None else env
     if spec == "auto":
         try:
@@ -77,10 +87,12 @@ def shard_range(n_images: int, chunk: int, index: int, count: int) -> tuple[int,
 
 
 def shard_stem(index: int, count: int) -> str:
+    """File stem of a shard: ``shard-0000I-of-0000N``."""
     return f"shard-{index:05d}-of-{count:05d}"
 
 
 def shards_dir(out: Path, name: str, fmt: str) -> Path:
+    """The folder of a dataset's shards: ``<out>/<name>.shards`` (HDF5) or ``<name>.zarr.shards``."""
     return Path(out) / (f"{name}.shards" if fmt == "hdf5" else f"{name}.zarr.shards")
 
 
@@ -101,6 +113,8 @@ def zarr_data_path(out: Path, name: str) -> Path:
 
 @dataclass
 class ShardProblem:
+    """Why shard ``index`` of ``count`` is not usable."""
+
     index: int
     count: int
     reason: str
@@ -178,8 +192,16 @@ def discover_count(sdir: Path) -> int | None:
 
 
 def ensure_zarr_store(cfg: FactoryConfig, ds: Dataset, out: Path) -> Path:
-    """The shared Zarr store of a sharded build, created once however many tasks start at
-    the same moment (they wait for each other's lock, which is held only to create it)."""
+    """The shared Zarr store of a sharded build, created once.
+
+    However many tasks start at the same moment, one creates it: they wait for each
+    other's lock, which is held only to create it.
+
+    Raises
+    ------
+    StoreError
+        The store exists but was built from another config.
+    """
     work = zarr_work_path(out, ds.name)
     expect = dataset_hash(cfg.seed, ds)
     if not work.exists():
@@ -267,7 +289,45 @@ def _build_shard_locked(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, in
 
 def build_shards(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None, shard: tuple[int, int],
                  redo: bool = False, progress: bool = True, report=None) -> list[BuildResult]:
-    """Build shard ``shard = (I, N)`` of every selected dataset (checks first, then work;
-    ``report`` receives the size estimate's lines)."""
+    """Build shard ``shard = (I, N)`` of every selected dataset (``factory.build_shards``).
+
+    The checks of ``build_stores`` (names, output folder, free disk for this shard's
+    rows) run first, then the work.  A shard found complete and valid is skipped.
+    ``finalize_stores`` assembles the shards once all N are built.
+
+    Parameters
+    ----------
+    cfg : FactoryConfig
+        The validated config (``load_config``).
+    out : Path
+        The output folder; shards go to ``<out>/<name>.shards/`` (HDF5) or
+        ``<out>/<name>.zarr.shards/`` (Zarr).
+    fmt : {"hdf5", "zarr"}
+        The store format.
+    only : list of str or None
+        The datasets, by name (None: every one).
+    shard : tuple of int
+        ``(I, N)``: shard I (from 0) of N (``parse_shard`` reads ``--shard``); every
+        task of one build must use the same N.
+    redo : bool
+        Rebuild the shard even when it is complete and valid.
+    progress : bool
+        A progress bar (stderr) per dataset, counting images.
+    report : callable, optional
+        Receives each line of the size estimate (default: logged at INFO level).
+
+    Returns
+    -------
+    list of BuildResult
+        One per dataset; ``path`` is the shard's manifest.
+
+    Raises
+    ------
+    FactoryError
+        A bad format or dataset name, an unusable output folder or too little free
+        disk (before any work); shards of another N in the folder; a Zarr dataset
+        already finalized, or its store built from another config; the shard being
+        built by another process.
+    """
     selected = select_for_build(cfg, out, fmt, only, shard, report=report)
     return [build_shard(cfg, ds, Path(out), fmt, shard[0], shard[1], redo, progress) for ds in selected]
