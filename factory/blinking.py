@@ -36,8 +36,10 @@ def power_law_icdf(u, alpha, t_min, t_max):
 
 @njit(cache=True)
 def power_law_duration(state, alpha, t_min, t_max, cutoff):
-    """One duration (s) from the truncated power law, damped by ``exp(-t / cutoff)``
-    when ``cutoff > 0``; uniforms from ``state``."""
+    """One duration (s) from the truncated power law on [``t_min``, ``t_max``] s.
+
+    Damped by ``exp(-t / cutoff)`` when ``cutoff > 0`` (s); uniforms from ``state``.
+    """
     while True:
         t = power_law_icdf(uniform(state), alpha, t_min, t_max)
         if cutoff <= 0.0 or uniform(state) < math.exp(-(t - t_min) / cutoff):
@@ -64,16 +66,20 @@ def mean_duration_s(alpha: float, t_min: float, t_max: float, cutoff: float | No
 
 
 def laws(spec) -> tuple[tuple[float, float, float, float], tuple[float, float, float, float]]:
-    """(alpha, t_min s, t_max s, cutoff s or 0) of the on and of the off durations of a
-    ``config.BlinkingSpec``."""
+    """The laws of the on and of the off durations of a ``config.BlinkingSpec``.
+
+    Each is ``(alpha, t_min s, t_max s, cutoff s or 0)``.
+    """
     t_min, t_max = spec.t_min_ms * 1e-3, spec.t_max_s
     return ((spec.alpha_on, t_min, t_max, spec.on_cutoff_s or 0.0),
             (spec.alpha_off, t_min, t_max, 0.0))
 
 
 def on_probability(spec) -> float:
-    """Probability that a particle starts on: ``p_on_start``, or the long-run fraction of
-    time on, ``mean_on / (mean_on + mean_off)``."""
+    """Probability that a particle starts on.
+
+    ``p_on_start``, or the long-run fraction of time on, ``mean_on / (mean_on + mean_off)``.
+    """
     if spec.p_on_start is not None:
         return spec.p_on_start
     (a_on, t0, t1, c_on), (a_off, _, _, _) = laws(spec)

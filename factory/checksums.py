@@ -26,10 +26,12 @@ class Checksums:
         self._h = {n: hashlib.blake2b(digest_size=16) for n in names}
 
     def update(self, arrays: dict) -> None:
+        """Add the next rows: ``arrays`` maps each name to its rows (contiguous bytes hashed)."""
         for name, h in self._h.items():
             h.update(np.ascontiguousarray(arrays[name]).data)
 
     def hexdigest(self) -> dict:
+        """Each array's checksum so far (32 hex digits), by name."""
         return {n: h.hexdigest() for n, h in self._h.items()}
 
 
@@ -50,6 +52,7 @@ def checksum_mismatch(expected: dict, sums: dict) -> str | None:
 
 def make_manifest(cfg: FactoryConfig, ds: Dataset, fmt: str, index: int, count: int,
                   start: int, stop: int, checksums: dict) -> dict:
+    """The manifest of shard ``index`` of ``count``: rows [start, stop), hash, checksums, version, host."""
     return {
         "dataset": ds.name, "format": fmt, "shard": index, "shards": count,
         "start": start, "stop": stop, "dataset_hash": dataset_hash(cfg.seed, ds),
@@ -59,12 +62,14 @@ def make_manifest(cfg: FactoryConfig, ds: Dataset, fmt: str, index: int, count: 
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
 
 
 def read_manifest(path: Path) -> dict | None:
+    """The JSON of a manifest file; None when it is missing, unreadable or not JSON."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):

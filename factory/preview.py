@@ -12,9 +12,9 @@ from .stores import Store
 
 def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
             predictions=None) -> Path:
-    """Draw ``n`` images (stacks: their maximum over z) from a store with their
-    trajectories and centroids.
+    """Draw ``n`` images from ``start`` on (stacks: their maximum over z) with their truth.
 
+    Writes a montage to ``out`` (a PNG or any format Matplotlib writes) and returns it.
     Trajectories are green lines, true centroids green crosses; ``predictions`` (a
     DataFrame with frame, x, y) are drawn as magenta circles.  Pixel centres sit on
     integer coordinates, as in the stores.
@@ -70,7 +70,9 @@ def movie_preview(path: str | Path, out: str | Path, movie: int = 0, n_frames: i
     Every particle has its colour: its path of exposure positions over the whole movie
     (thin line), the whole-frame trajectory centroid (x) and the exposure-weighted
     position (o, what the laser saw) in each frame, drawn where the particle is in view.
-    An output ending in .gif is an animation of the whole movie instead."""
+    An output ending in .gif is an animation of the whole movie instead.  Returns ``out``;
+    ValueError when the store has no movie ``movie``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,6 +42,7 @@ def tmp_name(path: Path) -> Path:
 
 
 def lock_path(path: Path) -> Path:
+    """The lock file of the store (or shard) at ``path``: ``.<name>.lock`` beside it."""
     path = Path(path)
     return path.with_name(f".{path.name}.lock")
 
@@ -66,8 +67,12 @@ def _holder(lp: Path) -> str:
 
 @contextmanager
 def store_lock(path: Path, what: str = "build", wait: bool = False) -> Iterator[Path]:
-    """Hold the exclusive lock of the store (or shard) at ``path``; fail at once if taken
-    (or, with ``wait``, wait for it: for the moments-long creation of a shared store).
+    """Hold the exclusive lock of the store (or shard) at ``path``; fail at once if taken.
+
+    With ``wait`` it waits for the lock instead: for the moments-long creation of a
+    shared store.  ``what`` names the command in the error (``build``, ``finalize``).
+    Raises LockBusy (naming the holder) when taken, FactoryError when the lock file
+    cannot be created or locked.
 
     The lock file is removed on release.  A process that opened it just before the
     removal would lock an unlinked file, so a lock counts only when the file locked is
@@ -113,8 +118,11 @@ def store_lock(path: Path, what: str = "build", wait: bool = False) -> Iterator[
 
 @contextmanager
 def store_locks(paths: list[Path], what: str = "build") -> Iterator[list[Path]]:
-    """Hold the locks of several stores, taken in sorted order so that of two builds that
-    want overlapping stores one gets them all and the other stops, never both."""
+    """Hold the locks of several stores, taken in sorted order.
+
+    Of two builds that want overlapping stores one gets them all and the other stops,
+    never both.
+    """
     with ExitStack() as stack:
         for p in sorted(Path(p) for p in paths):
             stack.enter_context(store_lock(p, what))

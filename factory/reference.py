@@ -42,13 +42,15 @@ def _draw_z(rng, dist, size) -> np.ndarray:
 
 
 def laser_samples(ds: Dataset):
-    """Laser x, y (px) and time (s, from the movie's start) of every sample (frame x
-    pixel step x sub-step) of a movie, in time order, and the (row, col) of every pixel
-    step of a frame.
+    """Laser x, y (px) and time (s, from the movie's start) of every sample of a movie.
+
+    The samples (frame x pixel step x sub-step) come in time order; the row and column
+    of every pixel step of a frame follow them: ``(x, y, t, row, col)``.
 
     With S sub-steps the laser sweeps the pixel along the scan direction: the samples sit
     at the centres of S equal parts of the pixel, each lasting dwell / S.  Frames follow
-    each other every H W dwell + (H - 1) retrace + flyback."""
+    each other every H W dwell + (H - 1) retrace + flyback.
+    """
     scan, img = ds.scan, ds.image
     S, F = scan.substeps_per_dwell, ds.frames_per_movie
     H, W, dwell = img.height_px, img.width_px, scan.dwell_us * 1e-6
@@ -64,17 +66,22 @@ def laser_samples(ds: Dataset):
 
 
 def _fold(v, lo, hi):
-    """Reflecting walls: the free walk folded into [lo, hi] (equal in law to reflecting
-    every step, since the steps are symmetric)."""
+    """Reflecting walls: the free walk folded into [lo, hi].
+
+    Equal in law to reflecting every step, since the steps are symmetric.
+    """
     span = hi - lo
     u = np.mod(v - lo, 2 * span)
     return lo + np.where(u <= span, u, 2 * span - u)
 
 
 def blink_states(spec, rng: np.random.Generator, shape: tuple, t: np.ndarray) -> np.ndarray:
-    """Whether each of ``shape`` particles is on at the sample times ``t`` (s from the
-    movie's start, increasing): a renewal process per particle, its first period
-    starting at 0 in the on state with probability ``blinking.on_probability``."""
+    """Whether each of ``shape`` particles is on at the sample times ``t``.
+
+    ``t`` is in s from the movie's start, increasing.  A renewal process per particle,
+    its first period starting at 0 in the on state with probability
+    ``blinking.on_probability``; returns a bool array of ``shape + (len(t),)``.
+    """
     (a_on, t0, t1, c_on), (a_off, _, _, _) = laws(spec)
     on_law, off_law = (a_on, t0, t1, c_on or None), (a_off, t0, t1, None)
     first_on = rng.random(shape) < on_probability(spec)
@@ -94,8 +101,11 @@ def blink_states(spec, rng: np.random.Generator, shape: tuple, t: np.ndarray) ->
 
 
 def plane_z_um(ds: Dataset) -> np.ndarray:
-    """Focal z of each frame of a stream: a stack's planes (centred on the PSF's focal
-    plane unless ``first_plane_um`` is given), else the focal plane for every frame."""
+    """Focal z (um) of each frame of a stream.
+
+    A stack's planes (centred on the PSF's focal plane unless ``first_plane_um`` is
+    given), else the focal plane for every frame.
+    """
     st, F = ds.stack, ds.frames_per_movie
     if st is None:
         return np.full(F, ds.psf.focal_z_um)
@@ -104,8 +114,12 @@ def plane_z_um(ds: Dataset) -> np.ndarray:
 
 
 def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
-    """Simulate ``n`` frames (whole movies) of ``ds``, or ``n`` stacks, vectorised over
-    movies, particles and time."""
+    """Simulate ``n`` frames (whole movies) of ``ds``, or ``n`` stacks, with NumPy.
+
+    Vectorised over movies, particles and time; returns the store's rows (as
+    ``factory.simulate`` does), drawn from ``rng``.  ValueError when ``n`` frames are
+    not whole movies.
+    """
     H, W = ds.image.height_px, ds.image.width_px
     px = ds.image.pixel_size_um
     S, F = ds.scan.substeps_per_dwell, ds.frames_per_movie
@@ -223,8 +237,10 @@ def simulate_numpy(ds: Dataset, n: int, rng: np.random.Generator) -> dict:
 
 
 def _stack_truth(ds: Dataset, images, expected, pos, own, t, present, counts, D, nqd) -> dict:
-    """Stack rows computed over the whole stack's samples at once (the kernel combines
-    per-plane sums instead)."""
+    """Stack rows computed over the whole stack's samples at once.
+
+    The kernel combines per-plane sums instead.
+    """
     H, W = ds.image.height_px, ds.image.width_px
     F, S = ds.frames_per_movie, ds.scan.substeps_per_dwell
     nm, P = present.shape

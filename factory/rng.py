@@ -26,8 +26,11 @@ def dataset_key(seed: int, dataset: str) -> np.uint64:
 
 
 def substream_key(key, label: str) -> np.uint64:
-    """Key of a named family of streams beside a dataset's own (``key``): draws taken
-    from it leave the dataset's streams, and every array drawn from them, as they were."""
+    """Key of a named family of streams beside a dataset's own (``key``).
+
+    Draws taken from it leave the dataset's streams, and every array drawn from them,
+    as they were.
+    """
     digest = hashlib.blake2b(int(key).to_bytes(8, "little") + b"\x00" + label.encode(), digest_size=8).digest()
     return np.uint64(int.from_bytes(digest, "little"))
 
@@ -60,6 +63,7 @@ def seed_state(key, index, state):
 
 
 def new_state(key, index) -> np.ndarray:
+    """A fresh state of the stream of image ``index`` of ``key`` (``seed_state``)."""
     state = np.empty(STATE_SIZE, np.uint64)
     seed_state(np.uint64(key), index, state)
     return state
@@ -67,6 +71,7 @@ def new_state(key, index) -> np.ndarray:
 
 @njit(inline="always", cache=True)
 def next_u64(s):
+    """The next 64-bit output of the xoshiro256** state ``s`` (advanced in place)."""
     result = _rotl(s[1] * _U64(5), 7) * _U64(9)
     t = s[1] << _U64(17)
     s[2] ^= s[0]

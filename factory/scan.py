@@ -40,14 +40,17 @@ def scan_order(height: int, width: int, bidirectional: bool = False) -> tuple[np
 
 
 def line_period_s(width: int, dwell_us: float, retrace_ms: float) -> float:
-    """Time from the start of one line to the start of the next."""
+    """Time (s) from the start of one line to the start of the next (dwell us, retrace ms)."""
     return width * dwell_us * 1e-6 + retrace_ms * 1e-3
 
 
 def frame_schedule(height: int, width: int, dwell_us: float, retrace_ms: float,
                    bidirectional: bool = False, flyback_ms: float | None = None) -> FrameSchedule:
-    """The frame's pixel steps; ``flyback_ms`` (default: one line retrace) separates the
-    last pixel of a frame from the first of the next."""
+    """The frame's pixel steps in time order.
+
+    ``dwell_us`` per pixel, ``retrace_ms`` after each line; ``flyback_ms`` (default: one
+    line retrace) separates the last pixel of a frame from the first of the next.
+    """
     row, col, direction = scan_order(height, width, bidirectional)
     t = np.arange(height * width)
     k = t % width
@@ -58,15 +61,17 @@ def frame_schedule(height: int, width: int, dwell_us: float, retrace_ms: float,
 
 
 def frame_period_s(s: FrameSchedule) -> float:
-    """Start of one frame to the start of the next: H W dwell + (H - 1) retrace + flyback."""
+    """Start of one frame to the start of the next (s): H W dwell + (H - 1) retrace + flyback."""
     return float(s.start_s[-1] + s.dwell_s + s.dt_after_s[-1])
 
 
 def scan_time_s(x, y, height: int, width: int, dwell_us: float, retrace_ms: float,
                 bidirectional: bool = False):
-    """When the laser passes a (sub-pixel) position, from the frame's start:
+    """When (s, from the frame's start) the laser passes a (sub-pixel) position ``x, y`` (px).
+
     ``y * line period + x * dwell``, with x counted from the right on the reversed
-    (odd) lines of a bidirectional scan."""
+    (odd) lines of a bidirectional scan.
+    """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if bidirectional:
         odd = np.rint(y).astype(np.int64) % 2 == 1
@@ -93,5 +98,5 @@ def step_times_s(height: int, width: int, dwell_us: float, retrace_ms: float) ->
 
 
 def frame_time_s(height: int, width: int, dwell_us: float, retrace_ms: float) -> float:
-    """Duration of one frame including every line's retrace."""
+    """Duration (s) of one frame including every line's retrace."""
     return height * line_period_s(width, dwell_us, retrace_ms)

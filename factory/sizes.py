@@ -95,8 +95,10 @@ def _compressed_size(a: np.ndarray, fmt: str, compression: str) -> int:
 
 
 def _pilot_dataset(ds: Dataset, frames: int) -> Dataset:
-    """``ds`` with its movies or stacks cut to at most ``frames`` frames (the pilot
-    times frames and samples their compression; a whole long movie would take long)."""
+    """``ds`` with its movies or stacks cut to at most ``frames`` frames.
+
+    The pilot times frames and samples their compression; a whole long movie would take long.
+    """
     if ds.movie is not None and ds.movie.n_frames > frames:
         movie = ds.movie.model_copy(update={"n_frames": frames})
         return ds.model_copy(update={"movie": movie, "n_images": frames, "n_movies": 1})
@@ -106,8 +108,11 @@ def _pilot_dataset(ds: Dataset, frames: int) -> Dataset:
 
 
 def _pilot(cfg: FactoryConfig, ds: Dataset, fmt: str, streams_in_build: int):
-    """Run the pilot: (compressed / uncompressed bytes per array, kernel seconds per
-    frame and stream, compression seconds per byte, words), or None when too costly."""
+    """Run the pilot; None when too costly.
+
+    Returns (compressed / uncompressed bytes per array, kernel seconds per frame and
+    stream, compression seconds per byte, words).
+    """
     from numba import get_num_threads
 
     from .build import specs_for
@@ -168,6 +173,7 @@ def estimate(cfg: FactoryConfig, ds: Dataset, fmt: str, start: int = 0, stop: in
     Returns
     -------
     SizeEstimate
+        Rows, frames, bytes (uncompressed, at most and about on disk) and seconds.
     """
     from numba import get_num_threads
 
@@ -209,6 +215,7 @@ def free_bytes(out: Path) -> tuple[Path, int]:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units: ``"512 B"``, ``"1.5 MB"``."""
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -217,6 +224,7 @@ def human_bytes(n: float) -> str:
 
 
 def human_seconds(s: float) -> str:
+    """A duration of ``s`` seconds in the largest fitting unit: ``"40 s"``, ``"3.5 h"``."""
     if s < 1:
         return "under 1 s"
     if s < 120:
@@ -244,8 +252,14 @@ def describe(e: SizeEstimate, part: str = "") -> str:
 
 
 def check_space(estimates: list[SizeEstimate], out: Path, source: str) -> str:
-    """Raise FactoryError, naming the config, the datasets and the numbers, when the
-    free space at ``out`` cannot hold the estimated stores; else the summary line."""
+    """The summary line of the estimates, after checking that the disk at ``out`` holds them.
+
+    Raises
+    ------
+    FactoryError
+        The free space at ``out`` is less than the estimates plus ``SPACE_MARGIN``; the
+        line names the config (``source``), the datasets and the numbers.
+    """
     where, free = free_bytes(out)
     need = sum(e.disk_bytes for e in estimates)
     if need * (1 + SPACE_MARGIN) > free:

@@ -18,8 +18,17 @@ _MEM = re.compile(r"^\d+[KMGT]?$")
 def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only: list[str] | None = None,
                    partition: str | None = None, time: str = "01:00:00", cpus: int = 2, mem: str = "4G",
                    copy: bool = False, command: str | None = None) -> dict[str, str]:
-    """The text of ``build.sbatch`` (array of ``shards`` tasks) and ``finalize.sbatch``,
-    which run ``command`` (default: the ``factory`` console script of this installation)."""
+    """The text of ``build.sbatch`` (array of ``shards`` tasks) and ``finalize.sbatch``.
+
+    Both run ``command`` (default: the ``factory`` console script of this installation).
+    ``time`` and ``mem`` are in SLURM's formats (``01:00:00``, ``4G``).
+
+    Raises
+    ------
+    FactoryError
+        ``shards`` below 1, a ``time`` or ``mem`` SLURM would not take, or no
+        ``factory`` command to run.
+    """
     if shards < 1:
         raise FactoryError(f"--shards {shards}: need at least 1")
     if not _TIME.match(time):
@@ -73,8 +82,11 @@ def sbatch_scripts(config: Path, out: Path, shards: int, fmt: str = "hdf5", only
 
 
 def factory_command() -> str:
-    """The ``factory`` console script installed beside this interpreter (a virtual
-    environment's bin folder), else the one on PATH: the jobs run the same installation."""
+    """The ``factory`` console script to run in the jobs: the same installation as this one.
+
+    The one installed beside this interpreter (a virtual environment's bin folder), else
+    the one on PATH; FactoryError when there is none.
+    """
     beside = Path(sys.executable).parent / "factory"
     found = str(beside) if beside.is_file() else shutil.which("factory")
     if not found:
@@ -84,6 +96,7 @@ def factory_command() -> str:
 
 
 def write_scripts(scripts: dict[str, str], folder: Path) -> list[Path]:
+    """Write each script (name -> text) into ``folder``, executable; create ``slurm-logs`` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder.parent / "slurm-logs").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -96,7 +109,7 @@ def write_scripts(scripts: dict[str, str], folder: Path) -> list[Path]:
 
 
 def submit(build_script: Path, finalize_script: Path) -> tuple[str, str]:
-    """sbatch the array, then the finalize job with ``afterok`` on it; returns both job ids."""
+    """Submit the array with sbatch, then the finalize job with ``afterok`` on it; return both job ids."""
     def sbatch(*args) -> str:
         try:
             r = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True)

@@ -1,5 +1,6 @@
-"""z-stack acquisition: a stack's planes, simulated as consecutive raster frames of one
-random stream (the kernel), become one store row.
+"""z-stack acquisition: a stack's planes become one store row.
+
+The planes are simulated as consecutive raster frames of one random stream (the kernel).
 
 The kernel images plane ``k`` of a stack in frame ``k`` of the stream, with the focal
 plane at ``plane_z_um[k]``, and accumulates the truth per frame.  Every plane has the
@@ -71,8 +72,11 @@ def stack_rows(frames: dict, planes: int, plane_z_um, height: int, width: int) -
 
 
 def as_rows(frames: dict, planes: int, plane_z_um, height: int, width: int) -> dict:
-    """Store rows from the kernel's frames: one row per frame for images and movies
-    (their z truth is not stored), one per stack of ``planes`` frames for stacks."""
+    """Store rows from the kernel's frames.
+
+    One row per frame for images and movies (``planes`` None; their z truth is not
+    stored), one per stack of ``planes`` frames for stacks.
+    """
     if planes is None:
         return {k: v for k, v in frames.items() if k not in Z_TRUTH}
     return stack_rows(frames, planes, plane_z_um, height, width)
