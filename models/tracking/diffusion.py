@@ -37,6 +37,23 @@ from scipy.stats import norm
 
 @dataclass(frozen=True)
 class DiffusionEstimate:
+    """One track's D with its confidence interval (um^2/s) and localisation error.
+
+    Attributes
+    ----------
+    D_um2_s, D_low_um2_s, D_high_um2_s : float
+        The estimate and its confidence interval (the lower end stops at 0); NaN when
+        the track has too few displacements.
+    sigma_loc_um : float
+        Localisation error per axis (um); NaN where the estimate of its square is < 0.
+    n_displacements : int
+        Displacements the estimate used.
+    method : str
+        ``"cve"``, or ``"msd (p=...)"`` with the points fitted.
+    sigma2_loc_um2 : float
+        The (unbiased, possibly negative) estimate of sigma_loc^2 (um^2).
+    """
+
     D_um2_s: float
     D_low_um2_s: float
     D_high_um2_s: float
@@ -46,6 +63,7 @@ class DiffusionEstimate:
     sigma2_loc_um2: float = float("nan")  # the (unbiased, possibly negative) estimate of s^2
 
     def as_dict(self) -> dict:
+        """The fields as a dict."""
         return asdict(self)
 
 
@@ -58,21 +76,43 @@ def _steps(t_s, xy_um):
 
 
 def blur_coefficient_uniform(exposure_s: float, interval_s: float) -> float:
-    """R for a position averaged uniformly over ``exposure_s`` of each ``interval_s``
-    (Berglund 2010): R = exposure / (6 interval).  1/6 for continuous illumination."""
+    """Motion-blur coefficient R of a position averaged uniformly over ``exposure_s`` of each ``interval_s``.
+
+    R = exposure / (6 interval) (Berglund 2010); 1/6 for continuous illumination.
+    """
     return exposure_s / (6.0 * interval_s)
 
 
 def blur_coefficient_gaussian(window_sd_s: float, interval_s: float) -> float:
-    """R for a position weighted in time by a Gaussian of standard deviation
-    ``window_sd_s`` (the laser's pass over a particle): R = (1 / dt) integral S (1 - S)
-    = window_sd / (sqrt(pi) dt), with S the Gaussian's cumulative distribution."""
+    """Motion-blur coefficient R of a position weighted in time by a Gaussian of standard deviation ``window_sd_s``.
+
+    The Gaussian is the laser's pass over a particle; ``interval_s`` = dt is the time
+    between positions.  R = (1 / dt) integral S (1 - S) = window_sd / (sqrt(pi) dt),
+    with S the Gaussian's cumulative distribution.
+    """
     return window_sd_s / (math.sqrt(math.pi) * interval_s)
 
 
 def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionEstimate:
-    """Covariance-based estimate of D (um^2/s) from one track: times (n,) in s and
-    positions (n, d) in um, d axes treated as independent and pooled."""
+    """Covariance-based estimate of D (um^2/s) from one track.
+
+    Parameters
+    ----------
+    t_s : array_like
+        Time of each position (n,), s; sorted here.
+    xy_um : array_like
+        Positions (n, d), um; the d axes are treated as independent and pooled.
+    blur_r : float
+        Motion-blur coefficient R of the positions (``blur_coefficient_uniform``,
+        ``blur_coefficient_gaussian``); it enters only the localisation error.
+    confidence : float
+        Coverage of the interval ``D_low_um2_s .. D_high_um2_s``.
+
+    Returns
+    -------
+    DiffusionEstimate
+        NaN estimates below 2 displacements.
+    """
     dt, dx = _steps(t_s, xy_um)
     n = len(dt)
     if n < 2:
@@ -97,8 +137,12 @@ def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
 
 
 def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> DiffusionEstimate:
-    """D from a least-squares line through the first p points of the time-averaged MSD
-    (lags in frames of the track's mean step), p by Michalet's rule, iterated."""
+    """D (um^2/s) from a least-squares line through the first p points of the time-averaged MSD.
+
+    Lags are in steps of the track's mean step; p by Michalet's rule, iterated at most
+    ``max_iter`` times.  ``t_s`` (n,) s and ``xy_um`` (n, d) um as for ``cve``; NaN
+    estimates below 3 displacements.
+    """
     t = np.sort(np.asarray(t_s, np.float64))
     xy = np.asarray(xy_um, np.float64)[np.argsort(np.asarray(t_s, np.float64), kind="stable")]
     n = len(t) - 1

@@ -41,8 +41,11 @@ ESTIMATORS = ("cve", "msd")
 
 
 def max_diffusion(dataset: dict) -> float:
-    """The largest D of a dataset config's particles (um^2/s): what the linking radius of
-    its movies must allow for."""
+    """The largest D of a dataset config's particles (um^2/s).
+
+    What the linking radius of its movies must allow for; ``dataset`` is a store's
+    dataset config (a dict).
+    """
     d = dataset["particles"]["diffusion_um2_s"]
     return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
 
@@ -55,15 +58,21 @@ def min_diffusion(dataset: dict) -> float:
 
 def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
                     localisation_px: float = 1.0) -> float:
-    """The linking radius (px) for particles up to ``max_diffusion_um2_s``."""
+    """The linking radius (px) for particles up to ``max_diffusion_um2_s`` (um^2/s).
+
+    4 sqrt(2 D dt) over the frame period ``frame_period_s`` (s), in px of
+    ``pixel_size_um`` (um), plus twice ``localisation_px``.
+    """
     return 4.0 * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
 
 
 def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
-    """Add a ``track`` column (ids unique over the table; -1 never occurs): TrackPy's
-    linking within ``radius_px`` (pixels, as ``x`` and ``y``), ``memory`` frames of gap.
+    """Add a ``track`` column by TrackPy's linking: ids unique over the table, -1 never occurs.
 
-    ``group`` (e.g. ``movie``) links each group's frames separately."""
+    Links within ``radius_px`` (pixels, as ``x`` and ``y``), with ``memory`` frames of
+    gap.  ``group`` (e.g. ``movie``) links each group's frames separately.  Returns a
+    new table sorted by (group,) track and frame.
+    """
     trackpy = import_trackpy()
     if len(table) == 0:
         return table.assign(track=np.zeros(0, np.int64))
@@ -105,7 +114,8 @@ def stitch(tracks: pd.DataFrame, pixel_size_um: float, frame_period_s: float, d_
     each end and start used once (Jaqaman et al. 2008's gap closing, solved greedily).
     ``tracks`` needs ``frame``, ``x``, ``y`` (px), ``track`` and ``t_s``; returns it with
     ``track`` renumbered over the joined tracks.  ``group`` (e.g. ``movie``) stitches each
-    group's tracks apart."""
+    group's tracks apart.  ``r`` is the positions' motion-blur coefficient (``blur_r``).
+    """
     if len(tracks) == 0:
         return tracks
     if group is not None:
@@ -170,8 +180,10 @@ def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: f
            sigma_xy_um: float, pixel_size_um: float) -> float:
     """Motion-blur coefficient of the positions a detector reports.
 
-    Centroid stamps: the mean over the frame's active scan time (uniform).  Scan stamps:
-    what the laser saw, a Gaussian window in time of sigma_xy / pixel lines."""
+    Centroid stamps (``stamps="frame"``): the mean over the frame's active scan time
+    ``active_s`` (uniform).  Scan stamps: what the laser saw, a Gaussian window in time
+    of sigma_xy / pixel lines.  Times in s, lengths in um.
+    """
     if stamps == "frame":
         return blur_coefficient_uniform(active_s, frame_period_s)
     return blur_coefficient_gaussian(sigma_xy_um / pixel_size_um * line_period_s, frame_period_s)
@@ -179,8 +191,13 @@ def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: f
 
 def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
                     min_points: int = MIN_TRACK_POINTS, estimator: str = "cve") -> pd.DataFrame:
-    """One row per track with at least ``min_points`` positions: its D estimate by the
-    CVE (default) or the MSD fit."""
+    """One row per track with at least ``min_points`` positions: its D estimate.
+
+    ``tracks`` needs ``track``, ``t_s`` (s), ``x`` and ``y`` (px of ``pixel_size_um``);
+    with a ``movie`` column, tracks are keyed by movie and track.  ``estimator`` is
+    ``"cve"`` (with blur coefficient ``r``) or ``"msd"``.  Columns: (``movie``,)
+    ``track, n_frames, D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um``.
+    """
     rows = []
     keys = ["movie", "track"] if "movie" in tracks else ["track"]
     # One stable sort and slices of plain arrays, not a DataFrame per track (a long
@@ -211,8 +228,10 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
 
 
 def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float) -> np.ndarray:
-    """Truth slot of every localisation (-1: none within ``gate_px``), by Hungarian
-    matching per frame; ``truth`` is (frames, P, 2), NaN where no target."""
+    """Truth slot of every localisation (-1: none within ``gate_px``), by Hungarian matching per frame.
+
+    ``truth`` is (frames, P, 2) px, NaN where no target.
+    """
     slot = np.full(len(table), -1, np.int64)
     frames = table["frame"].to_numpy()
     xy = table[["x", "y"]].to_numpy(np.float64)
@@ -236,7 +255,10 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     consecutive localisations of a track.  Links between two localisations matched to
     true particles (within ``gate_px``) are correct when both are the same particle; links
     touching a localisation that matches none (a false or badly placed detection) are
-    counted apart.  A track's true D is that of the particle most of its points match."""
+    counted apart.  A track's true D is that of the particle most of its points match.
+    Returns the link counts (``links``, ``matched_links``, ``correct_links``) and the D
+    table (``diffusion_table``) with ``true_D_um2_s``.
+    """
     tracks = tracks.sort_values(["track", "frame"]).reset_index(drop=True)
     slot = match_to_truth(tracks, truth, gate_px)
     same_track = tracks["track"].to_numpy()[1:] == tracks["track"].to_numpy()[:-1]
@@ -254,8 +276,12 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
 
 
 def truth_tracks(truth: np.ndarray, t_s: np.ndarray) -> pd.DataFrame:
-    """The true positions as tracks (one per particle and run of consecutive frames in
-    view): the floor a perfect localiser and linker would reach."""
+    """The true positions as tracks: the floor a perfect localiser and linker would reach.
+
+    One track per particle and run of consecutive frames in view; ``truth`` (frames, P,
+    2) px, NaN out of view, and ``t_s`` (frames, P) s.  Columns ``frame, t_s, x, y,
+    track, slot``.
+    """
     rows = []
     next_id = 0
     for p in range(truth.shape[1]):
@@ -299,12 +325,60 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
                     min_diffusion_um2_s: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
-    ``images``: an array, or a ``Recording`` localised a chunk at a time (``localise``).
-    ``movie_frames`` splits a stack of several movies (a movie store) into its movies,
-    linked separately.  ``linker``: ``trackpy`` (one radius, for the largest D) or
-    ``stitch`` (a radius for ``min_diffusion_um2_s``, then fragments joined by their own
-    D up to ``max_diffusion_um2_s``: ``stitch``).  Returns the tracks, the D table and
-    what was used."""
+    The in-memory core of ``track_file``.
+
+    Parameters
+    ----------
+    detector : Detector
+        A 2D detector; its ``threshold`` selects the localisations and its
+        ``timestamps`` their times.
+    images : ndarray or Recording
+        The frames (N, H, W): an array, or a ``Recording`` localised a chunk at a time
+        (``localise``).
+    timing : ScanTiming
+        The recording's scan timing.
+    pixel_size_um : float
+        Pixel size (um).
+    max_diffusion_um2_s : float
+        The largest D expected (um^2/s): sets the linking radius (``search_range_px``),
+        or with ``linker="stitch"`` the D of fragments too short for their own.
+    search_range : float, optional
+        The linking radius (px), instead of one derived from D and the frame period.
+    memory : int
+        Frames a particle may vanish and still be linked.
+    sigma_xy_um : float, optional
+        Lateral PSF sigma (um), for the motion-blur coefficient of scan stamps (default:
+        the schema's, the paper's).
+    frame_start_s : ndarray, optional
+        Start (s) of every frame; default: frames one frame period apart.
+    movie_frames : int, optional
+        Frames per movie: splits a stack of several movies (a movie store) into its
+        movies, linked separately (a ``movie`` column is added).
+    progress : bool
+        A progress bar (stderr) counting frames.
+    estimator : {"cve", "msd"}
+        D per track: covariance-based or an MSD fit.
+    linker : {"trackpy", "stitch"}
+        One radius, for the largest D; or a radius for ``min_diffusion_um2_s``, then
+        fragments joined by their own D up to ``max_diffusion_um2_s`` (``stitch``).
+    min_diffusion_um2_s : float, optional
+        ``linker="stitch"``: the smallest D expected (um^2/s; default: the largest).
+
+    Returns
+    -------
+    tracks : pandas.DataFrame
+        The localisations with ``t_s`` (s), ``track``, ``x_um`` and ``y_um``.
+    diffusion : pandas.DataFrame
+        D per track (``diffusion_table``).
+    used : dict
+        The settings used: linker, radius (px), memory, blur coefficient, frame period
+        (s), time stamps, estimator.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``linker``.
+    """
     n, h, w = images.shape
     table = localise(detector, images, progress=progress, min_score=detector.threshold)
     stamps = detector.timestamps
@@ -335,8 +409,10 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
 
 
 def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:
-    """The tracks over the recording's mean image (``images``: the frames (N, H, W), or
-    their mean (H, W), e.g. ``Recording.mean_frame``)."""
+    """Draw the tracks over the recording's mean image into the file ``out``.
+
+    ``images``: the frames (N, H, W), or their mean (H, W), e.g. ``Recording.mean_frame``.
+    """
     from matplotlib import colormaps
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure  # not pyplot: no GUI backend, nothing to close
@@ -379,8 +455,9 @@ class TrackResult:
         x_um, y_um``; a movie store adds ``movie`` first (its movies are linked apart).
     diffusion : pandas.DataFrame
         One row per track of at least ``MIN_TRACK_POINTS`` positions: ``track, n_frames,
-        D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um`` (D with its 95% confidence
-        interval, and the localisation error).
+        D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um`` (D in um^2/s with its 95%
+        confidence interval, and the localisation error in um); a movie store adds
+        ``movie`` first.
     settings : dict
         What was used (``track.json``): linker, linking radius, memory, blur
         coefficient, frame period, time stamps, estimator, scan timing and its source,
