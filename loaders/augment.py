@@ -28,7 +28,22 @@ def mirror(coord, size: int):
 
 
 def flip(image: torch.Tensor, points: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror an image (..., H, W) and its points (..., 2) along x (hflip) or y (vflip)."""
+    """Mirror an image (..., H, W) and its points (..., 2) along x (hflip) or y (vflip).
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        Images (..., H, W).
+    points : torch.Tensor
+        Points (..., 2), x and y in pixels from the centre of pixel (0, 0); NaN stays NaN.
+    op : {"hflip", "vflip"}
+        The flip.
+
+    Returns
+    -------
+    image, points : torch.Tensor
+        New tensors; the inputs are left as they are.
+    """
     axis, k = AXES[op]
     p = points.clone()
     p[..., k] = mirror(p[..., k], image.shape[axis])
@@ -53,8 +68,26 @@ def image_dims(ops) -> tuple[int, ...]:
 class RandomFlips:
     """Random horizontal and vertical flips of an (image, target) item.
 
-    Deterministic for a given ``seed``, item index and epoch, so a run reproduces on
-    any number of workers."""
+    Deterministic for a given ``seed``, item index (``target["index"]``) and epoch
+    (``self.epoch``, 0 until set), so a run reproduces on any number of workers.
+    Called as ``image, target = flips(image, target)``; ``target["centroids"]`` (P, 2)
+    px moves with the image.
+
+    Parameters
+    ----------
+    ops : sequence of {"hflip", "vflip"}
+        The flips that may be applied, each on its own.
+    p : float
+        Probability of each flip.
+    seed : int
+        Seed of the draws.
+
+    Raises
+    ------
+    ValueError
+        An op that is not a flip (a transpose or rotation swaps the fast and slow scan
+        axes).
+    """
 
     def __init__(self, ops=ALLOWED, p: float = 0.5, seed: int = 0):
         bad = [o for o in ops if o not in ALLOWED]
@@ -64,6 +97,7 @@ class RandomFlips:
         self.ops, self.p, self.seed, self.epoch = tuple(ops), p, seed, 0
 
     def __call__(self, image, target):
+        """The item flipped: ``(image, target)`` with ``target["centroids"]`` moved along."""
         rng = np.random.default_rng([self.seed, self.epoch, int(target.get("index", 0))])
         pts = target["centroids"]
         for op in self.ops:
@@ -73,7 +107,12 @@ class RandomFlips:
 
 
 def flip_batch(images: torch.Tensor, centroids: torch.Tensor, generator: torch.Generator | None = None):
-    """Flip each image of a batch (B, 1, H, W) at random, with its (B, P, 2) centroids."""
+    """Flip each image of a batch (B, 1, H, W) at random, with its (B, P, 2) centroids.
+
+    Each image is flipped along x with probability 1/2 and along y with probability 1/2,
+    drawn from ``generator`` (default: torch's global generator).  Returns new tensors
+    ``(images, centroids)``.
+    """
     chosen = {op: torch.rand(images.shape[0], generator=generator) < 0.5 for op in ALLOWED}
     images, c = images.clone(), centroids.clone()
     for op, sel in chosen.items():

@@ -31,7 +31,21 @@ BOX_HALF_PX = 3.0  # a smeared spot spans about 6-10 px
 
 
 def keypoint_target(points_xy, box_half_px: float = BOX_HALF_PX) -> dict:
-    """torchvision Keypoint R-CNN target: a box around each point plus one keypoint."""
+    """The torchvision Keypoint R-CNN target of an image: a box around each point plus one keypoint.
+
+    Parameters
+    ----------
+    points_xy : array_like
+        Points (N, 2), x and y in pixels from the centre of pixel (0, 0).
+    box_half_px : float
+        Half the side of each square box (px).
+
+    Returns
+    -------
+    dict
+        ``boxes`` (N, 4) float32 x0, y0, x1, y1 and ``keypoints`` (N, 1, 3) x, y,
+        visibility 1, both in torchvision's pixel-corner origin; ``labels`` (N,) int64 ones.
+    """
     p = torch.as_tensor(np.asarray(points_xy, np.float32).reshape(-1, 2))
     c = centre_to_corner(p)
     boxes = torch.cat([c - box_half_px, c + box_half_px], dim=1)
@@ -51,15 +65,19 @@ CELL_PX = 4
 
 
 def grid_shape(height: int, width: int, cell: int = CELL_PX) -> tuple[int, int]:
+    """Cells (rows, columns) of ``cell`` px covering a ``height`` x ``width`` px image (rounded up)."""
     return -(-height // cell), -(-width // cell)
 
 
 def grid_target(points_xy, height: int, width: int, cell: int = CELL_PX) -> np.ndarray:
-    """(3, Gh, Gw): probability, y offset, x offset of the point in each cell.
+    """The deepBlink grid target (3, Gh, Gw): probability, y offset, x offset of the point in each cell.
 
     Offsets are the position inside the cell in [0, 1), measured from the cell's
     corner.  A cell holds one point; when two fall in one cell the later one is kept
-    (the limitation of deepBlink's encoding, rare at the 4 px cell size)."""
+    (the limitation of deepBlink's encoding, rare at the 4 px cell size).  Points (N, 2)
+    are x, y in pixels from the centre of pixel (0, 0); points outside the grid are
+    dropped.  ``grid_shape`` gives (Gh, Gw).
+    """
     gh, gw = grid_shape(height, width, cell)
     out = np.zeros((3, gh, gw), np.float32)
     for x, y in np.asarray(points_xy, np.float64).reshape(-1, 2):
@@ -71,7 +89,7 @@ def grid_target(points_xy, height: int, width: int, cell: int = CELL_PX) -> np.n
 
 
 def grid_decode(grid: np.ndarray, threshold: float = 0.5, cell: int = CELL_PX):
-    """Points (pixel-centre origin) and probabilities of cells above ``threshold``."""
+    """Points (N, 2) px, pixel-centre origin, and probabilities (N,) of the cells at or above ``threshold``."""
     prob, dy, dx = grid
     i, j = np.nonzero(prob >= threshold)
     x = (j + np.clip(dx[i, j], 0, 1)) * cell - 0.5
@@ -85,7 +103,7 @@ DENSITY_SIGMA_PX = 1.0
 
 
 def density_target(points_xy, height: int, width: int, sigma_px: float = DENSITY_SIGMA_PX) -> np.ndarray:
-    """(H, W) map of Gaussians at the points, each with peak 1 (max where they overlap)."""
+    """DM-DetNet target: (H, W) map of Gaussians of ``sigma_px`` px at the points, each with peak 1 (max where they overlap)."""
     out = np.zeros((height, width), np.float32)
     rows = np.arange(height)[:, None]
     cols = np.arange(width)[None, :]
@@ -114,7 +132,10 @@ def local_maxima(density: np.ndarray, threshold: float) -> tuple[np.ndarray, np.
 def subpixel_peak(d: np.ndarray, i, j) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel peak by a parabola through the log of the 3-point neighbourhoods.
 
-    Exact for a Gaussian peak (its log is a parabola)."""
+    Exact for a Gaussian peak (its log is a parabola).  ``i, j`` are the peaks' rows and
+    columns in ``d``; returns their x and y (px), each moved by at most half a pixel
+    (not at all at the image's edge).
+    """
     h, w = d.shape
     ld = np.log(np.maximum(d, 1e-12))
 
@@ -132,7 +153,7 @@ def subpixel_peak(d: np.ndarray, i, j) -> tuple[np.ndarray, np.ndarray]:
 
 
 def density_decode(density: np.ndarray, threshold: float = 0.3):
-    """Points (pixel-centre origin) and peak values of a density map."""
+    """Points (N, 2) px, pixel-centre origin, and peak values (N,) of a density map's local maxima at or above ``threshold``."""
     d = np.asarray(density, np.float64)
     i, j = local_maxima(d, threshold)
     x, y = subpixel_peak(d, i, j)
