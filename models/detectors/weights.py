@@ -20,7 +20,27 @@ log = logging.getLogger(__name__)
 
 
 def load_weights(path: str | Path, map_location="cpu") -> dict:
-    """A checkpoint or state dict holding only tensors and plain values."""
+    """A checkpoint or state dict holding only tensors and plain values.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``torch.save``.
+    map_location : str or torch.device
+        Where the tensors are loaded (``torch.load``'s ``map_location``).
+
+    Returns
+    -------
+    dict
+        The file's top-level dict (a checkpoint, or a bare state dict).
+
+    Raises
+    ------
+    FactoryError
+        A missing, empty or unreadable file, one that is not PyTorch weights, one whose
+        pickle would build Python objects (nothing in it is run), or one whose top
+        level is not a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"{path}: no such weights file")
@@ -40,8 +60,10 @@ def load_weights(path: str | Path, map_location="cpu") -> dict:
 
 
 def _refusal(path: Path, exc: Exception) -> str:
-    """Why a file was not loaded, in words that are true of it (and never advice to load
-    it unsafely: torch's own message suggests exactly that)."""
+    """Why a file was not loaded, in words that are true of it.
+
+    Never advice to load it unsafely: torch's own message suggests exactly that.
+    """
     if isinstance(exc, OSError):
         return f"{path}: cannot read: {exc.strerror or exc}"
     code = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
@@ -59,7 +81,10 @@ def _refusal(path: Path, exc: Exception) -> str:
 
 
 def state_dict_of(state: dict) -> dict:
-    """The model's tensors from a checkpoint ({"model": ...}) or a bare state dict."""
+    """The model's tensors from a checkpoint ({"model": ...}) or a bare state dict.
+
+    Raises FactoryError when that holds anything but tensors.
+    """
     inner = state.get("model", state)
     if not isinstance(inner, dict) or not all(isinstance(v, torch.Tensor) for v in inner.values()):
         raise FactoryError("the weights file holds no state dict of tensors")
@@ -67,15 +92,18 @@ def state_dict_of(state: dict) -> dict:
 
 
 def matching_tensors(model: torch.nn.Module, path: str | Path) -> dict:
-    """The tensors of a weights file whose name and shape match the model."""
+    """The tensors of a weights file whose name and shape match the model (loaded safely: ``load_weights``)."""
     state = state_dict_of(load_weights(path))
     own = model.state_dict()
     return {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
 
 
 def load_matching(model: torch.nn.Module, path: str | Path) -> set[str]:
-    """Load every tensor of a weights file whose name and shape match the model; the
-    names loaded."""
+    """Load every tensor of a weights file whose name and shape match the model.
+
+    The others keep their values.  Returns the names loaded; FactoryError as for
+    ``load_weights``.
+    """
     keep = matching_tensors(model, path)
     model.load_state_dict(keep, strict=False)
     log.info("loaded %d of %d tensors from %s", len(keep), len(model.state_dict()), path)

@@ -1,6 +1,7 @@
-"""The training config: one strict pydantic model, written to and read from a run
-folder's ``config.yaml`` by the same code, so ``factory train --config RUN/config.yaml``
-reproduces a run.
+"""The training config: one strict pydantic model, written to and read from a run folder.
+
+The same code writes and reads a run folder's ``config.yaml``, so
+``factory train --config RUN/config.yaml`` reproduces a run.
 
 ``model_params`` is validated by the chosen family's own parameter model (unknown keys
 and wrong types name the file and field) and stored complete, defaults filled in.
@@ -21,6 +22,56 @@ from models.detectors.registry import NETWORKS, family, parse_params
 
 
 class TrainConfig(StrictModel):
+    """A validated training config: the network, its data and the optimisation (``factory train``).
+
+    Build one with ``load_train_config`` or ``parse_train_config``, which fill in the
+    family's training defaults and validate ``model_params``; the comments on the fields
+    below say more.
+
+    Attributes
+    ----------
+    model : {"spotnet", "gridnet", "densitynet", "keypointrcnn", "dmdetnet3d"}
+        The network family (``models.detectors.registry.NETWORKS``).
+    model_params : dict
+        The family's parameters, complete (its parameter model's defaults filled in).
+    data : str or None
+        The folder holding the train and val stores (``--data`` overrides).
+    train, val : str or list of str
+        Store names inside ``data``; several are trained (validated) on together.
+    target : {"centroid", "exposure", "both"}
+        What the network learns to find: the whole-frame trajectory centroid, the
+        exposure-weighted position (what the laser saw), or both, a head each (SpotNet).
+    store_targets : dict of str to {"centroid", "exposure", "both"}
+        With ``target: both``: the target each named store trains or validates (others:
+        both).
+    init_from : str or None
+        A run folder (its ``best.pt``) or weights file to start from.
+    freeze : list of str
+        Prefixes of parameter names kept as loaded (needs ``init_from``).
+    max_train_images : int or None
+        Train on the first this many images of each train store (None: all).
+    val_images : int
+        The first this many images (>= 10) of each val store validate.
+    epochs, batch_size : int
+        Epochs (1 to 1000) and images per minibatch (1 to 4096).
+    optimizer : {"adamw", "sgd", "amsgrad"}
+        The optimiser (AMSGrad: AdamW's variant).
+    lr, weight_decay, momentum : float
+        Peak learning rate, weight decay, and SGD's momentum.
+    schedule : {"onecycle", "cosine", "constant"}
+        The learning-rate schedule over all epochs.
+    augment_flips : bool
+        Random flips of the training batches (``loaders.augment``).
+    seed : int
+        Seed of initialisation, shuffling and flips.
+    min_score : float
+        Lowest score in [0, 1) a network's candidate keeps (the detector's ``min_score``).
+    val_tta : bool
+        Flip test-time averaging while selecting epochs (4x slower).
+    threads : int or None
+        CPU threads for torch (None: torch's default).
+    """
+
     model: Literal[NETWORKS] = "spotnet"  # type: ignore[valid-type]
     model_params: dict[str, Any] = {}
     data: Optional[str] = None  # folder holding the train and val stores (--data overrides)
@@ -89,16 +140,27 @@ class TrainConfig(StrictModel):
 
     @property
     def train_stores(self) -> list[str]:
+        """``train`` as a list of store names."""
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
     @property
     def val_stores(self) -> list[str]:
+        """``val`` as a list of store names."""
         return [self.val] if isinstance(self.val, str) else list(self.val)
 
 
 def parse_train_config(raw: Any, source: str = "training config", overrides: dict | None = None) -> TrainConfig:
-    """Validate a training config mapping: the family's training defaults, then ``raw``,
-    then ``overrides``; ``model_params`` by the family's parameter model."""
+    """Validate a training config mapping.
+
+    The family's training defaults, then ``raw``, then ``overrides`` (settings by name;
+    a ``model_params`` among them is ignored); ``model_params`` is validated by the
+    family's parameter model, and a head count set by ``target``.
+
+    Raises
+    ------
+    ConfigError
+        A bad setting, in one line naming ``source`` and the field.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -141,7 +203,37 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_train_config(path: Path | None, model: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A training config from a YAML file (or the defaults), ``--model`` and overrides."""
+    """A training config from a YAML file (or the defaults), ``--model`` and overrides (``models.load_train_config``).
+
+    Parameters
+    ----------
+    path : Path or None
+        A training config YAML (e.g. ``configs/spotnet.yaml`` or a run's
+        ``config.yaml``); None: the defaults.
+    model : str, optional
+        The network family (``--model``); another family than the file's drops the
+        file's ``model_params``.
+    overrides : dict, optional
+        Settings by name that replace the file's (the command's flags).
+
+    Returns
+    -------
+    TrainConfig
+        The validated config, the family's training defaults filled in.
+
+    Raises
+    ------
+    ConfigError
+        A missing or unreadable file, invalid YAML, a duplicate key or a bad setting,
+        in one line naming the file and the field.
+
+    Examples
+    --------
+    >>> from models import load_train_config
+    >>> cfg = load_train_config(None, "spotnet", {"epochs": 2})
+    >>> cfg.model, cfg.epochs
+    ('spotnet', 2)
+    """
     raw = dict(read_yaml(path) or {}) if path is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of training settings")
@@ -154,4 +246,5 @@ def load_train_config(path: Path | None, model: str | None = None, overrides: di
 
 
 def dump_train_config(cfg: TrainConfig) -> str:
+    """``cfg`` as the YAML of a run folder's ``config.yaml`` (``load_train_config`` reads it back)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

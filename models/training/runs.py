@@ -28,17 +28,27 @@ from models.detectors.weights import load_weights, state_dict_of
 
 
 class RunFolder:
+    """A trained model's folder (the files above), written by ``factory train`` and read by every command.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder.
+    """
+
     CONFIG, BEST, LAST, METRICS = "config.yaml", "best.pt", "last.pt", "metrics.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def file(self, name: str) -> Path:
+        """The path of the folder's file ``name`` (``CONFIG``, ``BEST``, ``LAST``, ``METRICS``)."""
         return self.path / name
 
     # --- writing --------------------------------------------------------------------
 
     def create(self) -> None:
+        """Create the folder (and its parents); FactoryError when it cannot be."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -50,40 +60,52 @@ class RunFolder:
             self.file(name).unlink(missing_ok=True)
 
     def write_config(self, cfg: TrainConfig) -> None:
+        """Write ``config.yaml``: the full training config."""
         self.file(self.CONFIG).write_text(dump_train_config(cfg))
 
     def save_best(self, model: torch.nn.Module, epoch: int) -> None:
+        """Write ``best.pt``: the model's state dict and its epoch."""
         torch.save({"model": model.state_dict(), "epoch": epoch}, self.file(self.BEST))
 
     def save_last(self, model, optimizer, scheduler, epoch: int, history: list, best: float) -> None:
+        """Write ``last.pt``: model, optimiser and scheduler state, epoch, history and best score (``--resume``)."""
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                     "best": best}, self.file(self.LAST))
 
     def write_metrics(self, metrics: dict) -> None:
+        """Write ``metrics.json``."""
         self.file(self.METRICS).write_text(json.dumps(metrics, indent=2))
 
     # --- reading --------------------------------------------------------------------
 
     def check(self) -> None:
+        """FactoryError unless this is a run folder (a folder with ``config.yaml``)."""
         if not self.path.is_dir() or not self.file(self.CONFIG).is_file():
             raise FactoryError(f"{self.path}: not a model run folder (no {self.CONFIG}; made by `factory train`)")
 
     def has_model(self) -> bool:
+        """Whether ``best.pt`` exists (training finished an epoch)."""
         return self.file(self.BEST).exists()
 
     def read_config(self) -> TrainConfig:
+        """The run's training config; FactoryError (ConfigError) when missing or invalid."""
         self.check()
         path = self.file(self.CONFIG)
         return parse_train_config(read_yaml(path), str(path))
 
     def load(self, name: str, map_location="cpu") -> dict:
+        """The weights file ``name`` (``BEST`` or ``LAST``), loaded safely (``models.detectors.weights.load_weights``).
+
+        Raises FactoryError when it is missing or refused.
+        """
         path = self.file(name)
         if not path.exists():
             raise FactoryError(f"{path}: no weights (training did not finish an epoch?)")
         return load_weights(path, map_location)
 
     def read_metrics(self) -> dict:
+        """``metrics.json`` ({} when absent); FactoryError when it is not valid JSON."""
         path = self.file(self.METRICS)
         if not path.exists():
             return {}
@@ -94,6 +116,7 @@ class RunFolder:
 
     @property
     def threshold(self) -> float | None:
+        """The score threshold tuned for F1 on the validation set (None: none recorded)."""
         t = self.read_metrics().get("threshold")
         if t is not None and not isinstance(t, (int, float)):
             raise FactoryError(f"{self.file(self.METRICS)}: threshold must be a number")
@@ -111,7 +134,28 @@ class RunFolder:
         """The trained network behind the detector contract, with its tuned threshold.
 
         A network with a head per target (``target: both``) gives the head of ``target``
-        (default: its first, the centroid) with that head's threshold."""
+        (default: its first, the centroid) with that head's threshold.
+
+        Parameters
+        ----------
+        device : str
+            ``"cpu"`` or ``"cuda"``.
+        weights : str
+            The weights file: ``BEST`` (``best.pt``) or ``LAST`` (``last.pt``).
+        target : {"centroid", "exposure"}, optional
+            The head (default: the network's first target).
+
+        Returns
+        -------
+        NetDetector
+            The network on ``device``, in inference mode, with the head's tuned threshold.
+
+        Raises
+        ------
+        FactoryError
+            Not a run folder, no such head, missing or refused weights, or weights that
+            do not fit the network of ``config.yaml``.
+        """
         cfg = self.read_config()
         targets = cfg.targets
         target = target or targets[0]
@@ -139,6 +183,9 @@ class RunFolder:
 
 def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolder.BEST,
                target: str | None = None) -> NetDetector:
-    """A detector from a run folder written by ``factory train`` (``target``: which head
-    of a two-headed network)."""
+    """A detector from a run folder written by ``factory train``.
+
+    ``RunFolder(run_dir).detector(device, weights, target)``: ``target`` is which head
+    of a two-headed network.
+    """
     return RunFolder(run_dir).detector(device, weights, target)
