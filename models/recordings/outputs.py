@@ -42,11 +42,33 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), overwrite: bool = False,
                  flag: str = "--out", what: str = "") -> Path:
-    """Refuse an output ``path`` the command could not or should not write; return the
-    existing folder that will hold it (``path`` itself for a folder that exists).
+    """Refuse an output ``path`` the command could not or should not write.
 
-    ``kind``: one file, or a folder into which the command writes files named by the
-    glob ``patterns`` ``files`` (those already there are an earlier output)."""
+    Parameters
+    ----------
+    path : str or Path
+        The output.
+    kind : {"file", "folder"}
+        One file, or a folder into which the command writes files named by the glob
+        patterns ``files`` (those already there are an earlier output).
+    files : tuple of str
+        Glob patterns of the files a folder output holds.
+    overwrite : bool
+        Accept an earlier output (it is replaced).
+    flag, what : str
+        How messages name the option and the output.
+
+    Returns
+    -------
+    Path
+        The existing folder that will hold it (``path`` itself for a folder that exists).
+
+    Raises
+    ------
+    FactoryError
+        A folder where a file is to be written or a file where a folder is, an earlier
+        output without ``overwrite``, or a place that cannot be created or written.
+    """
     path = Path(path)
     more = f"add --overwrite to replace it, or choose another {flag}"
     if kind == "file":
@@ -78,11 +100,14 @@ def check_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), over
 @contextmanager
 def staged_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), overwrite: bool = False,
                   flag: str = "--out", what: str = "", keep: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Check ``path`` (``check_output``), then yield where to write it: a file of the same
-    name, or a folder, in a private staging folder.  On success the output moves into
-    place (with ``overwrite``, an earlier output's ``files`` are removed first, except
-    the inputs ``keep``); on any error the staging folder is removed and ``path`` is left
-    as it was."""
+    """Check ``path`` (``check_output``), then yield where to write it in a private staging folder.
+
+    The yielded path is a file of the same name, or a folder, in the staging folder.  On
+    success the output moves into place (with ``overwrite``, an earlier output's
+    ``files`` are removed first, except the inputs ``keep``); on any error the staging
+    folder is removed and ``path`` is left as it was.  Raises FactoryError as
+    ``check_output`` does, and when the output cannot be moved into place.
+    """
     path = Path(path)
     base = check_output(path, kind, files, overwrite, flag, what)
     try:

@@ -30,9 +30,25 @@ CHUNK_BYTES = 32 * 2**20  # float32 frames per chunk, in bytes (32 frames of 512
 
 
 class Recording:
-    """``n`` frames of ``height`` x ``width`` pixels of ``dtype``, read by ``read(a, b)``
-    (frames ``a .. b - 1`` in their own type); ``kind``: how ("memmap", "pages", "store"
-    or "array": held whole); ``align``: frames best read together (a store's chunk rows)."""
+    """A recording's frames, read a chunk at a time (``open_recording``, ``as_recording``).
+
+    Parameters
+    ----------
+    path : Path
+        Where the frames come from (messages name it).
+    shape : tuple of int
+        ``(n, height, width)``: frames and their size (px).
+    dtype : numpy.dtype
+        The pixel type as stored.
+    read : callable
+        ``read(a, b)`` returns frames ``a .. b - 1`` in their own type.
+    close : callable, optional
+        Releases the file (``close``, or leaving ``with``).
+    align : int
+        Frames best read together (a store's chunk rows).
+    kind : {"memmap", "pages", "store", "array"}
+        How the frames are read (``"array"``: held whole).
+    """
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype,
                  read: Callable[[int, int], np.ndarray], close: Callable[[], None] | None = None,
@@ -58,8 +74,10 @@ class Recording:
         return self.frames(0, len(self))
 
     def chunk_frames(self, step: int = 1) -> int:
-        """Frames per chunk: about ``CHUNK_BYTES`` of float32, a multiple of ``step`` (and
-        of ``align`` unless that would make chunks much larger)."""
+        """Frames per chunk: about ``CHUNK_BYTES`` of float32, a multiple of ``step``.
+
+        Also a multiple of ``align`` unless that would make chunks much larger.
+        """
         step = max(1, int(step))
         unit = step * self.align // math.gcd(step, self.align)
         frame_bytes = 4 * self.shape[1] * self.shape[2]
@@ -68,8 +86,10 @@ class Recording:
         return max(unit, CHUNK_BYTES // frame_bytes // unit * unit)
 
     def chunks(self, step: int = 1, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first frame, float32 frames) for frames ``start .. stop - 1``, chunk by chunk,
-        each chunk a multiple of ``step`` frames (but the last)."""
+        """Yield ``(first frame, float32 frames)`` for frames ``start .. stop - 1``, chunk by chunk.
+
+        Each chunk is a multiple of ``step`` frames (but the last).
+        """
         stop = len(self) if stop is None else min(stop, len(self))
         size = self.chunk_frames(step)
         for a in range(start, stop, size):
@@ -84,8 +104,11 @@ class Recording:
         return total / max(n, 1)
 
     def check_pixels(self) -> None:
-        """Refuse a pixel type that is not a real number, and float pixels that are NaN,
-        infinite or too large for float32 (one streamed pass over the frames)."""
+        """Refuse, with FactoryError, pixels that are not finite real numbers that fit in float32.
+
+        A pixel type that is not a real number, and float pixels that are NaN, infinite
+        or too large for float32 (one streamed pass over the frames).
+        """
         if not _is_float(self.dtype, self.path):
             return
         nan = inf = 0
@@ -103,6 +126,7 @@ class Recording:
             yield a, np.asarray(self._read(a, min(a + size, len(self))))
 
     def close(self) -> None:
+        """Release the file; a second call does nothing."""
         if self._close is not None:
             self._close()
             self._close = None
@@ -115,7 +139,10 @@ class Recording:
 
 
 def as_recording(images, path: str | Path = "<array>") -> Recording:
-    """An in-memory (N, H, W) or (H, W) array behind the ``Recording`` interface."""
+    """An in-memory (N, H, W) or (H, W) array behind the ``Recording`` interface.
+
+    Raises ValueError for another number of dimensions.
+    """
     a = np.asarray(images)
     if a.ndim == 2:
         a = a[None]
@@ -125,9 +152,29 @@ def as_recording(images, path: str | Path = "<array>") -> Recording:
 
 
 def open_recording(path: str | Path, scan_values: bool = True) -> Recording:
-    """A TIFF (one image or a T x H x W stack), .npy or store, checked (see the module
-    docstring; ``scan_values=False`` skips the pass over float pixels) and ready to be
-    read chunk by chunk; close it (or use ``with``)."""
+    """Open a recording, checked and ready to be read chunk by chunk; close it (or use ``with``).
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF (one image or a T x H x W stack), a ``.npy`` file or a store (``.h5``,
+        ``.zarr``).
+    scan_values : bool
+        Scan float pixels for NaN, infinite and too large values (one streamed pass);
+        False skips it.
+
+    Returns
+    -------
+    Recording
+        (T, H, W) frames; one image reads as T = 1.
+
+    Raises
+    ------
+    FactoryError
+        A missing, unsupported or unreadable file; no frames, frames of different sizes
+        or smaller than 8 x 8 px, a colour image or another shape; with
+        ``scan_values``, pixels that are not finite real numbers that fit in float32.
+    """
     path = Path(path)
     rec = _open(path)
     try:
@@ -189,9 +236,11 @@ def _reading(path: Path, read: Callable[[int, int], np.ndarray]) -> Callable[[in
 
 
 def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Callable[[int, int], np.ndarray]:
-    """Frames ``a .. b - 1`` of the C-ordered frames at ``offset`` in ``path``: a memory map
-    of just those frames, unmapped (its pages leaving the process) once the caller has
-    converted it and let it go."""
+    """A reader of frames ``a .. b - 1`` of the C-ordered frames at ``offset`` in ``path``.
+
+    Each read is a memory map of just those frames, unmapped (its pages leaving the
+    process) once the caller has converted it and let it go.
+    """
     frame = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def read(a: int, b: int) -> np.ndarray:
@@ -262,10 +311,13 @@ SETTINGS = {
 
 
 def check_settings(**settings: float | None) -> None:
-    """Refuse, in one line, a setting that is not finite or outside its config field's
-    limits (``SETTINGS``); one without a config field (``max_diffusion_um2_s``,
-    ``search_range_um``) must be finite and > 0.  None: not given.  The line names the
-    setting as its command-line flag (``dwell_us``: ``--dwell-us``)."""
+    """Refuse, in one line, a setting that is not finite or outside its config field's limits.
+
+    The limits are those of the field in ``SETTINGS``; a setting without a config field
+    (``max_diffusion_um2_s``, ``search_range_um``) must be finite and > 0.  None: not
+    given.  The FactoryError's line names the setting as its command-line flag
+    (``dwell_us``: ``--dwell-us``).
+    """
     from factory.inspect_store import check_against_field
 
     for key, value in settings.items():
@@ -298,8 +350,10 @@ def check_frames(shape: tuple[int, ...], path: Path, what: str) -> None:
 
 
 def _check_shape(shape: tuple[int, ...], path: Path) -> None:
-    """Refuse, from its shape alone, what is not one image (H x W) or a stack (T x H x W)
-    of frames of at least 8 x 8 px."""
+    """Refuse, from its shape alone, what is not one image (H x W) or a stack (T x H x W).
+
+    Frames must be at least 8 x 8 px.
+    """
     check_frames(shape, path, "images")
     if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) >= 8:
         # H x W x 3 (or 4) is a colour image; as T x H x W it would be frames 3 px wide.
@@ -313,8 +367,10 @@ def _check_shape(shape: tuple[int, ...], path: Path) -> None:
 
 
 def _is_float(dtype: np.dtype, path: Path) -> bool:
-    """Whether pixels of ``dtype`` are floats (to be checked for NaN and size); a type
-    that is not a real number is refused."""
+    """Whether pixels of ``dtype`` are floats (to be checked for NaN and size).
+
+    A type that is not a real number is refused.
+    """
     if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise FactoryError(f"{path}: pixel type {dtype} is not a real number type")
     return bool(np.issubdtype(dtype, np.floating))
