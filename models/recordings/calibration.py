@@ -46,8 +46,10 @@ ASSUMED_ENF = 1.3
 
 @dataclass(frozen=True)
 class Estimate:
-    """A value with its standard uncertainty (NaN where not determined) and, where the
-    recording does not determine it, why and what was assumed."""
+    """A value with its standard uncertainty (NaN where not determined).
+
+    ``note``: where the recording does not determine it, why and what was assumed.
+    """
 
     value: float
     sigma: float = math.nan
@@ -75,6 +77,7 @@ class DetectorCalibration:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The fields as a dict, each ``Estimate`` as ``{value, sigma, note}``."""
         return asdict(self)
 
     def detector_config(self) -> dict:
@@ -97,11 +100,14 @@ def _round(x: float) -> float:
 
 
 def background_mask(frame: np.ndarray, grow_px: int = MASK_GROW_PX) -> np.ndarray:
-    """True where ``frame`` is background: not within ``grow_px`` of a pixel where the
-    frame, smoothed at a spot's scale (Gaussian, 1.5 px), stands 5 robust standard
-    deviations above its median.  The threshold is high so that noise alone almost never
+    """True where ``frame`` is background, far from any bright structure.
+
+    Background: not within ``grow_px`` of a pixel where the frame, smoothed at a spot's
+    scale (Gaussian, 1.5 px), stands 5 robust standard deviations above its median.
+    The threshold is high so that noise alone almost never
     crosses it: masking the bright side of the noise would shrink the variance and the
-    third cumulant that the gain is read from."""
+    third cumulant that the gain is read from.
+    """
     smooth = ndimage.gaussian_filter(frame.astype(np.float64), 1.5, mode="nearest")
     med = np.median(smooth)
     mad = 1.4826 * np.median(np.abs(smooth - med))
@@ -112,8 +118,11 @@ def background_mask(frame: np.ndarray, grow_px: int = MASK_GROW_PX) -> np.ndarra
 
 
 def tile_power_sums(frames: np.ndarray, tile_px: int = TILE_PX) -> tuple[np.ndarray, float]:
-    """Per frame and tile, the sums of 1, x, x^2 and x^3 over background pixels (x relative
-    to the first frame's median, for numerical range): (T, tiles, 4) float64."""
+    """Per frame and tile, the sums of 1, x, x^2 and x^3 over background pixels.
+
+    x is relative to the first frame's median (for numerical range), which is returned
+    too: ``(sums (T, tiles, 4) float64, median)``.
+    """
     t, h, w = frames.shape
     ny, nx = max(1, h // tile_px), max(1, w // tile_px)
     ref = float(np.median(frames[0]))
@@ -145,10 +154,13 @@ def _moments(sums: np.ndarray, ref: float):
 
 def _estimate_from_sums(sums: np.ndarray, ref: float, dark: tuple[float, float, float] | None,
                         assume_enf: float | None = None):
-    """(offset, read variance, gF, g^2 F (2F - 1), background above offset, per-tile
-    background above offset) from power sums summed over frames; ``dark``: the dark
-    frames' (mean, variance, third central moment), or None; ``assume_enf``: without
-    dark frames, the excess noise factor taken as known (and no read noise)."""
+    """The detector's moments from power sums summed over frames; None where they give nothing.
+
+    Returns (offset, read variance, gF, g^2 F (2F - 1), background above offset,
+    per-tile background above offset).  ``dark``: the dark frames' (mean, variance,
+    third central moment), or None; ``assume_enf``: without dark frames, the excess
+    noise factor taken as known (and no read noise).
+    """
     mean, var, m3, n = _moments(sums, ref)
     if dark is None and assume_enf is not None:
         # k3 / k2 = g (2F - 1) gives g, then k2 = g F a the background a above the offset.
@@ -184,9 +196,15 @@ def _estimate_from_sums(sums: np.ndarray, ref: float, dark: tuple[float, float, 
 
 def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, tile_px: int = TILE_PX,
                        bootstrap: int = BOOTSTRAP, seed: int = 0, source: str = "the recording") -> DetectorCalibration:
-    """Offset, read noise, gain, excess noise factor and background of the detector that
-    recorded ``frames`` (T x H x W, ADU), from its background pixels and, if given, dark
-    frames (T' x H x W, laser blanked).  See the module docstring."""
+    """Offset, read noise, gain, excess noise factor and background of the detector that recorded ``frames``.
+
+    From the background pixels of ``frames`` (T x H x W, or H x W, ADU) and, if given,
+    ``dark`` frames (T' x H x W, laser blanked); see the module docstring.
+    Uncertainties are the standard deviations of ``bootstrap`` resamples of the frames
+    (``seed``), background tiles ``tile_px`` px wide.  ``source`` names the frames in
+    errors.  Raises FactoryError on frames of another shape, a constant image, or a
+    background with no positive variance and skew.
+    """
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[None]
@@ -294,9 +312,11 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
 
 
 def _counts_photons(frames: np.ndarray, sums: np.ndarray, ref: float, rng, bootstrap: int) -> bool:
-    """Whether non-negative integer frames fit photon counting (offset 0, gain 1, no
-    excess or read noise): the background's variance and third central moment both equal
-    its mean, within three bootstrap deviations (over frames) or 3 % and 10 %."""
+    """Whether non-negative integer frames fit photon counting (offset 0, gain 1, no excess or read noise).
+
+    They do when the background's variance and third central moment both equal its
+    mean, within three bootstrap deviations (over frames) or 3 % and 10 %.
+    """
     if frames.min() < 0 or not np.array_equal(frames, np.round(frames)):
         return False
 
@@ -340,14 +360,18 @@ class SpotCalibration:
 
 
 def spot_noise(frame: np.ndarray, sigma_px: float) -> float:
-    """The robust standard deviation (1.4826 MAD about the frame's median) of ``frame``
-    smoothed at ``sigma_px``: the scale of spot thresholds."""
+    """The robust standard deviation of ``frame`` smoothed at ``sigma_px``: the scale of spot thresholds.
+
+    1.4826 MAD of the smoothed frame about the frame's median.
+    """
     return float(1.4826 * np.median(np.abs(ndimage.gaussian_filter(frame, sigma_px) - np.median(frame))))
 
 
 def find_spots(photons: np.ndarray, sigma_px: float, threshold: float):
-    """Local maxima (row, col, height) of a frame of background-free photons smoothed at
-    ``sigma_px``, above ``threshold`` (in smoothed photons)."""
+    """Local maxima (row, col, height) of a frame of background-free photons smoothed at ``sigma_px``.
+
+    Only those above ``threshold`` (in smoothed photons).
+    """
     smooth = ndimage.gaussian_filter(photons, sigma_px, mode="nearest")
     peak = (smooth == ndimage.maximum_filter(smooth, size=2 * int(math.ceil(2 * sigma_px)) + 1)) & (smooth > threshold)
     r, c = np.nonzero(peak)
@@ -355,12 +379,15 @@ def find_spots(photons: np.ndarray, sigma_px: float, threshold: float):
 
 
 def _fit_rows(win: np.ndarray, s0: float):
-    """One spot's window (rows x cols of background-free photons): each row a Gaussian
-    in x of its own height, all of one width, their centres on a straight line.  Within
+    """Fit one spot's window: rows of Gaussians of one width, their centres on a straight line.
+
+    The window is rows x cols of background-free photons; each row is a Gaussian in x
+    of its own height.  Within
     a row the laser passes the spot in microseconds, so a row is an unsmeared slice of
     the PSF; between rows the particle moves (the scan smear), which the line's slope
     follows on average.  (A free centre per row would chase the noise of a dim spot a
-    few pixels wide and make it look narrow.)  Returns (width px, row heights, converged)."""
+    few pixels wide and make it look narrow.)  Returns (width px, row heights, converged).
+    """
     from scipy.optimize import least_squares
 
     nr, nc = win.shape
@@ -381,15 +408,20 @@ def _fit_rows(win: np.ndarray, s0: float):
 
 def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float = 1.36,
                     sigma_guess_um: float = 0.21, max_spots: int = 400) -> SpotCalibration:
-    """sigma_xy and N_qd from isolated spots in frames of background-free photons
-    (T x H x W: (ADU - offset) / gain - background).
+    """sigma_xy (um) and N_qd from isolated spots in frames of background-free photons.
+
+    ``photons`` is T x H x W: (ADU - offset) / gain - background; ``pixel_size_um`` and
+    the guess ``sigma_guess_um`` (um) set the spot scale, ``sigma_z_um`` (um) the Eq. 1
+    conversion; the reading stops once ``max_spots`` spots are fitted.  Raises
+    FactoryError with fewer than 5 isolated spots.
 
     A spot is a local maximum of the frame smoothed at the PSF's scale, at least 5 robust
     noise deviations high, with no other maximum within 6 sigma and 3 sigma from the
     edges.  Its central rows (1.2 sigma each side, at least 2) are fitted together
     (``_fit_rows``): the shared width is sigma_xy, and the brightest row's height is the
     peak, so N_qd = peak x 2 pi sigma_xy^2 x sqrt(2 pi) sigma_z (Eq. 1 at focus: an
-    out-of-focus dot counts as a dimmer one)."""
+    out-of-focus dot counts as a dimmer one).
+    """
     notes: list[str] = []
     s_px = sigma_guess_um / pixel_size_um
     noise = spot_noise(photons[0], s_px)
@@ -442,8 +474,10 @@ def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float
 
 
 def dots(where: np.ndarray, radius_px: float) -> np.ndarray:
-    """The dot (0, 1, ...) of each spot ``(frame, x, y)``: spots linked from frame to
-    frame within ``radius_px``, across up to 2 frames without one."""
+    """The dot (0, 1, ...) of each spot ``(frame, x, y)``, rows of ``where``.
+
+    Spots are linked from frame to frame within ``radius_px`` (TrackPy, ``memory=5``).
+    """
     import pandas as pd
 
     from models.tracking.tracks import link
@@ -458,8 +492,10 @@ def dots(where: np.ndarray, radius_px: float) -> np.ndarray:
 
 def cluster_bootstrap_medians(values: np.ndarray, cluster: np.ndarray, n_boot: int = 200,
                               seed: int = 0) -> np.ndarray:
-    """Bootstrap medians (n_boot x K) of the K rows of ``values`` (K x N), resampling
-    whole clusters with replacement (N spots, ``cluster`` the id of each)."""
+    """Bootstrap medians (n_boot x K) of the K rows of ``values`` (K x N), resampling whole clusters.
+
+    Clusters are drawn with replacement (N spots, ``cluster`` the id of each).
+    """
     rng = np.random.default_rng(seed)
     ids, inv = np.unique(cluster, return_inverse=True)
     members = [np.flatnonzero(inv == k) for k in range(len(ids))]
@@ -472,13 +508,17 @@ def cluster_bootstrap_medians(values: np.ndarray, cluster: np.ndarray, n_boot: i
 
 def simulated_photons(microscope: dict, n_frames: int, seed: int, detector: DetectorCalibration | None = None,
                       movie: dict | None = None, n_movies: int = 1):
-    """Frames of the simulator for a datasets-config section ``microscope`` (image, scan,
-    psf, background, particles, detector), turned into background-free photons the way a
-    recording is (with ``detector``: its estimated offset, gain and background).  With
+    """Frames of the simulator for a datasets-config section ``microscope``, as background-free photons.
+
+    ``microscope`` holds image, scan, psf, background, particles and detector sections;
+    the frames are turned into background-free photons the way a recording is (with
+    ``detector``: its estimated offset, gain and background; else only N_bkg is
+    subtracted).  With
     ``movie`` (a `movie` section, such as ``{"frame_flyback_ms": 2}``), one movie of
     ``n_frames`` (``n_movies`` of them, one after the other), whose dots live
     ``MOVIE_MARGIN_UM`` beyond the field and diffuse in x, y and z from frame to frame as
-    a recording's do; else independent images."""
+    a recording's do; else independent images.
+    """
     from factory.config import parse_config
     from factory.kernel import simulate
 
@@ -522,7 +562,8 @@ def fit_spot_model(photons: np.ndarray, microscope: dict, detector: DetectorCali
     low on held-out movies).  With ``diffusion_um2_s`` (the D law of a first tracking
     pass), the fit ends with two rounds on a simulated movie as long as the stretch of
     the recording read (and its ``frame_flyback_ms``), with the dots in view found above
-    and that D: its reading corrects N_qd once more."""
+    and that D: its reading corrects N_qd once more.
+    """
     # The measurement (its smoothing, window and isolation distance follow the guessed
     # width) is set once, from a first look, and then applied alike to both sides.
     guess = calibrate_spots(photons, pixel_size_um, sigma_z_um).sigma_xy_um.value
@@ -631,11 +672,15 @@ MIN_TRACK_FRAMES = 10  # frames a first-pass track needs for its D to count
 
 
 def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um: float, timing) -> dict:
-    """The D of the particles of a recording (background-free photons, T x H x W), from a
-    first tracking pass: spots (as ``calibrate_spots`` finds them) refined to their
-    centroid, linked (TrackPy, for D up to 1 um^2/s over one frame), and the CVE of every
-    track of at least ``MIN_TRACK_FRAMES`` frames on each spot's own scan time.  Returns
-    ``{"D_um2_s": [...], "n_tracks": n}``; no tracks where the recording is too short."""
+    """The D (um^2/s) of the particles of a recording, from a first tracking pass.
+
+    ``photons``: background-free photons, T x H x W; ``timing``: its ``ScanTiming``.
+    Spots (as ``calibrate_spots`` finds them) are refined to their centroid, linked
+    (TrackPy, for D up to 1 um^2/s over one frame), and the CVE taken of every track of
+    at least ``MIN_TRACK_FRAMES`` frames on each spot's own scan time.  Returns
+    ``{"D_um2_s": [...], "n_tracks": n, "frames": T}``; no tracks where the recording
+    is too short.
+    """
     import pandas as pd
 
     from models.tracking.timing import time_stamps
@@ -671,8 +716,11 @@ def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um:
 
 
 def first_pass_law(first_pass: dict) -> dict | float:
-    """The D law the first pass saw: log-uniform over the 10th - 90th percentile of its
-    positive D, or the field's 0.02 - 0.5 um^2/s with fewer than 5 tracks."""
+    """The D law the first pass saw, as a ``particles.diffusion_um2_s`` section.
+
+    Log-uniform over the 10th - 90th percentile of its positive D, or the field's
+    0.02 - 0.5 um^2/s with fewer than 5 tracks.
+    """
     d = np.array([v for v in first_pass["D_um2_s"] if v > 0])
     if len(d) < 5:
         return {"type": "log_uniform", "low": 0.02, "high": 0.5}
@@ -681,10 +729,12 @@ def first_pass_law(first_pass: dict) -> dict | float:
 
 
 def d_range(first_pass: dict) -> tuple[dict, str]:
-    """The ``particles.diffusion_um2_s`` to train for, and a note on where it came from:
-    log-uniform from half the 10th to twice the 90th percentile of the first pass's
+    """The ``particles.diffusion_um2_s`` to train for, and a note on where it came from.
+
+    Log-uniform from half the 10th to twice the 90th percentile of the first pass's
     positive D (the CVE scatters each track's D by tens of percent), else the field
-    default (0.02 - 0.5 um^2/s), said so."""
+    default (0.02 - 0.5 um^2/s), said so.
+    """
     d = np.array([v for v in first_pass["D_um2_s"] if v > 0])
     if len(d) < 5:
         why = (f"{first_pass['frames']} frame(s), too short for a track" if first_pass["frames"] < MIN_TRACK_FRAMES
@@ -708,12 +758,53 @@ CALIBRATION_FILES = ("microscope.yaml", "train.yaml", "calibration.md", "calibra
 def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, dwell_us: float,
               line_retrace_ms: float, frame_flyback_ms: float | None = None, bidirectional: bool = False,
               dark: str | Path | None = None, sigma_z_um: float = 1.36, seed: int = 0) -> dict:
-    """Estimate a microscope from its recording and write, into the folder ``out``
-    (which must exist), ``microscope.yaml`` (a datasets config whose defaults carry the
-    estimates, with train / val / test / movie sets sized for a CPU), ``train.yaml`` (a
+    """Estimate a microscope from its recording and write a datasets config of it (``factory calibrate``).
+
+    Writes into the folder ``out`` (which must exist) ``CALIBRATION_FILES``:
+    ``microscope.yaml`` (a datasets config whose defaults carry the estimates, with
+    train / val / test / movie sets sized for a CPU), ``train.yaml`` (a
     `factory train` config for it), ``calibration.md`` (the table of estimates, with what
     was assumed) and ``calibration.png`` (real beside simulated frames, pixel histograms).
-    Returns the estimates as a dict."""
+    The first ``MAX_FRAMES`` frames are read.
+
+    Parameters
+    ----------
+    recording : str or Path
+        The recording (T x H x W TIFF, ``.npy`` or store), in detector units (ADU).
+    out : str or Path
+        An existing folder to write into.
+    pixel_size_um : float
+        Pixel size (um).
+    dwell_us, line_retrace_ms : float
+        Pixel dwell time (us) and line retrace (ms).
+    frame_flyback_ms : float, optional
+        Time from a frame's last pixel to the next frame's first (ms; default one line
+        retrace).
+    bidirectional : bool
+        Scan direction.
+    dark : str or Path, optional
+        Dark frames (laser blanked) of the same field size: measure the offset and the
+        read noise (without them these are inferred, or assumed, and said so).
+    sigma_z_um : float
+        Axial PSF sigma (um): a 2D recording does not measure it (default: the paper's).
+    seed : int
+        Seed of the bootstraps, the simulations and the config written.
+
+    Returns
+    -------
+    dict
+        ``recording``, ``frames_used``, ``dark``; ``detector`` (``DetectorCalibration``
+        as a dict) and ``spots`` (``SpotCalibration`` as a dict, None where the spots
+        could not be measured), each estimate with its standard uncertainty;
+        ``first_pass`` (the first tracking pass's D, um^2/s); ``config`` (the datasets
+        defaults written); ``notes`` (what the recording did not determine).
+
+    Raises
+    ------
+    FactoryError
+        A bad recording or dark frames (another field size), a saturated or constant
+        recording, or a detector that cannot be calibrated without dark frames.
+    """
     from models.recordings.recording import open_recording
 
     recording, out = Path(recording), Path(out)
@@ -826,9 +917,11 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
 
 
 def saturation(frames: np.ndarray) -> tuple[float, float] | None:
-    """(ceiling, share of pixels) where a recording piles up at its largest value (a
-    saturated detector or digitiser), else None.  Unclipped, the largest value of a noisy
-    recording is rare: fewer pixels hold it than the values just below."""
+    """(ceiling, share of pixels) where a recording piles up at its largest value, else None.
+
+    A pile-up means a saturated detector or digitiser.  Unclipped, the largest value of
+    a noisy recording is rare: fewer pixels hold it than the values just below.
+    """
     top = frames.max()
     n_top = int(np.count_nonzero(frames == top))
     width = max(1.0, 0.02 * (float(top) - float(np.median(frames))))
@@ -893,8 +986,10 @@ def _write_report(out: Path, recording: Path, det: DetectorCalibration, spots, d
 
 
 def _plot(path: Path, frames: np.ndarray, config: dict, seed: int) -> None:
-    """A real frame beside a simulated one of the calibrated microscope (same grey scale),
-    and the two pixel histograms overlaid."""
+    """Plot a real frame beside a simulated one of the calibrated microscope (same grey scale).
+
+    And the two pixel histograms overlaid.
+    """
     from matplotlib.figure import Figure
 
     from factory.config import parse_config
