@@ -1,11 +1,18 @@
+import contextlib
 import copy
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer._click import formatting  # where Typer's CliRunner sets the help width
+from typer.testing import CliRunner
 
 from factory.config import parse_config
 from factory.kernel import simulate
@@ -64,20 +71,141 @@ def assert_same_arrays(a, b) -> None:
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
+# --- the `factory` command -------------------------------------------------------------
+
+# FACTORY_TESTS_SUBPROCESS=1: run_cli starts a process per call (to time both ways, or to
+# check that the tests hold in processes too).
+SUBPROCESS = os.environ.get("FACTORY_TESTS_SUBPROCESS", "0") not in ("", "0")
+# Read when a library is imported or starts its threads: for a call in this interpreter,
+# which imported them long ago, they would change nothing.
+IMPORT_TIME_ENV = ("NUMBA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "PYTHON")
+# A new interpreter's warnings filters (no -W, no PYTHONWARNINGS).
+FRESH_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                         ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                         ("ignore", ResourceWarning, "")]
+
+
+@dataclasses.dataclass
+class CliResult:
+    """A CompletedProcess's fields (stdout and stderr apart), and the exception a call in
+    this interpreter ended with (None after exit status 0; SystemExit after another)."""
+
+    args: list
+    returncode: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None = None
+
+
 def run_cli(*args, cwd=None, env=None):
-    """Run the installed `factory` command; returns CompletedProcess."""
+    """`factory ARGS`: in this interpreter (``invoke_cli``), or in a process of its own
+    (``run_cli_process``) when FACTORY_TESTS_SUBPROCESS=1."""
+    return (run_cli_process if SUBPROCESS else invoke_cli)(*args, cwd=cwd, env=env)
+
+
+def run_cli_process(*args, cwd=None, env=None):
+    """`python -m cli ARGS` in a new interpreter; returns a CompletedProcess.  For tests of
+    the process itself: variables read at import (NUMBA_NUM_THREADS), signals, concurrent
+    processes, SLURM jobs."""
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
 
 
+def invoke_cli(*args, cwd=None, env=None) -> CliResult:
+    """`factory ARGS` in this interpreter (Typer's CliRunner), always: tests that patch the
+    library first call this.  The call gets what ``cli.main.main`` gives a process (WARNING
+    logs on stderr, malloc tuning) and a process's defaults (a new interpreter's warnings
+    filters, printed on stderr; help wrapped to COLUMNS, else 80); an uncaught
+    exception is exit status 1 with its traceback on stderr.  ``env`` is in os.environ and
+    ``cwd`` the current folder for the call only."""
+    from cli.main import app
+    from factory.perf import tune_malloc
+
+    argv = [str(a) for a in args]
+    # COLUMNS: a process whose output is a pipe takes 80 columns unless it is set.
+    env = {"COLUMNS": os.environ.get("COLUMNS", "80"), **{k: str(v) for k, v in (env or {}).items()}}
+    late = [k for k in env if k.startswith(IMPORT_TIME_ENV)]
+    if late:
+        raise ValueError(f"{', '.join(late)}: read at import; set them for run_cli_process")
+    tune_malloc()  # once per process, as main() does
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        r = _ProcessLikeRunner().invoke(app, argv, env=env)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*r.exc_info))
+    return CliResult(argv, r.exit_code, r.stdout, stderr, r.exception)
+
+
+class _ProcessLikeRunner(CliRunner):
+    """CliRunner whose calls warn and log on their own stderr, as a `factory` process does."""
+
+    @contextlib.contextmanager
+    def isolation(self, *args, **kwargs):
+        outer = {"stdout": (sys.stdout, sys.__stdout__), "stderr": (sys.stderr, sys.__stderr__)}
+        with super().isolation(*args, **kwargs) as streams, warnings.catch_warnings():
+            # CliRunner wraps help at 80 columns; click in a process, to COLUMNS (less 2).
+            # CliRunner puts the width back.
+            formatting.FORCED_WIDTH = None
+            warnings.resetwarnings()
+            for action, category, module in FRESH_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module, append=True)
+            warnings.showwarning = _print_warning  # on the call's stderr, not in pytest's record
+            with _logging_as_in_main(outer):
+                yield streams
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _logging_as_in_main(outer: dict):
+    """``cli.main.main``'s logging for one call: WARNING and above on the call's stderr
+    (its logging.basicConfig), asyncio's below CRITICAL dropped.  Handlers that libraries
+    put on this process's stdout or stderr (TrackPy's, on stdout) write to the call's
+    meanwhile; one a library adds during the call (imported by it) is moved to this
+    process's streams after it, not left on the call's, which are closed."""
+    root, aio = logging.getLogger(), logging.getLogger("asyncio")
+    levels = (root.level, aio.level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    inner = {"stdout": sys.stdout, "stderr": sys.stderr}
+    moved = []
+    for h in _stream_handlers():
+        for name, streams in outer.items():
+            if h.stream in streams:
+                moved.append((h, h.setStream(inner[name])))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    aio.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        aio.setLevel(levels[1])
+        for h, stream in moved:
+            h.setStream(stream)
+        for h in _stream_handlers():
+            for name, stream in inner.items():
+                if h.stream is stream:
+                    h.setStream(outer[name][0])
+
+
+def _stream_handlers() -> list:
+    """The plain StreamHandlers of every logger (not pytest's capturing ones)."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
+
+
 def one_line_error(r, *needles, absent=(), code=2):
     """Bad input's contract: exit status ``code`` (any non-zero when None), no traceback,
-    exactly one line on stderr, holding every needle and none of ``absent``.  ``r``: a
-    CompletedProcess (``run_cli``) or a Typer runner result."""
-    status = r.returncode if hasattr(r, "returncode") else r.exit_code
-    assert (status != 0 if code is None else status == code), (status, r.stdout, r.stderr)
+    exactly one line on stderr, holding every needle and none of ``absent``.  ``r``: what
+    ``run_cli``, ``invoke_cli`` or ``run_cli_process`` returned."""
+    assert (r.returncode != 0 if code is None else r.returncode == code), (r.returncode, r.stdout, r.stderr)
     assert getattr(r, "exception", None) is None or isinstance(r.exception, SystemExit), r.exception
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
