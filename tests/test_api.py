@@ -11,10 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
-from cli.main import app
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def readme_example() -> str:
@@ -26,8 +24,8 @@ def readme_example() -> str:
 
 
 def cli(*args):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.stderr
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
     return r
 
 

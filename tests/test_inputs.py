@@ -3,8 +3,8 @@ schema's limits, outputs checked before any work and written whole or not at all
 messages that say what is true.  Every refusal is one line on stderr, a non-zero exit,
 no traceback and nothing left behind.
 
-The CLI runs in-process (Typer's CliRunner); no model is trained: TrackPy needs none, and
-the run folders here hold untrained networks or broken weight files."""
+The commands run in this interpreter (conftest's run_cli); no model is trained: TrackPy
+needs none, and the run folders here hold untrained networks or broken weight files."""
 
 import os
 import tempfile
@@ -14,18 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-from typer.testing import CliRunner
 
-from cli.main import app
-from conftest import one_line_error
+from conftest import one_line_error, run_cli
 
 MIB = 2**20
-
-
-def cli(*args, env=None):
-    return CliRunner(env=env).invoke(app, [str(a) for a in args])
-
-
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -71,11 +63,11 @@ def test_a_key_written_twice_in_a_datasets_yaml_is_refused_naming_file_key_and_l
                    "    n_images: 64\n"
                    "    image: {pixel_size_um: 0.07}\n"
                    "    n_images: 640\n")
-    r = cli("build", cfg, "--out", tmp_path / "data", "-q")
+    r = run_cli("build", cfg, "--out", tmp_path / "data", "-q")
     one_line_error(r, "d.yaml", "datasets.train.n_images: duplicate key", "lines 4 and 6")
     assert not (tmp_path / "data").exists()
     cfg.write_text("seed: 1\ndatasets: {a: {n_images: 5}}\nseed: 2\n")
-    one_line_error(cli("build", cfg, "--out", tmp_path / "data"), "d.yaml", "seed: duplicate key", "lines 1 and 3")
+    one_line_error(run_cli("build", cfg, "--out", tmp_path / "data"), "d.yaml", "seed: duplicate key", "lines 1 and 3")
     # Anchors and aliases are no duplicates; the same key in two mappings neither.
     cfg.write_text("seed: 1\ndefaults: &d {image: {pixel_size_um: 0.07}}\n"
                    "datasets: {a: {n_images: 5, image: {pixel_size_um: 0.07}}, b: {n_images: 5}}\n")
@@ -91,7 +83,7 @@ def test_a_key_written_twice_in_a_datasets_yaml_is_refused_naming_file_key_and_l
 def test_a_key_written_twice_in_a_training_config_is_refused(tmp_path):
     recipe = tmp_path / "t.yaml"
     recipe.write_text("model: spotnet\nepochs: 1\nlr: 0.01\nepochs: 50\n")
-    r = cli("train", "--config", recipe, "--data", tmp_path / "nowhere", "--out", tmp_path / "run", "-q")
+    r = run_cli("train", "--config", recipe, "--data", tmp_path / "nowhere", "--out", tmp_path / "run", "-q")
     one_line_error(r, "t.yaml", "epochs: duplicate key", "lines 2 and 4")
     assert not (tmp_path / "run").exists()
 
@@ -114,7 +106,7 @@ def _limit(path: str, attr: str):
 ])
 def test_physical_flags_must_be_finite_and_inside_the_schemas_limits(movie, tmp_path, command, flag, value, field):
     out = tmp_path / ("p.csv" if command == "predict" else "t")
-    r = cli(command, "trackpy", movie, "--out", out, flag, value, "-q")
+    r = run_cli(command, "trackpy", movie, "--out", out, flag, value, "-q")
     line = one_line_error(r, f"{flag} {float(value)}", field)
     if field == "image.pixel_size_um":
         assert f"<= {_limit(field, 'le')} um" in line  # the schema's own upper limit
@@ -122,11 +114,11 @@ def test_physical_flags_must_be_finite_and_inside_the_schemas_limits(movie, tmp_
 
 
 def test_z_step_and_linking_flags_must_be_finite(movie, tmp_path):
-    one_line_error(cli("predict", "trackpy", movie, "--out", tmp_path / "p.csv", "--z-step-um", "inf"),
+    one_line_error(run_cli("predict", "trackpy", movie, "--out", tmp_path / "p.csv", "--z-step-um", "inf"),
                    "--z-step-um inf", "stack.z_step_um")
     for flag in ("--max-diffusion-um2-s", "--search-range-um"):
-        one_line_error(cli("track", "trackpy", movie, "--out", tmp_path / "t", flag, "inf"), f"{flag} inf", "finite")
-    one_line_error(cli("evaluate", "--predictions", tmp_path / "x.csv", "--data", tmp_path, "--out", tmp_path / "e",
+        one_line_error(run_cli("track", "trackpy", movie, "--out", tmp_path / "t", flag, "inf"), f"{flag} inf", "finite")
+    one_line_error(run_cli("evaluate", "--predictions", tmp_path / "x.csv", "--data", tmp_path, "--out", tmp_path / "e",
                        "--gates-nm", "70,inf"), "--gates-nm 70,inf", "finite")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
 
@@ -134,12 +126,12 @@ def test_z_step_and_linking_flags_must_be_finite(movie, tmp_path):
 def test_the_schema_limits_a_pixel_size_in_a_config_too(tmp_path):
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump({"seed": 1, "datasets": {"a": {"n_images": 5, "image": {"pixel_size_um": 1e9}}}}))
-    one_line_error(cli("build", cfg, "--out", tmp_path / "data"), "d.yaml", "datasets.a.image.pixel_size_um")
+    one_line_error(run_cli("build", cfg, "--out", tmp_path / "data"), "d.yaml", "datasets.a.image.pixel_size_um")
 
 
 def test_a_sane_flag_still_passes(movie, tmp_path):
-    r = cli("track", "trackpy", movie, "--out", tmp_path / "t", "--pixel-size-um", "0.1", "-q")
-    assert r.exit_code == 0, r.stderr
+    r = run_cli("track", "trackpy", movie, "--out", tmp_path / "t", "--pixel-size-um", "0.1", "-q")
+    assert r.returncode == 0, r.stderr
     assert '"pixel_size_um": 0.1' in (tmp_path / "t" / "track.json").read_text()
 
 
@@ -149,63 +141,63 @@ def test_a_sane_flag_still_passes(movie, tmp_path):
 def test_predict_never_overwrites_a_csv_without_overwrite(movie, tmp_path):
     out = tmp_path / "p.csv"
     out.write_text("an earlier run\n")
-    one_line_error(cli("predict", "trackpy", movie, "--out", out, "-q"), "p.csv: already exists", "--overwrite")
+    one_line_error(run_cli("predict", "trackpy", movie, "--out", out, "-q"), "p.csv: already exists", "--overwrite")
     assert out.read_text() == "an earlier run\n"
-    r = cli("predict", "trackpy", movie, "--out", out, "-q", "--overwrite")
-    assert r.exit_code == 0, r.stderr
+    r = run_cli("predict", "trackpy", movie, "--out", out, "-q", "--overwrite")
+    assert r.returncode == 0, r.stderr
     assert out.read_text().startswith("frame,t_s,x,y,score") and not leftovers(tmp_path)
     # A folder where the CSV should go, and a file where a folder should be.
     (tmp_path / "d.csv").mkdir()
-    one_line_error(cli("predict", "trackpy", movie, "--out", tmp_path / "d.csv"), "d.csv: is a folder")
-    one_line_error(cli("predict", "trackpy", movie, "--out", movie / "p.csv"), "movie.tif is a file, not a folder")
+    one_line_error(run_cli("predict", "trackpy", movie, "--out", tmp_path / "d.csv"), "d.csv: is a folder")
+    one_line_error(run_cli("predict", "trackpy", movie, "--out", movie / "p.csv"), "movie.tif is a file, not a folder")
     # A CSV in folders that do not exist yet: created, and only on success.
-    r = cli("predict", "trackpy", movie, "--out", tmp_path / "new" / "sub" / "p.csv", "-q")
-    assert r.exit_code == 0 and (tmp_path / "new" / "sub" / "p.csv").exists()
+    r = run_cli("predict", "trackpy", movie, "--out", tmp_path / "new" / "sub" / "p.csv", "-q")
+    assert r.returncode == 0 and (tmp_path / "new" / "sub" / "p.csv").exists()
 
 
 def test_outputs_are_checked_before_any_work(movie, tmp_path):
     """The output is refused before the model (here: missing) or the input is read."""
     (tmp_path / "p.csv").write_text("x\n")
-    one_line_error(cli("predict", tmp_path / "no-model", movie, "--out", tmp_path / "p.csv"), "already exists")
-    one_line_error(cli("track", tmp_path / "no-model", movie, "--out", tmp_path / "p.csv"),
+    one_line_error(run_cli("predict", tmp_path / "no-model", movie, "--out", tmp_path / "p.csv"), "already exists")
+    one_line_error(run_cli("track", tmp_path / "no-model", movie, "--out", tmp_path / "p.csv"),
                    "p.csv: is a file, not a folder")
-    one_line_error(cli("evaluate", "--model", tmp_path / "no-model", "--data", tmp_path / "nowhere",
+    one_line_error(run_cli("evaluate", "--model", tmp_path / "no-model", "--data", tmp_path / "nowhere",
                        "--out", tmp_path / "p.csv"), "p.csv: is a file, not a folder")
     (tmp_path / "shot.png").write_bytes(b"an earlier picture")
-    one_line_error(cli("preview", tmp_path / "no-store.h5", "--out", tmp_path / "shot.png"),
+    one_line_error(run_cli("preview", tmp_path / "no-store.h5", "--out", tmp_path / "shot.png"),
                    "shot.png: already exists", "--overwrite")
     assert (tmp_path / "shot.png").read_bytes() == b"an earlier picture"
-    one_line_error(cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "p.csv"),
+    one_line_error(run_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "p.csv"),
                    "p.csv: is a file, not a folder")
     assert (tmp_path / "p.csv").read_text() == "x\n" and not leftovers(tmp_path)
 
 
 def test_a_read_only_place_is_refused_before_the_work(movie, tmp_path):
     ro = read_only_folder(tmp_path)
-    one_line_error(cli("predict", "trackpy", movie, "--out", ro / "p.csv", "-q"), "cannot write there")
-    one_line_error(cli("track", "trackpy", movie, "--out", ro / "t", "-q"), "cannot write there")
-    one_line_error(cli("evaluate", "--detector", "trackpy", "--data", tmp_path / "nowhere", "--out", ro / "e"),
+    one_line_error(run_cli("predict", "trackpy", movie, "--out", ro / "p.csv", "-q"), "cannot write there")
+    one_line_error(run_cli("track", "trackpy", movie, "--out", ro / "t", "-q"), "cannot write there")
+    one_line_error(run_cli("evaluate", "--detector", "trackpy", "--data", tmp_path / "nowhere", "--out", ro / "e"),
                    "cannot write there")
-    one_line_error(cli("preview", tmp_path / "no-store.h5", "--out", ro / "p.png"), "cannot write there")
+    one_line_error(run_cli("preview", tmp_path / "no-store.h5", "--out", ro / "p.png"), "cannot write there")
 
 
 def test_track_keeps_an_earlier_run_unless_overwrite_and_leaves_nothing_half_written(movie, tmp_path):
     out = tmp_path / "t"
-    assert cli("track", "trackpy", movie, "--out", out, "-q").exit_code == 0
+    assert run_cli("track", "trackpy", movie, "--out", out, "-q").returncode == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(first) == {"tracks.csv", "diffusion.csv", "tracks.png", "track.json"}
-    one_line_error(cli("track", "trackpy", movie, "--out", out, "-q", "--memory", "2"),
+    one_line_error(run_cli("track", "trackpy", movie, "--out", out, "-q", "--memory", "2"),
                    "t: holds an earlier run", "tracks.csv", "--overwrite")
     # A run that fails half-way (a 3 x 3 px movie) leaves the earlier run as it was.
     np.save(tmp_path / "tiny.npy", np.zeros((4, 3, 3)))
     tifffile.imwrite(tmp_path / "tiny.tif", np.zeros((4, 3, 3), np.uint16), photometric="minisblack")
-    one_line_error(cli("track", "trackpy", tmp_path / "tiny.tif", "--out", out, "--overwrite", "-q"), "too small")
+    one_line_error(run_cli("track", "trackpy", tmp_path / "tiny.tif", "--out", out, "--overwrite", "-q"), "too small")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first and not leftovers(tmp_path)
-    r = cli("track", "trackpy", movie, "--out", out, "-q", "--memory", "2", "--overwrite")
-    assert r.exit_code == 0, r.stderr
+    r = run_cli("track", "trackpy", movie, "--out", out, "-q", "--memory", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr
     assert '"memory": 2' in (out / "track.json").read_text() and not leftovers(tmp_path)
     # A failing first run creates no folder at all.
-    one_line_error(cli("track", "trackpy", tmp_path / "tiny.tif", "--out", tmp_path / "never", "-q"), "too small")
+    one_line_error(run_cli("track", "trackpy", tmp_path / "tiny.tif", "--out", tmp_path / "never", "-q"), "too small")
     assert not (tmp_path / "never").exists() and not leftovers(tmp_path)
 
 
@@ -214,7 +206,7 @@ def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    one_line_error(cli("evaluate", "--detector", "trackpy", "--data", tmp_path / "nowhere", "--out", out),
+    one_line_error(run_cli("evaluate", "--detector", "trackpy", "--data", tmp_path / "nowhere", "--out", out),
                    "e: holds an earlier run (metrics.json)", "--overwrite")
     assert (out / "metrics.json").read_text() == "{}" and not leftovers(tmp_path)
 
@@ -227,13 +219,13 @@ def test_train_overwrite_removes_the_earlier_model_only_once_the_new_run_can_sta
     run.create()
     run.write_config(parse_train_config({"model": "spotnet"}))
     run.file(run.BEST).write_bytes(b"the earlier model")
-    r = cli("train", "--data", tmp_path / "nowhere", "--out", run.path, "--overwrite", "-q")
+    r = run_cli("train", "--data", tmp_path / "nowhere", "--out", run.path, "--overwrite", "-q")
     one_line_error(r, "nowhere: no such data folder")
     assert run.file(run.BEST).read_bytes() == b"the earlier model"
 
 
 def test_report_needs_a_runs_folder_it_can_write(tmp_path):
-    one_line_error(cli("report", tmp_path / "nowhere", "--data", tmp_path), "nowhere: no such folder")
+    one_line_error(run_cli("report", tmp_path / "nowhere", "--data", tmp_path), "nowhere: no such folder")
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -242,31 +234,31 @@ def test_report_needs_a_runs_folder_it_can_write(tmp_path):
 
 def test_small_frames_are_not_called_a_colour_image(tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((5, 3, 3), np.float32))
-    one_line_error(cli("predict", "trackpy", tmp_path / "small.npy", "--out", tmp_path / "p.csv"),
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "small.npy", "--out", tmp_path / "p.csv"),
                    "3 x 3 px are too small", absent=["colour"])
     np.save(tmp_path / "rgb.npy", np.zeros((32, 32, 3), np.uint8))
-    one_line_error(cli("predict", "trackpy", tmp_path / "rgb.npy", "--out", tmp_path / "p.csv"), "colour image")
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "rgb.npy", "--out", tmp_path / "p.csv"), "colour image")
     assert not (tmp_path / "p.csv").exists()
 
 
 def test_an_empty_movie_is_not_called_one_frame(tmp_path):
     with pytest.warns(UserWarning):  # tifffile: a zero-size array makes a nonconformant TIFF
         tifffile.imwrite(tmp_path / "empty.tif", np.zeros((0, 32, 32), np.uint16), photometric="minisblack")
-    one_line_error(cli("track", "trackpy", tmp_path / "empty.tif", "--out", tmp_path / "t"), "holds no images",
+    one_line_error(run_cli("track", "trackpy", tmp_path / "empty.tif", "--out", tmp_path / "t"), "holds no images",
                    absent=["one frame"])
     np.save(tmp_path / "empty.npy", np.zeros((0, 32, 32), np.float32))
-    one_line_error(cli("predict", "trackpy", tmp_path / "empty.npy", "--out", tmp_path / "p.csv"), "holds no images")
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "empty.npy", "--out", tmp_path / "p.csv"), "holds no images")
     assert not (tmp_path / "t").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_huge_pixels_are_not_called_nan(tmp_path):
     np.save(tmp_path / "huge.npy", np.full((2, 16, 16), 1e300))
-    one_line_error(cli("predict", "trackpy", tmp_path / "huge.npy", "--out", tmp_path / "p.csv"),
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "huge.npy", "--out", tmp_path / "p.csv"),
                    "1e+300", "32-bit", absent=["NaN"])
     a = np.zeros((2, 16, 16))
     a[0, 0, 0] = np.nan
     np.save(tmp_path / "nan.npy", a)
-    one_line_error(cli("predict", "trackpy", tmp_path / "nan.npy", "--out", tmp_path / "p.csv"), "1 NaN pixel",
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "nan.npy", "--out", tmp_path / "p.csv"), "1 NaN pixel",
                    absent=["infinite"])
 
 
@@ -295,12 +287,12 @@ def test_weights_messages_say_what_the_file_is_and_never_advise_unsafe_loading(m
 
     run = _run_folder(tmp_path / "run")
     run.file(run.BEST).write_bytes(np.random.default_rng(1).bytes(4096))
-    line = one_line_error(cli("predict", run.path, movie, "--out", tmp_path / "p.csv", "-q"),
+    line = one_line_error(run_cli("predict", run.path, movie, "--out", tmp_path / "p.csv", "-q"),
                           "best.pt: not a PyTorch weights file", absent=["plain weights", "weights_only"])
     assert "corrupt" in line
     marker = tmp_path / "pwned"
     torch.save({"model": _RunsACommand(marker)}, run.file(run.BEST))
-    line = one_line_error(cli("predict", run.path, movie, "--out", tmp_path / "p.csv", "-q"),
+    line = one_line_error(run_cli("predict", run.path, movie, "--out", tmp_path / "p.csv", "-q"),
                           "best.pt: not a plain weights file", "refused because it holds pickled Python objects",
                           "nothing in it was run", absent=["weights_only", "Re-running", "False"])
     assert line.rstrip().endswith("was run")
@@ -313,7 +305,7 @@ def test_track_with_a_3d_model_says_it_is_a_stack_model(movie, tmp_path):
     params = {"widths": [4, 8], "pixel_size_um": 0.07, "z_step_um": 0.5}
     run = _run_folder(tmp_path / "run3d", "dmdetnet3d", params)
     run.save_best(family("dmdetnet3d").build(parse_params("dmdetnet3d", params)), 0)
-    one_line_error(cli("track", run.path, movie, "--out", tmp_path / "t", "-q"),
+    one_line_error(run_cli("track", run.path, movie, "--out", tmp_path / "t", "-q"),
                    "a 3D model", "z-stacks", "2D movie", absent=["(N, Z, H, W)"])
     assert not (tmp_path / "t").exists()
 
@@ -338,6 +330,8 @@ def test_the_dataset_name_rule_and_its_message_agree(tmp_path, name, ok):
 def _option_names():
     import typer.main
 
+    from cli.main import app
+
     group = typer.main.get_command(app)
     for name, cmd in group.commands.items():
         yield name, [o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")]
@@ -345,20 +339,20 @@ def _option_names():
 
 def test_help_keeps_every_option_name_whole_at_80_columns():
     for name, opts in _option_names():
-        r = cli(name, "--help", env={"COLUMNS": "80"})
-        assert r.exit_code == 0, r.stdout
+        r = run_cli(name, "--help", env={"COLUMNS": "80"})
+        assert r.returncode == 0, r.stdout
         for opt in opts:
             assert opt in r.stdout, (name, opt)
         assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= 80, r.stdout
-    listing = cli("--help", env={"COLUMNS": "80"}).stdout.split("Commands:")[1]
+    listing = run_cli("--help", env={"COLUMNS": "80"}).stdout.split("Commands:")[1]
     assert "..." not in listing and "…" not in listing  # each command's first sentence whole
-    r = cli("predict", "--help", env={"COLUMNS": "80"})
+    r = run_cli("predict", "--help", env={"COLUMNS": "80"})
     assert "--line-retrace-ms" in r.stdout and "--frame-flyback-ms" in r.stdout
 
 
 def test_schema_lists_every_size_field():
-    r = cli("schema")
-    assert r.exit_code == 0
+    r = run_cli("schema")
+    assert r.returncode == 0
     sizes = {ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("n_")}
     assert sizes == {"n_images", "n_movies", "n_stacks"}
     assert "pixel_size_um" in r.stdout and "starts with a letter or digit" in r.stdout
@@ -370,9 +364,9 @@ def test_train_model_offers_every_network(tmp_path):
     from cli.main import Network
 
     assert [n.value for n in Network] == list(NETWORKS)
-    r = cli("train", "--help", env={"COLUMNS": "80"})
+    r = run_cli("train", "--help", env={"COLUMNS": "80"})
     for name in NETWORKS:
         assert name in r.stdout, name
-    r = cli("train", "--model", "dmdetnet3d", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
+    r = run_cli("train", "--model", "dmdetnet3d", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
     one_line_error(r, "nowhere: no such data folder")  # the choice is accepted
     assert not (tmp_path / "run").exists()

@@ -17,11 +17,9 @@ import pandas as pd
 import pytest
 import tifffile
 import yaml
-from typer.testing import CliRunner
 
 import models.recordings.recording as recording
-from cli.main import app
-from conftest import ROOT, one_line_error, run_cli
+from conftest import ROOT, invoke_cli, one_line_error, run_cli
 from factory.errors import FactoryError
 from models.recordings.predict import localise
 from models.recordings.recording import open_recording
@@ -46,10 +44,6 @@ def movie_frames(n=10, seed=0):
         frames[t, 8 + t % 14:11 + t % 14, 8:11] += 60
         frames[t, 20:23, 6 + t % 20:9 + t % 20] += 50
     return frames
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 WRITERS = {
@@ -170,11 +164,12 @@ def test_predict_and_track_write_the_same_outputs_in_chunks_as_in_one(tmp_path, 
     runs = {}
     for name, chunk in (("one", recording.CHUNK_BYTES), ("many", 3 * H * W * 4)):
         monkeypatch.setattr(recording, "CHUNK_BYTES", chunk)
-        r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / f"{name}.csv", "--pixel-size-um", "0.1",
-                "-q")
-        assert r.exit_code == 0, r.stderr
-        r = cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / name, "--max-diffusion-um2-s", "0.2", "-q")
-        assert r.exit_code == 0, r.stderr
+        r = invoke_cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / f"{name}.csv",
+                       "--pixel-size-um", "0.1", "-q")
+        assert r.returncode == 0, r.stderr
+        r = invoke_cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / name, "--max-diffusion-um2-s", "0.2",
+                       "-q")
+        assert r.returncode == 0, r.stderr
         runs[name] = pd.read_csv(tmp_path / name / "tracks.csv")
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "many.csv").read_bytes()
     assert _as_sets(runs["one"]) == _as_sets(runs["many"])
@@ -183,11 +178,11 @@ def test_predict_and_track_write_the_same_outputs_in_chunks_as_in_one(tmp_path, 
 
 def test_the_progress_bar_counts_frames(tmp_path):
     tifffile.imwrite(tmp_path / "m.tif", movie_frames(3), photometric="minisblack")
-    r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv")
-    assert r.exit_code == 0, r.stderr
+    r = run_cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv")
+    assert r.returncode == 0, r.stderr
     assert "3/3" in r.stderr and "frame/s" in r.stderr
-    r = cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "q.csv", "-q")
-    assert r.exit_code == 0 and "frame/s" not in r.stderr
+    r = run_cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "q.csv", "-q")
+    assert r.returncode == 0 and "frame/s" not in r.stderr
 
 
 # --- bad input, found before the work or half-way ----------------------------------------------
@@ -208,8 +203,8 @@ def test_a_bad_pixel_in_the_last_frame_is_refused_before_any_work(tmp_path, smal
     # Found by a streamed pass when the recording is opened, with the message a whole read gives.
     with pytest.raises(FactoryError, match=re.escape(needle)):
         open_recording(tmp_path / "m.tif")
-    one_line_error(cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t"), needle)
-    one_line_error(cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv"), needle)
+    one_line_error(invoke_cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t"), needle)
+    one_line_error(invoke_cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv"), needle)
     assert left_behind(tmp_path) == []
 
 
@@ -221,8 +216,9 @@ def test_a_file_that_breaks_half_way_leaves_nothing_written(tmp_path, small_chun
         f.truncate(last + 10)
     with open_recording(tmp_path / "m.tif") as rec:
         assert rec.kind == "pages" and len(rec.frames(0, 3)) == 3  # the first chunks read
-    one_line_error(cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q"), "m.tif: cannot read")
-    one_line_error(cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q"),
+    one_line_error(invoke_cli("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q"),
+                   "m.tif: cannot read")
+    one_line_error(invoke_cli("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q"),
                    "m.tif: cannot read")
     assert left_behind(tmp_path) == []
 
