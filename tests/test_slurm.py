@@ -14,12 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
-from factory.stores import Store
+from conftest import assert_same_arrays, run_cli, run_cli_process
 
 pytestmark = pytest.mark.slurm
 
@@ -161,8 +159,9 @@ def test_array_job_and_finalize_match_a_single_process_build(slurm, tmp_path):
     ref = tmp_path / "ref"
     assert run_cli("build", cfg, "--out", ref, "-q").returncode == 0
     out = tmp_path / "cluster"
-    r = run_cli("slurm", cfg, "--shards", "4", "--out", out, "--cpus", "1", "--mem", "1G",
-                "--time", "00:10:00", "--submit", env=slurm)
+    # Submitted as a user submits: a `factory` process with the cluster's environment.
+    r = run_cli_process("slurm", cfg, "--shards", "4", "--out", out, "--cpus", "1", "--mem", "1G",
+                        "--time", "00:10:00", "--submit", env=slurm)
     assert r.returncode == 0, r.stderr
     import re
 
@@ -176,7 +175,5 @@ def test_array_job_and_finalize_match_a_single_process_build(slurm, tmp_path):
     assert sorted(p.name for p in (out / "slurm-logs").glob("build_*.out")) == \
         [f"build_{array}_{i}.out" for i in range(4)]
     for name in ("a", "b"):
-        with Store(ref / f"{name}.h5") as x, Store(out / f"{name}.h5") as y:
-            for n in x.names:
-                assert np.asarray(x.read(n)).tobytes() == np.asarray(y.read(n)).tobytes(), (name, n)
+        assert_same_arrays(ref / f"{name}.h5", out / f"{name}.h5")
     assert run_cli("verify", out).returncode == 0
