@@ -72,10 +72,11 @@ def user_errors(fn):
 
 # In the order `factory --help` lists them: the order of a first session, from building
 # the data to reporting on the detectors, then the config reference.
-for command in (data.build, data.finalize, data.verify, data.slurm, data.inspect, data.preview,
-                detectors.evaluate, detectors.train, recordings.predict, recordings.calibrate, recordings.track,
-                detectors.report, data.schema):
-    app.command()(user_errors(command))
+_COMMANDS = (data.build, data.finalize, data.verify, data.slurm, data.inspect, data.preview,
+             detectors.evaluate, detectors.train, recordings.predict, recordings.calibrate, recordings.track,
+             detectors.report, data.schema)
+for _command in _COMMANDS:
+    app.command()(user_errors(_command))
 
 
 def main() -> None:

@@ -73,7 +73,8 @@ def device_option() -> Any:
     return typer.Option(Device.cpu, "--device", help="cpu or cuda.")
 
 
-# A recording's pixel size and scan timing.
+# A recording's pixel size and scan timing: None (not given) by default, the library then
+# falls back on the store's or the model's; a command that needs them passes `...`.
 
 def pixel_size_option(help: str, default: Any = None) -> Any:
     return typer.Option(default, "--pixel-size-um", help=help)
