@@ -26,9 +26,12 @@ TARGETS_Z = {"centroid": "centroid_z_um", "exposure": "exposure_z_um"}
 
 def stack_points(xy: np.ndarray, z_um: np.ndarray, plane_z_um: np.ndarray, n_particles: np.ndarray,
                  in_view: np.ndarray) -> np.ndarray:
-    """(N, P, 3) voxel coordinates (x px, y px, z in planes from the first plane) of a
-    stack store's targets, NaN where a particle is not one: those whose centroid lies in
-    the field (``in_view``) and whose z lies within half a step of the planes."""
+    """(N, P, 3) voxel coordinates (x px, y px, z in planes from the first plane) of a stack store's targets.
+
+    NaN where a particle is not one.  Targets are the first ``n_particles`` slots whose
+    centroid lies in the field (``in_view``) and whose z lies within half a step of the
+    planes.  ``xy`` (N, P, 2) px, ``z_um`` (N, P) um, ``plane_z_um`` (N, Z) um.
+    """
     plane_z_um = np.asarray(plane_z_um, np.float64)
     Z = plane_z_um.shape[1]
     step = plane_z_um[:, 1:2] - plane_z_um[:, :1] if Z > 1 else np.ones((len(plane_z_um), 1))
@@ -49,7 +52,9 @@ def truth_points(points: np.ndarray, n_particles: np.ndarray, in_view: np.ndarra
     Images: the first ``n_particles`` slots (the paper's convention, whatever the
     centroid).  Movies: particles whose centroid lies in the field (``in_view``), and for
     the exposure target also whose exposure position does (a particle just outside
-    lights the edge pixels but is not in the recording)."""
+    lights the edge pixels but is not in the recording).  ``points`` (N, P, 2) px of
+    ``height`` x ``width`` px frames; a new float32 array.
+    """
     pts = np.array(points, np.float32, copy=True)
     keep = np.arange(pts.shape[1])[None, :] < np.asarray(n_particles)[:, None]
     if movie:
@@ -94,7 +99,8 @@ class _LazyStore:
         """Rows a..b of a per-image metadata array, from memory when it is small.
 
         Reading these whole once per process saves three reads per batch (each read of
-        a Zarr array costs about a millisecond however small)."""
+        a Zarr array costs about a millisecond however small).
+        """
         st = self.get()
         if self._small is None:
             names = [n for n in self.SMALL if n in st]
@@ -135,6 +141,18 @@ class StoreDataset(Dataset):
     ``centroids`` (n, 2) in px (x, y; pixel-centre origin), ``n_particles`` and
     ``diffusion`` (n,) in um^2/s.  ``transform(image, target)`` runs on both (see
     ``loaders.augment``); ``encoder(target, (H, W))`` adds a detector's training target.
+
+    Parameters
+    ----------
+    path : str or Path
+        A finished store (``.h5`` or ``.zarr``).
+    indices : array_like of int, optional
+        The store rows served, in this order (default: every row).
+    transform : callable, optional
+        ``transform(image, target) -> (image, target)``, e.g. ``loaders.augment.RandomFlips``.
+    encoder : callable, optional
+        ``encoder(target, (H, W)) -> target``, e.g. a family's training target
+        (``loaders.targets``).
     """
 
     def __init__(self, path: str | Path, indices=None, transform: Callable | None = None,
@@ -179,6 +197,31 @@ class StoreBatches(Dataset):
     are (B, 1, Z, H, W) and ``points`` (B, P, 3) voxel coordinates (``stack_points``).
     Also ``centroids`` (B, P, 2),
     ``n_particles`` (B,), ``diffusion`` (B, P) and ``index`` (B,).
+
+    Parameters
+    ----------
+    path : str or Path
+        A finished store (``.h5`` or ``.zarr``) of images, movies or z-stacks.
+    batch_size : int
+        Images per item (the last item may hold fewer).
+    align : bool
+        Round ``batch_size`` up to a multiple of the store's chunk rows.
+    start, stop : int
+        The store rows served (default: all).
+    shuffle_within : bool
+        Permute the images inside each batch.
+    seed : int
+        Seed of those permutations.
+    target : {"centroid", "exposure", "both"}
+        The truth in ``points`` (``"both"``: images and movies only).
+    untrained : tuple of str
+        With ``target="both"``: the targets this store does not train (their points +inf).
+
+    Raises
+    ------
+    ValueError
+        An unknown target, a store without its array (built by an older version), or
+        ``"both"`` for a stack store.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 256, align: bool = True,
@@ -207,6 +250,7 @@ class StoreBatches(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with ``seed``, draws the permutations of ``shuffle_within``."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -60,18 +60,38 @@ class Detector(Protocol):
     z_step_um: float | None
 
     def detect(self, images: np.ndarray, progress: bool = False) -> pd.DataFrame:
-        """Localise particles in ``images`` (N, H, W), or stacks (N, Z, H, W) where ``ndim`` is 3."""
+        """Localise particles in ``images`` (N, H, W), or stacks (N, Z, H, W) where ``ndim`` is 3.
+
+        Parameters
+        ----------
+        images : ndarray
+            Frames (N, H, W) (one (H, W) frame is taken as N = 1), or stacks
+            (N, Z, H, W) for a 3D detector, in photon counts or detector units.
+        progress : bool
+            A progress bar (stderr).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per localisation: ``frame`` (index into ``images``), ``x``, ``y``
+            (pixels, origin at the centre of pixel (0, 0)), ``score``, plus optional
+            columns (``sigma``; ``z`` in planes from the first plane for stacks).  Every
+            candidate is returned: ``threshold`` is for the caller to apply.
+        """
         ...
 
     def batch_frames(self, height: int, width: int) -> int:
-        """Frames of ``height`` x ``width`` px that ``detect`` processes together (1: one at
-        a time).  Fed that many per call, counted from the first frame, a detector returns
-        the same table to the bit as from one call on every frame
-        (``models.recordings.predict.localise``)."""
+        """Frames of ``height`` x ``width`` px that ``detect`` processes together (1: one at a time).
+
+        Fed that many per call, counted from the first frame, a detector returns the same
+        table to the bit as from one call on every frame
+        (``models.recordings.predict.localise``).
+        """
         ...
 
 
 def empty_table(extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A localisation table without rows: ``COLUMNS`` and the ``extra`` ones, with their dtypes."""
     cols = COLUMNS + list(extra)
     return pd.DataFrame({c: np.zeros(0, np.int64 if c == "frame" else np.float64) for c in cols})
 

@@ -33,6 +33,29 @@ from models.detectors.base import as_table, check_images, empty_table
 
 @dataclass(frozen=True)
 class Family:
+    """A detector family of the registry (``family``): its name, label, parameters and, for networks, its code.
+
+    Attributes
+    ----------
+    name : str
+        The family's name (``"spotnet"``, ``"trackpy"``, ...).
+    label : str
+        How tables name it.
+    Params : type of StrictModel
+        Its typed parameters (``parse_params``).
+    kind : {"network", "classical"}
+        A network, or TrackPy.
+    build, loss, predict : callable or None
+        Networks: build the network from ``Params``; its training loss; its decoding
+        into localisations (see the comments below).
+    train_defaults : dict
+        Overrides of ``TrainConfig``'s defaults for this family.
+    pixels_per_batch : int
+        Inference batch size by image area (voxels for stacks).
+    ndim : {2, 3}
+        2: images (N, H, W); 3: z-stacks (N, Z, H, W).
+    """
+
     name: str
     label: str
     Params: type[StrictModel]
@@ -66,6 +89,10 @@ _LOADED: dict[str, Family] = {
 
 
 def family(name: str) -> Family:
+    """The family called ``name``, its network module imported on first use.
+
+    Raises FactoryError for an unknown name.
+    """
     if name not in _NAMES:
         raise FactoryError(f"{name}: unknown detector (have: {', '.join(_NAMES)})")
     if name not in _LOADED:
@@ -84,7 +111,11 @@ def __getattr__(name: str):
 
 
 def parse_params(name: str, raw: Any, source: str = "config", prefix: str = "model_params") -> StrictModel:
-    """A family's typed parameters from a mapping; errors name the file and field."""
+    """A family's typed parameters from a mapping (or a parameters model; None: the defaults).
+
+    Raises ConfigError naming ``source`` and the field under ``prefix``: not a mapping,
+    an unknown key or a bad value.
+    """
     fam = family(name)
     if raw is None:
         raw = {}
@@ -102,7 +133,11 @@ def parse_params(name: str, raw: Any, source: str = "config", prefix: str = "mod
 
 
 def make_detector(name: str, params: Any = None, **kwargs):
-    """An untrained detector of any family (TrackPy is ready to use as it is)."""
+    """An untrained detector of any family (TrackPy is ready to use as it is).
+
+    ``params`` as ``parse_params`` takes them; ``kwargs`` go to the detector
+    (``TrackPyDetector`` or ``NetDetector``).
+    """
     fam = family(name)
     p = parse_params(name, params)
     if fam.kind == "classical":
@@ -111,7 +146,29 @@ def make_detector(name: str, params: Any = None, **kwargs):
 
 
 class NetDetector:
-    """A network behind the detector contract (frame, x, y, score, sigma)."""
+    """A network behind the detector contract (frame, x, y, score, sigma).
+
+    Parameters
+    ----------
+    fam : Family
+        The network's family.
+    model : torch.nn.Module
+        The network; moved to ``device`` and kept in inference mode.
+    threshold : float, optional
+        The tuned score threshold (``Detector.threshold``).
+    min_score : float
+        Lowest score a candidate keeps (the network's decoding).
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    label : str, optional
+        How tables name it (default: the family's label, marked for the exposure target).
+    target : {"centroid", "exposure"}
+        The truth it was trained on; sets ``timestamps`` (``"frame"``, ``"scan"``).
+    head : int
+        Which output head of a network with a head per target.
+    z_step_um : float, optional
+        3D networks: the z step (um) of the training stacks.
+    """
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
                  min_score: float = 0.01, device: str = "cpu", label: str | None = None,
@@ -132,6 +189,11 @@ class NetDetector:
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
+        """Images (N, H, W) -> ``frame, x, y, score, sigma``.
+
+        A 3D network's stacks (N, Z, H, W) -> ``frame, x, y, z, score, sigma`` (z in
+        planes from the first plane).  Every candidate from ``min_score`` on.
+        """
         # Inference mode every time: a detector validating a network mid-training must not
         # run batch norm on batch statistics, nor move its running statistics.
         self.model.eval()
@@ -167,8 +229,10 @@ class NetDetector:
 
     @torch.no_grad()
     def _detect_stacks(self, stacks, progress: bool = False) -> pd.DataFrame:
-        """(N, Z, H, W) stacks -> ``frame, x, y, z, score, sigma`` (x, y px; z in planes
-        from the first plane)."""
+        """(N, Z, H, W) stacks -> ``frame, x, y, z, score, sigma``.
+
+        x, y in px; z in planes from the first plane.
+        """
         from tqdm.auto import tqdm
 
         stacks = np.asarray(stacks)
