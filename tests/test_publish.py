@@ -1,8 +1,8 @@
 """Stores that never lie: exclusive builds, atomic publication, unfinished stores refused.
 
-Real processes and real files throughout: builds run as `factory` subprocesses, are
-killed with SIGKILL, race each other into one folder, and every reader is pointed at
-unfinished stores.
+Real processes and real files: builds run as `factory` processes that are killed with
+SIGKILL, race each other into one folder or meet a lock another process holds; every
+reader is pointed at unfinished stores.
 """
 
 import json
@@ -18,7 +18,7 @@ import h5py
 import pytest
 import yaml
 
-from conftest import assert_same_arrays, run_cli
+from conftest import assert_same_arrays, one_line_error, run_cli
 from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores
 
@@ -36,13 +36,6 @@ def build_cmd(cfg, out, fmt, *extra):
     return [sys.executable, "-m", "cli", "build", str(cfg), "--out", str(out), "--format", fmt, "-q", *extra]
 
 
-def one_line(stderr: str) -> str:
-    """The one error line (a build may print its size estimate before it)."""
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
-
-
 def leftovers(folder):
     """Temporary files and locks a build may leave behind."""
     return sorted(p.name for p in folder.rglob(".*") if ".partial-" in p.name or p.name.endswith(".lock")
@@ -55,7 +48,7 @@ def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
     cfg = write_config(root / "c.yaml", SMALL)
     for fmt in EXT:
-        r = subprocess.run(build_cmd(cfg, root / fmt, fmt), capture_output=True, text=True)
+        r = run_cli("build", cfg, "--out", root / fmt, "--format", fmt, "-q")
         assert r.returncode == 0, r.stderr
     return root, cfg
 
@@ -73,14 +66,13 @@ def test_two_concurrent_builds_of_different_configs_into_one_folder(tmp_path, fm
     out = tmp_path / "out"
     procs = {name: subprocess.Popen(build_cmd(cfg, out, fmt), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, cfg in (("a", a), ("b", b))}
-    done = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
-    winners = [name for name, (rc, _) in done.items() if rc == 0]
+    done = {name: subprocess.CompletedProcess(p.args, p.wait(timeout=300), p.stdout.read(), p.stderr.read())
+            for name, p in procs.items()}
+    winners = [name for name, r in done.items() if r.returncode == 0]
     assert len(winners) == 1, done
     loser = "b" if winners == ["a"] else "a"
-    rc, err = done[loser]
-    line = one_line(err)
-    assert rc != 0 and ("being written by" in line or "already exists" in line), line
-    assert "shared" in line
+    line = one_line_error(done[loser], "shared", code=None)
+    assert "being written by" in line or "already exists" in line, line
     with Store(out / f"shared{EXT[fmt]}") as st:
         assert st.config["seed"] == (1 if winners == ["a"] else 2)
     assert run_cli("verify", out / f"shared{EXT[fmt]}").returncode == 0
@@ -101,8 +93,7 @@ def test_a_build_stops_at_once_while_another_process_writes_the_store(tmp_path, 
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = subprocess.run(build_cmd(cfg, out, "hdf5"), capture_output=True, text=True)
-        line = one_line(r.stderr)
-        assert r.returncode == 2 and f"process {holder.pid}" in line and "k.h5" in line, line
+        one_line_error(r, f"process {holder.pid}", "k.h5")
         assert not (out / "k.h5").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -169,7 +160,8 @@ def test_a_build_killed_anywhere_then_rerun_gives_the_clean_store(tmp_path, clea
             assert_same_arrays(root / fmt / f"k{EXT[fmt]}", final)
         r = subprocess.run(build_cmd(cfg, out, fmt), capture_output=True, text=True)
         if r.returncode != 0:  # the killed build had already published the whole store
-            assert "already exists" in one_line(r.stderr) and final.exists(), (trial, r.stderr)
+            one_line_error(r, "already exists", code=None)
+            assert final.exists(), trial
         assert_same_arrays(root / fmt / f"k{EXT[fmt]}", final)
         assert leftovers(out) == [], trial
 
@@ -183,7 +175,7 @@ def sharded_half(tmp_path, fmt):
     cfg = write_config(tmp_path / "c.yaml", {"seed": 3, "defaults": {"output": {"chunk_images": 64}},
                                               "datasets": {"h": {"n_images": 256}}})
     out = tmp_path / "o"
-    r = subprocess.run(build_cmd(cfg, out, fmt, "--shard", "0/2"), capture_output=True, text=True)
+    r = run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", "0/2", "-q")
     assert r.returncode == 0, r.stderr
     return cfg, out
 
@@ -192,13 +184,11 @@ def sharded_half(tmp_path, fmt):
 def test_a_half_built_sharded_store_is_not_under_its_final_name(tmp_path, fmt):
     cfg, out = sharded_half(tmp_path, fmt)
     assert not (out / f"h{EXT[fmt]}").exists()
-    r = run_cli("inspect", out)
-    line = one_line(r.stderr)
-    assert r.returncode != 0 and "not finalized" in line and "factory finalize" in line, line
+    one_line_error(run_cli("inspect", out), "not finalized", "factory finalize", code=None)
     # Finalize refuses while a shard is missing; once both are built it publishes.
     r = run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q")
     assert r.returncode != 0 and "--shard 1/2" in r.stderr
-    r = subprocess.run(build_cmd(cfg, out, fmt, "--shard", "1/2"), capture_output=True, text=True)
+    r = run_cli("build", cfg, "--out", out, "--format", fmt, "--shard", "1/2", "-q")
     assert r.returncode == 0, r.stderr
     assert run_cli("finalize", cfg, "--out", out, "--format", fmt, "-q").returncode == 0
     r = run_cli("inspect", out, "--brief")
@@ -212,7 +202,7 @@ def unfinished_stores(tmp_path):
     _, half = sharded_half(tmp_path / "z", "zarr")
     out["zarr shard 0 of 2"] = (half / "h.zarr.shards" / "h.zarr", "factory finalize")
     cfg, o = sharded_half(tmp_path / "v", "hdf5")
-    assert subprocess.run(build_cmd(cfg, o, "hdf5", "--shard", "1/2"), capture_output=True).returncode == 0
+    assert run_cli("build", cfg, "--out", o, "--shard", "1/2", "-q").returncode == 0
     assert run_cli("finalize", cfg, "--out", o, "-q").returncode == 0
     moved = tmp_path / "elsewhere"
     moved.mkdir()
@@ -244,9 +234,7 @@ def test_every_reader_refuses_an_unfinished_store(unfinished, kind, tmp_path):
                 ("predict", "trackpy", path, "--out", tmp_path / "p.csv"),
                 ("evaluate", "--detector", "trackpy-paper", "--data", path, "--out", tmp_path / "ev")]
     for args in commands:
-        r = run_cli(*args)
-        line = one_line(r.stderr)
-        assert r.returncode != 0 and says in line and str(path) in line, (args, line)
+        one_line_error(run_cli(*args), says, str(path), code=None)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "p.png").exists()
     assert run_cli("verify", path).returncode != 0
 
@@ -254,9 +242,7 @@ def test_every_reader_refuses_an_unfinished_store(unfinished, kind, tmp_path):
 def test_training_refuses_an_unfinished_store(unfinished, tmp_path):
     path, says = unfinished["store without its completeness mark"]
     cfg = write_config(tmp_path / "t.yaml", {"model": "spotnet", "train": ["n"], "val": ["n"], "epochs": 1})
-    r = run_cli("train", "--config", cfg, "--data", path.parent, "--out", tmp_path / "run")
-    line = one_line(r.stderr)
-    assert r.returncode != 0 and says in line, line
+    one_line_error(run_cli("train", "--config", cfg, "--data", path.parent, "--out", tmp_path / "run"), says, code=None)
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
@@ -271,7 +257,7 @@ def test_verify_on_an_unfinished_single_process_store_says_rebuild_not_finalize(
 
 def test_inspect_reads_a_finalized_sharded_hdf5_store(tmp_path):
     cfg, out = sharded_half(tmp_path, "hdf5")
-    assert subprocess.run(build_cmd(cfg, out, "hdf5", "--shard", "1/2"), capture_output=True).returncode == 0
+    assert run_cli("build", cfg, "--out", out, "--shard", "1/2", "-q").returncode == 0
     assert run_cli("finalize", cfg, "--out", out, "-q").returncode == 0
     r = run_cli("inspect", out / "h.h5")
     assert r.returncode == 0, r.stderr
@@ -302,6 +288,4 @@ def damage(kind, clean_root, tmp_path):
 @pytest.mark.parametrize("kind", ["truncated hdf5", "zarr chunk", "zarr metadata"])
 def test_inspect_on_a_corrupt_store_is_one_line(tmp_path, clean, kind):
     bad = damage(kind, clean[0], tmp_path)
-    r = run_cli("inspect", bad)
-    line = one_line(r.stderr)
-    assert r.returncode != 0 and bad.name in line and "damaged" in line, line
+    one_line_error(run_cli("inspect", bad), bad.name, "damaged", code=None)
