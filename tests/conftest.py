@@ -294,6 +294,19 @@ def overfit(name: str):
     return _TRAINED[name]
 
 
+def overfit_run(path, name: str = "spotnet", **config):
+    """A run folder at ``path`` as `factory train` leaves one, holding ``overfit(name)``'s
+    weights; its config: ``config`` over ``min_score: 0.05``."""
+    from models.training.config import parse_train_config
+    from models.training.runs import RunFolder
+
+    run = RunFolder(path)
+    run.create()
+    run.write_config(parse_train_config({"model": name, "min_score": 0.05, **config}))
+    run.save_best(overfit(name).model, 0)
+    return run
+
+
 def ready_detector(name: str):
     """Any registered detector, ready to run: TrackPy as it is, networks overfitted."""
     from models.detectors.registry import family, make_detector

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import overfit, run_cli, small_training_set
+from conftest import one_line_error, overfit, overfit_run, run_cli, small_training_set
 from models.networks.densitynet import ALPHA, EPSILON, OMEGA, THETA, awing, weight_map
 
 
@@ -85,14 +85,7 @@ def test_weight_map_is_lambda_plus_one_around_spots():
 def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, small_set):
     import tifffile
 
-    from models.training.config import parse_train_config
-    from models.training.runs import RunFolder
-
-    det = overfit("spotnet")
-    run = RunFolder(tmp_path / "run")
-    run.create()
-    run.write_config(parse_train_config({"model": "spotnet", "min_score": 0.05}))
-    run.save_best(det.model, 0)
+    run = overfit_run(tmp_path / "run")
     images, centroids = small_set
     stack = np.random.default_rng(2).poisson(8.4, (3, 64, 80)).astype(np.float32)
     for k in range(3):
@@ -108,13 +101,12 @@ def test_predict_on_a_tiff_larger_than_the_training_images(tmp_path, small_set):
         assert best.x_um == pytest.approx(best.x * 0.07)
     # Bad input: one line, non-zero exit.
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
-    r = run_cli("predict", run.path, tmp_path / "bad.tif", "--out", tmp_path / "q.csv")
-    assert r.returncode == 2 and "bad.tif: cannot read" in r.stderr and "Traceback" not in r.stderr
+    one_line_error(run_cli("predict", run.path, tmp_path / "bad.tif", "--out", tmp_path / "q.csv"), "bad.tif: cannot read")
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 16, 16)))
-    r = run_cli("predict", run.path, tmp_path / "cube.npy", "--out", tmp_path / "q.csv")
-    assert r.returncode == 2 and "expected one image (H x W) or a stack" in r.stderr
-    r = run_cli("predict", tmp_path / "nomodel", tmp_path / "rec.tif", "--out", tmp_path / "q.csv")
-    assert r.returncode == 2 and "no such model" in r.stderr
+    one_line_error(run_cli("predict", run.path, tmp_path / "cube.npy", "--out", tmp_path / "q.csv"),
+                   "expected one image (H x W) or a stack")
+    one_line_error(run_cli("predict", tmp_path / "nomodel", tmp_path / "rec.tif", "--out", tmp_path / "q.csv"),
+                   "no such model")
     assert not (tmp_path / "q.csv").exists()
 
 
