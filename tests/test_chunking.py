@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, dataset, one_line_error, run_cli
+from conftest import ROOT, assert_same_arrays, dataset, one_line_error, run_cli
 from factory.build import BATCH_BYTES, batch_images, build, specs_for, store_attrs
 from factory.config import config_from_json, config_hash, dataset_hash, load_config, parse_config
 from factory.errors import FactoryError
@@ -81,8 +81,7 @@ def test_real_size_build_succeeds_and_reads_back(tmp_path, fmt):
     got = read_rows(r.path, 0, 2)
     want = simulate(ds, cfg.seed)
     assert got["trajectories"].shape == (2, 64, 512, 3)
-    for name, a in want.items():
-        assert a.tobytes() == got[name].tobytes(), name
+    assert_same_arrays(want, got)
     assert verify_store(r.path) == []
 
 
@@ -109,8 +108,7 @@ def test_dwell_rows_larger_than_a_chunk_shard_finalize_and_verify(tmp_path, fmt)
     for i in range(2):
         got, want = read_rows(final, i, i + 1), simulate(ds, cfg.seed, i, i + 1)
         assert np.isfinite(want["trajectories"][0, 0]).all()
-        for name, a in want.items():
-            assert a.tobytes() == got[name].tobytes(), (i, name)
+        assert_same_arrays(want, got)
 
 
 # --- trajectory_step ------------------------------------------------------------------------
