@@ -39,7 +39,8 @@ def main() -> None:
     from models.evaluation.metrics import Points
     from models.recordings.predict import load_detector, localise
     from models.tracking.timing import ScanTiming, time_stamps
-    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.detectors.trackpy import run_user_pipeline, user_search_range_px
+    from models.evaluation.tuning import tune_user_pipeline
     from models.tracking.tracks import blur_r, diffusion_table, link, score_tracks, search_range_px, stitch
 
     det = load_detector(args.model, "cpu", prefer="exposure")
@@ -65,7 +66,7 @@ def main() -> None:
     h, w = frames.shape[1:]
     period = timing.frame_period_s(h, w)
     d_lo, d_hi = cfg["particles"]["diffusion_um2_s"]["low"], cfg["particles"]["diffusion_um2_s"]["high"]
-    pipe = tune_user_pipeline(frames, Points.from_masked(truth.exposure_xy), px, sigma,
+    pipe = tune_user_pipeline(frames, Points.from_masked(truth.exposure_xy * px), px, sigma,
                               user_search_range_px(d_hi, period, px))
     print(f"TrackPy user pipeline: {pipe.model_dump()}", flush=True)
     r_scan = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), sigma, px)

@@ -47,7 +47,8 @@ def main() -> None:
     from models.evaluation.metrics import Points
     from models.recordings.predict import load_detector, training_data_config
     from models.tracking.timing import ScanTiming, time_stamps
-    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.detectors.trackpy import run_user_pipeline, user_search_range_px
+    from models.evaluation.tuning import tune_user_pipeline
     from models.tracking.tracks import blur_r, diffusion_table, max_diffusion, track_recording
 
     m = EXAMPLE
@@ -68,7 +69,7 @@ def main() -> None:
     # TrackPy as a user sets it up: tuned for F1 against what the laser saw, on a
     # recording of its own; the radius for the fastest particles of the example (0.5 um^2/s).
     frames, rows, truth = movie("tune", args.seed + 999)
-    gt = Points.from_masked(truth.exposure_xy)
+    gt = Points.from_masked(truth.exposure_xy * px)
     pipe = tune_user_pipeline(frames, gt, px, m["sigma_xy"], user_search_range_px(0.5, period, px))
     print(f"TrackPy user pipeline: {pipe.model_dump()}")
 

@@ -285,7 +285,8 @@ def bench_track(args):
     from models.recordings.predict import load_detector
     from models.detectors.registry import NetDetector, family
     from models.tracking.timing import ScanTiming
-    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.detectors.trackpy import run_user_pipeline, user_search_range_px
+    from models.evaluation.tuning import tune_user_pipeline
     from models.tracking.tracks import track_recording
 
     tune_malloc()
@@ -316,7 +317,7 @@ def bench_track(args):
         images = rows["images"]  # uint16, as a recording holds them
         period = timing.frame_period_s(size, size)
         gt = truth_points(tune["exposure_xy"], tune["n_particles"], tune["in_view"], True, size, size)
-        pipe = tune_user_pipeline(tune["images"], Points.from_masked(gt), px, 0.21,
+        pipe = tune_user_pipeline(tune["images"], Points.from_masked(gt * px), px, 0.21,
                                   user_search_range_px(d_max, period, px))
         print(f"{frames_n} frames of {size} x {size} px, about {mean * 0.8:.0f} particles in view; {label}; "
               f"TrackPy user pipeline {pipe.model_dump()}")

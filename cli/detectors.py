@@ -38,8 +38,9 @@ def evaluate(
     tune_on: str = typer.Option("val", "--tune-on", help="Store of --data to tune TrackPy on (never a test set)."),
     tune_images: int = typer.Option(600, "--tune-images", min=50, help="Images of --tune-on used for tuning."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="With --predictions: score cut for F1 (default: all)."),
-    gates_nm: str = typer.Option("70,140,210", "--gates-nm", help="Distance gates of the PR-AUC in nm (converted per store from its "
-                                                                  "pixel size)."),
+    gates_nm: Optional[str] = typer.Option(None, "--gates-nm", help="Distance gates of the PR-AUC in nm, comma-separated (default: the "
+                                                                      "paper's 70,140,210 for images; 100,200,300 for z-stacks, "
+                                                                      "distances in x, y and z)."),
     target: Target = typer.Option(Target.centroid, "--target", help="TrackPy and --predictions: the truth tuned and first scored against "
                                                                     "(centroid: the paper's; exposure: what the laser saw). Trained "
                                                                     "models use their own (a model with a head per target: this head); "
@@ -49,12 +50,14 @@ def evaluate(
 ) -> None:
     """Score a detector on the test stores: the seed paper's PR-AUC at 70/140/210 nm,
     deepBlink's F1 integral, F1 and RMSE at 140 nm; Table 1 beside the paper's rows.
+    z-stacks: the same metrics at 3D gates (100/200/300 nm), the RMSE split into xy and z.
 
-    Gates are physical distances, converted to pixels with each store's pixel size."""
+    Gates are physical distances: both sides are scored in micrometres, with each
+    store's pixel size (and z step)."""
     from models.evaluation.evaluate import EVALUATION_FILES, evaluate_stores
     from models.recordings.outputs import staged_output
 
-    gates = _gates(gates_nm)
+    gates = _gates(gates_nm) if gates_nm is not None else None
     # An input inside --out (a trackpy.json given to --params) is never removed by --overwrite.
     with staged_output(out, "folder", EVALUATION_FILES, overwrite, what="the evaluation (metrics.json, table.md, ...)",
                        keep=(params,) if params else ()) as stage:

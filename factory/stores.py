@@ -58,6 +58,7 @@ coordinate convention and the compression.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -553,7 +554,7 @@ class Store:
                              f"unreadable, the store is damaged ({type(exc).__name__}: {first}); "
                              "rebuild it or check it with `factory verify`") from None
 
-    @property
+    @functools.cached_property
     def dataset(self):
         """The store's validated dataset config (``factory.config.Dataset``)."""
         from .config import config_from_json
@@ -561,6 +562,13 @@ class Store:
         cfg = self.config
         name = cfg["dataset"]["name"]
         return config_from_json(json.dumps({"seed": cfg["seed"], "datasets": {name: cfg["dataset"]}})).datasets[name]
+
+    @property
+    def kind(self) -> str:
+        """What the store holds: ``"images"``, ``"movies"`` (the frames of its movies, one
+        after another) or ``"stacks"`` (z-stacks, one per row)."""
+        ds = self.dataset
+        return "stacks" if ds.stack is not None else "movies" if ds.movie is not None else "images"
 
     @property
     def chunk_rows(self) -> int:

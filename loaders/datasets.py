@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from factory.errors import StoreError
 from factory.stores import Store
 
 # Training targets: the store array holding each one's (x, y) per image and particle,
@@ -66,6 +67,27 @@ def truth_points(points: np.ndarray, n_particles: np.ndarray, in_view: np.ndarra
     return pts
 
 
+def store_targets(store: Store, target: str = "centroid", start: int = 0, stop: int | None = None) -> np.ndarray:
+    """The detection targets of rows ``start .. stop`` of a store of any kind.
+
+    NaN where a slot is not one: (N, P, 2) pixels for images and movies
+    (``truth_points``), (N, P, 3) voxels for stacks (``stack_points``).  The one reader
+    of a store's truth; StoreError when the store lacks the target's arrays.
+    """
+    if TARGETS[target] not in store:
+        raise StoreError(f"{store.path}: no {TARGETS[target]} array for the {target} target (rebuild the store)")
+    n = store.read("n_particles", start, stop)
+    if store.kind == "stacks":
+        if TARGETS_Z[target] not in store:
+            raise StoreError(f"{store.path}: no {TARGETS_Z[target]} array for the {target} target (rebuild the store)")
+        return stack_points(store.read(TARGETS[target], start, stop), store.read(TARGETS_Z[target], start, stop),
+                            store.read("plane_z_um", start, stop), n, store.read("in_view", start, stop))
+    movie = store.kind == "movies"
+    h, w = store["images"].shape[1:]
+    return truth_points(store.read(TARGETS[target], start, stop), n,
+                        store.read("in_view", start, stop) if movie else None, movie, h, w)
+
+
 class _LazyStore:
     """A Store opened on first use in each process (re-opened after a fork)."""
 
@@ -81,8 +103,8 @@ class _LazyStore:
             self.image_shape = tuple(st["images"].shape[1:])
             self.chunk = st.chunk_rows
             self.max_particles = int(st["centroids"].shape[1])
-            self.movie = st.config["dataset"].get("movie") is not None
-            self.stack = st.config["dataset"].get("stack") is not None
+            self.movie = st.kind == "movies"
+            self.stack = st.kind == "stacks"
 
     def get(self) -> Store:
         if self._store is None or self._pid != os.getpid():

@@ -10,7 +10,7 @@ import pytest
 from conftest import ready_detector, small_training_set
 from models.detectors.base import COLUMNS, Detector
 from models.detectors.registry import DETECTORS_2D, FAMILIES, make_detector
-from models.detectors.trackpy import TrackPy3DDetector
+from models.detectors.trackpy import Params, TrackPyDetector
 
 DETECTORS = list(DETECTORS_2D)
 
@@ -106,7 +106,7 @@ KNOWN = [*FAMILIES, "trackpy3d", "spotnet-exposure"]
 
 def _build(name: str):
     if name == "trackpy3d":
-        return TrackPy3DDetector()
+        return TrackPyDetector(Params(diameter=9, diameter_z=5))
     if name == "spotnet-exposure":
         return make_detector("spotnet", target="exposure")
     return make_detector(name)
@@ -123,7 +123,7 @@ def test_every_detector_meets_the_protocol_with_typed_values(name):
         value = getattr(det, attr)
         assert _conforms(value, hint), (name, attr, value, hint)
     network = name not in ("trackpy", "trackpy3d")
-    assert det.name == name.removesuffix("-exposure")
+    assert det.name == name.removesuffix("-exposure").removesuffix("3d" if name == "trackpy3d" else "")
     assert det.label and det.label != det.name
     assert det.ndim == (3 if name in ("trackpy3d", "dmdetnet3d") else 2)
     assert det.target == ("exposure" if name == "spotnet-exposure" else "centroid")

@@ -75,7 +75,8 @@ def test_trackpy_with_the_papers_settings(data, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["detector"] == "TrackPy (ours, paper settings)"
-    assert m["params"] == {"diameter": 7, "minmass": 0.0, "separation": 7.0, "percentile": 64.0, "preprocess": False}
+    assert m["params"] == {"diameter": 7, "diameter_z": None, "minmass": 0.0, "separation": 7.0, "percentile": 64.0,
+                           "preprocess": False}
     assert m["threshold"] is not None  # its F1 operating point, chosen on val
 
 
@@ -105,16 +106,18 @@ def test_gates_are_physical_on_a_store_with_other_pixels(tmp_path):
 def test_pooled_metrics_over_stores_of_different_pixel_sizes():
     """Pooled in um: the gates keep their physical size in every store."""
     from models.evaluation.evaluate import pooled_metrics
-    from models.evaluation.metrics import Points
+    from models.evaluation.truth import Geometry
 
-    gt = [Points.from_arrays([0, 1], [5.0, 5.0], [5.0, 5.0], 2)] * 2
+    gt_px = pd.DataFrame({"frame": [0, 1], "x": [5.0, 5.0], "y": [5.0, 5.0]})
     # 1.5 px off: 105 nm at 0.07 um, 150 nm at 0.1 um.
     # The first store's pair ranks first (score 1): within 140 nm; the second's (0.5) not.
     tables = [pd.DataFrame({"frame": [0, 1], "x": [6.5, 6.5], "y": [5.0, 5.0], "score": [s, s]}) for s in (1.0, 0.5)]
-    m = pooled_metrics(tables, gt, [0.07, 0.1], None)
+    geoms = [Geometry(0.07), Geometry(0.1)]
+    m = pooled_metrics(tables, [g.points(gt_px, 2) for g in geoms], geoms, None)
     assert m["auc"]["140"] == pytest.approx(0.5) and m["auc"]["210"] == pytest.approx(1.0)
     assert m["rmse_px"] is None and m["rmse_nm"] == pytest.approx(105.0)  # pairs within 140 nm only
-    same = pooled_metrics(tables, gt, [0.07, 0.07], None)
+    geoms = [Geometry(0.07)] * 2
+    same = pooled_metrics(tables, [g.points(gt_px, 2) for g in geoms], geoms, None)
     assert same["auc"]["140"] == pytest.approx(1.0) and same["rmse_px"] == pytest.approx(1.5)
 
 

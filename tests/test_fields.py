@@ -88,7 +88,8 @@ def test_the_trackpy_user_pipeline_gives_back_d_from_the_msd_slope():
     per axis per frame) for 150 frames: trackpy's imsd line fit gives D back within 20%
     (pooled) and the line fit to each particle's own MSD, and the tuning picks a diameter and a minmass that find every spot."""
     from models.evaluation.metrics import Points
-    from models.detectors.trackpy import run_user_pipeline, tune_user_pipeline, user_search_range_px
+    from models.detectors.trackpy import run_user_pipeline, user_search_range_px
+    from models.evaluation.tuning import tune_user_pipeline
 
     F, D, dt, px = 150, 0.02, 0.5, 0.1
     rng = np.random.default_rng(3)
@@ -97,7 +98,7 @@ def test_the_trackpy_user_pipeline_gives_back_d_from_the_msd_slope():
     centres = np.array([[35.0, 35.0], [105.0, 45.0], [70.0, 105.0]])[None] + walk
     assert centres.min() > 8 and centres.max() < 132  # in the field, away from its edge
     frames = _spots_movie(F, centres, size=140)
-    gt = Points.from_masked(centres[:20])
+    gt = Points.from_masked(centres[:20] * px)
     pipe = tune_user_pipeline(frames[:20], gt, px, 0.15, user_search_range_px(2 * D, dt, px))
     assert pipe.diameter in (5, 7) and pipe.minmass > 0
     tracks, d = run_user_pipeline(frames, pipe, px, dt)

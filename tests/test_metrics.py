@@ -1,17 +1,20 @@
 """Metrics: hand-computed cases and the properties any ranking metric must have."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from models.evaluation.metrics import (GATES_NM, Points, best_f1_threshold, evaluate_points, f1_cutoffs_px, f1_integral,
-                            f1_rmse, match_counts, nm_to_px, pr_auc, pr_curve)
+from models.evaluation.evaluate import score_table
+from models.evaluation.metrics import (GATES_NM, Points, best_f1_threshold, evaluate_points, f1_cutoffs_um, f1_integral,
+                                       f1_rmse, gates_for, match_counts, nm_to_px, pr_auc, pr_curve)
+from models.evaluation.truth import Geometry
 
 CUT = np.linspace(0, 3, 50)  # deepBlink's cutoffs at 0.07 um per pixel
 
 
 def pts(rows, n_frames):
     rows = np.asarray(rows, float).reshape(-1, 3)
-    return Points.from_arrays(rows[:, 0], rows[:, 1], rows[:, 2], n_frames)
+    return Points(rows[:, 0], rows[:, 1:3], n_frames)
 
 
 GT = pts([[0, 5, 5], [1, 10, 10], [2, 3, 4], [2, 15, 15]], 3)
@@ -39,7 +42,7 @@ def test_perfect_predictions_score_one_everywhere():
 
 def test_f1_integral_by_hand():
     # Every prediction 0.5 px off: F1 = 0 below the 0.5 cutoff, 1 from it on.
-    pred = Points(GT.frame, GT.xy + [0.5, 0.0], 3)
+    pred = Points(GT.frame, GT.pos_um + [0.5, 0.0], 3)
     f1 = (CUT >= 0.5).astype(float)
     assert f1_integral(pred, GT, CUT) == pytest.approx(np.trapezoid(f1, CUT) / 3)
     f1v, rmse = f1_rmse(pred, GT, 2.0)
@@ -47,7 +50,7 @@ def test_f1_integral_by_hand():
 
 
 def test_predictions_beyond_the_gate_score_zero():
-    pred = Points(GT.frame, GT.xy + 2.5, 3)
+    pred = Points(GT.frame, GT.pos_um + 2.5, 3)
     score = np.ones(4)
     for gate in (1.0, 2.0, 3.0):
         assert pr_auc(pred, score, GT, gate) == (0.0 if gate < 2.5 * np.sqrt(2) else pytest.approx(1.0))
@@ -57,19 +60,19 @@ def test_predictions_beyond_the_gate_score_zero():
 def test_order_of_images_and_predictions_does_not_matter():
     rng = np.random.default_rng(3)
     n = 200
-    gt = Points.from_arrays(np.arange(n), rng.uniform(0, 20, n), rng.uniform(0, 20, n), n)
+    gt = Points(np.arange(n), rng.uniform(0, 20, (n, 2)), n)
     m = 600
     frame = rng.integers(0, n, m)
-    pred = Points.from_arrays(frame, gt.xy[frame, 0] + rng.normal(0, 1.2, m), gt.xy[frame, 1] + rng.normal(0, 1.2, m), n)
+    pred = Points(frame, np.stack([gt.pos_um[frame, 0] + rng.normal(0, 1.2, m), gt.pos_um[frame, 1] + rng.normal(0, 1.2, m)], 1), n)
     score = rng.integers(0, 20, m).astype(float)  # many ties
     base = [pr_auc(pred, score, gt, g) for g in (1, 2, 3)]
     perm = rng.permutation(m)
-    shuffled = Points(pred.frame[perm], pred.xy[perm], n)
+    shuffled = Points(pred.frame[perm], pred.pos_um[perm], n)
     assert [pr_auc(shuffled, score[perm], gt, g) for g in (1, 2, 3)] == base
     # Renumber the images.
     relabel = rng.permutation(n)
-    gt2 = Points(relabel[gt.frame], gt.xy, n)
-    pred2 = Points(relabel[pred.frame], pred.xy, n)
+    gt2 = Points(relabel[gt.frame], gt.pos_um, n)
+    pred2 = Points(relabel[pred.frame], pred.pos_um, n)
     np.testing.assert_allclose([pr_auc(pred2, score, gt2, g) for g in (1, 2, 3)], base)
     assert f1_integral(shuffled, gt, CUT) == pytest.approx(f1_integral(pred, gt, CUT))
 
@@ -104,27 +107,34 @@ def test_greedy_ranking_takes_the_nearest_truth_but_hungarian_maximises_matches(
 # --- physical gates -----------------------------------------------------------------------
 
 
-def test_gates_are_nanometres_converted_per_pixel_size():
+def test_gates_are_nanometres_whatever_the_pixel_size():
     assert [nm_to_px(g, 0.07) for g in GATES_NM] == [1.0, 2.0, 3.0]
     assert [nm_to_px(g, 0.1) for g in GATES_NM] == [0.7, 1.4, 2.1]
-    np.testing.assert_array_equal(f1_cutoffs_px(0.07), np.linspace(0, 3, 50))
-    # 1.5 px of 0.1 um = 150 nm: inside 210 nm, outside 140 nm, whatever the pixel size.
-    pred = Points(GT.frame, GT.xy + [1.5, 0.0], 3)
-    m = evaluate_points(pred, np.ones(4), GT, pixel_size_um=0.1)
+    np.testing.assert_allclose(f1_cutoffs_um(gates_for(2)), np.linspace(0, 0.21, 50))
+    # A detector's table and the truth in pixels (GT's coordinates), 1.5 px apart in x.
+    truth_px = pd.DataFrame({"frame": GT.frame, "x": GT.pos_um[:, 0], "y": GT.pos_um[:, 1]})
+    table = truth_px.assign(x=truth_px.x + 1.5, score=1.0)
+    # 1.5 px of 0.1 um = 150 nm: inside 210 nm, outside 140 nm.
+    geom = Geometry(0.1)
+    m = score_table(table, geom.points(truth_px, 3), geom)
     assert m["auc"] == {"70": 0.0, "140": 0.0, "210": pytest.approx(1.0)}
     assert m["f1"] == 0.0  # F1's gate is 140 nm
     assert m["rmse_nm"] != m["rmse_nm"]  # no matched pair within 140 nm: NaN
-    m = evaluate_points(pred, np.ones(4), GT, pixel_size_um=0.07)  # 105 nm off
+    geom = Geometry(0.07)  # 105 nm off
+    m = score_table(table, geom.points(truth_px, 3), geom)
     assert m["auc"] == {"70": 0.0, "140": pytest.approx(1.0), "210": pytest.approx(1.0)}
     assert m["rmse_nm"] == pytest.approx(105.0) and m["rmse_px"] == pytest.approx(1.5)
-    m = evaluate_points(pred, np.ones(4), GT, pixel_size_um=0.1, gates_nm=(100, 155.5))
+    geom = Geometry(0.1)
+    m = score_table(table, geom.points(truth_px, 3), geom, gates=gates_for(2, (100, 155.5)))
     assert set(m["auc"]) == {"100", "155.5"} and m["auc"]["155.5"] == pytest.approx(1.0)
+    # The same points, read as um, are 1.5 um apart: nothing matches at any gate.
+    m = evaluate_points(Points(GT.frame, GT.pos_um + [1.5, 0.0], 3), np.ones(4), GT)
+    assert m["auc"] == {"70": 0.0, "140": 0.0, "210": 0.0}
 
 
 def test_best_f1_threshold_drops_the_low_scored_false_positives():
     # Four true detections scored 0.6 - 0.9 and three far-off ones scored 0.1 - 0.3.
-    frame = np.r_[GT.frame, [0, 1, 2]]
-    xy = np.r_[GT.xy, [[20, 20], [0, 0], [9, 9]]]
+    pred = Points(np.r_[GT.frame, [0, 1, 2]], np.r_[GT.pos_um, [[20, 20], [0, 0], [9, 9]]], 3)
     score = np.r_[[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3]]
-    cut = best_f1_threshold(frame, xy, score, GT, gate_px=1.0)
+    cut = best_f1_threshold(pred, score, GT, 1.0)
     assert 0.3 < cut <= 0.6

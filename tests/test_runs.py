@@ -231,14 +231,14 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     # Validation during training ran the network in inference mode: the saved model scores
     # on the validation set exactly what the history says (batch norm on running statistics,
     # left unmoved by the validation images).
-    from models.evaluation.evaluate import ground_truth, pixel_size_um
-    from models.training.train import validate
+    from models.evaluation.truth import geometry, truth
+    from models.evaluation.tuning import validate
 
     with Store(data / "val.h5") as st:
-        images, gt = st.read("images", 0, TINY["val_images"]), ground_truth(st, "centroid", 0, TINY["val_images"])
-        px = pixel_size_um(st)
+        images, gt = st.read("images", 0, TINY["val_images"]), truth(st, "centroid", 0, TINY["val_images"])
+        geom = geometry(st)
     hist = RunFolder(tmp_path / "one").read_metrics()["history"]
-    assert validate(load_model(tmp_path / "one"), images, gt, px)["mean_auc"] == hist[-1]["val_mean_auc"]
+    assert validate(load_model(tmp_path / "one"), images, gt, geom)["mean_auc"] == hist[-1]["val_mean_auc"]
     recipe = {**TINY, "model_params": {**TINY["model_params"], "branch": "decoder"}, "target": "both",
               "init_from": str(tmp_path / "one"), "freeze": ["unet", "head"], "train": ["train", "movies_train"],
               "val": ["val", "movies_val"], "store_targets": {"train": "exposure", "movies_train": "exposure",

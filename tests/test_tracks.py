@@ -32,7 +32,7 @@ def test_link_and_score_two_crossing_free_walks_by_hand():
     table = pd.DataFrame(rows, columns=["frame", "x", "y", "score", "t_s"])
     tracks = link(table, radius_px=5.0, memory=0)
     assert tracks["track"].nunique() == 3
-    slots = match_to_truth(tracks, truth, gate_px=1.0)
+    slots = match_to_truth(tracks, truth, gate_px=1.0, pixel_size_um=0.07)
     assert (slots == -1).sum() == 1
     counts, est = score_tracks(tracks, truth, np.array([0.3, 0.6]), 1.0, 0.07, 0.0)
     assert counts == {"links": 14, "matched_links": 14, "correct_links": 14}

@@ -10,10 +10,10 @@ import yaml
 
 from conftest import dataset, one_line_error, run_cli
 from factory.kernel import simulate
-from models.evaluation.metrics import Points, evaluate_points_3d
+from models.evaluation.metrics import Points, evaluate_points
 from models.networks import dmdetnet3d as net
 from models.detectors.registry import NetDetector, family
-from models.detectors.trackpy import Params3D, TrackPy3DDetector
+from models.detectors.trackpy import Params, TrackPyDetector
 
 PX, DZ = 0.07, 0.5
 
@@ -75,7 +75,7 @@ def test_the_3d_network_overfits_a_few_stacks_to_subvoxel_precision():
 def test_trackpy_3d_finds_a_fixed_particle_where_the_simulator_put_it():
     """An independent check of the axes: TrackPy's (z, y, x) and the stack truth agree."""
     images, truth = stacks(6, n_qd=60.0)
-    det = TrackPy3DDetector(Params3D(diameter_xy=9, diameter_z=5, preprocess=True))
+    det = TrackPyDetector(Params(diameter=9, diameter_z=5, preprocess=True))
     t = det.detect(images)
     best = t.loc[t.groupby("frame").score.idxmax()].sort_values("frame")
     assert list(best.frame) == list(range(6))
@@ -88,7 +88,7 @@ def test_3d_metrics_by_hand():
     positive 1 um away, one missed particle."""
     gt = Points(np.array([0, 1, 1]), np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [0.5, 0.5, 0.5]]), 2)
     pred = Points(np.array([0, 1, 0]), np.array([[1.03, 1.04, 1.0], [2.0, 2.0, 2.15], [2.0, 1.0, 1.0]]), 2)
-    m = evaluate_points_3d(pred, np.array([0.9, 0.8, 0.7]), gt)
+    m = evaluate_points(pred, np.array([0.9, 0.8, 0.7]), gt)  # 3D points: the 3D gates
     assert m["f1"] == pytest.approx(2 * 2 / (3 + 3))
     assert m["rmse_xy_nm"] == pytest.approx(np.sqrt((50**2 + 0) / 2))
     assert m["rmse_z_nm"] == pytest.approx(np.sqrt((0 + 150**2) / 2))

@@ -12,6 +12,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from factory.errors import FactoryError
+
 COLUMNS = ["frame", "x", "y", "score"]
 
 
@@ -90,28 +92,35 @@ class Detector(Protocol):
         ...
 
 
-def empty_table(extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A localisation table without rows: ``COLUMNS`` and the ``extra`` ones, with their dtypes."""
-    cols = COLUMNS + list(extra)
-    return pd.DataFrame({c: np.zeros(0, np.int64 if c == "frame" else np.float64) for c in cols})
+def localisations(frame, pos, score, sigma=None) -> pd.DataFrame:
+    """A localisation table with the contract's columns and dtypes.
 
-
-def as_table(frame, x, y, score, **extra) -> pd.DataFrame:
-    """Build a localisation table with the contract's column order and dtypes."""
-    data = {
-        "frame": np.asarray(frame, np.int64),
-        "x": np.asarray(x, np.float64),
-        "y": np.asarray(y, np.float64),
-        "score": np.asarray(score, np.float64),
-    }
-    for key, value in extra.items():
-        data[key] = np.asarray(value, np.float64)
+    ``frame`` (int64), ``x, y`` (pixels) and for stacks ``z`` (planes from the first
+    plane) from ``pos`` (M, 2 or 3), ``score`` and ``sigma`` (NaN where a detector has
+    none).
+    """
+    pos = np.asarray(pos, np.float64)
+    n = len(np.atleast_1d(frame)) if np.size(frame) else 0
+    pos = pos.reshape(n, -1) if pos.size else np.zeros((0, pos.shape[-1] if pos.ndim == 2 else 2))
+    data = {"frame": np.asarray(frame, np.int64).reshape(-1)}
+    data.update({c: pos[:, k] for k, c in enumerate(("x", "y", "z")[:pos.shape[1]])})
+    data["score"] = np.asarray(score, np.float64).reshape(-1)
+    data["sigma"] = np.full(n, np.nan) if sigma is None else np.asarray(sigma, np.float64).reshape(-1)
     return pd.DataFrame(data)
 
 
-def check_images(images) -> np.ndarray:
-    """Accept (H, W) or (N, H, W) arrays; return (N, H, W) float32."""
+def check_images(images, ndim: int = 2, name: str = "") -> np.ndarray:
+    """Images as float32 (N, H, W) from (H, W) or (N, H, W); stacks (``ndim`` 3) as float32 (N, Z, H, W).
+
+    Raises FactoryError when a stack detector (``name``) is given anything but
+    (N, Z, H, W), ValueError for images of another shape.
+    """
     a = np.asarray(images)
+    if ndim == 3:
+        if a.ndim != 4:
+            raise FactoryError(f"{name} is a 3D stack detector: it localises in z-stacks (N, Z, H, W), "
+                               f"not in an array of shape {a.shape}")
+        return a.astype(np.float32, copy=False)
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:

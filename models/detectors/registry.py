@@ -28,7 +28,7 @@ from factory.config import StrictModel
 from factory.errors import ConfigError, FactoryError
 
 from models.detectors import trackpy as trackpy_detector
-from models.detectors.base import as_table, check_images, empty_table
+from models.detectors.base import check_images, localisations
 
 
 @dataclass(frozen=True)
@@ -194,29 +194,26 @@ class NetDetector:
         A 3D network's stacks (N, Z, H, W) -> ``frame, x, y, z, score, sigma`` (z in
         planes from the first plane).  Every candidate from ``min_score`` on.
         """
+        from tqdm.auto import tqdm
+
         # Inference mode every time: a detector validating a network mid-training must not
         # run batch norm on batch statistics, nor move its running statistics.
         self.model.eval()
-        if self.ndim == 3:
-            return self._detect_stacks(images, progress)
-        from tqdm.auto import tqdm
-
-        images = check_images(images)
-        n, h, w = images.shape
-        bs = self.batch_frames(h, w)
-        frames, xys, scores, sigmas = [], [], [], []
+        images = check_images(images, self.ndim, self.name)
+        n = len(images)
+        bs = max(1, self.family.pixels_per_batch // int(np.prod(images.shape[1:])))
+        frames, pos, scores, sigmas = [], [], [], []
         for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(images[a:a + bs]))[:, None].to(self.device)
-            for i, (xy, s, sig) in enumerate(self._predict(x)):
+            for i, (p, s, sig) in enumerate(self._predict(x)):
                 frames.append(np.full(len(s), a + i))
-                xys.append(xy.reshape(-1, 2))
+                pos.append(np.asarray(p).reshape(-1, self.ndim))
                 scores.append(s)
                 sigmas.append(sig if sig is not None else np.full(len(s), np.nan))
-        if not frames or sum(len(s) for s in scores) == 0:
-            return empty_table(("sigma",))
-        xy = np.concatenate(xys)
-        return as_table(np.concatenate(frames), xy[:, 0], xy[:, 1], np.concatenate(scores),
-                        sigma=np.concatenate(sigmas))
+        if not frames:
+            return localisations([], np.zeros((0, self.ndim)), [])
+        return localisations(np.concatenate(frames), np.concatenate(pos), np.concatenate(scores),
+                             np.concatenate(sigmas))
 
     def batch_frames(self, height: int, width: int) -> int:
         """Images of ``height`` x ``width`` px per forward pass."""
@@ -226,28 +223,3 @@ class NetDetector:
         if self.head:
             return self.family.predict(self.model, x, self.min_score, head=self.head)
         return self.family.predict(self.model, x, self.min_score)
-
-    @torch.no_grad()
-    def _detect_stacks(self, stacks, progress: bool = False) -> pd.DataFrame:
-        """(N, Z, H, W) stacks -> ``frame, x, y, z, score, sigma``.
-
-        x, y in px; z in planes from the first plane.
-        """
-        from tqdm.auto import tqdm
-
-        stacks = np.asarray(stacks)
-        if stacks.ndim != 4:
-            raise FactoryError(f"{self.name} is a 3D stack model: it localises in z-stacks (N, Z, H, W), "
-                               f"not in an array of shape {stacks.shape}")
-        n = len(stacks)
-        bs = max(1, self.family.pixels_per_batch // int(np.prod(stacks.shape[1:])))
-        parts = []
-        for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
-            x = torch.from_numpy(np.ascontiguousarray(stacks[a:a + bs], np.float32))[:, None].to(self.device)
-            for i, (xyz, s, _) in enumerate(self.family.predict(self.model, x, self.min_score)):
-                if len(s):
-                    parts.append(pd.DataFrame({"frame": a + i, "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-                                               "score": s, "sigma": np.nan}))
-        if not parts:
-            return pd.DataFrame({c: pd.Series(dtype=float) for c in ("frame", "x", "y", "z", "score", "sigma")})
-        return pd.concat(parts, ignore_index=True)

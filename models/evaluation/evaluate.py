@@ -23,14 +23,19 @@ import pandas as pd
 
 from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores, is_store_path
-from loaders.datasets import TARGETS, truth_points
+from loaders.datasets import store_targets
 
 from models.detectors.base import COLUMNS, Detector
-from models.evaluation.metrics import GATES_NM, Points, evaluate_points, gate_key, nm_to_px, pr_curve
+from models.evaluation.fields import MovieTruth, score_particles, summarise
+from models.evaluation.metrics import GATES_NM, Gates, Points, evaluate_points, gate_key, gates_for, nm_to_px, pr_curve
+from models.evaluation.truth import Geometry, dataset_diffusion, geometry, targets_of, truth
 from models.recordings.predict import load_detector
 from models.tracking.timing import ScanTiming, time_stamps
-from models.evaluation.fields import MovieTruth, score_particles, summarise
-from models.tracking.tracks import blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px, truth_tracks
+from models.tracking.tracks import (blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px,
+                                    truth_tracks)
+
+# A user's table of stack localisations: z in um from the first plane.
+STACK_COLUMNS = ("frame", "x", "y", "z_um", "score")
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +44,6 @@ PAPER_ROWS = {
     "TrackPy (paper)": {0.75: (0.06, 0.42, 0.73), 1.0: (0.04, 0.30, 0.61), 1.75: (0.02, 0.19, 0.47)},
     "Keypoint R-CNN (paper)": {0.75: (0.48, 0.91, 0.99), 1.0: (0.41, 0.87, 0.98), 1.75: (0.26, 0.72, 0.92)},
 }
-
-
-def is_movie_store(store: Store) -> bool:
-    return store.config["dataset"].get("movie") is not None
-
-
-def targets_of(store: Store) -> list[str]:
-    """The truths a store can score against (stores from before the exposure target
-    hold centroids only)."""
-    return [t for t, name in TARGETS.items() if name in store]
-
-
-def ground_truth(store: Store, target: str = "centroid", start: int = 0, stop: int | None = None) -> Points:
-    """The detection targets of images ``start .. stop`` (``loaders.datasets.truth_points``)."""
-    if TARGETS[target] not in store:
-        raise StoreError(f"{store.path}: no {TARGETS[target]} array for the {target} target (rebuild the store)")
-    movie = is_movie_store(store)
-    h, w = store["images"].shape[1:]
-    pts = truth_points(store.read(TARGETS[target], start, stop), store.read("n_particles", start, stop),
-                       store.read("in_view", start, stop) if movie else None, movie, h, w)
-    return Points.from_masked(pts)
-
-
-def pixel_size_um(store: Store) -> float:
-    return float(store.config["dataset"]["image"]["pixel_size_um"])
-
-
-def dataset_diffusion(store: Store) -> float | None:
-    """The store's D when it is fixed (the paper's test sets), else None."""
-    d = store.config["dataset"]["particles"]["diffusion_um2_s"]
-    return float(d["value"]) if d.get("type") == "fixed" else None
 
 
 def find_test_stores(data: Path, names: list[str] | None = None) -> list[Path]:
@@ -120,58 +94,57 @@ def read_predictions_csv(path: Path, n_frames: int | None = None, columns=COLUMN
     return table
 
 
-def score_table(table: pd.DataFrame, gt: Points, pixel_size_um: float, threshold: float | None = None,
-                gates_nm=GATES_NM) -> dict:
-    pred = Points.from_arrays(table["frame"], table["x"], table["y"], gt.n_frames)
-    return evaluate_points(pred, table["score"].to_numpy(np.float64), gt, pixel_size_um, threshold, gates_nm)
+def score_table(table: pd.DataFrame, gt: Points, geom: Geometry, threshold: float | None = None,
+                gates: Gates | None = None) -> dict:
+    """``evaluate_points`` on a detector's table (pixels, planes) against truth in um,
+    with the store's geometry (and, for images, the RMSE in pixels)."""
+    m = evaluate_points(geom.points(table, gt.n_frames), table["score"].to_numpy(np.float64), gt, threshold, gates)
+    return {**m, **_geometry_keys(m, [geom])}
 
 
-def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], pixel_sizes_um: list[float],
-                   threshold: float | None, gates_nm=GATES_NM) -> dict:
-    """All test sets scored as one (frames renumbered).
-
-    Stores with one pixel size are pooled in pixels; with several, every coordinate is
-    converted to micrometres first, so the gates keep their physical size (the pooled
-    ``rmse_px`` is then undefined and reported as None)."""
-    same = len(set(pixel_sizes_um)) == 1
-    scale = [1.0 if same else px for px in pixel_sizes_um]
-    offset = 0
-    frames, pframes, xys, pxy, scores = [], [], [], [], []
-    for t, g, s in zip(tables, gts, scale):
-        frames.append(g.frame + offset)
-        xys.append(g.xy * s)
-        pframes.append(t["frame"].to_numpy() + offset)
-        pxy.append(t[["x", "y"]].to_numpy(np.float64) * s)
-        scores.append(t["score"].to_numpy(np.float64))
-        offset += g.n_frames
-    gt = Points(np.concatenate(frames), np.concatenate(xys), offset)
-    pred = Points(np.concatenate(pframes), np.concatenate(pxy).reshape(-1, 2), offset)
-    m = evaluate_points(pred, np.concatenate(scores), gt, pixel_sizes_um[0] if same else 1.0, threshold, gates_nm)
-    if not same:
-        m["rmse_px"] = None
-        m["pixel_size_um"] = None
-        m["pooled_in"] = "um (the stores have different pixel sizes)"
-    return m
+def _geometry_keys(m: dict, geoms: list[Geometry]) -> dict:
+    """pixel_size_um (and rmse_px) where every store has the same pixel size; z_step_um
+    where every stack store has the same step; None where they differ."""
+    px = {g.pixel_size_um for g in geoms}
+    one = px.pop() if len(px) == 1 else None
+    out = {"pixel_size_um": one}
+    if geoms[0].ndim == 2:
+        out["rmse_px"] = m["rmse_nm"] / (1000.0 * one) if one is not None else None
+    else:
+        dz = {g.z_step_um for g in geoms}
+        out["z_step_um"] = dz.pop() if len(dz) == 1 else None
+    return out
 
 
-def plot_pr(table: pd.DataFrame, gt: Points, title: str, out: Path, pixel_size_um: float,
-            gates_nm=GATES_NM) -> None:
+def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], geoms: list[Geometry],
+                   threshold: float | None, gates: Gates | None = None) -> dict:
+    """All test sets scored as one (frames renumbered), in um: the gates keep their
+    physical size in every store, whatever its pixel size (``rmse_px`` is None where the
+    pixel sizes differ)."""
+    pred = Points.concat([g.points(t, gt.n_frames) for t, gt, g in zip(tables, gts, geoms)])
+    score = np.concatenate([t["score"].to_numpy(np.float64) for t in tables])
+    m = evaluate_points(pred, score, Points.concat(gts), threshold, gates)
+    return {**m, **_geometry_keys(m, geoms)}
+
+
+def plot_pr(table: pd.DataFrame, gt: Points, geom: Geometry, title: str, out: Path, gates: Gates) -> None:
+    """The PR curves at each gate of one test set (images or stacks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pred = Points.from_arrays(table["frame"], table["x"], table["y"], gt.n_frames)
+    pred = geom.points(table, gt.n_frames)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    for gate in gates_nm:
-        p, r = pr_curve(pred, table["score"].to_numpy(np.float64), gt, nm_to_px(gate, pixel_size_um))
+    for gate in gates.auc_nm:
+        p, r = pr_curve(pred, table["score"].to_numpy(np.float64), gt, gate / 1000.0)
         ax.plot(np.r_[0, r], np.r_[p[:1], p] if len(p) else [0], label=f"{gate_key(gate)} nm")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
-    ax.legend(title="gate", fontsize=8)
+    ax.legend(title="gate (3D distance)" if gt.ndim == 3 else "gate", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -209,45 +182,71 @@ def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None]
     return "\n".join(lines) + "\n", pd.DataFrame.from_records(records)
 
 
+def metrics_table(rows: dict[str, dict[str, dict]]) -> str:
+    """Markdown: per detector and test set, the AUC at each gate, F1 integral, F1 and RMSE
+    (stacks: split into xy and z), for any kind of store."""
+    first = next((m for per in rows.values() for m in per.values()), None)
+    if first is None:
+        return "(no test set scored)"
+    gates = list(first["auc"])
+    stacks = "rmse_z_nm" in first
+    head = (["detector", "test set"] + [f"AUC {g} nm" for g in gates]
+            + ["F1 integral", f"F1 ({first['f1_gate_nm']:g} nm)", "RMSE (nm)"]
+            + (["RMSE xy (nm)", "RMSE z (nm)"] if stacks else []) + ["stacks" if stacks else "images", "per s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, per in rows.items():
+        for name, m in per.items():
+            cells = ([label, name] + [f"{m['auc'].get(g, float('nan')):.3f}" for g in gates]
+                     + [f"{m['f1_integral']:.3f}", f"{m['f1']:.3f}", f"{m['rmse_nm']:.1f}"]
+                     + ([f"{m['rmse_xy_nm']:.0f}", f"{m['rmse_z_nm']:.0f}"] if stacks else [])
+                     + [str(m["n_images"]), f"{m['per_second']:.0f}" if "per_second" in m else ""])
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], data_paths: dict[str, Path],
-                     threshold: float | None = None, extra: dict | None = None, gates_nm=GATES_NM,
+                     threshold: float | None = None, extra: dict | None = None, gates_nm=None,
                      target: str = "centroid") -> dict:
-    """Score ``tables`` (dataset -> localisation table) and write the run folder.
+    """Score ``tables`` (dataset -> localisation table) and write the run folder, for
+    images, movies and stacks alike.
 
     ``datasets`` holds the scores against the detector's own ``target``; ``by_target``
     the scores against every truth the store holds (centroid and exposure)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics, gts, diffusions, sizes, by_target = {}, [], {}, [], {}
+    metrics, gts, geoms, diffusions, by_target, kinds = {}, [], [], {}, {}, set()
     for name, table in tables.items():
         with Store(data_paths[name]) as st:
             available = targets_of(st)
             own = target if target in available else "centroid"
-            truths = {t: ground_truth(st, t) for t in available}
+            truths = {t: truth(st, t) for t in available}
             diffusions[name] = dataset_diffusion(st)
-            px = pixel_size_um(st)
-        gt = truths[own]
-        by_target[name] = {t: score_table(table, g, px, threshold, gates_nm) for t, g in truths.items()}
+            geom = geometry(st)
+            kinds.add(st.kind)
+        gates = gates_for(geom.ndim, gates_nm)
+        by_target[name] = {t: score_table(table, g, geom, threshold, gates) for t, g in truths.items()}
         metrics[name] = {**by_target[name][own], "target": own}
-        gts.append(gt)
-        sizes.append(px)
-        plot_pr(table, gt, f"{label}: {name}", out / f"pr_{name}.png", px, gates_nm)
-        table.to_csv(out / f"predictions_{name}.csv", index=False)
-    result = {"detector": label, "target": target, "threshold": threshold,
-              "gates_nm": [float(g) for g in gates_nm], "datasets": metrics, "by_target": by_target}
+        seconds = (extra or {}).get("detect_seconds", {}).get(name)
+        if seconds is not None:  # images (stacks) localised per second
+            metrics[name]["per_second"] = metrics[name]["n_images"] / max(seconds, 1e-9)
+        gts.append(truths[own])
+        geoms.append(geom)
+        plot_pr(table, truths[own], geom, f"{label}: {name}", out / f"pr_{name}.png", gates)
+        geom.with_z_um(table).to_csv(out / f"predictions_{name}.csv", index=False)
+    kind = "stacks" if "stacks" in kinds else "images"
+    result = {"kind": kind, "detector": label, "target": target, "threshold": threshold,
+              "gates_nm": list(gates.auc_nm), "datasets": metrics, "by_target": by_target}
     if len(tables) > 1:
-        result["pooled"] = pooled_metrics(list(tables.values()), gts, sizes, threshold, gates_nm)
+        result["pooled"] = pooled_metrics(list(tables.values()), gts, geoms, threshold, gates)
     result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    rows = {"TrackPy (paper)": {}, "Keypoint R-CNN (paper)": {}, label: metrics}
-    md, df = table1(rows, diffusions, gates_nm)
-    more = ["", "| dataset | F1 integral | F1 (140 nm) | RMSE (nm) | RMSE (px) | images |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for name, m in metrics.items():
-        more.append(f"| {name} | {m['f1_integral']:.3f} | {m['f1']:.3f} | {m['rmse_nm']:.1f} | "
-                    f"{m['rmse_px']:.3f} | {m['n_images']} |")
-    (out / "table.md").write_text(md + "\n".join(more) + "\n")
-    df.to_csv(out / "table.csv", index=False)
+    text = metrics_table({label: metrics}) + "\n"
+    if kind == "images":
+        md, df = table1({"TrackPy (paper)": {}, "Keypoint R-CNN (paper)": {}, label: metrics}, diffusions,
+                        gates.auc_nm)
+        text = md + "\n" + text
+        df.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(text)
     return result
 
 
@@ -256,17 +255,16 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     """Link each movie's localisations (above ``threshold``), estimate D per track, and
     score links and D against the store's truth of ``target``; the same for the true
     positions as tracks (the floor)."""
-    cfg = store.config["dataset"]
-    F = cfg["movie"]["n_frames"]
+    cfg = store.dataset.model_dump()
+    F = store.dataset.movie.n_frames
     h, w = store["images"].shape[1:]
-    px = pixel_size_um(store)
+    px = store.dataset.image.pixel_size_um
     timing = ScanTiming.of_store_config(cfg, str(store.path))
     period = timing.frame_period_s(h, w)
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
     search = search_range_px(max_diffusion(cfg), period, px)
     gate = nm_to_px(max(GATES_NM), px)
-    truth_all = truth_points(store.read(TARGETS[target]), store.read("n_particles"), store.read("in_view"),
-                             True, h, w)
+    truth_all = store_targets(store, target)
     diffusion = store.read("diffusion")
     starts = store.read("frame_start_s")
     t_centroid = timing.centroid_t_s(starts, h, w, diffusion.shape[1])
@@ -309,12 +307,14 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
 
 
 def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str] | None = None,
-                      progress: bool = True, extra: dict | None = None, gates_nm=GATES_NM) -> dict:
-    """Run ``detector`` on the test stores of ``data`` and write the run folder."""
+                      progress: bool = True, extra: dict | None = None, gates_nm=None) -> dict:
+    """Run ``detector`` on the test stores of ``data`` (images, movies or stacks) and
+    write the run folder; a movie store's tracks and D per track are scored too."""
     paths = {p.stem: p for p in find_test_stores(data, names)}
     tables, seconds = {}, {}
     for name, path in paths.items():
         with Store(path) as st:
+            _check_dimension(detector, st)
             images = st.read("images")
         t0 = time.perf_counter()
         tables[name] = detector.detect(images, progress=progress)
@@ -325,7 +325,7 @@ def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str
     target = detector.target
     for name, path in paths.items():
         with Store(path) as st:
-            if is_movie_store(st) and "exposure_t_s" in st:
+            if st.kind == "movies" and "exposure_t_s" in st:
                 linked, tracks[name] = evaluate_tracks(tables[name], st,
                                                        target if target in targets_of(st) else "centroid",
                                                        detector.timestamps, detector.threshold)
@@ -337,17 +337,25 @@ def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str
                             detector.target)
 
 
+def _check_dimension(detector: Detector, st: Store) -> None:
+    if (detector.ndim == 3) != (st.kind == "stacks"):
+        have = "z-stacks" if st.kind == "stacks" else "images"
+        raise FactoryError(f"{st.path}: holds {have}; {detector.label} scores "
+                           f"{'z-stacks' if detector.ndim == 3 else 'images'}"
+                           + (" (train dmdetnet3d)" if st.kind == "stacks" else " (give stack stores)"))
+
+
 # --- the test stores of a data folder in, a scored run folder out: `factory evaluate` ------
 
 # What ``evaluate_stores`` writes into its folder (glob patterns).
 EVALUATION_FILES = ("metrics.json", "table.md", "table.csv", "pr_*.png", "predictions_*.csv", "tracks_*.csv",
-                    "trackpy.json", "trackpy3d.json")
+                    "trackpy.json")
 
 
 def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None = None, model: str | Path | None = None,
                     predictions: str | Path | None = None, datasets: list[str] | None = None,
                     params: str | Path | None = None, tune_on: str = "val", tune_images: int = 600,
-                    threshold: float | None = None, gates_nm=GATES_NM, target: str = "centroid",
+                    threshold: float | None = None, gates_nm=None, target: str = "centroid",
                     progress: bool = True, report: Callable[[str], None] | None = None) -> dict:
     """Score a detector on the test stores of a data folder (`factory evaluate`).
 
@@ -417,18 +425,20 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
     data, out = Path(data), Path(out)
     predictions = None if predictions is None else Path(predictions)
     stores = find_test_stores(data, datasets)
-    if _stack_stores(stores):
-        return _evaluate_stacks(data, out, stores, detector, model, predictions, tune_on, say)
+    stacks = _stack_stores(stores)
     if predictions is not None:
         if len(stores) != 1:
             raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME "
                                f"(found {', '.join(p.stem for p in stores)})")
         with Store(stores[0]) as st:
             n = len(st)
-        table = read_predictions_csv(predictions, n)
+        table = read_predictions_csv(predictions, n, STACK_COLUMNS if stacks else COLUMNS)
         return write_evaluation(out, predictions.stem, {stores[0].stem: table}, {stores[0].stem: stores[0]},
                                 threshold, gates_nm=gates_nm, target=target)
     if detector is not None:
+        if stacks and detector != "trackpy":
+            raise FactoryError(f"--detector {detector}: z-stacks have one built-in detector, trackpy "
+                               "(TrackPy 3D, tuned on --tune-on)")
         if detector not in ("trackpy", "trackpy-paper"):
             raise FactoryError(f"--detector {detector}: unknown (built-in: trackpy, trackpy-paper; "
                                "trained networks: --model RUN_DIR)")
@@ -437,72 +447,29 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
         return evaluate_detector(det, data, out, datasets, progress=progress,
                                  extra={"params": det.params.model_dump()}, gates_nm=gates_nm)
     det = load_detector(model, prefer=target)
-    if det.ndim == 3:
-        raise FactoryError(f"{model}: a 3D model scores z-stacks; {data} holds images (give stack stores)")
     return evaluate_detector(det, data, out, datasets, progress=progress, extra={"model": str(model)},
                              gates_nm=gates_nm)
 
 
 def _stack_stores(stores: list[Path]) -> bool:
     """Whether the test stores are z-stacks (all of them) or images (none)."""
-    from models.evaluation.volumes import is_stack_store
-
     kinds = {}
     for p in stores:
         with Store(p) as st:
-            kinds[p] = is_stack_store(st)
+            kinds[p] = st.kind == "stacks"
     if len(set(kinds.values())) > 1:
         raise FactoryError(f"{', '.join(str(p) for p in stores)}: mixes z-stacks and images; "
                            "score them in separate runs (--datasets)")
     return any(kinds.values())
 
 
-def _evaluate_stacks(data: Path, out: Path, stores: list[Path], detector: str | None, model, predictions: Path | None,
-                     tune_on: str, say: Callable[[str], None]) -> dict:
-    """``evaluate_stores`` on z-stack stores: TrackPy 3D tuned on ``tune_on``, a 3D model,
-    or a CSV of frame, x, y, z_um, score."""
-    from models.evaluation.metrics import evaluate_points_3d
-    from models.evaluation.volumes import evaluate_stacks, geometry, stack_table, truth_um, tune_trackpy
-
-    if predictions is not None:
-        if len(stores) != 1:
-            raise FactoryError(f"{data}: --predictions scores one store; pick it with --datasets NAME")
-        with Store(stores[0]) as st:
-            gt, geom = truth_um(st), geometry(st)
-        table = read_predictions_csv(predictions, gt.n_frames, ("frame", "x", "y", "z_um", "score"))
-        pred = geom.to_um(table["frame"], table["x"], table["y"], table["z_um"] / geom.z_step_um, gt.n_frames)
-        m = {stores[0].stem: evaluate_points_3d(pred, table["score"].to_numpy(np.float64), gt)}
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = {"kind": "stacks", "label": predictions.stem, "datasets": m}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out / "table.md").write_text(stack_table({predictions.stem: m}) + "\n")
-        return metrics
-    if detector is not None:
-        if detector != "trackpy":
-            raise FactoryError(f"--detector {detector}: z-stacks have one built-in detector, trackpy "
-                               "(TrackPy 3D, tuned on --tune-on)")
-        if tune_on.startswith("test"):
-            raise FactoryError(f"--tune-on {tune_on}: tuning on a test set would leak it into the score")
-        path = find_test_stores(data, [tune_on])[0]
-        with Store(path) as st:
-            stacks, gt, geom = st.read("images"), truth_um(st), geometry(st)
-        say(f"tuning TrackPy 3D on {path} ({len(stacks)} stacks)...")
-        det, grid = tune_trackpy(stacks, gt, geom)
-        out.mkdir(parents=True, exist_ok=True)
-        det.save(out / "trackpy3d.json", {"tuned_on": str(path), "tune_stacks": len(stacks), "grid": grid})
-        return evaluate_stacks(det, stores, out, det.label, extra={"params": det.params.model_dump()})
-    det = load_detector(model)
-    if det.ndim != 3:
-        raise FactoryError(f"{model}: a 2D model scores images; {data} holds z-stacks (train dmdetnet3d)")
-    return evaluate_stacks(det, stores, out, det.label, target=det.target, extra={"model": str(model)})
-
-
 def _trackpy_detector(data: Path, out: Path, params: str | Path | None, tune_on: str, tune_images: int,
                       say: Callable[[str], None], paper: bool = False, target: str = "centroid"):
-    """The TrackPy baseline: given parameters, the paper's, or tuned on a non-test store.
-
-    The F1 threshold (a mass) is chosen on the tuning store in every case."""
-    from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector, operating_point, tune
+    """The TrackPy baseline (2D on images, 3D on stacks): given parameters, the paper's,
+    or tuned on a non-test store.  The F1 threshold (a mass) is chosen on the tuning
+    store in every case."""
+    from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
+    from models.evaluation.tuning import operating_point, tune_trackpy
 
     if params is not None:
         det = TrackPyDetector.from_json(params)
@@ -513,17 +480,18 @@ def _trackpy_detector(data: Path, out: Path, params: str | Path | None, tune_on:
     path = find_test_stores(data, [tune_on])[0]
     with Store(path) as st:
         n = min(tune_images, len(st))
-        images, gt, px = st.read("images", 0, n), ground_truth(st, target, 0, n), pixel_size_um(st)
+        images, gt, geom = st.read("images", 0, n), truth(st, target, 0, n), geometry(st)
+    what = "stacks" if geom.ndim == 3 else "images"
     if paper:
         det = TrackPyDetector(PAPER, label=PAPER_LABEL)
-        det.threshold = operating_point(det, images, gt, px)
+        det.threshold = operating_point(det, images, gt, geom)
         info = {"threshold_tuned_on": str(path), "tune_images": n, "target": target}
     else:
-        say(f"tuning TrackPy on {path} ({n} images, {target} target)...")
-        det, grid = tune(images, gt, px)
+        say(f"tuning TrackPy{' 3D' if geom.ndim == 3 else ''} on {path} ({n} {what}, {target} target)...")
+        det, grid = tune_trackpy(images, gt, geom)
         info = {"tuned_on": str(path), "tune_images": n, "target": target, "grid": grid}
         if target == "exposure":
-            det.label = "TrackPy (ours, tuned on val, exposure target)"
+            det.label = f"{det.label[:-1]}, exposure target)"
     det.target = target
     out.mkdir(parents=True, exist_ok=True)
     det.save(out / "trackpy.json", info)

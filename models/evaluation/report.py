@@ -1,4 +1,7 @@
-"""The demo report: every evaluated detector of a runs folder in one Table 1."""
+"""The report of a runs folder: every evaluated detector of one kind of test store in
+one table (images: Table 1 beside the paper's rows), the PR curves, tracks and D for
+movies, and a picture of the predictions (images) or of one stack seen from above and
+from the side (stacks)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ from factory.stores import Store
 
 from factory.errors import FactoryError
 
-from models.evaluation.evaluate import PAPER_ROWS, dataset_diffusion, find_test_stores, is_movie_store, table1
-from models.evaluation.volumes import is_stack_store, write_volume_report
+from loaders.datasets import store_targets
+
+from models.evaluation.evaluate import PAPER_ROWS, find_test_stores, metrics_table, table1
+from models.evaluation.metrics import GATES
+from models.evaluation.truth import Geometry, dataset_diffusion, geometry
 
 
-def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
-    """Row label -> (folder, metrics) for every evaluation run folder under ``runs``.
+def collect(runs: Path, kind: str = "images") -> dict[str, tuple[Path, dict]]:
+    """Row label -> (folder, metrics) for every evaluation run folder under ``runs`` that
+    scored stores of ``kind`` ("images": images and movies; "stacks").
 
     Every folder gets its row: the detector's label, followed by the folder's name
     where two folders evaluated detectors with the same label."""
@@ -26,7 +33,7 @@ def collect(runs: Path) -> dict[str, tuple[Path, dict]]:
         if m.parent.name.startswith("."):  # an evaluation still being written (models.recordings.outputs)
             continue
         data = json.loads(m.read_text())
-        if "datasets" in data and "detector" in data:
+        if "datasets" in data and "detector" in data and data.get("kind", "images") == kind:
             found.append((m.parent, data))
     labels = [d["detector"] for _, d in found]
     return {(d["detector"] if labels.count(d["detector"]) == 1 else f"{d['detector']} [{folder.name}]"): (folder, d)
@@ -38,19 +45,19 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
 
     runs = Path(runs)
     tests = {p.stem: p for p in find_test_stores(data, datasets)}
-    stacks = []
-    for p in tests.values():
+    kinds = {}
+    for name, p in tests.items():
         with Store(p) as st:
-            stacks.append(is_stack_store(st))
-    if any(stacks):
-        if not all(stacks):
+            kinds[name] = st.kind
+    if "stacks" in kinds.values():
+        if set(kinds.values()) != {"stacks"}:
             raise FactoryError(f"{data}: holds both z-stack and image test stores; report them apart (--datasets)")
-        return write_volume_report(runs, tests)
+        return _write_stack_report(runs, tests)
     evals = collect(runs)
     diffusions, movies = {}, []
     for name, p in tests.items():
         with Store(p) as st:
-            if is_movie_store(st):
+            if st.kind == "movies":
                 movies.append(name)  # reported in the movie sections, not in Table 1
             else:
                 diffusions[name] = dataset_diffusion(st)
@@ -66,11 +73,8 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     lines = [f"# Report: {runs.name}", "", "AUC of the precision-recall curve at 70 / 140 / 210 nm gates "
              f"(seed paper, Table 1) on the test stores of `{data}` ({names}); the paper's rows where "
              "its diffusion coefficients match.", "", md]
-    lines += ["", "## Other metrics (F1 at 140 nm, RMSE of matched pairs, deepBlink's F1 integral)", "",
-              "| detector | dataset | F1 integral | F1 | RMSE (nm) |", "| --- | --- | --- | --- | --- |"]
-    for label, (_, m) in evals.items():
-        for name, v in m["datasets"].items():
-            lines.append(f"| {label} | {name} | {v['f1_integral']:.3f} | {v['f1']:.3f} | {v['rmse_nm']:.1f} |")
+    lines += ["", "## Other metrics: F1 and the RMSE of matched pairs at 140 nm, deepBlink's F1 integral", "",
+              metrics_table({label: m["datasets"] for label, (_, m) in evals.items()})]
     if movies:
         lines += ["", "## Movies: every detector against both truths", "",
                   "The paper's target is the whole-frame trajectory centroid; the exposure-weighted position is "
@@ -136,15 +140,12 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
         if csv.exists():
             tr = pd.read_csv(csv)
             with Store(tests[name]) as st:
-                F = st.config["dataset"]["movie"]["n_frames"]
+                F = st.dataset.movie.n_frames
                 frames = st.read("images", 0, F)
             plot_tracks(frames, tr[tr["movie"] == 0], runs / f"tracks_{name}.png",
                         f"{label}: tracks of {name} movie 0 over its mean image")
             lines += ["", f"![tracks](tracks_{name}.png)"]
-    lines += ["", "## PR curves", ""]
-    for label, (folder, _) in evals.items():
-        pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())
-        lines.append(f"**{label}**  \n{pics}\n")
+    lines += _pr_curves(evals, tests)
     # Predictions of the best network (highest mean AUC over all test sets; TrackPy if
     # there is no network) drawn over a few test images.
     first = next(iter(diffusions or tests))
@@ -166,3 +167,81 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
     out = runs / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _pr_curves(evals: dict[str, tuple[Path, dict]], tests: dict[str, Path]) -> list[str]:
+    lines = ["", "## PR curves", ""]
+    for label, (folder, _) in evals.items():
+        pics = " ".join(f"![{label} {n}]({folder.name}/pr_{n}.png)" for n in tests if (folder / f"pr_{n}.png").exists())
+        lines.append(f"**{label}**  \n{pics}\n")
+    return lines
+
+
+def _write_stack_report(runs: Path, tests: dict[str, Path]) -> Path:
+    """``write_report`` for z-stack test stores: every stack evaluation in one table, the
+    PR curves, and the first test stack drawn with each detector's localisations."""
+    evals = collect(runs, "stacks")
+    rows = {label: {n: v for n, v in d["datasets"].items() if n in tests} for label, (_, d) in evals.items()}
+    names = ", ".join(f"`{n}`" for n in tests)
+    g = GATES[3]
+    lines = [f"# Report: {runs.name}", "",
+             f"z-stack detection on {names}: PR-AUC at 3D gates of {' / '.join(f'{x:g}' for x in g.auc_nm)} nm "
+             f"(distance in um in x, y and z), deepBlink's F1 integral (0 - {g.f1_integral_max_nm:g} nm), F1 and "
+             f"the RMSE of matched pairs at {g.f1_nm:g} nm, split into xy and z.  The truth is each particle's "
+             "centroid over the stack's pixel steps (in the field, within the planes).", "", metrics_table(rows), ""]
+    first = next(iter(tests))
+    with Store(tests[first]) as st:
+        stack, geom = st.read("images", 0, 1)[0], geometry(st)
+        truth = store_targets(st, "centroid", 0, 1)[0]
+    preds = {}
+    for label, (folder, d) in evals.items():
+        csv = folder / f"predictions_{first}.csv"
+        if csv.exists():
+            p = pd.read_csv(csv)
+            thr = d.get("threshold")
+            p = p[(p.frame == 0) & ((p.score >= thr) if thr is not None else True)]
+            preds[label] = np.stack([p.x, p.y, p.z_um / geom.z_step_um], 1)
+    plot_stack(stack.astype(np.float64), truth, preds, geom, runs / f"stack_{first}.png",
+               f"{first}, stack 0: localisations above each detector's F1 threshold")
+    lines += ["## One test stack", "", f"![stack](stack_{first}.png)", ""]
+    for label, (_, d) in evals.items():
+        if "model" in d:
+            mfile = Path(d["model"]) / "metrics.json"
+            if mfile.exists():
+                tm = json.loads(mfile.read_text())
+                lines.append(f"{label}: trained {tm['train_seconds'] / 60:.1f} min on {tm['device']} "
+                             f"({tm['train_images']} stacks, best epoch {tm['best_epoch']}).")
+    lines += _pr_curves(evals, tests)
+    out = runs / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def plot_stack(stack: np.ndarray, truth_vox: np.ndarray, predictions: dict, geom: Geometry, out: Path,
+               title: str) -> None:
+    """One stack seen from above (maximum over z) and from the side (maximum over y, z
+    drawn to scale), with the true centroids (green crosses) and each detector's
+    localisations (circles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Z, H, W = stack.shape
+    px, dz = geom.pixel_size_um, geom.z_step_um
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [1, 1.1]})
+    a.imshow(stack.max(0), cmap="gray", extent=(-0.5 * px, (W - 0.5) * px, (H - 0.5) * px, -0.5 * px))
+    b.imshow(stack.max(1), cmap="gray", aspect="auto", extent=(-0.5 * px, (W - 0.5) * px, (Z - 0.5) * dz, -0.5 * dz))
+    t = truth_vox[np.isfinite(truth_vox).all(-1)]
+    a.plot(t[:, 0] * px, t[:, 1] * px, "x", color="lime", ms=9, mew=2, label="truth")
+    b.plot(t[:, 0] * px, t[:, 2] * dz, "x", color="lime", ms=9, mew=2)
+    for (label, p), c in zip(predictions.items(), ("magenta", "orange", "cyan")):
+        a.plot(p[:, 0] * px, p[:, 1] * px, "o", mfc="none", color=c, ms=10, mew=1.5, label=label)
+        b.plot(p[:, 0] * px, p[:, 2] * dz, "o", mfc="none", color=c, ms=10, mew=1.5)
+    a.set(title="from above (max over z)", xlabel="x (um)", ylabel="y (um)")
+    b.set(title="from the side (max over y)", xlabel="x (um)", ylabel="z from the first plane (um)")
+    a.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from factory.config import ParticleSpec, PSFSpec
 from factory.errors import FactoryError
+
+# The seed paper's PSF width and brightness (the config schema's defaults): the scale
+# spots are first looked for at, and what is assumed where a recording cannot tell.
+PAPER_SIGMA_XY_UM = PSFSpec().sigma_xy_um
+PAPER_N_QD = ParticleSpec().n_qd.value
 
 TILE_PX = 32  # background tiles: small enough to follow unevenness, large enough for k3
 MASK_GROW_PX = 4  # masked margin around bright structure (a spot's tail at sigma_xy ~ 3 px)
@@ -407,7 +413,7 @@ def _fit_rows(win: np.ndarray, s0: float):
 
 
 def calibrate_spots(photons: np.ndarray, pixel_size_um: float, sigma_z_um: float = 1.36,
-                    sigma_guess_um: float = 0.21, max_spots: int = 400) -> SpotCalibration:
+                    sigma_guess_um: float = PAPER_SIGMA_XY_UM, max_spots: int = 400) -> SpotCalibration:
     """sigma_xy (um) and N_qd from isolated spots in frames of background-free photons.
 
     ``photons`` is T x H x W: (ADU - offset) / gain - background; ``pixel_size_um`` and
@@ -860,9 +866,9 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
         else:
             notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
     except FactoryError as exc:
-        spots, sigma_xy, n_qd, spread = None, 0.21, 10.0, 0.3
-        notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy 0.21 um and N_qd 10 "
-                     "(+-30%) are written")
+        spots, sigma_xy, n_qd, spread = None, PAPER_SIGMA_XY_UM, PAPER_N_QD, 0.3
+        notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy "
+                     f"{PAPER_SIGMA_XY_UM:g} um and N_qd {PAPER_N_QD:g} (+-30%) are written")
         notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
     first = first_pass_diffusion(photons, pixel_size_um, sigma_xy, timing)
     diffusion, note = d_range(first)
@@ -931,7 +937,7 @@ def saturation(frames: np.ndarray) -> tuple[float, float] | None:
 
 def spots_guess(photons: np.ndarray, pixel_size_um: float) -> float:
     """Spots per frame above 5 noise deviations at the paper's PSF scale (the first frames)."""
-    s = 0.21 / pixel_size_um
+    s = PAPER_SIGMA_XY_UM / pixel_size_um
     f = photons[0]
     noise = spot_noise(f, s)
     return float(np.mean([len(find_spots(p, s, 5 * max(noise, 1e-6))[0]) for p in photons[:5]]))

@@ -334,15 +334,15 @@ def _predict_stacks(det: Detector, model: Path, recording: Path, z_step_um: floa
     """``predict_file`` with a 3D model: stacks in, (x, y, z_um) out."""
     from factory.inspect_store import check_against_field
 
-    from models.evaluation.volumes import with_z_um
+    from models.evaluation.truth import with_z_um
 
     stacks = read_stacks(recording)
     trained = det.z_step_um
     source = "--z-step-um"
     if z_step_um is None and is_store_path(recording):
         with Store(recording) as st:
-            stack = st.config["dataset"].get("stack")
-        z_step_um, source = (stack or {}).get("z_step_um"), f"the store {recording}"
+            stack = st.dataset.stack
+        z_step_um, source = (stack.z_step_um if stack else None), f"the store {recording}"
     if z_step_um is None and recording.suffix.lower() in (".tif", ".tiff"):
         z_step_um, source = tiff_z_step_um(recording), f"the TIFF's metadata ({recording})"
     if z_step_um is None and trained:

@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
 
 from factory.config import ImageSpec, ParticleSpec, PSFSpec
 from factory.errors import FactoryError
@@ -227,23 +226,21 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
 # --- scoring tracks against a movie store's truth -----------------------------------------
 
 
-def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float) -> np.ndarray:
-    """Truth slot of every localisation (-1: none within ``gate_px``), by Hungarian matching per frame.
+def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float, pixel_size_um: float) -> np.ndarray:
+    """Truth slot of every localisation (-1: none within ``gate_px``).
 
-    ``truth`` is (frames, P, 2) px, NaN where no target.
+    Matched by the evaluation's Hungarian matching per frame
+    (``models.evaluation.metrics.match``).  ``truth`` is (frames, P, 2) px, NaN where no target; ``table`` holds ``frame, x, y`` px.
     """
+    from models.evaluation.metrics import Points, match
+
+    n = len(truth)
+    pred = Points(table["frame"].to_numpy(np.int64), table[["x", "y"]].to_numpy(np.float64) * pixel_size_um, n)
+    mask = np.isfinite(truth).all(-1)
+    frame, slot_of = np.nonzero(mask)
+    pi, gi, _ = match(pred, Points(frame, truth[mask] * pixel_size_um, n), [gate_px * pixel_size_um])[0]
     slot = np.full(len(table), -1, np.int64)
-    frames = table["frame"].to_numpy()
-    xy = table[["x", "y"]].to_numpy(np.float64)
-    for f in np.unique(frames):
-        rows = np.nonzero(frames == f)[0]
-        ok = np.nonzero(np.isfinite(truth[f]).all(-1))[0]
-        if len(ok) == 0:
-            continue
-        d = np.hypot(*(xy[rows, None, :] - truth[f, ok][None]).transpose(2, 0, 1))
-        r, c = linear_sum_assignment(np.where(d <= gate_px, d, 1e9))
-        good = d[r, c] <= gate_px
-        slot[rows[r[good]]] = ok[c[good]]
+    slot[pi] = slot_of[gi]
     return slot
 
 
@@ -260,7 +257,7 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     table (``diffusion_table``) with ``true_D_um2_s``.
     """
     tracks = tracks.sort_values(["track", "frame"]).reset_index(drop=True)
-    slot = match_to_truth(tracks, truth, gate_px)
+    slot = match_to_truth(tracks, truth, gate_px, pixel_size_um)
     same_track = tracks["track"].to_numpy()[1:] == tracks["track"].to_numpy()[:-1]
     matched = same_track & (slot[1:] >= 0) & (slot[:-1] >= 0)
     correct = matched & (slot[1:] == slot[:-1])

@@ -20,11 +20,11 @@ from factory.stores import Store, find_store
 from loaders.augment import flip_batch
 from loaders.datasets import StoreBatches
 
-from models.evaluation.evaluate import ground_truth, pixel_size_um as store_pixel_size
-from models.training.config import TrainConfig
-from models.evaluation import volumes
-from models.evaluation.metrics import F1_GATE_3D_NM, F1_GATE_NM, GATES_3D_NM, GATES_NM, Points, best_f1_threshold, nm_to_px, pr_auc
 from models.detectors.registry import NetDetector, family
+from models.evaluation.metrics import gate_key, gates_for
+from models.evaluation.truth import geometry, truth
+from models.evaluation.tuning import f1_threshold, validate
+from models.training.config import TrainConfig
 from models.training.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,6 @@ def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int
     return {"loss": total / max(n, 1), "steps": n}
 
 
-def validate(detector: NetDetector, images: np.ndarray, gt: Points, pixel_size_um: float) -> dict:
-    """Validation AUCs at the three gates and their mean (the model-selection score)."""
-    table = detector.detect(images)
-    pred = Points.from_arrays(table.frame, table.x, table.y, len(images))
-    aucs = [pr_auc(pred, table.score.to_numpy(), gt, nm_to_px(g, pixel_size_um)) for g in GATES_NM]
-    return {"auc": aucs, "mean_auc": float(np.mean(aucs)), "table": table}
-
-
 def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", resume: bool = False,
         progress: bool = True, overwrite: bool = False) -> dict:
     """Train ``cfg.model`` on the data folder's ``cfg.train`` store, select on ``cfg.val``.
@@ -135,12 +127,12 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     stacks = None
     for path in train_paths + val_paths:
         with Store(path) as st:
-            is_stack = volumes.is_stack_store(st)
+            is_stack = st.kind == "stacks"
             if is_stack != (fam.ndim == 3):
                 raise FactoryError(f"{path}: {cfg.model} trains on {'z-stacks' if fam.ndim == 3 else 'images'}, "
                                    f"this store holds {'z-stacks' if is_stack else 'images'}")
             if is_stack and stacks is None:  # the voxel size the 3D targets are drawn in, kept in the config
-                stacks = volumes.geometry(st)
+                stacks = geometry(st)
     if stacks is not None:
         params = {"pixel_size_um": stacks.pixel_size_um, "z_step_um": stacks.z_step_um,
                   **{k: v for k, v in cfg.model_params.items() if v is not None}}
@@ -156,7 +148,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     if overwrite and not resume:
         run.clear()
     run.create()
-    vals = [_validation_set(path, cfg, stacks) for path in val_paths]
+    vals = [_validation_set(path, cfg) for path in val_paths]
     sets = []
     for path in train_paths:
         with Store(path) as st:
@@ -189,7 +181,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     # One detector per head, each validated against its own target's truth on every val store.
     detectors = {t: NetDetector(fam, model, None, cfg.min_score, device, target=t, head=k)
                  for k, t in enumerate(cfg.targets)}
-    gates = GATES_3D_NM if stacks else GATES_NM
+    gates = gates_for(fam.ndim).auc_nm
 
     # A head that nothing trainable feeds (its branch frozen) scores the same every epoch:
     # validated once, its score reused.
@@ -206,10 +198,7 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
                 if t in fixed and (t, v["name"]) in cache:
                     scores[(t, v["name"])] = cache[(t, v["name"])]
                     continue
-                if stacks:
-                    scores[(t, v["name"])] = volumes.validate(det, v["images"], v["gt"][t], v["geom"])
-                else:
-                    scores[(t, v["name"])] = validate(det, v["images"], v["gt"][t], v["px"])
+                scores[(t, v["name"])] = validate(det, v["images"], v["gt"][t], v["geom"])
                 if t in fixed:
                     cache[(t, v["name"])] = scores[(t, v["name"])]
         return scores
@@ -229,10 +218,10 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         train_mode(model, cfg.freeze)
         mean_auc = float(np.mean([v["mean_auc"] for v in scores.values()]))
         row = {"epoch": epoch + 1, "loss": stats["loss"],
-               "val_auc": {str(g): float(np.mean([v["auc"][i] for v in scores.values()])) for i, g in enumerate(gates)},
+               "val_auc": {gate_key(g): float(np.mean([v["auc"][i] for v in scores.values()])) for i, g in enumerate(gates)},
                "val_mean_auc": mean_auc, "seconds": time.perf_counter() - t0}
         if len(scores) > 1:
-            row["val_auc_by"] = {f"{t} on {name}": {str(g): a for g, a in zip(gates, v["auc"])}
+            row["val_auc_by"] = {f"{t} on {name}": {gate_key(g): a for g, a in zip(gates, v["auc"])}
                                  for (t, name), v in scores.items()}
         history.append(row)
         improved = mean_auc > best
@@ -247,13 +236,14 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     state = run.load(run.BEST, map_location=device)
     model.load_state_dict(state["model"])
     scores = run_validation()
-    thresholds = {t: _pooled_threshold([(scores[(t, v["name"])]["table"], v) for v in vals
-                                        if (t, v["name"]) in scores], t, stacks) for t in cfg.targets}
+    # (coordinates in um, so stores of different pixel sizes pool).
+    thresholds = {t: f1_threshold([(scores[(t, v["name"])]["table"], v["gt"][t], v["geom"]) for v in vals
+                                   if (t, v["name"]) in scores]) for t in cfg.targets}
     best_epoch = int(state["epoch"]) + 1
     metrics = {"model": cfg.model, "target": cfg.target, "best_epoch": best_epoch, "best_val_mean_auc": best,
                "threshold": thresholds[cfg.targets[0]], "history": history, "data": str(data),
                "train_images": n_train, "val_images": sum(len(v["images"]) for v in vals),
-               "pixel_size_um": vals[0]["px"], "train_seconds": time.perf_counter() - t_start, "device": device}
+               "pixel_size_um": vals[0]["geom"].pixel_size_um, "train_seconds": time.perf_counter() - t_start, "device": device}
     if len(thresholds) > 1:
         metrics["thresholds"] = thresholds
     if start_from is not None:
@@ -311,41 +301,14 @@ def _freeze(model, cfg: TrainConfig) -> None:
             param.requires_grad_(False)
 
 
-def _validation_set(path: Path, cfg: TrainConfig, stacks) -> dict:
-    """The first ``val_images`` of a validation store with the truth of each head's target
-    it validates (``store_targets``)."""
+def _validation_set(path: Path, cfg: TrainConfig) -> dict:
+    """The first ``val_images`` of a validation store with the truth (um) of each head's
+    target it validates."""
     with Store(path) as st:
         nv = min(cfg.val_images, len(st))
-        v = {"name": Path(path).stem, "images": st.read("images", 0, nv), "px": store_pixel_size(st)}
-        if stacks:
-            v["geom"] = volumes.geometry(st)
-            v["gt"] = {t: volumes.truth_um(st, t, 0, nv) for t in cfg.targets if cfg.trains(v["name"], t)}
-        else:
-            v["gt"] = {t: ground_truth(st, t, 0, nv) for t in cfg.targets if cfg.trains(v["name"], t)}
+        v = {"name": Path(path).stem, "images": st.read("images", 0, nv), "geom": geometry(st)}
+        v["gt"] = {t: truth(st, t, 0, nv) for t in cfg.targets if cfg.trains(v["name"], t)}
     return v
-
-
-def _pooled_threshold(pairs, target: str, stacks) -> float:
-    """The score cut maximising F1 over every validation store at once (coordinates in
-    um, so stores of different pixel sizes pool; frames offset store by store)."""
-    frames, xyz, scores, gt_frames, gt_xyz, offset = [], [], [], [], [], 0
-    for table, v in pairs:
-        gt = v["gt"][target]
-        if stacks:
-            pred = volumes.table_um(table, v["geom"], gt.n_frames)
-            frames.append(pred.frame + offset)
-            xyz.append(pred.xy)
-            gt_xyz.append(gt.xy)
-        else:
-            frames.append(table.frame.to_numpy(np.int64) + offset)
-            xyz.append(table[["x", "y"]].to_numpy(np.float64) * v["px"])
-            gt_xyz.append(gt.xy * v["px"])
-        scores.append(table.score.to_numpy(np.float64))
-        gt_frames.append(gt.frame + offset)
-        offset += gt.n_frames
-    gt = Points(np.concatenate(gt_frames), np.concatenate(gt_xyz), offset)
-    gate_um = (F1_GATE_3D_NM if stacks else F1_GATE_NM) / 1000.0
-    return best_f1_threshold(np.concatenate(frames), np.concatenate(xyz), np.concatenate(scores), gt, gate_um)
 
 
 class _tta:

@@ -1,0 +1,83 @@
+"""Both sides of a score in micrometres: a store's truth and a detector's table.
+
+Detectors return pixels (``frame, x, y``; stacks also ``z`` in planes from the first
+plane); users' stack CSVs give ``z_um``.  A store's ``Geometry`` (its pixel size, and
+for stacks its z step) turns either into ``Points`` in um, so the metrics are physical
+and have one code path for images, movies and stacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from factory.stores import Store
+from loaders.datasets import TARGETS, store_targets
+
+from models.evaluation.metrics import Points
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Pixel size (um) and, for stacks, the z step (um) between planes."""
+
+    pixel_size_um: float
+    z_step_um: float | None = None
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self.z_step_um is None else 3
+
+    @property
+    def voxel_um(self) -> np.ndarray:
+        """Micrometres per unit of each coordinate a detector returns (x, y[, z])."""
+        return np.array([self.pixel_size_um] * 2 + ([] if self.z_step_um is None else [self.z_step_um]))
+
+    def points(self, table: pd.DataFrame, n_frames: int) -> Points:
+        """A localisation table (``frame, x, y`` px; stacks ``z`` planes or ``z_um``) in um."""
+        x = table["x"].to_numpy(np.float64) * self.pixel_size_um
+        y = table["y"].to_numpy(np.float64) * self.pixel_size_um
+        cols = [x, y]
+        if self.z_step_um is not None:
+            cols.append(table["z_um"].to_numpy(np.float64) if "z_um" in table
+                        else table["z"].to_numpy(np.float64) * self.z_step_um)
+        return Points(table["frame"].to_numpy(np.int64), np.stack(cols, 1).reshape(-1, len(cols)), n_frames)
+
+    def with_z_um(self, table: pd.DataFrame) -> pd.DataFrame:
+        """A table as users get it: for stacks ``z`` (planes) becomes ``z_um``."""
+        return table if self.z_step_um is None else with_z_um(table, self.z_step_um)
+
+
+def with_z_um(table: pd.DataFrame, z_step_um: float) -> pd.DataFrame:
+    """A stack detector's table (``z`` in planes from the first plane) with ``z_um`` in
+    its place, as users get it."""
+    if "z" not in table:
+        return table
+    out = table.copy()
+    out.insert(list(out.columns).index("z"), "z_um", out.pop("z") * z_step_um)
+    return out
+
+
+def geometry(store: Store) -> Geometry:
+    ds = store.dataset
+    return Geometry(float(ds.image.pixel_size_um), float(ds.stack.z_step_um) if ds.stack is not None else None)
+
+
+def targets_of(store: Store) -> list[str]:
+    """The truths a store can score against (stores from before the exposure target
+    hold centroids only)."""
+    return [t for t, name in TARGETS.items() if name in store]
+
+
+def truth(store: Store, target: str = "centroid", start: int = 0, stop: int | None = None) -> Points:
+    """The detection targets of rows ``start .. stop`` in um, for a store of any kind."""
+    pts = store_targets(store, target, start, stop).astype(np.float64)
+    return Points.from_masked(pts * geometry(store).voxel_um)
+
+
+def dataset_diffusion(store: Store) -> float | None:
+    """The store's D when it is fixed (the paper's test sets), else None."""
+    d = store.dataset.particles.diffusion_um2_s
+    return float(d.value) if d.type == "fixed" else None
