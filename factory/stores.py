@@ -1,5 +1,6 @@
-"""Chunked HDF5 and Zarr stores: one layout, two formats, and the only module that
-calls h5py and zarr.
+"""Chunked HDF5 and Zarr stores: one layout, two formats.
+
+The only module that calls h5py and zarr.
 
 Layout (N images, P = max particles per image, T trajectory samples per frame: H * W
 pixel steps with ``output.trajectory_step`` dwell, H lines with line, 1 with frame):
@@ -120,6 +121,22 @@ CHUNK_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class ArraySpec:
+    """One array of a store, as it is created.
+
+    Attributes
+    ----------
+    name : str
+        The array's name (a key of ``UNITS``).
+    shape : tuple of int
+        Its shape, rows first (N, ...).
+    dtype : numpy.dtype or type
+        Its element type (e.g. ``np.uint16``).
+    chunks : tuple of int
+        Its chunk shape (``chunk_shape``).
+    fill : scalar
+        The value of elements never written (NaN, 0 or -1).
+    """
+
     name: str
     shape: tuple[int, ...]
     dtype: Any
@@ -136,10 +153,28 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def chunk_shape(rows: int, row_shape: tuple[int, ...], itemsize: int, budget: int = CHUNK_BYTES) -> tuple[int, ...]:
-    """The chunk of an array with ``rows`` rows per chunk; when even that exceeds
-    ``budget`` bytes (``rows`` is then 1), it is split along the next axes in turn:
-    an axis that must be cut is cut into equal parts (the last one possibly shorter)
-    whose chunk fits, axes before it kept at 1."""
+    """The chunk of an array with ``rows`` rows per chunk, cut to fit ``budget`` bytes.
+
+    When even that exceeds ``budget`` bytes (``rows`` is then 1), it is split along the
+    next axes in turn: an axis that must be cut is cut into equal parts (the last one
+    possibly shorter) whose chunk fits, axes before it kept at 1.
+
+    Parameters
+    ----------
+    rows : int
+        Rows per chunk.
+    row_shape : tuple of int
+        The shape of one row.
+    itemsize : int
+        Bytes per element.
+    budget : int
+        Bytes of one chunk at most.
+
+    Returns
+    -------
+    tuple of int
+        The chunk shape, ``(rows, *row_shape)`` where that fits.
+    """
     chunk = [rows, *row_shape]
     for axis in range(1, len(chunk)):
         if math.prod(chunk) * itemsize <= budget:
@@ -162,23 +197,23 @@ def array_specs(n: int, height: int, width: int, max_particles: int, chunk: int,
 
     Parameters
     ----------
-    n, height, width, max_particles
+    n, height, width, max_particles : int
         Rows, frame size in px and particle slots per row.
-    chunk
+    chunk : int
         The dataset's ``chunk_rows``: shards split at its multiples, so every array's rows
         per chunk divide it (no two shards ever write one chunk).
-    expected, trajectories
+    expected, trajectories : bool
         Whether those optional arrays are stored.
-    planes
+    planes : int, optional
         Planes per row of a stack store (None: images and movie frames).
-    trajectory_samples
+    trajectory_samples : int, optional
         Trajectory samples per row (``Dataset.trajectory_samples``; default: every pixel
         step of every plane).
-    movie_frames
+    movie_frames : int
         Frames per movie of a movie store (``chunk`` is a multiple of it): batches hold
         whole movies and whole chunks, so chunks hold whole movies, or parts of one
         movie when a movie is larger than ``CHUNK_BYTES``.
-    on_fraction
+    on_fraction : bool
         Whether the particles blink (``on_fraction`` is stored).
 
     Returns
@@ -235,22 +270,61 @@ def array_specs(n: int, height: int, width: int, max_particles: int, chunk: int,
 
 
 def rows_per_read(specs, budget: int = CHUNK_BYTES) -> int:
-    """Rows to read (or copy, or checksum) at once: whole chunks of every array, about
-    ``budget`` bytes of all of them (one chunk's rows when those alone exceed it).
+    """Rows to read (or copy, or checksum) at once: whole chunks of every array.
 
-    ``specs``: ArraySpecs or open arrays (anything with ``shape``, ``dtype``, ``chunks``;
-    a virtual HDF5 dataset has no chunks and counts as one row)."""
+    About ``budget`` bytes of all of them (one chunk's rows when those alone exceed it).
+
+    Parameters
+    ----------
+    specs : iterable
+        ArraySpecs or open arrays (anything with ``shape``, ``dtype``, ``chunks``; a
+        virtual HDF5 dataset has no chunks and counts as one row).
+    budget : int
+        Bytes of all the arrays' rows read at once, about.
+
+    Returns
+    -------
+    int
+        A multiple of every array's rows per chunk.
+    """
     unit = math.lcm(*(s.chunks[0] if s.chunks else 1 for s in specs))
     row_bytes = sum(math.prod(s.shape[1:]) * np.dtype(s.dtype).itemsize for s in specs)
     return unit * max(1, budget // max(1, unit * row_bytes))
 
 
 def is_store_path(path: str | Path) -> bool:
+    """Whether ``path`` names a store, by its suffix (``.h5``, ``.hdf5`` or ``.zarr``).
+
+    Parameters
+    ----------
+    path : str or Path
+        Any path; it need not exist.
+
+    Returns
+    -------
+    bool
+    """
     return Path(path).suffix.lower() in STORE_SUFFIXES
 
 
 def store_format(path: str | Path) -> str:
-    """'hdf5' or 'zarr' from a store's suffix."""
+    """'hdf5' or 'zarr' from a store's suffix.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store's path.
+
+    Returns
+    -------
+    str
+        ``"hdf5"`` (``.h5``, ``.hdf5``) or ``"zarr"`` (``.zarr``).
+
+    Raises
+    ------
+    StoreError
+        Any other suffix.
+    """
     fmt = STORE_SUFFIXES.get(Path(path).suffix.lower())
     if fmt is None:
         raise StoreError(f"{path}: unknown store type (expected a .h5 or .zarr path)")
@@ -258,7 +332,24 @@ def store_format(path: str | Path) -> str:
 
 
 def find_stores(path: str | Path) -> list[Path]:
-    """A store path itself, or the stores inside a folder (sorted, hidden ones skipped)."""
+    """A store path itself, or the stores inside a folder (sorted, hidden ones skipped).
+
+    Parameters
+    ----------
+    path : str or Path
+        A store, or a folder of stores.
+
+    Returns
+    -------
+    list of Path
+        The store, or the folder's stores by name.
+
+    Raises
+    ------
+    StoreError
+        No such path, a folder without stores (naming sharded builds not yet finalized),
+        or neither a store nor a folder.
+    """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such file or directory")
@@ -276,7 +367,25 @@ def find_stores(path: str | Path) -> list[Path]:
 
 
 def find_store(folder: str | Path, name: str) -> Path:
-    """The store called ``name`` in ``folder``, whatever its suffix."""
+    """The store called ``name`` in ``folder``, whatever its suffix.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The folder to look in.
+    name : str
+        The store's name without suffix.
+
+    Returns
+    -------
+    Path
+        The first of ``folder/name.h5``, ``.hdf5``, ``.zarr`` that exists.
+
+    Raises
+    ------
+    StoreError
+        No such store.
+    """
     for suffix in STORE_SUFFIXES:
         if (Path(folder) / f"{name}{suffix}").exists():
             return Path(folder) / f"{name}{suffix}"
@@ -293,7 +402,8 @@ def _shuffle_deflate(chunk: np.ndarray) -> bytes:
     goes to k * n + i); deflate is a zlib stream, which every HDF5 reader decodes
     whichever encoder made it.  ISA-L's level 1 compresses these arrays as well as
     zlib's level 1 at about 5x the speed (measured on the default suite); without it,
-    zlib's run-length strategy is the fastest that still compresses."""
+    zlib's run-length strategy is the fastest that still compresses.
+    """
     raw = np.ascontiguousarray(chunk)
     shuffled = raw.view(np.uint8).reshape(-1, raw.itemsize).T.copy()
     if _deflate_lib is not None:
@@ -307,7 +417,24 @@ class HDF5Writer:
 
     With gzip, whole chunks are compressed in a thread pool (zlib releases the GIL) and
     written with ``write_direct_chunk``; writes that do not cover whole chunks go
-    through h5py's own filter pipeline, which produces the same format."""
+    through h5py's own filter pipeline, which produces the same format.
+
+    Parameters
+    ----------
+    path : Path
+        The file to create (an existing one is overwritten).
+    specs : list of ArraySpec
+        The arrays, each given its ``units`` attribute from ``UNITS``.
+    attrs : dict
+        Root attributes; ``compression`` is added.
+    compression : {"gzip", "blosc-lz4"}
+        Shuffle + deflate (level ``GZIP_LEVEL``), or Blosc LZ4 (``hdf5plugin``).
+
+    Raises
+    ------
+    StoreError
+        An unknown compression.
+    """
 
     def __init__(self, path: Path, specs: list[ArraySpec], attrs: dict, compression: str = "gzip"):
         if compression not in COMPRESSIONS:
@@ -331,6 +458,15 @@ class HDF5Writer:
             if compression == "gzip" else None
 
     def write(self, start: int, batch: dict) -> None:
+        """Write rows ``start .. start + len`` of every array.
+
+        Parameters
+        ----------
+        start : int
+            The first row.
+        batch : dict
+            Array name -> its rows, for every array of the store, all of one length.
+        """
         for name, dset in self.arrays.items():
             data = batch[name]
             c = dset.chunks[0]
@@ -355,10 +491,18 @@ class HDF5Writer:
                 dset.id.write_direct_chunk(off, blob)
 
     def set_attrs(self, attrs: dict) -> None:
+        """Set (or replace) root attributes.
+
+        Parameters
+        ----------
+        attrs : dict
+            Attribute name -> value.
+        """
         for key, value in attrs.items():
             self.file.attrs[key] = value
 
     def close(self) -> None:
+        """Finish the compression threads and close the file."""
         if self.pool is not None:
             self.pool.shutdown()
         self.file.close()
@@ -366,8 +510,21 @@ class HDF5Writer:
 
 def write_virtual_hdf5(path: Path, specs: list[ArraySpec], attrs: dict,
                        sources: list[tuple[str, int, int]]) -> None:
-    """An HDF5 file whose arrays are views of other files: ``(relative path, start, stop)``
-    per source, each holding rows ``start .. stop`` of every array."""
+    """An HDF5 file whose arrays are views of other files.
+
+    Parameters
+    ----------
+    path : Path
+        The file to create (an existing one is overwritten).
+    specs : list of ArraySpec
+        The arrays (shape, dtype and fill value of the views).
+    attrs : dict
+        Root attributes.
+    sources : list of tuple
+        ``(relative path, start, stop)`` per source file (relative to the new file's
+        folder), each holding rows ``start .. stop`` of every array; empty ranges are
+        skipped.  Rows no source covers read as the fill value.
+    """
     with h5py.File(path, "w", libver=HDF5_LIBVER) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
@@ -381,7 +538,15 @@ def write_virtual_hdf5(path: Path, specs: list[ArraySpec], attrs: dict,
 
 
 def consolidate_zarr(path: Path, attrs: dict) -> None:
-    """Record ``attrs`` in a finished Zarr store and consolidate its metadata."""
+    """Record ``attrs`` in a finished Zarr store and consolidate its metadata.
+
+    Parameters
+    ----------
+    path : Path
+        The Zarr store.
+    attrs : dict
+        Root attributes to add or replace.
+    """
     import zarr
 
     g = zarr.open_group(str(path), mode="r+")
@@ -401,7 +566,22 @@ def _zarr_compressor():
 
 
 class ZarrWriter:
-    """Writes (or, for shards, opens) a Zarr v3 group with one array per field."""
+    """Writes (or, for shards, opens) a Zarr v3 group with one array per field.
+
+    Arrays are compressed with Blosc LZ4 and byte shuffle, as the HDF5 option.
+
+    Parameters
+    ----------
+    path : Path
+        The store's folder.
+    specs : list of ArraySpec
+        The arrays, each given its ``units`` attribute from ``UNITS``.
+    attrs : dict
+        Root attributes (``compression`` is added); unused when opening.
+    create : bool
+        Create the group (an existing one is overwritten), or open an existing one to
+        write rows into.
+    """
 
     def __init__(self, path: Path, specs: list[ArraySpec], attrs: dict, create: bool = True):
         import zarr
@@ -423,25 +603,70 @@ class ZarrWriter:
             self.arrays = {s.name: self.group[s.name] for s in specs}
 
     def write(self, start: int, batch: dict) -> None:
+        """Write rows ``start .. start + len`` of every array.
+
+        Parameters
+        ----------
+        start : int
+            The first row.
+        batch : dict
+            Array name -> its rows, for every array of the store, all of one length.
+        """
         for name, arr in self.arrays.items():
             data = batch[name]
             arr[start:start + len(data)] = data
 
     def set_attrs(self, attrs: dict) -> None:
+        """Set (or replace) root attributes.
+
+        Parameters
+        ----------
+        attrs : dict
+            Attribute name -> value.
+        """
         self.group.attrs.update(attrs)
 
     def close(self) -> None:
+        """Nothing to release: every write is already stored."""
         pass
 
 
 def make_writer(fmt: str, path: Path, specs: list[ArraySpec], attrs: dict, compression: str = "gzip"):
+    """The writer of a new store of format ``fmt``.
+
+    Parameters
+    ----------
+    fmt : {"hdf5", "zarr"}
+        The store's format.
+    path : Path
+        The file (HDF5) or folder (Zarr) to create.
+    specs : list of ArraySpec
+        The arrays.
+    attrs : dict
+        Root attributes.
+    compression : {"gzip", "blosc-lz4"}
+        HDF5 only: Zarr stores are always Blosc LZ4.
+
+    Returns
+    -------
+    HDF5Writer or ZarrWriter
+        A ``HDF5Writer`` for ``"hdf5"``, else a ``ZarrWriter``.
+    """
     if fmt == "hdf5":
         return HDF5Writer(path, specs, attrs, compression)
     return ZarrWriter(path, specs, attrs)
 
 
 def remove_path(path: Path) -> None:
-    """Delete a file or a directory tree if it exists."""
+    """Delete a file or a directory tree if it exists.
+
+    A symbolic link is removed, not followed.
+
+    Parameters
+    ----------
+    path : Path
+        What to delete.
+    """
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -450,7 +675,15 @@ def remove_path(path: Path) -> None:
 
 
 def replace_path(src: Path, dst: Path) -> None:
-    """Move a finished store into place; an existing destination is replaced."""
+    """Move a finished store into place; an existing destination is replaced.
+
+    Parameters
+    ----------
+    src : Path
+        The finished store (file or folder), on the file system of ``dst``.
+    dst : Path
+        Its final path.
+    """
     src, dst = Path(src), Path(dst)
     if dst.exists():
         # A directory cannot be os.replace'd over a non-empty one: move it aside first
@@ -473,6 +706,28 @@ class Store:
     A store is served only when complete (``complete=False`` is for the code that
     checks or assembles unfinished ones): its completeness mark, written after every
     array, and for a virtual HDF5 store every shard file it reads from.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.h5``, ``.hdf5`` or ``.zarr`` store.
+    complete : bool
+        Refuse a store that is not complete (``unfinished``).
+
+    Attributes
+    ----------
+    path : Path
+        The store's path.
+    format : {"hdf5", "zarr"}
+        Its format.
+    attrs : dict
+        Its root attributes.
+
+    Raises
+    ------
+    StoreError
+        An unknown suffix, no such store, a file that cannot be opened as a store, no
+        ``images`` array, or (with ``complete``) a store that is not complete.
     """
 
     def __init__(self, path: str | Path, complete: bool = True):
@@ -506,7 +761,14 @@ class Store:
                 raise StoreError(f"{self.path}: {why}")
 
     def unfinished(self) -> str | None:
-        """Why this store must not be read as a dataset (None when it is complete)."""
+        """Why this store must not be read as a dataset (None when it is complete).
+
+        Returns
+        -------
+        str or None
+            A shard of a sharded build, no completeness mark (an unfinished build), or
+            missing shard files of a virtual HDF5 store, with what to do about it.
+        """
         if "shard" in self.attrs:
             return (f"shard {self.attrs['shard']} of {self.attrs.get('shards')} of a sharded build, "
                     "not a store; run `factory finalize CONFIG --out DIR` and read the finalized store")
@@ -525,6 +787,7 @@ class Store:
 
     @property
     def names(self) -> list[str]:
+        """The names of the store's arrays, sorted."""
         return sorted(self._group.keys())
 
     def __getitem__(self, name: str):
@@ -541,10 +804,31 @@ class Store:
 
     @property
     def config(self) -> dict:
+        """The validated config the store was built from (its ``config`` attribute), as a dict."""
         return json.loads(self.attrs["config"])
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start .. stop`` of array ``name``; a corrupt chunk is a StoreError."""
+        """Rows ``start .. stop`` of array ``name``; a corrupt chunk is a StoreError.
+
+        Parameters
+        ----------
+        name : str
+            The array.
+        start : int
+            The first row.
+        stop : int, optional
+            The row after the last (default: the end).
+
+        Returns
+        -------
+        ndarray
+            The rows, in the array's dtype.
+
+        Raises
+        ------
+        StoreError
+            No such array, or rows that cannot be read (a damaged store).
+        """
         arr = self[name]
         try:
             return np.asarray(arr[start:stop])
@@ -565,27 +849,42 @@ class Store:
 
     @property
     def kind(self) -> str:
-        """What the store holds: ``"images"``, ``"movies"`` (the frames of its movies, one
-        after another) or ``"stacks"`` (z-stacks, one per row)."""
+        """What the store holds: ``"images"``, ``"movies"`` or ``"stacks"``.
+
+        ``"movies"``: the frames of its movies, one after another; ``"stacks"``: z-stacks,
+        one per row.
+        """
         ds = self.dataset
         return "stacks" if ds.stack is not None else "movies" if ds.movie is not None else "images"
 
     @property
     def chunk_rows(self) -> int:
-        """Images per chunk of ``images``; for a virtual (finalized sharded) HDF5 store, which
-        has no chunks of its own, the dataset's chunk rows (whole chunks of its shard files)."""
+        """Rows (images, frames or stacks) per chunk of ``images``.
+
+        For a virtual (finalized sharded) HDF5 store, which has no chunks of its own, the
+        dataset's chunk rows (whole chunks of its shard files).
+        """
         chunks = self["images"].chunks
         return int(chunks[0]) if chunks else self.dataset.chunk_rows
 
     def missing_sources(self) -> list[str]:
-        """Source files of a virtual HDF5 store that are not there (a virtual dataset
-        silently reads fill values for them)."""
+        """Source files of a virtual HDF5 store that are not there.
+
+        A virtual dataset silently reads fill values for them.
+
+        Returns
+        -------
+        list of str
+            The missing files as the store names them (relative to its folder), sorted;
+            empty for other stores.
+        """
         if self.format != "hdf5" or not self["images"].is_virtual:
             return []
         return sorted({vs.file_name for n in self.names for vs in self[n].virtual_sources()
                        if not (self.path.parent / vs.file_name).exists()})
 
     def close(self) -> None:
+        """Close the HDF5 file (a Zarr store holds none open)."""
         if self._h5 is not None:
             self._h5.close()
 

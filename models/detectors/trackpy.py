@@ -1,8 +1,9 @@
-"""The TrackPy baseline: ``trackpy.locate`` per image, scored by integrated mass.
+"""The TrackPy baseline: ``trackpy.locate`` per image (or z-stack), scored by integrated mass.
 
 Two settings are reported: the paper's (``PAPER``: diameter 7, separation 7, no
 preprocessing), and the fair baseline, tuned by a grid search on the validation data
-only (never on a test set) and saved as JSON beside the evaluation.
+only (never on a test set) and saved as JSON beside the evaluation.  For movies, the
+pipeline a TrackPy user runs (``UserPipeline``, ``run_user_pipeline``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def import_trackpy():
     first use in every process, without caching them: about a second of every
     ``factory track`` or ``predict`` call, longer than tracking a short recording takes.
     Cached (Numba's own cache, beside TrackPy or in the user's cache folder), the same
-    machine code is loaded instead of compiled again; results are unchanged."""
+    machine code is loaded instead of compiled again; results are unchanged.
+
+    Returns
+    -------
+    module
+        The ``trackpy`` module, set up on the first call of the process.
+    """
     global _trackpy_ready
     import trackpy
 
@@ -58,8 +65,24 @@ def import_trackpy():
 
 
 class Params(StrictModel):
-    """``trackpy.locate`` settings, a diameter per axis as TrackPy takes them: ``diameter``
-    in x and y (pixels), and for z-stacks ``diameter_z`` along z (planes; None: images)."""
+    """``trackpy.locate`` settings, a diameter per axis as TrackPy takes them.
+
+    Attributes
+    ----------
+    diameter : int
+        Spot diameter in x and y (px, 3 - 99; odd, as TrackPy requires).
+    diameter_z : int or None
+        For z-stacks, the diameter along z (planes, 3 - 99, odd); None: images.
+    minmass : float
+        Smallest integrated brightness kept (image units).
+    separation : float or None
+        Smallest distance between features (px); None: TrackPy's default, diameter + 1.
+    percentile : float
+        A feature's peak must be brighter than this percentile of the image's pixels
+        (0 - 100).
+    preprocess : bool
+        TrackPy's band-pass filter before locating.
+    """
 
     diameter: Annotated[int, Field(ge=3, le=99)] = 7  # odd, as trackpy requires
     diameter_z: Optional[Annotated[int, Field(ge=3, le=99)]] = None
@@ -74,10 +97,21 @@ PAPER = Params(diameter=7, separation=7.0, preprocess=False)
 
 
 class TrackPyDetector:
-    """Intensity-based localisation (Crocker-Grier, as implemented by TrackPy), scored
-    by integrated mass: ``trackpy.locate`` on each image (N, H, W), or with
-    ``diameter_z`` on each z-stack (N, Z, H, W), returning ``z`` in planes from the
-    first plane as the 3D networks do."""
+    """Intensity-based localisation (Crocker-Grier, as implemented by TrackPy), scored by integrated mass.
+
+    ``trackpy.locate`` on each image (N, H, W), or with ``diameter_z`` on each z-stack
+    (N, Z, H, W), returning ``z`` in planes from the first plane as the 3D networks do.
+    A ``models.detectors.base.Detector``.
+
+    Parameters
+    ----------
+    params : Params, optional
+        The locate settings (default: ``Params()``); ``diameter_z`` makes it 3D.
+    threshold : float, optional
+        Mass above which a localisation counts for F1 (the AUCs rank every one).
+    label : str, optional
+        Default: ``LABEL``, or ``LABEL_3D`` with ``diameter_z``.
+    """
 
     name = "trackpy"
     target = "centroid"  # scored against the paper's truth first (both where a store has both)
@@ -93,11 +127,30 @@ class TrackPyDetector:
 
     @property
     def ndim(self) -> int:
+        """2 (images), or 3 (z-stacks) when ``params.diameter_z`` is set."""
         return 2 if self.params.diameter_z is None else 3
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrackPyDetector":
-        """Parameters saved by an earlier evaluation (``trackpy.json``), checked."""
+        """Parameters saved by an earlier evaluation (``trackpy.json``), checked.
+
+        Parameters
+        ----------
+        path : str or Path
+            A file written by ``save``.
+
+        Returns
+        -------
+        TrackPyDetector
+            Its ``params``, ``threshold`` (None when absent) and ``label`` (the default when
+            absent).
+
+        Raises
+        ------
+        FactoryError
+            No such file, or not a TrackPy parameter file (not JSON, no valid ``params``, a
+            threshold that is not a number).
+        """
         path = Path(path)
         if not path.is_file():
             raise FactoryError(f"{path}: no such file")
@@ -113,11 +166,45 @@ class TrackPyDetector:
         return cls(params, threshold, data.get("label"))
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write the detector as JSON (``trackpy.json``), for ``from_json``.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file written.
+        extra : dict, optional
+            More keys for the file (where and how it was tuned).
+        """
         data = {"detector": self.name, "label": self.label, "params": self.params.model_dump(),
                 "threshold": self.threshold}
         Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2))
 
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
+        """Localise particles in images (N, H, W), or in stacks (N, Z, H, W) where ``ndim`` is 3.
+
+        Parameters
+        ----------
+        images : array_like
+            Frames (N, H, W) (one (H, W) frame is taken as N = 1), or stacks (N, Z, H, W).
+        progress : bool
+            A progress bar (stderr) counting images or stacks.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``frame, x, y`` (px, origin at the centre of pixel (0, 0); stacks also ``z`` in
+            planes from the first plane), ``score`` (TrackPy's integrated mass) and ``sigma``
+            (TrackPy's ``size``, or ``size_x`` where the diameters differ per axis: the
+            spot's radius of gyration in px).  Every feature ``trackpy.locate`` returns with
+            ``params``; ``threshold`` is not applied.
+
+        Raises
+        ------
+        FactoryError
+            A 3D detector given anything but stacks (N, Z, H, W).
+        ValueError
+            A 2D detector given anything but (N, H, W) or (H, W).
+        """
         from tqdm.auto import tqdm
 
         trackpy = import_trackpy()
@@ -146,7 +233,18 @@ class TrackPyDetector:
                              np.concatenate(sizes))
 
     def batch_frames(self, height: int, width: int) -> int:
-        """1: ``trackpy.locate`` takes one image (or stack) at a time."""
+        """1: ``trackpy.locate`` takes one image (or stack) at a time.
+
+        Parameters
+        ----------
+        height, width : int
+            The frame size (px); unused.
+
+        Returns
+        -------
+        int
+            1.
+        """
         return 1
 
 
@@ -167,7 +265,18 @@ DEFAULT_GRID_3D = {
 
 
 def default_grid(ndim: int) -> dict:
-    """The grid ``models.evaluation.tuning.tune_trackpy`` searches for images or stacks."""
+    """The grid ``models.evaluation.tuning.tune_trackpy`` searches for images or stacks.
+
+    Parameters
+    ----------
+    ndim : {2, 3}
+        2: images; 3: stacks.
+
+    Returns
+    -------
+    dict
+        ``Params`` field -> values: ``DEFAULT_GRID`` (2), else ``DEFAULT_GRID_3D``.
+    """
     return DEFAULT_GRID if ndim == 2 else DEFAULT_GRID_3D
 
 
@@ -179,9 +288,26 @@ USER_MSD_LAGS = 4  # D from a line fit to trackpy.imsd over the first lags
 
 
 class UserPipeline(StrictModel):
-    """TrackPy on a movie as a competent user sets it up: ``trackpy.batch`` with its
-    band-pass, a ``minmass`` cut, ``trackpy.link`` with ``adaptive_stop``,
-    ``filter_stubs`` and a line fit to ``trackpy.imsd``."""
+    """TrackPy on a movie as a competent user sets it up.
+
+    ``trackpy.batch`` with its band-pass, a ``minmass`` cut, ``trackpy.link`` with
+    ``adaptive_stop``, ``filter_stubs`` and a line fit to ``trackpy.imsd``.
+
+    Attributes
+    ----------
+    diameter : int
+        Spot diameter (px, odd, 3 - 99).
+    minmass : float
+        Smallest integrated brightness kept (image units).
+    search_range_px : float
+        Linking radius (px).
+    memory : int
+        Frames a feature may vanish and still be linked.
+    min_frames : int
+        Shorter tracks are dropped (``filter_stubs``).
+    msd_lags : int
+        Lags of the MSD line fit.
+    """
 
     diameter: Annotated[int, Field(ge=3, le=99)]
     minmass: Annotated[float, Field(ge=0)]
@@ -192,14 +318,48 @@ class UserPipeline(StrictModel):
 
 
 def user_search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float) -> float:
-    """The radius a user picks for the fastest particles expected: three standard
-    deviations of their step per axis (99% of 2D steps fall inside)."""
+    """The radius a user picks for the fastest particles expected.
+
+    Three standard deviations of their step per axis (99% of 2D steps fall inside).
+
+    Parameters
+    ----------
+    max_diffusion_um2_s : float
+        The largest D expected (um^2/s).
+    frame_period_s : float
+        Time between frames (s).
+    pixel_size_um : float
+        Pixel size (um).
+
+    Returns
+    -------
+    float
+        ``3 * sqrt(2 D dt)`` in px.
+    """
     return 3.0 * float(np.sqrt(2.0 * max_diffusion_um2_s * frame_period_s)) / pixel_size_um
 
 
 def user_locate(frames: np.ndarray, diameter: int, minmass: float) -> pd.DataFrame:
-    """``trackpy.batch`` on the frames as the recording holds them (integer frames keep
-    their type: TrackPy's band-pass threshold and mass scale depend on it)."""
+    """``trackpy.batch`` on the frames as the recording holds them.
+
+    Integer frames keep their type: TrackPy's band-pass threshold and mass scale depend
+    on it.
+
+    Parameters
+    ----------
+    frames : ndarray
+        A movie (N, H, W).
+    diameter : int
+        Spot diameter (px, odd).
+    minmass : float
+        Smallest integrated brightness kept.
+
+    Returns
+    -------
+    pandas.DataFrame
+        TrackPy's feature table (``frame``, ``x``, ``y`` in px, ``mass``, ...), band-pass
+        preprocessing on.
+    """
     trackpy = import_trackpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,8 +368,28 @@ def user_locate(frames: np.ndarray, diameter: int, minmass: float) -> pd.DataFra
 
 def run_user_pipeline(frames: np.ndarray, pipe: UserPipeline, pixel_size_um: float,
                       frame_period_s: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Tracks (``frame, x, y, track``) and D per track (``track, D_um2_s``: a line
-    ``MSD = 4 D t + c`` fitted to ``trackpy.imsd`` over the first ``msd_lags`` lags)."""
+    """Tracks and D per track of a movie, as a TrackPy user gets them.
+
+    Parameters
+    ----------
+    frames : ndarray
+        A movie (N, H, W), as its recording holds it.
+    pipe : UserPipeline
+        The pipeline's settings.
+    pixel_size_um : float
+        Pixel size (um).
+    frame_period_s : float
+        Time between frames (s).
+
+    Returns
+    -------
+    tracks : pandas.DataFrame
+        ``frame, x, y, track`` (px), tracks of at least ``pipe.min_frames`` points.
+    diffusion : pandas.DataFrame
+        ``track, D_um2_s``: D (um^2/s) from a line ``MSD = 4 D t + c`` fitted to
+        ``trackpy.imsd`` over the first ``msd_lags`` lags (NaN with fewer than two
+        finite MSD values).
+    """
     trackpy = import_trackpy()
     f = user_locate(frames, pipe.diameter, pipe.minmass)
     with warnings.catch_warnings():

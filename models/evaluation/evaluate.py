@@ -1,12 +1,15 @@
-"""The evaluator: one code path for every detector and for users' CSV files
-(``evaluate_stores`` is `factory evaluate`).
+"""The evaluator: one code path for every detector and for users' CSV files.
 
-Writes into a run folder:
+``evaluate_stores`` is `factory evaluate`.  It writes into a run folder:
+
 - ``metrics.json``: ``{"datasets": {name: {"auc": {"70": .., "140": .., "210": ..},
-  "f1_integral", "f1", "rmse_px", "n_images", ...}}, "pooled": {...}}``
-- ``table.md`` / ``table.csv``: Table 1 of the seed paper with the paper's rows beside ours
-- ``pr_<dataset>.png``: the PR curves at the three gates
+  "f1_integral", "f1", "rmse_nm", "rmse_px", "n_images", ...}}, "pooled": {...}}``
+  (stacks: ``rmse_xy_nm``, ``rmse_z_nm`` in place of ``rmse_px``)
+- ``table.md``: Table 1 of the seed paper with the paper's rows beside ours (images;
+  also as ``table.csv``), and the other metrics
+- ``pr_<dataset>.png``: the PR curves at the gates
 - ``predictions_<dataset>.csv``: the localisation table that was scored
+- ``tracks_<dataset>.csv`` (movie stores) and ``trackpy.json`` (TrackPy's parameters)
 """
 
 from __future__ import annotations
@@ -47,7 +50,25 @@ PAPER_ROWS = {
 
 
 def find_test_stores(data: Path, names: list[str] | None = None) -> list[Path]:
-    """Test stores of a data folder: the named ones, or every ``test*`` store."""
+    """Test stores of a data folder: the named ones, or every ``test*`` store.
+
+    Parameters
+    ----------
+    data : Path
+        A folder of stores, or one store (returned as it is, ``names`` unused).
+    names : list of str, optional
+        Store names (without suffix) to return, in this order.
+
+    Returns
+    -------
+    list of Path
+        The stores' paths.
+
+    Raises
+    ------
+    StoreError
+        No such folder, no store of a given name, or no ``test*`` store.
+    """
     data = Path(data)
     if not data.exists():
         raise StoreError(f"{data}: no such data folder or store")
@@ -66,8 +87,30 @@ def find_test_stores(data: Path, names: list[str] | None = None) -> list[Path]:
 
 
 def read_predictions_csv(path: Path, n_frames: int | None = None, columns=COLUMNS) -> pd.DataFrame:
-    """A user's localisation table, checked: ``columns`` (stacks: ``frame, x, y, z_um,
-    score``), types, frame range."""
+    """A user's localisation table, checked: columns, types, frame range.
+
+    Parameters
+    ----------
+    path : Path
+        The CSV file.
+    n_frames : int, optional
+        Frames (images or stacks) of the store it is scored against: ``frame`` must lie in
+        ``0 .. n_frames - 1``.
+    columns : sequence of str
+        The columns required: ``COLUMNS`` (``frame, x, y, score``, px) or for stacks
+        ``STACK_COLUMNS`` (``frame, x, y, z_um, score``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table, ``frame`` as int64.
+
+    Raises
+    ------
+    FactoryError
+        No such file, not a CSV table, a column missing, not numeric or not finite,
+        ``frame`` not integer or out of range.
+    """
     path = Path(path)
     if not path.exists():
         raise FactoryError(f"{path}: no such file")
@@ -96,15 +139,38 @@ def read_predictions_csv(path: Path, n_frames: int | None = None, columns=COLUMN
 
 def score_table(table: pd.DataFrame, gt: Points, geom: Geometry, threshold: float | None = None,
                 gates: Gates | None = None) -> dict:
-    """``evaluate_points`` on a detector's table (pixels, planes) against truth in um,
-    with the store's geometry (and, for images, the RMSE in pixels)."""
+    """``evaluate_points`` on a detector's table against truth in um, with the store's geometry.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A localisation table (``frame, x, y`` px, stacks ``z`` planes or ``z_um``, and
+        ``score``).
+    gt : Points
+        The truth (um).
+    geom : Geometry
+        The store's pixel size (and z step).
+    threshold : float, optional
+        The score cut of F1, the F1 integral and the RMSE.
+    gates : Gates, optional
+        Default: those of the truth's dimension.
+
+    Returns
+    -------
+    dict
+        ``evaluate_points``' metrics with ``pixel_size_um``, and for images the RMSE in
+        pixels (``rmse_px``), for stacks ``z_step_um``.
+    """
     m = evaluate_points(geom.points(table, gt.n_frames), table["score"].to_numpy(np.float64), gt, threshold, gates)
     return {**m, **_geometry_keys(m, [geom])}
 
 
 def _geometry_keys(m: dict, geoms: list[Geometry]) -> dict:
-    """pixel_size_um (and rmse_px) where every store has the same pixel size; z_step_um
-    where every stack store has the same step; None where they differ."""
+    """The geometry keys of metrics over ``geoms``: each None where the stores differ.
+
+    ``pixel_size_um`` where every store has the same pixel size, and for images
+    ``rmse_px`` with it; for stacks ``z_step_um`` where every store has the same step.
+    """
     px = {g.pixel_size_um for g in geoms}
     one = px.pop() if len(px) == 1 else None
     out = {"pixel_size_um": one}
@@ -118,9 +184,30 @@ def _geometry_keys(m: dict, geoms: list[Geometry]) -> dict:
 
 def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], geoms: list[Geometry],
                    threshold: float | None, gates: Gates | None = None) -> dict:
-    """All test sets scored as one (frames renumbered), in um: the gates keep their
-    physical size in every store, whatever its pixel size (``rmse_px`` is None where the
-    pixel sizes differ)."""
+    """All test sets scored as one (frames renumbered), in um.
+
+    The gates keep their physical size in every store, whatever its pixel size
+    (``rmse_px`` is None where the pixel sizes differ).
+
+    Parameters
+    ----------
+    tables : list of pandas.DataFrame
+        A localisation table (px, planes) per store.
+    gts : list of Points
+        Each store's truth (um).
+    geoms : list of Geometry
+        Each store's geometry.
+    threshold : float or None
+        The score cut of F1, the F1 integral and the RMSE (None: every localisation).
+    gates : Gates, optional
+        Default: those of the truths' dimension.
+
+    Returns
+    -------
+    dict
+        As ``score_table``; ``pixel_size_um`` (and ``z_step_um``) None where the stores
+        differ.
+    """
     pred = Points.concat([g.points(t, gt.n_frames) for t, gt, g in zip(tables, gts, geoms)])
     score = np.concatenate([t["score"].to_numpy(np.float64) for t in tables])
     m = evaluate_points(pred, score, Points.concat(gts), threshold, gates)
@@ -128,7 +215,23 @@ def pooled_metrics(tables: list[pd.DataFrame], gts: list[Points], geoms: list[Ge
 
 
 def plot_pr(table: pd.DataFrame, gt: Points, geom: Geometry, title: str, out: Path, gates: Gates) -> None:
-    """The PR curves at each gate of one test set (images or stacks)."""
+    """The PR curves at each gate of one test set (images or stacks).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The localisation table (px, planes) with ``score``.
+    gt : Points
+        The truth (um).
+    geom : Geometry
+        The store's geometry.
+    title : str
+        The figure's title.
+    out : Path
+        The image file written (PNG).
+    gates : Gates
+        One curve per PR-AUC gate (nm).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,10 +255,29 @@ def plot_pr(table: pd.DataFrame, gt: Points, geom: Geometry, title: str, out: Pa
 
 def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None],
            gates_nm=GATES_NM) -> tuple[str, pd.DataFrame]:
-    """Table 1 as markdown and as a DataFrame; ``rows`` is label -> dataset -> metrics.
+    """Table 1 as markdown and as a DataFrame.
 
     The paper's rows are filled in where the gates are the paper's and a store's D
-    matches one of its columns."""
+    matches one of its columns.
+
+    Parameters
+    ----------
+    rows : dict
+        Row label -> dataset -> metrics (``auc`` by gate key); labels in ``PAPER_ROWS``
+        take the paper's values.
+    diffusions : dict
+        Dataset -> its fixed D (um^2/s), or None (the column is headed by its name).
+    gates_nm : sequence of float
+        The PR-AUC gates (nm) shown per dataset.
+
+    Returns
+    -------
+    markdown : str
+        The table, one column per dataset and gate.
+    table : pandas.DataFrame
+        One record per detector, dataset and gate: ``detector``, ``dataset``,
+        ``diffusion_um2_s``, ``eps_nm``, ``auc`` (None where not scored).
+    """
     keys = [gate_key(g) for g in gates_nm]
     paper_gates = tuple(keys) == tuple(gate_key(g) for g in GATES_NM)
     datasets = list(diffusions)
@@ -183,8 +305,22 @@ def table1(rows: dict[str, dict[str, dict]], diffusions: dict[str, float | None]
 
 
 def metrics_table(rows: dict[str, dict[str, dict]]) -> str:
-    """Markdown: per detector and test set, the AUC at each gate, F1 integral, F1 and RMSE
-    (stacks: split into xy and z), for any kind of store."""
+    """Markdown: per detector and test set, the AUC at each gate, F1 integral, F1 and RMSE.
+
+    The RMSE split into xy and z for stacks; any kind of store.
+
+    Parameters
+    ----------
+    rows : dict
+        Row label -> test set -> metrics (``score_table``), of one kind of store; the first
+        set's gates and kind head the table.
+
+    Returns
+    -------
+    str
+        The table (RMSE in nm; the number of images or stacks scored), or
+        ``"(no test set scored)"``.
+    """
     first = next((m for per in rows.values() for m in per.values()), None)
     if first is None:
         return "(no test set scored)"
@@ -207,11 +343,40 @@ def metrics_table(rows: dict[str, dict[str, dict]]) -> str:
 def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], data_paths: dict[str, Path],
                      threshold: float | None = None, extra: dict | None = None, gates_nm=None,
                      target: str = "centroid") -> dict:
-    """Score ``tables`` (dataset -> localisation table) and write the run folder, for
-    images, movies and stacks alike.
+    """Score ``tables`` and write the run folder, for images, movies and stacks alike.
 
     ``datasets`` holds the scores against the detector's own ``target``; ``by_target``
-    the scores against every truth the store holds (centroid and exposure)."""
+    the scores against every truth the store holds (centroid and exposure).
+
+    Parameters
+    ----------
+    out : Path
+        The run folder (created): ``metrics.json``, ``table.md``, for images
+        ``table.csv``, and per dataset ``pr_<dataset>.png`` and ``predictions_<dataset>.csv``
+        (for stacks with ``z_um`` in place of ``z``).
+    label : str
+        The detector's label.
+    tables : dict
+        Dataset -> localisation table (px, planes).
+    data_paths : dict
+        Dataset -> its store's path.
+    threshold : float, optional
+        The score cut of F1, the F1 integral and the RMSE.
+    extra : dict, optional
+        Added to ``metrics.json``; its ``detect_seconds`` (dataset -> s) also gives each
+        dataset's ``per_second``.
+    gates_nm : sequence of float, optional
+        PR-AUC gates (nm); default: those of the stores' dimension.
+    target : {"centroid", "exposure"}
+        The detector's own truth; a store without it is scored against centroids.
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds: ``kind``, ``detector``, ``target``, ``threshold``,
+        ``gates_nm``, ``datasets``, ``by_target``, ``pooled`` (several datasets) and
+        ``extra``'s keys.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics, gts, geoms, diffusions, by_target, kinds = {}, [], [], {}, {}, set()
@@ -252,9 +417,37 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
 
 def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
                     threshold: float | None) -> tuple[pd.DataFrame, dict]:
-    """Link each movie's localisations (above ``threshold``), estimate D per track, and
-    score links and D against the store's truth of ``target``; the same for the true
-    positions as tracks (the floor)."""
+    """Link each movie's localisations and score links and D per track against the store's truth.
+
+    Localisations above ``threshold`` are time-stamped, linked per movie, and D is
+    estimated per track; links and D are scored against the store's truth of ``target``
+    (a localisation matches a particle within 210 nm); the same for the true positions as
+    tracks (the floor).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The detector's localisation table of the whole store (px).
+    store : Store
+        An open movie store with ``exposure_t_s``.
+    target : {"centroid", "exposure"}
+        The truth scored against.
+    stamps : {"scan", "frame"}
+        The detector's time stamps (``Detector.timestamps``).
+    threshold : float or None
+        The score cut (None: every localisation).
+
+    Returns
+    -------
+    tracks : pandas.DataFrame
+        The linked localisations with ``t_s`` (s), ``movie``, ``frame`` within the movie
+        and ``track`` (ids unique over the store).
+    scores : dict
+        ``target``, ``search_range_px``, ``blur_r``, ``links``, ``particles``
+        (``fields.summarise``), ``links_between_matched``, ``correct_link_fraction``,
+        ``links_to_unmatched_fraction``, ``d`` and ``d_floor_truth_positions``
+        (``models.tracking.tracks.d_errors``; None where empty).
+    """
     cfg = store.dataset.model_dump()
     F = store.dataset.movie.n_frames
     h, w = store["images"].shape[1:]
@@ -308,8 +501,40 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
 
 def evaluate_detector(detector: Detector, data: Path, out: Path, names: list[str] | None = None,
                       progress: bool = True, extra: dict | None = None, gates_nm=None) -> dict:
-    """Run ``detector`` on the test stores of ``data`` (images, movies or stacks) and
-    write the run folder; a movie store's tracks and D per track are scored too."""
+    """Run ``detector`` on the test stores of ``data`` and write the run folder.
+
+    Images, movies or stacks; a movie store's tracks and D per track are scored too
+    (``evaluate_tracks``, stores with ``exposure_t_s``).
+
+    Parameters
+    ----------
+    detector : Detector
+        The detector, its ``threshold`` the F1 cut.
+    data : Path
+        A folder of stores or one store (``find_test_stores``).
+    out : Path
+        The run folder (``write_evaluation``; also ``tracks_<dataset>.csv``).
+    names : list of str, optional
+        Only these stores.
+    progress : bool
+        Progress bars (stderr).
+    extra : dict, optional
+        Added to ``metrics.json``, with ``detect_seconds`` (s per store).
+    gates_nm : sequence of float, optional
+        PR-AUC gates (nm).
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds (``write_evaluation``).
+
+    Raises
+    ------
+    FactoryError
+        A 2D detector on stack stores or a 3D one on images.
+    StoreError
+        Missing or unreadable stores.
+    """
     paths = {p.stem: p for p in find_test_stores(data, names)}
     tables, seconds = {}, {}
     for name, path in paths.items():
@@ -385,15 +610,18 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
     datasets : list of str, optional
         Score only these stores of ``data``.
     params : str or Path, optional
-        TrackPy parameters (a ``trackpy.json`` of an earlier run): no tuning.
+        TrackPy parameters (a ``trackpy.json`` of an earlier run, with its threshold): no
+        tuning.
     tune_on : str
         The store of ``data`` TrackPy is tuned on (never a test set).
     tune_images : int
         Images of ``tune_on`` used for tuning.
     threshold : float, optional
         With ``predictions``: the score cut for F1 (default: every row counts).
-    gates_nm : sequence of float
-        Distance gates of the PR-AUC (nm), converted per store with its pixel size.
+    gates_nm : sequence of float, optional
+        Distance gates of the PR-AUC (nm), compared in um: the same physical distance in
+        every store, whatever its pixel size.  Default: Table 1's 70, 140, 210 nm for
+        images; 100, 200, 300 nm for stacks.
     target : {"centroid", "exposure"}
         TrackPy and ``predictions``: the truth tuned on and first scored against.  Every
         store is also scored against each truth it holds.
@@ -465,9 +693,12 @@ def _stack_stores(stores: list[Path]) -> bool:
 
 def _trackpy_detector(data: Path, out: Path, params: str | Path | None, tune_on: str, tune_images: int,
                       say: Callable[[str], None], paper: bool = False, target: str = "centroid"):
-    """The TrackPy baseline (2D on images, 3D on stacks): given parameters, the paper's,
-    or tuned on a non-test store.  The F1 threshold (a mass) is chosen on the tuning
-    store in every case."""
+    """The TrackPy baseline (2D on images, 3D on stacks): given parameters, the paper's, or tuned on a non-test store.
+
+    Given parameters (``params``, a ``trackpy.json``) come with the threshold saved in
+    that file; otherwise the F1 threshold (a mass) is chosen on the tuning store and the
+    detector is saved as ``out / "trackpy.json"``.
+    """
     from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
     from models.evaluation.tuning import operating_point, tune_trackpy
 

@@ -1,5 +1,7 @@
-"""Scores per particle on real-size fields: of the particles a movie shows, how many a
-pipeline tracks, and for how many it gets D right.
+"""Scores per particle on real-size fields.
+
+Of the particles a movie shows, how many a pipeline tracks, and for how many it gets D
+right.
 
 Link counts (``tracks.score_tracks``) say how clean the tracks are; what a user
 publishes is a D per particle.  So every particle in view for at least
@@ -32,10 +34,21 @@ ON_SHARE = 0.5  # a blinking particle counts as visible in a frame when on for h
 class MovieTruth:
     """The truth of one movie, per frame and particle slot (px, pixel-centre origin).
 
-    ``centroids`` and ``exposure_xy`` (F, P, 2) NaN where a particle is not in view;
-    ``centroid_t_s`` and ``exposure_t_s`` (F, P) their times; ``diffusion`` (P,) um^2/s;
-    ``on_fraction`` (F, P) the share of the frame a blinking particle was on (None: it
-    never blinks)."""
+    Attributes
+    ----------
+    centroids : ndarray
+        (F, P, 2) trajectory centroids (x, y) in px; NaN where a particle is not in view.
+    exposure_xy : ndarray
+        (F, P, 2) exposure-weighted positions (x, y) in px, NaN where not in view.
+    centroid_t_s : ndarray
+        (F, P) the centroids' times (s).
+    exposure_t_s : ndarray
+        (F, P) the exposure-weighted times (s).
+    diffusion : ndarray
+        (P,) each particle's D (um^2/s).
+    on_fraction : ndarray or None
+        (F, P) the share of the frame a blinking particle was on (None: it never blinks).
+    """
 
     centroids: np.ndarray
     exposure_xy: np.ndarray
@@ -46,9 +59,25 @@ class MovieTruth:
 
     @classmethod
     def of_rows(cls, rows: dict, start: int, stop: int, centroid_t_s: np.ndarray) -> "MovieTruth":
-        """One movie (rows ``start .. stop``) of a store's or ``factory.kernel.simulate``'s
-        arrays: ``centroids``, ``exposure_xy``, ``in_view``, ``n_particles``, ``diffusion``,
-        ``exposure_t_s`` and ``on_fraction`` where the particles blink."""
+        """One movie (rows ``start .. stop``) of a store's or ``factory.kernel.simulate``'s arrays.
+
+        Parameters
+        ----------
+        rows : dict
+            Array name -> array over rows: ``centroids``, ``exposure_xy``, ``in_view``,
+            ``n_particles``, ``diffusion``, ``exposure_t_s``, and ``on_fraction`` where the
+            particles blink (absent, or of another shape, otherwise).
+        start, stop : int
+            The movie's rows (``stop`` excluded).
+        centroid_t_s : ndarray
+            (N, P) the centroids' times (s) over the same rows as ``rows``.
+
+        Returns
+        -------
+        MovieTruth
+            Positions NaN outside the first ``n_particles`` slots and where ``in_view`` is 0;
+            ``diffusion`` of the movie's first row.
+        """
         from loaders.datasets import truth_points
 
         h = w = np.inf  # in_view already says whether a centroid lies in the field
@@ -62,7 +91,18 @@ class MovieTruth:
 
 
 def longest_run(ok: np.ndarray) -> tuple[int, int]:
-    """(start, stop) of the longest run of True in a 1D mask ((0, 0) when none)."""
+    """(start, stop) of the longest run of True in a 1D mask ((0, 0) when none).
+
+    Parameters
+    ----------
+    ok : ndarray
+        A 1D boolean mask.
+
+    Returns
+    -------
+    tuple of int
+        ``stop`` excluded; the first of equally long runs.
+    """
     best, a = (0, 0), None
     for i, v in enumerate(np.r_[ok, False]):
         if v and a is None:
@@ -75,7 +115,22 @@ def longest_run(ok: np.ndarray) -> tuple[int, int]:
 
 
 def scored_runs(truth: MovieTruth, min_frames: int = MIN_FRAMES_IN_VIEW) -> dict[int, tuple[int, int]]:
-    """The particles scored, each with its longest run of frames in view."""
+    """The particles scored, each with its longest run of frames in view.
+
+    Parameters
+    ----------
+    truth : MovieTruth
+        The movie's truth.
+    min_frames : int
+        The shortest run scored (frames).
+
+    Returns
+    -------
+    dict of int to tuple of int
+        Particle slot -> (start, stop) frames of its longest run in view, for runs of at
+        least ``min_frames`` in which a blinking particle is on (``ON_SHARE`` of a frame)
+        in at least half of the frames.
+    """
     inview = np.isfinite(truth.centroids).all(-1)
     out = {}
     for p in range(inview.shape[1]):
@@ -90,7 +145,26 @@ def scored_runs(truth: MovieTruth, min_frames: int = MIN_FRAMES_IN_VIEW) -> dict
 
 def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATCH_PX,
                  share: float = MATCH_SHARE) -> dict[int, int]:
-    """The particle each track follows (tracks that follow none are left out)."""
+    """The particle each track follows (tracks that follow none are left out).
+
+    Parameters
+    ----------
+    tracks : pandas.DataFrame
+        Linked localisations: ``frame`` (of the movie), ``x``, ``y`` (px) and ``track``.
+    truth : MovieTruth
+        The movie's truth.
+    match_px : float
+        A point is near a particle within this distance (px) of its centroid or its
+        exposure position in the same frame.
+    share : float
+        A track follows the particle most of its points are near when that is at least
+        this share of them.
+
+    Returns
+    -------
+    dict of int to int
+        Track id -> particle slot.
+    """
     if len(tracks) == 0:
         return {}
     f = tracks["frame"].to_numpy(np.int64)
@@ -111,10 +185,35 @@ def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATC
 
 def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTruth, pixel_size_um: float,
                     floor_r: float, d_column: str = "D_um2_s") -> pd.DataFrame:
-    """One row per scored particle: its true D, whether a track follows it, the D of its
-    longest matched track with a D (``d_table``: ``track`` and ``d_column``), and the
-    floor (the CVE on its true centroids over its run in view, blur coefficient
-    ``floor_r``)."""
+    """One row per scored particle: its true D, its matched tracks' D and the floor.
+
+    Whether a track follows it, the D of its longest matched track with a D
+    (``d_table``: ``track`` and ``d_column``), and the floor (the CVE on its true
+    centroids over its run in view, blur coefficient ``floor_r``).
+
+    Parameters
+    ----------
+    tracks : pandas.DataFrame
+        Linked localisations of one movie: ``frame``, ``x``, ``y`` (px), ``track``.
+    d_table : pandas.DataFrame
+        D per track: ``track`` and ``d_column``.
+    truth : MovieTruth
+        The movie's truth.
+    pixel_size_um : float
+        The pixel size (um).
+    floor_r : float
+        The motion-blur coefficient of the floor's estimates
+        (``models.tracking.tracks.blur_r``).
+    d_column : str
+        The column of ``d_table`` holding D (um^2/s).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``particle`` (slot), ``frames_in_view``, ``true_D_um2_s``, ``matched`` (a track
+        follows it), ``D_um2_s`` (NaN: no matched track with a D) and ``floor_D_um2_s``,
+        D in um^2/s.
+    """
     runs = scored_runs(truth)
     owner = match_tracks(tracks, truth)
     d_of = dict(zip(d_table["track"].to_numpy(), d_table[d_column].to_numpy())) if len(d_table) else {}
@@ -135,15 +234,45 @@ def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTru
 
 
 def within(est: np.ndarray, true: np.ndarray, factor: float = D_FACTOR) -> np.ndarray:
-    """D within a factor of the truth (a missing or non-positive estimate is not)."""
+    """D within a factor of the truth (a missing or non-positive estimate is not).
+
+    Parameters
+    ----------
+    est : ndarray
+        Estimated D (um^2/s); NaN where missing.
+    true : ndarray
+        True D (um^2/s).
+    factor : float
+        Within means ``true / factor <= est <= factor * true``.
+
+    Returns
+    -------
+    ndarray
+        A boolean per estimate.
+    """
     est, true = np.asarray(est, np.float64), np.asarray(true, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (est > 0) & (est <= factor * true) & (est >= true / factor)
 
 
 def summarise(per_particle: pd.DataFrame) -> dict:
-    """Shares over the scored particles: with a matched track, with D within ``D_FACTOR``
-    (ours and the floor's), and the median |log10(D_est / D_true)| of those with a D."""
+    """Shares over the scored particles: with a matched track, and with D right.
+
+    With D within ``D_FACTOR`` (ours and the floor's), and the median
+    |log10(D_est / D_true)| of those with a D.
+
+    Parameters
+    ----------
+    per_particle : pandas.DataFrame
+        ``score_particles`` rows, of one movie or several.
+
+    Returns
+    -------
+    dict
+        ``particles`` (count), ``matched``, ``d_within``, ``floor_d_within`` (shares) and
+        ``median_abs_log10`` (over the positive estimates; None without one); all but
+        ``particles`` None when no particle was scored.
+    """
     t = per_particle
     n = len(t)
     if n == 0:

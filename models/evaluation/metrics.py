@@ -1,5 +1,6 @@
-"""Localisation metrics in physical units, for images (x, y) and z-stacks (x, y, z):
-the seed paper's PR-AUC, deepBlink's F1 integral, F1 and RMSE.
+"""Localisation metrics in physical units, for images (x, y) and z-stacks (x, y, z).
+
+The seed paper's PR-AUC, deepBlink's F1 integral, F1 and RMSE.
 
 Predictions and ground truth are ``Points``: a frame index and a position in
 micrometres per point, 2 or 3 coordinates (``models.evaluation.truth`` makes them from
@@ -30,14 +31,36 @@ F1_INTEGRAL_STEPS = 50
 
 @dataclass(frozen=True)
 class Gates:
-    """The distances (nm) a dimension is scored at: the PR-AUC gates, the gate of the
-    single-number F1 and RMSE, and the upper end of deepBlink's F1 integral."""
+    """The distances (nm) a dimension is scored at.
+
+    Attributes
+    ----------
+    auc_nm : tuple of float
+        The PR-AUC gates (nm).
+    f1_nm : float
+        The gate (nm) of the single-number F1 and of the RMSE.
+    f1_integral_max_nm : float
+        The upper end (nm) of deepBlink's F1 integral, whose cutoffs start at 0.
+    """
 
     auc_nm: tuple[float, ...]
     f1_nm: float
     f1_integral_max_nm: float
 
     def with_auc(self, auc_nm) -> "Gates":
+        """These gates with other PR-AUC gates.
+
+        Parameters
+        ----------
+        auc_nm : sequence of float
+            The PR-AUC gates (nm).
+
+        Returns
+        -------
+        Gates
+            A copy with ``auc_nm`` replaced (as floats), ``f1_nm`` and ``f1_integral_max_nm``
+            kept.
+        """
         return Gates(tuple(float(g) for g in auc_nm), self.f1_nm, self.f1_integral_max_nm)
 
 
@@ -48,21 +71,70 @@ GATES_NM = GATES[2].auc_nm  # Table 1's gates, the default of `factory evaluate 
 
 
 def gates_for(ndim: int, auc_nm=None) -> Gates:
-    """The gates of ``ndim``-dimensional points, with other PR-AUC gates if given."""
+    """The gates of ``ndim``-dimensional points, with other PR-AUC gates if given.
+
+    Parameters
+    ----------
+    ndim : {2, 3}
+        2: images (x, y); 3: stacks (x, y, z).
+    auc_nm : sequence of float, optional
+        PR-AUC gates (nm) in place of the dimension's own (``GATES``); the F1 gate and the
+        F1-integral range stay.
+
+    Returns
+    -------
+    Gates
+        ``GATES[ndim]``, with ``auc_nm`` when given.
+
+    Raises
+    ------
+    KeyError
+        ``ndim`` is neither 2 nor 3.
+    """
     return GATES[ndim] if auc_nm is None else GATES[ndim].with_auc(auc_nm)
 
 
 def nm_to_px(distance_nm: float, pixel_size_um: float) -> float:
     """A physical distance in pixels of ``pixel_size_um``.
 
-    Rounded to 9 decimals so that 210 nm at 0.07 um is exactly 3 px, not 2.9999999999999996."""
+    Rounded to 9 decimals so that 210 nm at 0.07 um is exactly 3 px, not 2.9999999999999996.
+
+    Parameters
+    ----------
+    distance_nm : float
+        The distance (nm).
+    pixel_size_um : float
+        The pixel size (um).
+
+    Returns
+    -------
+    float
+        The distance (px).
+
+    Raises
+    ------
+    ValueError
+        ``pixel_size_um`` is not > 0.
+    """
     if not pixel_size_um > 0:
         raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
     return round(float(distance_nm) / (float(pixel_size_um) * 1000.0), 9)
 
 
 def gate_key(gate_nm: float) -> str:
-    """The metrics key of a gate: '70', '140', '210' (or '87.5')."""
+    """The metrics key of a gate: '70', '140', '210' (or '87.5').
+
+    Parameters
+    ----------
+    gate_nm : float
+        The gate (nm).
+
+    Returns
+    -------
+    str
+        The gate in ``%g`` format: the keys of ``auc`` in ``evaluate_points`` and
+        ``metrics.json``.
+    """
     return f"{float(gate_nm):g}"
 
 
@@ -70,9 +142,22 @@ def gate_key(gate_nm: float) -> str:
 class Points:
     """Points of a set of frames (images or stacks), positions in micrometres.
 
-    ``frame`` (M,) int64 frame index; ``pos_um`` (M, ndim) float64 x, y (and z) in um,
-    origin at the centre of pixel (0, 0) (and the first plane); ``n_frames`` the
-    frames scored, points or not."""
+    Attributes
+    ----------
+    frame : ndarray
+        (M,) int64: the frame (image or stack) index of each point.
+    pos_um : ndarray
+        (M, ndim) float64: x, y (and z) in um, origin at the centre of pixel (0, 0) (and
+        the first plane).  A 1D array given is split into one row per point ((0, 2) when
+        there are none).
+    n_frames : int
+        The frames scored, points or not.
+
+    Raises
+    ------
+    ValueError
+        ``pos_um`` is not one row per entry of ``frame``.
+    """
 
     frame: np.ndarray
     pos_um: np.ndarray
@@ -91,6 +176,7 @@ class Points:
 
     @property
     def ndim(self) -> int:
+        """Coordinates per point: 2 (x, y) or 3 (x, y, z)."""
         return int(self.pos_um.shape[1])
 
     def __len__(self) -> int:
@@ -98,23 +184,67 @@ class Points:
 
     @classmethod
     def from_masked(cls, points_um: np.ndarray) -> "Points":
-        """From (N, P, ndim) positions (um) that are NaN where there is no point."""
+        """From (N, P, ndim) positions (um) that are NaN where there is no point.
+
+        Parameters
+        ----------
+        points_um : ndarray
+            (N, P, ndim) positions (um) per frame and slot; a slot with any non-finite
+            coordinate holds no point.
+
+        Returns
+        -------
+        Points
+            The finite slots, frame by frame and in slot order; ``n_frames`` is N.
+        """
         mask = np.isfinite(points_um).all(-1)
         return cls(np.nonzero(mask)[0], points_um[mask].astype(np.float64).reshape(-1, points_um.shape[-1]),
                    len(points_um))
 
     def select(self, keep: np.ndarray) -> "Points":
+        """The points ``keep`` selects, over the same frames.
+
+        Parameters
+        ----------
+        keep : ndarray
+            A boolean mask (M,) or indices into the points.
+
+        Returns
+        -------
+        Points
+            The points kept; ``n_frames`` unchanged.
+        """
         return Points(self.frame[keep], self.pos_um[keep], self.n_frames)
 
     @staticmethod
     def concat(parts: list["Points"]) -> "Points":
-        """One set of the frames of ``parts`` in turn (frames renumbered)."""
+        """One set of the frames of ``parts`` in turn (frames renumbered).
+
+        Parameters
+        ----------
+        parts : list of Points
+            At least one set, all of one dimension.
+
+        Returns
+        -------
+        Points
+            The frames of each part shifted by the ``n_frames`` of the parts before it;
+            ``n_frames`` is their sum.
+        """
         offsets = np.cumsum([0] + [p.n_frames for p in parts])
         return Points(np.concatenate([p.frame + o for p, o in zip(parts, offsets)]),
                       np.concatenate([p.pos_um for p in parts]), int(offsets[-1]))
 
     def offsets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(order, offsets): points of frame f are ``order[offsets[f]:offsets[f+1]]``."""
+        """(order, offsets): points of frame f are ``order[offsets[f]:offsets[f+1]]``.
+
+        Returns
+        -------
+        order : ndarray
+            Indices of the points sorted by frame (stable: input order within a frame).
+        offsets : ndarray
+            (n_frames + 1,) start of each frame's points in ``order``.
+        """
         order = np.argsort(self.frame, kind="stable")
         offsets = np.searchsorted(self.frame[order], np.arange(self.n_frames + 1))
         return order, offsets
@@ -149,12 +279,48 @@ def _greedy_match(p_frame, p_xy, gt_xy, gt_order, gt_offsets, eps2):
 
 
 def rank(pred: Points, score: np.ndarray) -> np.ndarray:
-    """Prediction order: score descending, then frame, x, y (input-order independent)."""
+    """Prediction order: score descending, then frame, x, y (input-order independent).
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions.
+    score : ndarray
+        (M,) their scores (higher: more confident).
+
+    Returns
+    -------
+    ndarray
+        Indices into ``pred``, best ranked first.
+    """
     return np.lexsort((pred.pos_um[:, 1], pred.pos_um[:, 0], pred.frame, -np.asarray(score, np.float64)))
 
 
 def pr_curve(pred: Points, score: np.ndarray, gt: Points, eps_um: float):
-    """Precision and recall at each distinct score threshold, highest score first."""
+    """Precision and recall at each distinct score threshold, highest score first.
+
+    Predictions are matched in ``rank`` order, as the module docstring says: each takes
+    the nearest ground-truth point of its own frame within ``eps_um`` that no
+    higher-ranked prediction has taken.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    score : ndarray
+        (M,) their scores.
+    gt : Points
+        The ground truth (um) of the same frames.
+    eps_um : float
+        The gate (um).
+
+    Returns
+    -------
+    precision, recall : ndarray
+        One value per distinct score, from the highest down, each counting every
+        prediction scored at least that much; empty without predictions.  Recall is 0
+        throughout when there is no ground truth.
+    """
     score = np.asarray(score, np.float64)
     n_true = len(gt.frame)
     if len(score) == 0:
@@ -173,7 +339,27 @@ def pr_curve(pred: Points, score: np.ndarray, gt: Points, eps_um: float):
 
 
 def pr_auc(pred: Points, score: np.ndarray, gt: Points, eps_um: float) -> float:
-    """Area under the PR curve (trapezoid rule), the seed paper's AUC."""
+    """Area under the PR curve (trapezoid rule), the seed paper's AUC.
+
+    The curve (``pr_curve``) is held flat at its first precision from recall 0 to its
+    first point.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    score : ndarray
+        (M,) their scores.
+    gt : Points
+        The ground truth (um).
+    eps_um : float
+        The gate (um).
+
+    Returns
+    -------
+    float
+        The AUC, in [0, 1]; 0 without predictions.
+    """
     precision, recall = pr_curve(pred, score, gt, eps_um)
     if len(precision) == 0:
         return 0.0
@@ -183,12 +369,27 @@ def pr_auc(pred: Points, score: np.ndarray, gt: Points, eps_um: float) -> float:
 
 
 def match(pred: Points, gt: Points, cutoffs_um) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Hungarian matching per frame at each cutoff: the one-to-one matching of every
-    other score (F1, RMSE, the F1 integral, tracks to particles).
+    """Hungarian matching per frame at each cutoff.
 
-    Returns, per cutoff, (indices into ``pred``, indices into ``gt``, distances in um)
-    of the matched pairs.  The assignment maximises the number of pairs within the
-    cutoff, then minimises their total distance."""
+    The one-to-one matching of every other score (F1, RMSE, the F1 integral, tracks to
+    particles).  The assignment maximises the number of pairs within the cutoff, then
+    minimises their total distance.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    gt : Points
+        The ground truth (um); its ``n_frames`` frames are matched.
+    cutoffs_um : float or sequence of float
+        The largest distance (um) of a pair; one matching per cutoff.
+
+    Returns
+    -------
+    list of tuple of ndarray
+        Per cutoff, the matched pairs: (indices into ``pred``, indices into ``gt``,
+        distances in um).
+    """
     cutoffs = np.atleast_1d(np.asarray(cutoffs_um, np.float64))
     pairs: list[list[tuple]] = [[] for _ in cutoffs]
     p_order, p_off = pred.offsets()
@@ -218,19 +419,66 @@ def match(pred: Points, gt: Points, cutoffs_um) -> list[tuple[np.ndarray, np.nda
 
 
 def match_counts(pred: Points, gt: Points, cutoffs_um) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The number of matched pairs per cutoff and, per cutoff, their distances (um)."""
+    """The number of matched pairs per cutoff and, per cutoff, their distances (um).
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    gt : Points
+        The ground truth (um).
+    cutoffs_um : float or sequence of float
+        The cutoffs (um), as for ``match``.
+
+    Returns
+    -------
+    counts : ndarray
+        (K,) int64: pairs per cutoff.
+    distances : list of ndarray
+        Per cutoff, the pairs' distances (um).
+    """
     m = match(pred, gt, cutoffs_um)
     return np.array([len(d) for _, _, d in m], np.int64), [d for _, _, d in m]
 
 
 def f1_cutoffs_um(gates: Gates) -> np.ndarray:
-    """deepBlink's F1-integral cutoffs: 50 from 0 to the gates' maximum, in um."""
+    """The F1-integral cutoffs of deepBlink: 50 from 0 to the gates' maximum, in um.
+
+    Parameters
+    ----------
+    gates : Gates
+        Its ``f1_integral_max_nm`` (nm) is the last cutoff.
+
+    Returns
+    -------
+    ndarray
+        ``F1_INTEGRAL_STEPS`` (50) evenly spaced cutoffs (um), both ends included.
+    """
     return np.linspace(0.0, gates.f1_integral_max_nm / 1000.0, F1_INTEGRAL_STEPS)
 
 
 def f1_integral(pred: Points, gt: Points, cutoffs_um) -> float:
-    """deepBlink's F1 integral: F1 = 2 TP / (n_pred + n_true) integrated over the
-    cutoffs and divided by their range."""
+    """The F1 integral of deepBlink: F1 = 2 TP / (n_pred + n_true) averaged over the cutoffs.
+
+    F1 at each cutoff (Hungarian pairs within it) is integrated over the cutoffs by the
+    trapezoid rule and divided by their range.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    gt : Points
+        The ground truth (um).
+    cutoffs_um : sequence of float
+        Increasing cutoffs (um), at least two with different values
+        (``f1_cutoffs_um``).
+
+    Returns
+    -------
+    float
+        The integral divided by the range; F1 is 1 at every cutoff when there are
+        neither predictions nor ground truth.
+    """
     cutoffs = np.asarray(cutoffs_um, np.float64)
     tp, _ = match_counts(pred, gt, cutoffs)
     denom = len(pred.frame) + len(gt.frame)
@@ -239,7 +487,24 @@ def f1_integral(pred: Points, gt: Points, cutoffs_um) -> float:
 
 
 def f1_rmse(pred: Points, gt: Points, gate_um: float) -> tuple[float, float]:
-    """F1 and the RMSE (um) of Hungarian-matched pairs within ``gate_um``."""
+    """F1 and the RMSE (um) of Hungarian-matched pairs within ``gate_um``.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    gt : Points
+        The ground truth (um).
+    gate_um : float
+        The gate (um).
+
+    Returns
+    -------
+    f1 : float
+        2 TP / (n_pred + n_true); 1 when both are empty.
+    rmse_um : float
+        The root mean square distance (um) of the pairs; NaN without pairs.
+    """
     tp, dists = match_counts(pred, gt, [gate_um])
     denom = len(pred.frame) + len(gt.frame)
     f1 = 2.0 * tp[0] / denom if denom else 1.0
@@ -250,7 +515,28 @@ def f1_rmse(pred: Points, gt: Points, gate_um: float) -> tuple[float, float]:
 def best_f1_threshold(pred: Points, score, gt: Points, gate_um: float, n_cuts: int = 200) -> float:
     """The score cut that maximises F1 at ``gate_um`` (candidate cuts: score quantiles).
 
-    Used to pick every detector's operating point on its tuning or validation data."""
+    Used to pick every detector's operating point on its tuning or validation data.
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    score : array_like
+        (M,) their scores.
+    gt : Points
+        The ground truth (um).
+    gate_um : float
+        The F1 gate (um).
+    n_cuts : int
+        Candidate cuts: the scores' quantiles at ``n_cuts`` even steps from 0 to 0.995
+        (repeated values once).
+
+    Returns
+    -------
+    float
+        The cut (``score >= cut`` counts), in the detector's score units; the lowest of
+        equally good cuts; 0.5 without predictions.
+    """
     score = np.asarray(score, np.float64)
     if len(score) == 0:
         return 0.5
@@ -270,7 +556,29 @@ def evaluate_points(pred: Points, score: np.ndarray, gt: Points, threshold: floa
     The AUCs use every prediction ranked by score; F1, the F1 integral and the RMSE use
     the predictions with ``score >= threshold`` (all when None).  The RMSE is that of
     the Hungarian pairs within the F1 gate; for stacks also split into xy and z, with
-    the mean z error (``bias_z_nm``)."""
+    the mean z error (``bias_z_nm``).
+
+    Parameters
+    ----------
+    pred : Points
+        The predictions (um).
+    score : ndarray
+        (M,) their scores.
+    gt : Points
+        The ground truth (um); 3D points add the stack metrics.
+    threshold : float, optional
+        The score cut of F1, the F1 integral and the RMSE, in the detector's score units.
+    gates : Gates, optional
+        Default: ``gates_for(gt.ndim)``.
+
+    Returns
+    -------
+    dict
+        ``auc`` (``gate_key`` -> AUC), ``f1_integral``, ``f1``, ``f1_gate_nm``, ``rmse_nm``
+        (nm; NaN without pairs); stacks add ``rmse_xy_nm``, ``rmse_z_nm`` and
+        ``bias_z_nm`` (mean z of prediction minus truth, nm); then ``n_images`` (frames
+        scored), ``n_true`` and ``n_predictions`` (those above the threshold).
+    """
     gates = gates or gates_for(gt.ndim)
     score = np.asarray(score, np.float64)
     auc = {gate_key(g): pr_auc(pred, score, gt, g / 1000.0) for g in gates.auc_nm}

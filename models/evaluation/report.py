@@ -1,7 +1,9 @@
-"""The report of a runs folder: every evaluated detector of one kind of test store in
-one table (images: Table 1 beside the paper's rows), the PR curves, tracks and D for
-movies, and a picture of the predictions (images) or of one stack seen from above and
-from the side (stacks)."""
+"""The report of a runs folder.
+
+Every evaluated detector of one kind of test store in one table (images: Table 1 beside
+the paper's rows), the PR curves, tracks and D for movies, and a picture of the
+predictions (images) or of one stack seen from above and from the side (stacks).
+"""
 
 from __future__ import annotations
 
@@ -23,11 +25,24 @@ from models.evaluation.truth import Geometry, dataset_diffusion, geometry
 
 
 def collect(runs: Path, kind: str = "images") -> dict[str, tuple[Path, dict]]:
-    """Row label -> (folder, metrics) for every evaluation run folder under ``runs`` that
-    scored stores of ``kind`` ("images": images and movies; "stacks").
+    """Row label -> (folder, metrics) for every evaluation run folder under ``runs`` of ``kind``.
 
     Every folder gets its row: the detector's label, followed by the folder's name
-    where two folders evaluated detectors with the same label."""
+    where two folders evaluated detectors with the same label.  Folders whose name starts
+    with a dot (evaluations still being written) are skipped.
+
+    Parameters
+    ----------
+    runs : Path
+        The runs folder; its subfolders with a ``metrics.json`` are read.
+    kind : {"images", "stacks"}
+        The stores scored: ``"images"`` (images and movies) or ``"stacks"``.
+
+    Returns
+    -------
+    dict
+        Row label -> (run folder, its ``metrics.json``), in folder name order.
+    """
     found = []
     for m in sorted(Path(runs).glob("*/metrics.json")):
         if m.parent.name.startswith("."):  # an evaluation still being written (models.recordings.outputs)
@@ -41,6 +56,38 @@ def collect(runs: Path, kind: str = "images") -> dict[str, tuple[Path, dict]]:
 
 
 def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str] | None = None) -> Path:
+    """Write ``report.md`` of a runs folder against the test stores of ``data`` (`factory report`).
+
+    Images and movies: Table 1 (``report_table.csv`` too) with the other metrics, for
+    movies both truths, tracks and D per track and per particle, one movie's tracks drawn
+    (``tracks_<dataset>.png``), the PR curves, and the best network's predictions (TrackPy's
+    where there is none) over the first test images (``preview_predictions.png``).
+    z-stacks: the 3D metrics, one stack from above and from the side
+    (``stack_<dataset>.png``) and the PR curves.
+
+    Parameters
+    ----------
+    runs : Path
+        The folder of evaluation run folders (``collect``); the report is written in it.
+    data : Path
+        A folder of stores or one store (``find_test_stores``).
+    preview_n : int
+        Images drawn with the predictions.
+    datasets : list of str, optional
+        Only these test stores.
+
+    Returns
+    -------
+    Path
+        ``runs / "report.md"``.
+
+    Raises
+    ------
+    FactoryError
+        The test stores mix z-stacks and images.
+    StoreError
+        No test stores, or a missing one.
+    """
     from factory.preview import preview
 
     runs = Path(runs)
@@ -178,8 +225,11 @@ def _pr_curves(evals: dict[str, tuple[Path, dict]], tests: dict[str, Path]) -> l
 
 
 def _write_stack_report(runs: Path, tests: dict[str, Path]) -> Path:
-    """``write_report`` for z-stack test stores: every stack evaluation in one table, the
-    PR curves, and the first test stack drawn with each detector's localisations."""
+    """``write_report`` for z-stack test stores.
+
+    Every stack evaluation in one table, the PR curves, and the first test stack drawn
+    with each detector's localisations.
+    """
     evals = collect(runs, "stacks")
     rows = {label: {n: v for n, v in d["datasets"].items() if n in tests} for label, (_, d) in evals.items()}
     names = ", ".join(f"`{n}`" for n in tests)
@@ -219,9 +269,27 @@ def _write_stack_report(runs: Path, tests: dict[str, Path]) -> Path:
 
 def plot_stack(stack: np.ndarray, truth_vox: np.ndarray, predictions: dict, geom: Geometry, out: Path,
                title: str) -> None:
-    """One stack seen from above (maximum over z) and from the side (maximum over y, z
-    drawn to scale), with the true centroids (green crosses) and each detector's
-    localisations (circles)."""
+    """One stack seen from above and from the side, with the truth and each detector's localisations.
+
+    From above: the maximum over z; from the side: the maximum over y, z drawn to scale.
+    True centroids are green crosses, each detector's localisations circles; axes in um.
+
+    Parameters
+    ----------
+    stack : ndarray
+        One stack (Z, H, W).
+    truth_vox : ndarray
+        (P, 3) true positions (x px, y px, z planes from the first plane), NaN where none.
+    predictions : dict
+        Detector label -> (M, 3) localisations (x px, y px, z planes); three at most are
+        drawn.
+    geom : Geometry
+        The store's pixel size and z step (um).
+    out : Path
+        The image file written (PNG).
+    title : str
+        The figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,6 +1,8 @@
-"""Choosing a detector on data with truth, for images and stacks alike: the
-model-selection score (``validate``), the operating point (``f1_threshold``) and the
-TrackPy grid search (``tune_trackpy``).  Never run on a test set."""
+"""Choosing a detector on data with truth, for images and stacks alike.
+
+The model-selection score (``validate``), the operating point (``f1_threshold``) and the
+TrackPy grid search (``tune_trackpy``).  Never run on a test set.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +22,25 @@ log = logging.getLogger(__name__)
 
 
 def validate(detector: Detector, images: np.ndarray, gt: Points, geom: Geometry) -> dict:
-    """The detector's AUCs at its dimension's gates and their mean (the model-selection
-    score), with the table it scored."""
+    """The detector's AUCs at its dimension's gates and their mean, the model-selection score.
+
+    Parameters
+    ----------
+    detector : Detector
+        Any detector; every localisation is ranked (no threshold).
+    images : ndarray
+        Images (N, H, W), or stacks (N, Z, H, W) for a 3D detector.
+    gt : Points
+        Their truth (um); its dimension chooses the gates (``gates_for``).
+    geom : Geometry
+        Turns the detector's table (px, planes) into um.
+
+    Returns
+    -------
+    dict
+        ``auc`` (list of the AUCs, one per gate of ``gates_for(gt.ndim).auc_nm``),
+        ``mean_auc`` (their mean) and ``table`` (the localisation table scored).
+    """
     table = detector.detect(images)
     pred = geom.points(table, len(images))
     aucs = [pr_auc(pred, table["score"].to_numpy(np.float64), gt, g / 1000.0) for g in gates_for(gt.ndim).auc_nm]
@@ -29,8 +48,23 @@ def validate(detector: Detector, images: np.ndarray, gt: Points, geom: Geometry)
 
 
 def f1_threshold(pairs: list[tuple[pd.DataFrame, Points, Geometry]]) -> float:
-    """The score cut maximising F1 at the F1 gate over (table, truth, geometry) pairs at
-    once: the stores pool in um, so their pixel sizes may differ."""
+    """The score cut maximising F1 at the F1 gate over (table, truth, geometry) pairs at once.
+
+    The stores pool in um, so their pixel sizes may differ.
+
+    Parameters
+    ----------
+    pairs : list of tuple
+        (table, truth, geometry) per store: a localisation table (px, planes) with
+        ``score``, its truth as ``Points`` (um) and the store's ``Geometry``; all of one
+        dimension.
+
+    Returns
+    -------
+    float
+        The cut (``best_f1_threshold`` at ``gates_for(ndim).f1_nm``), in the detector's
+        score units.
+    """
     pred = Points.concat([geom.points(table, gt.n_frames) for table, gt, geom in pairs])
     gt = Points.concat([gt for _, gt, _ in pairs])
     score = np.concatenate([table["score"].to_numpy(np.float64) for table, _, _ in pairs])
@@ -38,16 +72,58 @@ def f1_threshold(pairs: list[tuple[pd.DataFrame, Points, Geometry]]) -> float:
 
 
 def operating_point(detector: Detector, images: np.ndarray, gt: Points, geom: Geometry) -> float:
-    """The score cut maximising F1 on tuning data, for a detector as it is."""
+    """The score cut maximising F1 on tuning data, for a detector as it is.
+
+    Parameters
+    ----------
+    detector : Detector
+        Any detector.
+    images : ndarray
+        Tuning images (N, H, W), or stacks (N, Z, H, W) for a 3D detector.
+    gt : Points
+        Their truth (um).
+    geom : Geometry
+        The tuning store's geometry.
+
+    Returns
+    -------
+    float
+        ``f1_threshold`` of the detector's table, in its score units.
+    """
     return f1_threshold([(detector.detect(images), gt, geom)])
 
 
 def tune_trackpy(images: np.ndarray, gt: Points, geom: Geometry, grid: dict | None = None):
-    """Grid search of TrackPy (2D on images, 3D on stacks) maximising the mean PR-AUC
-    over the gates on tuning data.
+    """Grid search of TrackPy maximising the mean PR-AUC over the gates on tuning data.
 
-    Returns the tuned detector, its F1 threshold (a mass) chosen on the same data, and
-    every grid point's scores."""
+    TrackPy 2D on images, TrackPy 3D (a ``diameter_z``) on stacks.  Settings whose
+    ``diameter_z`` is wider than the stack are skipped.
+
+    Parameters
+    ----------
+    images : ndarray
+        Tuning images (N, H, W), or stacks (N, Z, H, W) when ``geom`` has a z step.
+    gt : Points
+        Their truth (um).
+    geom : Geometry
+        The tuning store's geometry.
+    grid : dict, optional
+        ``Params`` field -> values to try, replacing those of
+        ``models.detectors.trackpy.default_grid(geom.ndim)``.
+
+    Returns
+    -------
+    detector : TrackPyDetector
+        The best setting, labelled ``LABEL`` or ``LABEL_3D``, with its F1 threshold (a
+        mass) chosen on the same data as its ``threshold``.
+    results : list of dict
+        Every grid point tried: its parameters, ``auc`` (per gate) and ``mean_auc``.
+
+    Raises
+    ------
+    FactoryError
+        No setting of the grid fits the stacks.
+    """
     from models.detectors.trackpy import LABEL, LABEL_3D, Params, TrackPyDetector, default_grid
 
     grid = {**default_grid(geom.ndim), **(grid or {})}
@@ -70,9 +146,30 @@ def tune_trackpy(images: np.ndarray, gt: Points, geom: Geometry, grid: dict | No
 
 def tune_user_pipeline(frames: np.ndarray, gt: Points, pixel_size_um: float, sigma_xy_um: float,
                        search_range_px: float):
-    """The TrackPy user pipeline's diameter (odd, 2.5 - 4.5 PSF sigmas, where a user
-    looking at the spots would set it) and the ``minmass`` that maximise F1 on a tuning
-    movie with truth (``gt`` in um)."""
+    """The TrackPy user pipeline's diameter and ``minmass`` that maximise F1 on a tuning movie.
+
+    The diameter is odd (px, at least 3), from 2.5 to 4.5 PSF sigmas: where a user
+    looking at the spots would set it.  For each, ``minmass`` is the F1 threshold of its masses.
+
+    Parameters
+    ----------
+    frames : ndarray
+        A tuning movie (N, H, W), as its recording holds it (``user_locate``).
+    gt : Points
+        Its truth (um).
+    pixel_size_um : float
+        The pixel size (um).
+    sigma_xy_um : float
+        The lateral PSF sigma (um).
+    search_range_px : float
+        The linking radius (px) of the pipeline returned.
+
+    Returns
+    -------
+    UserPipeline
+        The diameter and ``minmass`` with the highest F1 at the F1 gate, and
+        ``search_range_px``.
+    """
     from models.detectors.trackpy import UserPipeline, user_locate
 
     geom = Geometry(pixel_size_um)

@@ -62,8 +62,26 @@ def _check_frames(a: np.ndarray, path: Path, what: str) -> None:
 
 
 def read_images(path: str | Path) -> np.ndarray:
-    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store,
-    whole; ``open_recording`` reads it a chunk at a time."""
+    """(N, H, W) float32 from a TIFF (one image or a T x H x W stack), .npy or a store, whole.
+
+    ``open_recording`` reads it a chunk at a time.
+
+    Parameters
+    ----------
+    path : str or Path
+        The recording's file.
+
+    Returns
+    -------
+    ndarray
+        Every frame (N, H, W) as float32; one image reads as N = 1.
+
+    Raises
+    ------
+    FactoryError
+        As ``open_recording``: a missing, unsupported or unreadable file, or frames that
+        are not finite real numbers of one size.
+    """
     with open_recording(path) as rec:
         return rec.read()
 
@@ -89,6 +107,12 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
         See ``models.detectors.base.Detector``: ``detect(images)`` takes (N, H, W) frames (3D
         models: (N, Z, H, W) stacks) and returns ``frame, x, y, score`` (+ ``sigma``) in
         pixels from the centre of pixel (0, 0); ``threshold`` is its tuned score cut.
+
+    Raises
+    ------
+    FactoryError
+        No such file or folder, a bad ``trackpy.json``, or a run folder whose model cannot
+        be loaded.
     """
     if str(spec) == "trackpy":
         return TrackPyDetector(PAPER, label=PAPER_LABEL)
@@ -111,7 +135,21 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
 
 
 def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
-    """The dataset config of the store a model was trained on, if it is still there."""
+    """The dataset config of the store a model was trained on, if it is still there.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The model's run folder.
+
+    Returns
+    -------
+    config : dict or None
+        The store's ``dataset`` config; None when the run folder or the store cannot be
+        read.
+    source : str or None
+        ``"the training data <store path>"``, for messages; None with ``config``.
+    """
     from models.training.runs import RunFolder
 
     try:
@@ -124,21 +162,52 @@ def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def training_timing(run_dir: Path) -> ScanTiming | None:
-    """The scan timing of the store a model was trained on, if it is still there."""
+    """The scan timing of the store a model was trained on, if it is still there.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The model's run folder.
+
+    Returns
+    -------
+    ScanTiming or None
+        The training store's scan timing, its source naming that store; None when
+        ``training_data_config`` finds none.
+    """
     cfg, source = training_data_config(run_dir)
     return ScanTiming.of_store_config(cfg, source) if cfg else None
 
 
 def localise(detector: Detector, images: np.ndarray | Recording, progress: bool = False,
              min_score: float | None = None) -> pd.DataFrame:
-    """``detector.detect`` over a recording (or an (N, H, W) array), a chunk of frames at a
-    time: the same table as one call on all the frames, in the memory of one chunk, less
+    """``detector.detect`` over a recording (or an (N, H, W) array), a chunk of frames at a time.
+
+    The same table as one call on all the frames, in the memory of one chunk, less
     the localisations scored below ``min_score`` (dropped as they come: a long recording
     has millions of faint candidates).
 
     A network sees the same batches as in one call (its ``batch_frames`` per forward
     pass, counted from the first frame), so its outputs are the same to the bit.  The
-    progress bar counts frames, with frames/s."""
+    progress bar counts frames, with frames/s.
+
+    Parameters
+    ----------
+    detector : Detector
+        A 2D detector.
+    images : ndarray or Recording
+        Frames (N, H, W) (or one (H, W) frame), or an open ``Recording``.
+    progress : bool
+        A progress bar (stderr).
+    min_score : float, optional
+        Keep localisations with ``score >= min_score`` (default: all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The detector's table (``frame`` counted from the first frame; x, y in px), with
+        its columns even when empty.
+    """
     from tqdm.auto import tqdm
 
     rec = images if isinstance(images, Recording) else as_recording(images)
@@ -165,8 +234,36 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
 def predict(detector: Detector, images: np.ndarray | Recording, pixel_size_um: float | None = None,
             progress: bool = False, timing: ScanTiming | None = None,
             frame_start_s: np.ndarray | None = None, min_score: float | None = None) -> pd.DataFrame:
-    """Localise (``localise``: chunk by chunk, keeping scores from ``min_score``), then add
-    ``t_s`` (with ``timing``) and micrometre columns (with ``pixel_size_um``)."""
+    """Localise chunk by chunk, then add ``t_s`` and micrometre columns.
+
+    ``localise`` keeps scores from ``min_score``; ``t_s`` is added with ``timing`` and the
+    micrometre columns with ``pixel_size_um``.
+
+    Parameters
+    ----------
+    detector : Detector
+        A 2D detector; its ``timestamps`` choose the time of each localisation.
+    images : ndarray or Recording
+        Frames (N, H, W), or an open ``Recording``.
+    pixel_size_um : float, optional
+        Pixel size (um): adds ``x_um``, ``y_um`` and, where there is ``sigma``,
+        ``sigma_um``.
+    progress : bool
+        A progress bar (stderr) counting frames.
+    timing : ScanTiming, optional
+        The recording's scan timing: adds ``t_s`` (s from the recording's first pixel)
+        as the second column.
+    frame_start_s : ndarray, optional
+        Start (s) of every frame (default: frames one after the other, from ``timing``).
+    min_score : float, optional
+        Keep localisations with ``score >= min_score`` (default: all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``frame, [t_s,] x, y, score, sigma`` (px), with ``x_um, y_um, sigma_um`` (um) when
+        the pixel size is given.
+    """
     table = localise(detector, images, progress=progress, min_score=min_score)
     if timing is not None:
         _, h, w = images.shape
@@ -180,7 +277,19 @@ def predict(detector: Detector, images: np.ndarray | Recording, pixel_size_um: f
 
 
 def tiff_z_step_um(path: Path) -> float | None:
-    """The z step a TIFF records: ImageJ's ``spacing`` or OME's ``PhysicalSizeZ`` (um)."""
+    """The z step a TIFF records: ImageJ's ``spacing`` or OME's ``PhysicalSizeZ`` (um).
+
+    Parameters
+    ----------
+    path : Path
+        The TIFF file.
+
+    Returns
+    -------
+    float or None
+        The z step (um); None when the file records none in micrometres or its metadata
+        cannot be read.
+    """
     import re
 
     import tifffile
@@ -201,8 +310,25 @@ def tiff_z_step_um(path: Path) -> float | None:
 
 
 def read_stacks(path: str | Path) -> np.ndarray:
-    """(N, Z, H, W) float32 from a TIFF (one Z x H x W stack, or T x Z x H x W), .npy or
-    a stack store."""
+    """(N, Z, H, W) float32 from a TIFF (one Z x H x W stack, or T x Z x H x W), .npy or a stack store.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    ndarray
+        The stacks (N, Z, H, W) as float32; one Z x H x W stack reads as N = 1.
+
+    Raises
+    ------
+    FactoryError
+        A missing, unsupported or unreadable file, no stacks, another number of
+        dimensions, stacks smaller than 3 planes of 8 x 8 px, or pixels that are not
+        finite real numbers that fit in float32.
+    """
     path = Path(path)
     a = _read_array(path)
     _check_frames(a, path, "stacks")
@@ -232,11 +358,12 @@ class Prediction:
         pixel size was given.  3D models: ``frame, x, y, z_um, score, sigma`` (+ ``x_um,
         y_um``), ``z_um`` from the first plane.
     description : str
-        What was read, e.g. ``"12 frame(s) of 256 x 256 px"``.
+        What was read, e.g. ``"12 frame(s) of 256 x 256 px"`` (3D models: ``"2 stack(s)
+        of 9 planes of 64 x 64 px"``).
     timing : ScanTiming or None
         The scan timing behind ``t_s`` (2D models); ``timing.source`` says where it came from.
     z_step_um : float or None
-        The z step of the stacks (3D models).
+        The z step (um) of the stacks (3D models).
     """
 
     table: pd.DataFrame
@@ -264,7 +391,7 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
         A TIFF (one image or a T x H x W stack), a ``.npy`` file or a store.  3D models
         take z-stacks: a Z x H x W or T x Z x H x W TIFF, ``.npy`` or a stack store.
     pixel_size_um : float, optional
-        Adds ``x_um, y_um`` (and ``sigma_um``).
+        Pixel size (um): adds ``x_um, y_um`` (and ``sigma_um``).
     dwell_us, line_retrace_ms, frame_flyback_ms : float, optional
         The recording's pixel dwell time (us), line retrace (ms) and the time from a
         frame's last pixel to the next frame's first (ms; default one line retrace).
@@ -274,8 +401,8 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
     all_scores : bool
         Keep every candidate, not only those from the detector's tuned ``threshold``.
     z_step_um : float, optional
-        3D models: the z step of the stacks; else the store's or the TIFF's metadata,
-        else the model's training data.
+        3D models: the z step (um) of the stacks; else the store's or the TIFF's
+        metadata, else the model's training data.
     target : {"centroid", "exposure"}, optional
         Models with a head per target: which head (default: the centroid).  A model
         without that head is refused.
