@@ -186,11 +186,6 @@ def preview(
 
 def schema() -> None:
     """List every config field with its type, default (the paper's values) and limits."""
-    from factory.config import NAME_RULE
-    from factory.inspect_store import schema_lines, size_lines
+    from factory.config import schema_text
 
-    typer.echo("Top level: seed (int), defaults (the fields below), datasets (name -> "
-               "its size, n_images, n_movies or n_stacks, plus any field below to override).\n"
-               f"{NAME_RULE[0].upper()}{NAME_RULE[1:]}.\n")
-    for line in size_lines() + schema_lines():
-        typer.echo(line)
+    typer.echo(schema_text())

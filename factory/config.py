@@ -884,3 +884,31 @@ def config_from_json(text: str) -> FactoryConfig:
         if isinstance(ds, dict) and isinstance(ds.get("output"), dict):
             ds["output"].setdefault("trajectory_step", "dwell")
     return FactoryConfig.model_validate(data)
+
+
+# --- reference ----------------------------------------------------------------------------
+
+
+def schema_text() -> str:
+    """The reference of every config field, as `factory schema` prints it (``factory.schema_text``).
+
+    Returns
+    -------
+    str
+        The top-level keys and the rule for dataset names, a blank line, then one line
+        per size field of a dataset (``n_images``, ``n_movies``, ``n_stacks``) and one
+        per field of its sections: path, type, default (the seed paper's values) and
+        limits, the unit in the field's name.  No final newline.
+
+    Examples
+    --------
+    >>> from factory import schema_text
+    >>> schema_text().splitlines()[0].startswith("Top level: seed")
+    True
+    """
+    from .inspect_store import schema_lines, size_lines  # it reads the models of this module
+
+    header = ("Top level: seed (int), defaults (the fields below), datasets (name -> "
+              "its size, n_images, n_movies or n_stacks, plus any field below to override).\n"
+              f"{NAME_RULE[0].upper()}{NAME_RULE[1:]}.\n")
+    return "\n".join([header, *size_lines(), *schema_lines()])
