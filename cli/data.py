@@ -85,19 +85,15 @@ def verify(
     path: Path = typer.Argument(..., help="A store (.h5 / .zarr) or a folder of stores."),
 ) -> None:
     """Check finished stores: complete, every shard's checksums, config hash."""
-    from factory.finalize import verify_store
-    from factory.stores import find_stores
+    from factory.finalize import verify_stores
 
-    failed = False
-    for p in find_stores(path):
-        problems = verify_store(p)
-        if problems:
-            failed = True
-            for line in problems:
-                typer.echo(f"error: {line}", err=True)
-        else:
-            typer.echo(f"{p}: ok")
-    if failed:
+    def show(store: Path, problems: List[str]) -> None:
+        for line in problems:
+            typer.echo(f"error: {line}", err=True)
+        if not problems:
+            typer.echo(f"{store}: ok")
+
+    if verify_stores(path, report=show):
         raise typer.Exit(1)
 
 

@@ -20,7 +20,8 @@ _API = {
     "build_stores": ("factory.build", "build"),  # `factory build`
     "build_shards": ("factory.shards", "build_shards"),  # `factory build --shard`
     "finalize_stores": ("factory.finalize", "finalize"),  # `factory finalize`
-    "verify_store": ("factory.finalize", "verify_store"),  # `factory verify`
+    "verify_stores": ("factory.finalize", "verify_stores"),  # `factory verify`
+    "verify_store": ("factory.finalize", "verify_store"),  # one store
     "Store": ("factory.stores", "Store"),  # read a finished store
     "find_stores": ("factory.stores", "find_stores"),
     "summarize": ("factory.inspect_store", "summarize"),  # `factory inspect`

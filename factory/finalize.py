@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from .build import progress_bar, specs_for, store_attrs, store_path
 from .checksums import checksum_mismatch, read_manifest, region_checksums
@@ -16,7 +17,7 @@ from .config import Dataset, FactoryConfig, dataset_hash
 from .errors import FactoryError, StoreError
 from .publish import publish, store_lock, tmp_name
 from .shards import check_shard, discover_count, shard_stem, shards_dir, zarr_data_path
-from .stores import FORMATS, HDF5Writer, Store, consolidate_zarr, remove_path, rows_per_read, write_virtual_hdf5
+from .stores import FORMATS, HDF5Writer, Store, consolidate_zarr, find_stores, remove_path, rows_per_read, write_virtual_hdf5
 
 
 def _same_dataset(path: Path, expect_hash: str) -> bool:
@@ -153,6 +154,50 @@ def verify_store(path: Path) -> list[str]:
                 where = f"{shard_stem(m['shard'], m['shards'])} (images {m['start']}..{m['stop'] - 1})"
                 problems.append(f"{path}: {where} {why}")
     return problems
+
+
+def verify_stores(path: str | Path, report: Callable[[Path, list[str]], None] | None = None) -> dict[Path, list[str]]:
+    """Verify a store, or every store in a folder, and gather the failures (``factory.verify_stores``).
+
+    Each store is checked whole by ``verify_store``, one after the other, in the order
+    of ``find_stores`` (by name).
+
+    Parameters
+    ----------
+    path : str or Path
+        A store (``.h5`` or ``.zarr``) or a folder of stores.
+    report : callable, optional
+        Called as ``report(store, problems)`` once each store is checked (``problems``
+        empty when it is complete and intact), so a long check can say how it goes
+        (`factory verify` prints ``<store>: ok`` or one ``error:`` line per problem).
+
+    Returns
+    -------
+    dict of Path to list of str
+        The stores that failed, each with its problems (one line each, naming the
+        store); empty when every store is complete and intact.
+
+    Raises
+    ------
+    StoreError
+        ``path`` does not exist, is a folder without stores, or is neither a store nor
+        a folder (``find_stores``).
+
+    Examples
+    --------
+    >>> from factory import verify_stores
+    >>> failures = verify_stores("data")  # doctest: +SKIP
+    >>> failures == {}  # doctest: +SKIP
+    True
+    """
+    failures = {}
+    for store in find_stores(path):
+        problems = verify_store(store)
+        if problems:
+            failures[store] = problems
+        if report is not None:
+            report(store, problems)
+    return failures
 
 
 def finalize(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | None = None,
