@@ -31,27 +31,11 @@ def build(
     --shard, rerunning skips shards that are complete and valid; `factory finalize`
     then assembles them.
     """
-    from factory.build import build as build_stores
-    from factory.config import load_config
-    from factory.shards import build_shards, parse_shard
+    from factory.build import build_from_config
 
-    cfg = load_config(config)
     # The size estimate goes to stderr (stdout lists the stores built); --quiet drops it.
-    report = notes(quiet)
-    if shard is not None:
-        shard_spec = parse_shard(shard)
-        results = build_shards(cfg, out, fmt.value, only, shard_spec, overwrite, progress=not quiet,
-                               report=report)
-    else:
-        shard_spec = None
-        results = build_stores(cfg, out, fmt.value, only, overwrite, progress=not quiet, report=report)
-    for r in results:
-        if r.skipped:
-            typer.echo(f"{r.path}: complete and valid, skipped")
-        elif shard_spec is not None:
-            typer.echo(f"{r.path}: {r.n_images} images, {r.seconds:.2f} s")
-        else:
-            typer.echo(f"{r.path}: {r.n_images} images, {r.bytes_on_disk / 1e6:.1f} MB, {r.seconds:.2f} s")
+    for r in build_from_config(config, out, fmt.value, only, overwrite, shard, progress=not quiet, report=notes(quiet)):
+        typer.echo(f"{r.path}: {r.summary()}")
 
 
 def finalize(

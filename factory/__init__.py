@@ -5,7 +5,7 @@ read stores call them.  Each is imported on first use (PEP 562), so ``import fac
 loads neither Numba, h5py nor the package metadata: a command's start-up pays for
 what it uses.
 
->>> from factory import load_config, build_stores, Store
+>>> from factory import build_from_config, load_config, verify_stores, Store
 """
 
 from importlib import import_module
@@ -17,8 +17,10 @@ _API = {
     "load_config": ("factory.config", "load_config"),  # a datasets YAML -> a checked config
     "parse_config": ("factory.config", "parse_config"),  # the same from a dict
     "simulate": ("factory.kernel", "simulate"),  # one dataset's images in memory
-    "build_stores": ("factory.build", "build"),  # `factory build`
-    "build_shards": ("factory.shards", "build_shards"),  # `factory build --shard`
+    "build_from_config": ("factory.build", "build_from_config"),  # `factory build` (with --shard or not)
+    "build_stores": ("factory.build", "build"),  # a config's stores, in this process
+    "build_shards": ("factory.shards", "build_shards"),  # one shard of each of its datasets
+    "BuildResult": ("factory.build", "BuildResult"),
     "finalize_stores": ("factory.finalize", "finalize"),  # `factory finalize`
     "verify_stores": ("factory.finalize", "verify_stores"),  # `factory verify`
     "verify_store": ("factory.finalize", "verify_store"),  # one store

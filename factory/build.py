@@ -52,6 +52,8 @@ class BuildResult:
         Size of the store (0 for a shard).
     skipped : bool
         A shard found complete and valid, left as it was.
+    shard : tuple of int or None
+        ``(I, N)`` for shard I of N (``build_shards``); None for a whole store.
     """
 
     name: str
@@ -60,6 +62,15 @@ class BuildResult:
     seconds: float
     bytes_on_disk: int
     skipped: bool = False
+    shard: tuple[int, int] | None = None
+
+    def summary(self) -> str:
+        """One line: rows built, size on disk (a whole store) and wall time, or that it was skipped."""
+        if self.skipped:
+            return "complete and valid, skipped"
+        if self.shard is not None:
+            return f"{self.n_images} images, {self.seconds:.2f} s"
+        return f"{self.n_images} images, {self.bytes_on_disk / 1e6:.1f} MB, {self.seconds:.2f} s"
 
 
 def store_path(out: Path, name: str, fmt: str) -> Path:
@@ -352,3 +363,62 @@ def build(cfg: FactoryConfig, out: Path, fmt: str = "hdf5", only: list[str] | No
             if existing:
                 raise FactoryError(f"{existing[0]}: already exists (use --overwrite to replace it)")
         return [build_dataset(cfg, ds, out, fmt, progress, overwrite) for ds in selected]
+
+
+def build_from_config(config: str | Path, out: str | Path, fmt: str = "hdf5", only: list[str] | None = None,
+                      overwrite: bool = False, shard: str | tuple[int, int] | None = None, progress: bool = True,
+                      report=None) -> list[BuildResult]:
+    """Build the datasets of a datasets YAML: whole stores, or one shard of each (``factory.build_from_config``).
+
+    Reads and checks the config (``load_config``), then builds every selected dataset
+    into a store in this process (``build_stores``) or, given ``shard``, shard I of N of
+    each (``build_shards``; `factory finalize` assembles them once all N are built).
+
+    Parameters
+    ----------
+    config : str or Path
+        The datasets YAML.
+    out : str or Path
+        The output folder, created if missing: ``<out>/<name>.h5`` or ``.zarr``, or for
+        shards ``<out>/<name>.shards/`` (HDF5) or ``<out>/<name>.zarr.shards/`` (Zarr).
+    fmt : {"hdf5", "zarr"}
+        The store format.
+    only : list of str, optional
+        The datasets to build, by name (None: every one).
+    overwrite : bool
+        Replace existing stores; with ``shard``, rebuild the shard even when it is
+        complete and valid (otherwise it is skipped).
+    shard : str or tuple of int, optional
+        ``"I/N"`` (I from 0), ``"auto"`` (from SLURM's array variables, see
+        ``parse_shard``) or ``(I, N)``; None builds whole stores.
+    progress : bool
+        Progress bars (stderr), one per dataset.
+    report : callable, optional
+        Where the size estimate goes, line by line (default: the log, at INFO level).
+
+    Returns
+    -------
+    list of BuildResult
+        One per dataset, in the order built (a shard's ``path`` is its manifest); each
+        one's ``summary()`` is what `factory build` prints after its path.
+
+    Raises
+    ------
+    FactoryError
+        A missing or invalid config (``ConfigError``), then a bad ``shard``, then
+        whatever ``build_stores`` or ``build_shards`` refuses, all before any work.
+
+    Examples
+    --------
+    >>> from factory import build_from_config
+    >>> for r in build_from_config("datasets.yaml", "data", shard="0/8"):  # doctest: +SKIP
+    ...     print(f"{r.path}: {r.summary()}")
+    """
+    from .config import load_config
+    from .shards import build_shards, parse_shard
+
+    cfg = load_config(config)
+    if shard is None:
+        return build(cfg, out, fmt, only, overwrite, progress=progress, report=report)
+    spec = parse_shard(shard) if isinstance(shard, str) else shard
+    return build_shards(cfg, out, fmt, only, spec, overwrite, progress=progress, report=report)

@@ -247,7 +247,7 @@ def _build_shard_locked(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, in
         problem = check_shard(cfg, ds, out, fmt, index, count)
         if problem is None:
             log.info("%s shard %d/%d is complete: skipped", ds.name, index, count)
-            return BuildResult(ds.name, manifest, stop - start, 0.0, 0, skipped=True)
+            return BuildResult(ds.name, manifest, stop - start, 0.0, 0, skipped=True, shard=(index, count))
         log.warning("%s shard %d/%d: %s; rebuilding it", ds.name, index, count, problem)
     if finalized:  # its shards live in the published store now: never write into that
         raise StoreError(f"{store_path(out, ds.name, fmt)}: already finalized; remove it and {sdir} "
@@ -284,7 +284,7 @@ def _build_shard_locked(cfg: FactoryConfig, ds: Dataset, out: Path, fmt: str, in
         write_json_atomic(manifest, make_manifest(cfg, ds, fmt, index, count, start, stop, sums))
     finally:
         bar.close()
-    return BuildResult(ds.name, manifest, stop - start, time.perf_counter() - t0, 0)
+    return BuildResult(ds.name, manifest, stop - start, time.perf_counter() - t0, 0, shard=(index, count))
 
 
 def build_shards(cfg: FactoryConfig, out: Path, fmt: str, only: list[str] | None, shard: tuple[int, int],
