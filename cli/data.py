@@ -96,21 +96,12 @@ def slurm(
 ) -> None:
     """Write an sbatch array job that builds the shards and a finalize job that runs
     after it (afterok), into <out>/slurm/; --submit submits both."""
-    from factory.config import load_config
-    from factory.slurm import sbatch_scripts, submit as submit_jobs, write_scripts
+    from factory.slurm import slurm_jobs
 
-    cfg = load_config(config)
-    cfg.select(only)
-    build_script, fin_script = write_scripts(
-        sbatch_scripts(config, out, shards, fmt.value, only, partition, time_limit, cpus, mem, copy),
-        Path(out) / "slurm")
-    typer.echo(f"wrote {build_script}\nwrote {fin_script}")
-    if submit:
-        array, fin = submit_jobs(build_script, fin_script)
-        typer.echo(f"submitted array job {array} ({shards} tasks) and finalize job {fin} (afterok:{array})")
-    else:
-        typer.echo(f"submit with: jid=$(sbatch --parsable {build_script}) && "
-                   f"sbatch --dependency=afterok:$jid {fin_script}")
+    # The scripts are listed as soon as they are written, before a submission that may fail.
+    jobs = slurm_jobs(config, out, shards, fmt.value, only, partition, time_limit, cpus, mem, copy, submit,
+                      report=typer.echo)
+    typer.echo(jobs.summary())
 
 
 def inspect(

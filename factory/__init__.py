@@ -24,6 +24,8 @@ _API = {
     "finalize_stores": ("factory.finalize", "finalize"),  # `factory finalize`
     "verify_stores": ("factory.finalize", "verify_stores"),  # `factory verify`
     "verify_store": ("factory.finalize", "verify_store"),  # one store
+    "slurm_jobs": ("factory.slurm", "slurm_jobs"),  # `factory slurm`
+    "SlurmJobs": ("factory.slurm", "SlurmJobs"),
     "Store": ("factory.stores", "Store"),  # read a finished store
     "find_stores": ("factory.stores", "find_stores"),
     "summarize": ("factory.inspect_store", "summarize"),  # `factory inspect`

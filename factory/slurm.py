@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import FactoryError
+
+log = logging.getLogger(__name__)
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
@@ -122,3 +127,104 @@ def submit(build_script: Path, finalize_script: Path) -> tuple[str, str]:
     array = sbatch(build_script)
     fin = sbatch(f"--dependency=afterok:{array}", finalize_script)
     return array, fin
+
+
+_submit = submit  # slurm_jobs takes a flag of that name
+
+
+@dataclass
+class SlurmJobs:
+    """The two jobs of a sharded build on SLURM, written and perhaps submitted (``slurm_jobs``).
+
+    Attributes
+    ----------
+    build_script : Path
+        ``build.sbatch``: the array job, one task per shard.
+    finalize_script : Path
+        ``finalize.sbatch``: the job that finalizes the stores once every task succeeded.
+    shards : int
+        Tasks of the array (shards per dataset).
+    array_job, finalize_job : str or None
+        The job ids sbatch gave them; None when not submitted.
+    """
+
+    build_script: Path
+    finalize_script: Path
+    shards: int
+    array_job: str | None = None
+    finalize_job: str | None = None
+
+    def summary(self) -> str:
+        """One line: the jobs submitted, or the command that submits them."""
+        if self.array_job is None:
+            return (f"submit with: jid=$(sbatch --parsable {self.build_script}) && "
+                    f"sbatch --dependency=afterok:$jid {self.finalize_script}")
+        return (f"submitted array job {self.array_job} ({self.shards} tasks) and finalize job {self.finalize_job} "
+                f"(afterok:{self.array_job})")
+
+
+def slurm_jobs(config: str | Path, out: str | Path, shards: int, fmt: str = "hdf5", only: list[str] | None = None,
+               partition: str | None = None, time: str = "01:00:00", cpus: int = 2, mem: str = "4G",
+               copy: bool = False, submit: bool = False,
+               report: Callable[[str], None] | None = None) -> SlurmJobs:
+    """Write the sbatch jobs of a sharded build into ``<out>/slurm/`` and submit them (``factory.slurm_jobs``).
+
+    The config and the dataset names are checked first, then the settings, and only
+    then are the scripts written (``sbatch_scripts``, ``write_scripts``): the array job
+    builds shard I of ``shards`` of every dataset in task I, the finalize job runs after
+    it (``afterok``).
+
+    Parameters
+    ----------
+    config : str or Path
+        The datasets YAML, read by every task (on a filesystem every node sees).
+    out : str or Path
+        The output folder of the stores; the scripts go to ``<out>/slurm/``, the jobs'
+        logs to ``<out>/slurm-logs/``.
+    shards : int
+        Array tasks (shards per dataset), at least 1.
+    fmt : {"hdf5", "zarr"}
+        The store format.
+    only : list of str, optional
+        The datasets, by name (None: every one).
+    partition : str, optional
+        The SLURM partition (None: the cluster's default).
+    time : str
+        Time limit per task, in SLURM's format (``30``, ``01:00:00``, ``1-00:00:00``).
+    cpus : int
+        CPUs per array task (the build's Numba threads).
+    mem : str
+        Memory per task, in SLURM's format (``4000`` MB, ``4G``).
+    copy : bool
+        HDF5: finalize into one self-contained file instead of a virtual dataset.
+    submit : bool
+        Submit both jobs with sbatch (the finalize job with ``afterok`` on the array).
+    report : callable, optional
+        Receives ``wrote <script>`` for each script once written, before any
+        submission (default: logged at INFO level).
+
+    Returns
+    -------
+    SlurmJobs
+        The scripts and, when submitted, the job ids; its ``summary()`` is the line
+        `factory slurm` prints last.
+
+    Raises
+    ------
+    FactoryError
+        A bad config or dataset name (``ConfigError``), ``shards`` below 1, a ``time``
+        or ``mem`` SLURM would not take, no ``factory`` command for the jobs to run
+        (nothing written for any of these); with ``submit``, no sbatch or a submission
+        sbatch refused (the scripts are written by then).
+    """
+    from .config import load_config
+
+    load_config(config).select(only)  # a bad config or dataset name is refused before anything is written
+    build_script, finalize_script = write_scripts(
+        sbatch_scripts(config, out, shards, fmt, only, partition, time, cpus, mem, copy), Path(out) / "slurm")
+    for script in (build_script, finalize_script):
+        (report or log.info)(f"wrote {script}")
+    jobs = SlurmJobs(build_script, finalize_script, shards)
+    if submit:
+        jobs.array_job, jobs.finalize_job = _submit(build_script, finalize_script)
+    return jobs
