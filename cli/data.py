@@ -10,7 +10,6 @@ from typing import List, Optional
 import typer
 
 from cli.options import Format, config_argument, format_option, notes, only_option, out_option, overwrite_option, quiet_option
-from factory.errors import FactoryError
 
 
 def build(
@@ -131,28 +130,15 @@ def preview(
 ) -> None:
     """Draw images with their true trajectories and centroids; for a movie store, a strip
     of one movie's frames (or a .gif of it) with each particle's path and both truths."""
-    from factory.errors import StoreError
-    from factory.preview import movie_preview, preview as draw
-    from factory.stores import Store
+    from factory.preview import preview_store
     from models.recordings.outputs import staged_output
 
-    if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".gif"):
-        raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
-    with staged_output(out, "file", overwrite=overwrite, what="picture") as picture:
-        with Store(path) as st:
-            is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
-            if start >= len(st):
-                raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
-        if is_movie:
-            try:
-                movie_preview(path, picture, movie, n)
-            except ValueError as exc:
-                raise StoreError(f"{path}: --movie: {exc}") from None
-        elif out.suffix.lower() == ".gif":
-            raise FactoryError(f"{out}: a .gif animates a movie store; {path} holds independent images")
-        else:
-            draw(path, picture, n, start)
-    typer.echo(str(out))
+    # Drawn in a staging folder and moved to --out when done; an earlier picture stays
+    # unless --overwrite.
+    def stage(picture: Path):
+        return staged_output(picture, "file", overwrite=overwrite, what="picture")
+
+    typer.echo(str(preview_store(path, out, n, start, movie, stage=stage)))
 
 
 def schema() -> None:

@@ -29,6 +29,7 @@ _API = {
     "Store": ("factory.stores", "Store"),  # read a finished store
     "find_stores": ("factory.stores", "find_stores"),
     "summarize": ("factory.inspect_store", "summarize"),  # `factory inspect`
+    "preview_store": ("factory.preview", "preview_store"),  # `factory preview`
     "schema_text": ("factory.config", "schema_text"),  # `factory schema`
     "FactoryError": ("factory.errors", "FactoryError"),  # every user error, in one line
 }

@@ -3,11 +3,86 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .errors import FactoryError, StoreError
 from .stores import Store
+
+# What a preview can be written as (.gif: an animation, movie stores only).
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".gif")
+
+
+def preview_store(path: str | Path, out: str | Path, n: int = 16, start: int = 0, movie: int = 0,
+                  stage: Callable[[Path], AbstractContextManager[Path]] | None = None) -> Path:
+    """Draw a store's images with their truth into a picture (``factory.preview_store``).
+
+    A store of independent images (or z-stacks) gives a montage of ``n`` images from
+    ``start`` on (``preview``); a movie store gives a strip of ``n`` frames of movie
+    ``movie``, or with an ``out`` ending in .gif an animation of the whole movie
+    (``movie_preview``).
+
+    Parameters
+    ----------
+    path : str or Path
+        A store (``.h5`` or ``.zarr``).
+    out : str or Path
+        The picture: ``.png``, ``.pdf``, ``.svg``, ``.jpg``, or ``.gif`` for a movie store.
+    n : int
+        Images in the montage, or frames in a movie's strip (fewer when the store or
+        the movie ends first).
+    start : int
+        Index of the first image of the montage; any store: below the store's length.
+    movie : int
+        Movie stores: which movie to draw (from 0).
+    stage : callable, optional
+        ``stage(out)`` gives a context manager that yields where to draw the picture and
+        puts it at ``out`` when its block succeeds (`factory preview` passes
+        ``models.recordings.outputs.staged_output``, which also refuses to replace a
+        picture without ``--overwrite``); it is entered before the store is opened.
+        Default: drawn at ``out`` directly.
+
+    Returns
+    -------
+    Path
+        ``out``, the picture written (what `factory preview` prints).
+
+    Raises
+    ------
+    FactoryError
+        ``out`` not of a suffix above (before anything else), or a .gif of a store of
+        independent images; what ``stage`` raises.
+    StoreError
+        ``path`` is not a readable store, ``start`` is beyond its last image, or the
+        store has no movie ``movie``.
+
+    Examples
+    --------
+    >>> from factory import preview_store
+    >>> preview_store("data/val.h5", "val.png", n=9)  # doctest: +SKIP
+    PosixPath('val.png')
+    """
+    out = Path(out)
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
+    with (stage or nullcontext)(out) as picture:
+        with Store(path) as st:
+            is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
+            if start >= len(st):
+                raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
+        if is_movie:
+            try:
+                movie_preview(path, picture, movie, n)
+            except ValueError as exc:
+                raise StoreError(f"{path}: --movie: {exc}") from None
+        elif out.suffix.lower() == ".gif":
+            raise FactoryError(f"{out}: a .gif animates a movie store; {path} holds independent images")
+        else:
+            preview(path, picture, n, start)
+    return out
 
 
 def preview(path: str | Path, out: str | Path, n: int = 16, start: int = 0,
