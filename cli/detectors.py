@@ -90,24 +90,11 @@ def train(
     Optimiser, schedule and seed come from the config; the run folder can be passed to
     `factory evaluate --model` and `factory predict`, and its config.yaml back to
     `factory train --config` to reproduce the run."""
-    from models.training.config import load_train_config
-    from models.recordings.outputs import check_output
-    from models.training.runs import RunFolder
-    from models.training.train import fit
+    from models.training.train import train as train_run
 
-    # Where the run goes, before anything is read or trained; whether it already holds a
-    # trained model (--resume, --overwrite) is for fit to judge.
-    check_output(out, "folder", overwrite=True, what="the run (config.yaml, best.pt, last.pt, metrics.json)")
-    overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images,
-                                   "init_from": init_from and str(init_from)}.items() if v is not None}
-    if resume and config is None:
-        config = RunFolder(out).file(RunFolder.CONFIG)
-    cfg = load_train_config(config, model.value if model else None, overrides)
-    m = fit(cfg, data, out, device.value, resume, progress=not quiet, overwrite=overwrite)
-    best = m["history"][m["best_epoch"] - 1]["val_auc"]
-    typer.echo(f"{out}: best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
-               f"{' / '.join(f'{a:.3f}' for a in best.values())} at {' / '.join(best)} nm, "
-               f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
+    run, summary = train_run(config, data, out, model.value if model else None, device.value, resume, overwrite,
+                             epochs, max_train_images, init_from, progress=not quiet)
+    typer.echo(f"{run}: {summary}")
 
 
 def report(

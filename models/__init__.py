@@ -19,7 +19,8 @@ _API = {
     "TrackResult": "models.tracking.tracks",
     "evaluate_stores": "models.evaluation.evaluate",  # `factory evaluate`
     "load_train_config": "models.training.config",
-    "fit": "models.training.train",  # `factory train`
+    "train": "models.training.train",  # `factory train`: config, overrides, fit, summary
+    "fit": "models.training.train",  # the training loop, from a TrainConfig
     "calibrate": "models.recordings.calibration",  # `factory calibrate`
     "write_report": "models.evaluation.report",  # `factory report`
     "Detector": "models.detectors.base",  # what every detector offers

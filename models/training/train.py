@@ -252,6 +252,88 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
     return metrics
 
 
+def train(config: str | Path | None, data: str | Path | None, out: str | Path, model: str | None = None,
+          device: str = "cpu", resume: bool = False, overwrite: bool = False, epochs: int | None = None,
+          max_train_images: int | None = None, init_from: str | Path | None = None,
+          progress: bool = True) -> tuple[Path, str]:
+    """Train a detector from a training config into a run folder (``models.train``).
+
+    Checks that ``out`` can hold the run before anything is read, reads the config
+    (with ``resume`` and no ``config``: the run's own ``config.yaml``), lays ``model``
+    and the overrides over it (``load_train_config``), then trains (``fit``), keeping
+    the epoch with the best validation AUC.
+
+    Parameters
+    ----------
+    config : str or Path or None
+        A training config YAML (``configs/``, or a run folder's ``config.yaml`` to
+        reproduce it); None: the family's built-in parameters, or with ``resume`` the
+        run's own config.
+    data : str or Path or None
+        The folder with the train and val stores (`factory build`); None: the config's
+        ``data``.
+    out : str or Path
+        The run folder: ``config.yaml``, ``best.pt``, ``last.pt``, ``metrics.json``.
+    model : str, optional
+        The network family (spotnet, gridnet, densitynet, keypointrcnn, dmdetnet3d);
+        overrides the config's (and then drops its ``model_params``).
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    resume : bool
+        Continue from ``<out>/last.pt`` (only ``epochs`` may change).
+    overwrite : bool
+        Replace a trained model already in ``out``.
+    epochs : int, optional
+        Override the config's epochs.
+    max_train_images : int, optional
+        Train on the first images of the train store only.
+    init_from : str or Path, optional
+        A trained run folder (or weights file) to start from, overriding the config's
+        ``init_from``.
+    progress : bool
+        Progress bars (stderr).
+
+    Returns
+    -------
+    run : Path
+        The run folder, ``out``.
+    summary : str
+        One line (what `factory train` prints after the run folder): the best epoch of
+        all, its validation AUC at each gate (nm), the tuned F1 score threshold and the
+        training time (min).
+
+    Raises
+    ------
+    FactoryError
+        ``out`` cannot hold a run (checked first); a bad config or override
+        (``ConfigError``); then whatever ``fit`` refuses: no or wrong data, nothing to
+        resume, a trained model in ``out`` without ``resume`` or ``overwrite``, no CUDA
+        device, a non-finite loss.
+
+    Examples
+    --------
+    >>> from models import train
+    >>> run, summary = train("configs/spotnet_demo.yaml", "data", "runs/spotnet")  # doctest: +SKIP
+    """
+    from models.recordings.outputs import check_output
+    from models.training.config import load_train_config
+
+    out = Path(out)
+    # Where the run goes, before anything is read or trained; whether it already holds a
+    # trained model (resume, overwrite) is for fit to judge.
+    check_output(out, "folder", overwrite=True, what="the run (config.yaml, best.pt, last.pt, metrics.json)")
+    overrides = {k: v for k, v in {"epochs": epochs, "max_train_images": max_train_images,
+                                   "init_from": init_from and str(init_from)}.items() if v is not None}
+    if resume and config is None:
+        config = RunFolder(out).file(RunFolder.CONFIG)
+    cfg = load_train_config(config, model, overrides)
+    m = fit(cfg, data, out, device, resume, progress=progress, overwrite=overwrite)
+    best = m["history"][m["best_epoch"] - 1]["val_auc"]  # gate (nm) -> AUC
+    return out, (f"best epoch {m['best_epoch']} of {cfg.epochs}, validation AUC "
+                 f"{' / '.join(f'{a:.3f}' for a in best.values())} at {' / '.join(best)} nm, "
+                 f"F1 threshold {m['threshold']:.3f}, {m['train_seconds'] / 60:.1f} min")
+
+
 def _matches(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
