@@ -91,13 +91,16 @@ def calibrate(
         result = run_calibrate(recording, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
                                line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                                bidirectional=bidirectional, dark=dark, seed=seed)
-    d, c = result["detector"], result["config"]
-    for note in result["notes"]:  # what could not be estimated, and the default written instead
-        if any(w in note for w in ("not estimated", "not determined", "assumed", "saturated")):
-            typer.echo(f"{recording}: {note}", err=True)
-    typer.echo(f"{out}: gain {d['gain_adu_per_photon']['value']:.4g} ADU/photon, offset {d['offset_adu']['value']:.4g} ADU, "
-               f"background {d['n_bkg']['value']:.3g} photons, sigma_xy {c['psf']['sigma_xy_um']:g} um; "
-               f"{len(result['notes'])} note(s) in calibration.md")
+    # The notes on what could not be estimated (and the default written instead) are
+    # warnings; calibrate marks them only in their words.
+    warnings = [note for note in result["notes"]
+                if any(word in note for word in ("not estimated", "not determined", "assumed", "saturated"))]
+    for note in warnings:
+        typer.echo(f"{recording}: {note}", err=True)
+    gain, offset, background = (result["detector"][k]["value"] for k in ("gain_adu_per_photon", "offset_adu", "n_bkg"))
+    sigma_xy = result["config"]["psf"]["sigma_xy_um"]
+    typer.echo(f"{out}: gain {gain:.4g} ADU/photon, offset {offset:.4g} ADU, background {background:.3g} photons, "
+               f"sigma_xy {sigma_xy:g} um; {len(result['notes'])} note(s) in calibration.md")
 
 
 def track(
