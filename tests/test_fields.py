@@ -140,6 +140,10 @@ class _Oracle:
     localiser."""
 
     name, label, target, timestamps, threshold = "oracle", "oracle", "exposure", "scan", None
+    ndim, z_step_um = 2, None  # the rest of the Detector protocol: images
+
+    def batch_frames(self, height: int, width: int) -> int:
+        return 1
 
     def __init__(self, rows):
         self.rows = rows

@@ -328,14 +328,14 @@ def metrics_table(rows: dict[str, dict[str, dict]]) -> str:
     stacks = "rmse_z_nm" in first
     head = (["detector", "test set"] + [f"AUC {g} nm" for g in gates]
             + ["F1 integral", f"F1 ({first['f1_gate_nm']:g} nm)", "RMSE (nm)"]
-            + (["RMSE xy (nm)", "RMSE z (nm)"] if stacks else []) + ["stacks" if stacks else "images", "per s"])
+            + (["RMSE xy (nm)", "RMSE z (nm)"] if stacks else []) + ["stacks" if stacks else "images"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, per in rows.items():
         for name, m in per.items():
             cells = ([label, name] + [f"{m['auc'].get(g, float('nan')):.3f}" for g in gates]
                      + [f"{m['f1_integral']:.3f}", f"{m['f1']:.3f}", f"{m['rmse_nm']:.1f}"]
                      + ([f"{m['rmse_xy_nm']:.0f}", f"{m['rmse_z_nm']:.0f}"] if stacks else [])
-                     + [str(m["n_images"]), f"{m['per_second']:.0f}" if "per_second" in m else ""])
+                     + [str(m["n_images"])])
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,8 +363,7 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
     threshold : float, optional
         The score cut of F1, the F1 integral and the RMSE.
     extra : dict, optional
-        Added to ``metrics.json``; its ``detect_seconds`` (dataset -> s) also gives each
-        dataset's ``per_second``.
+        Added to ``metrics.json`` (e.g. ``detect_seconds``, dataset -> s).
     gates_nm : sequence of float, optional
         PR-AUC gates (nm); default: those of the stores' dimension.
     target : {"centroid", "exposure"}
@@ -391,9 +390,6 @@ def write_evaluation(out: Path, label: str, tables: dict[str, pd.DataFrame], dat
         gates = gates_for(geom.ndim, gates_nm)
         by_target[name] = {t: score_table(table, g, geom, threshold, gates) for t, g in truths.items()}
         metrics[name] = {**by_target[name][own], "target": own}
-        seconds = (extra or {}).get("detect_seconds", {}).get(name)
-        if seconds is not None:  # images (stacks) localised per second
-            metrics[name]["per_second"] = metrics[name]["n_images"] / max(seconds, 1e-9)
         gts.append(truths[own])
         geoms.append(geom)
         plot_pr(table, truths[own], geom, f"{label}: {name}", out / f"pr_{name}.png", gates)
