@@ -346,14 +346,8 @@ def pr_auc(pred: Points, score: np.ndarray, gt: Points, eps_um: float) -> float:
 
     Parameters
     ----------
-    pred : Points
-        The predictions (um).
-    score : ndarray
-        (M,) their scores.
-    gt : Points
-        The ground truth (um).
-    eps_um : float
-        The gate (um).
+    pred, score, gt, eps_um
+        As for ``pr_curve``: predictions, their scores and the truth in um; the gate (um).
 
     Returns
     -------
@@ -423,10 +417,8 @@ def match_counts(pred: Points, gt: Points, cutoffs_um) -> tuple[np.ndarray, list
 
     Parameters
     ----------
-    pred : Points
-        The predictions (um).
-    gt : Points
-        The ground truth (um).
+    pred, gt : Points
+        Predictions and ground truth (um).
     cutoffs_um : float or sequence of float
         The cutoffs (um), as for ``match``.
 
@@ -465,10 +457,8 @@ def f1_integral(pred: Points, gt: Points, cutoffs_um) -> float:
 
     Parameters
     ----------
-    pred : Points
-        The predictions (um).
-    gt : Points
-        The ground truth (um).
+    pred, gt : Points
+        Predictions and ground truth (um).
     cutoffs_um : sequence of float
         Increasing cutoffs (um), at least two with different values
         (``f1_cutoffs_um``).
@@ -491,10 +481,8 @@ def f1_rmse(pred: Points, gt: Points, gate_um: float) -> tuple[float, float]:
 
     Parameters
     ----------
-    pred : Points
-        The predictions (um).
-    gt : Points
-        The ground truth (um).
+    pred, gt : Points
+        Predictions and ground truth (um).
     gate_um : float
         The gate (um).
 
@@ -560,12 +548,9 @@ def evaluate_points(pred: Points, score: np.ndarray, gt: Points, threshold: floa
 
     Parameters
     ----------
-    pred : Points
-        The predictions (um).
-    score : ndarray
-        (M,) their scores.
-    gt : Points
-        The ground truth (um); 3D points add the stack metrics.
+    pred, score, gt
+        As for ``pr_curve``: predictions, their scores and the truth (um); 3D points add
+        the stack metrics.
     threshold : float, optional
         The score cut of F1, the F1 integral and the RMSE, in the detector's score units.
     gates : Gates, optional

@@ -178,17 +178,9 @@ def truth(store: Store, target: str = "centroid", start: int = 0, stop: int | No
 
 
 def dataset_diffusion(store: Store) -> float | None:
-    """The store's D when it is fixed (the paper's test sets), else None.
+    """The diffusion coefficient (um^2/s) of a store's particles when fixed, else None.
 
-    Parameters
-    ----------
-    store : Store
-        An open store.
-
-    Returns
-    -------
-    float or None
-        The dataset's diffusion coefficient (um^2/s) when its type is ``"fixed"``.
+    Fixed: the paper's test sets (``type: fixed``); ``store`` is an open store.
     """
     d = store.dataset.particles.diffusion_um2_s
     return float(d.value) if d.type == "fixed" else None

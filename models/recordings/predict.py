@@ -162,18 +162,9 @@ def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def training_timing(run_dir: Path) -> ScanTiming | None:
-    """The scan timing of the store a model was trained on, if it is still there.
+    """The scan timing of the store the model in ``run_dir`` was trained on, or None.
 
-    Parameters
-    ----------
-    run_dir : Path
-        The model's run folder.
-
-    Returns
-    -------
-    ScanTiming or None
-        The training store's scan timing, its source naming that store; None when
-        ``training_data_config`` finds none.
+    Its source names that store; None when ``training_data_config`` finds none.
     """
     cfg, source = training_data_config(run_dir)
     return ScanTiming.of_store_config(cfg, source) if cfg else None
