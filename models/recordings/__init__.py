@@ -1,3 +1,6 @@
-"""Users' recordings: reading them a chunk at a time (``recording``), running a
-detector on them (``predict``), calibrating the simulator from them (``calibration``),
-and writing outputs whole or not at all (``outputs``)."""
+"""Users' recordings: read, localised, calibrated from, written.
+
+``recording`` reads them a chunk of frames at a time, ``predict`` runs a detector on
+them, ``calibration`` estimates the simulator's microscope from one, ``outputs`` writes
+output files whole or not at all.
+"""

@@ -1,2 +1,5 @@
-"""Training: the strict config (``config``), the run folder (``runs``) and the trainer
-(``train``)."""
+"""Training: the strict config, the run folder and the trainer.
+
+``config`` is ``TrainConfig``, ``runs`` the run folder a training writes, ``train``
+``fit`` and ``train`` (`factory train` in one call).
+"""

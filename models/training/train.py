@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(cfg: TrainConfig, params):
+    """The config's optimizer (SGD with momentum, AdamW or AMSGrad) over ``params``."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.optimizer == "amsgrad")
 
 
 def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int):
+    """The config's learning-rate schedule (one-cycle, cosine or constant), stepped per minibatch."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
@@ -46,8 +48,11 @@ def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int):
 
 
 def minibatch_size(batch_size: int, area_px: int | None, image_shape) -> int:
-    """``batch_size`` images of ``area_px`` pixels, proportionally fewer (at least one)
-    of larger images; ``batch_size`` itself when there is no reference area."""
+    """Images per minibatch: ``batch_size`` for images of ``area_px`` pixels.
+
+    Proportionally fewer (at least one) of larger images; ``batch_size`` itself when
+    there is no reference area.
+    """
     if area_px is None:
         return batch_size
     return max(1, round(batch_size * area_px / int(np.prod(image_shape[-2:]))))
@@ -63,6 +68,18 @@ def minibatches(loader, batch_size: int, area_px: int | None = None):
 
 def train_one_epoch(model, fam, opt, sched, loader, cfg: TrainConfig, epoch: int, device: str,
                     steps: int, progress: bool = True) -> dict:
+    """One pass over ``loader`` (flips if configured, gradient clipping at norm 10).
+
+    Returns
+    -------
+    dict
+        ``loss``: the mean training loss; ``steps``: minibatches taken.
+
+    Raises
+    ------
+    FactoryError
+        A non-finite loss (with the step and the loss's parts).
+    """
     from tqdm.auto import tqdm
 
     train_mode(model, cfg.freeze)
@@ -95,9 +112,40 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
         progress: bool = True, overwrite: bool = False) -> dict:
     """Train ``cfg.model`` on the data folder's ``cfg.train`` store, select on ``cfg.val``.
 
-    ``data`` (``--data``) overrides the config's ``data``; the run folder's config
-    records the folder used.  ``overwrite``: replace a trained model already in ``out``
-    (its files are removed only once the data and config have passed every check)."""
+    Each epoch every head is validated against its own target on every validation store
+    (mean PR-AUC over the gates, ``models.evaluation.tuning.validate``); the best epoch
+    is kept, and its F1 threshold chosen on the validation stores pooled.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The training config.
+    data : Path or None
+        The folder with the stores (``--data``); overrides ``cfg.data``, and the run
+        folder's config records the folder used.
+    out : Path
+        The run folder to write (``models.training.runs.RunFolder``).
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    resume : bool
+        Continue from ``last.pt`` with the run's own config (only ``epochs`` may change).
+    progress : bool
+        Progress bars (stderr).
+    overwrite : bool
+        Replace a trained model already in ``out`` (its files are removed only once the
+        data and config have passed every check).
+
+    Returns
+    -------
+    dict
+        What the run's ``metrics.json`` holds: best epoch and mean AUC, threshold(s),
+        history, sizes, pixel size (um), training seconds.
+
+    Raises
+    ------
+    FactoryError
+        Bad data, config or output folder, in one line.
+    """
     from tqdm.auto import tqdm
 
     if data is None and cfg.data is None:
@@ -347,8 +395,11 @@ def train_mode(model, freeze=()) -> None:
 
 
 def _start_from(model, cfg: TrainConfig, load: bool = True) -> dict:
-    """Load ``cfg.init_from`` into ``model`` (tensors whose name and shape fit); a head
-    it lacks starts as a copy of the first.  What was loaded, for metrics.json."""
+    """Load ``cfg.init_from`` into ``model`` (tensors whose name and shape fit).
+
+    A head it lacks starts as a copy of the first.  Returns what was loaded, for
+    metrics.json.
+    """
     import hashlib
 
     from models.detectors.weights import load_matching, matching_tensors
@@ -384,8 +435,10 @@ def _freeze(model, cfg: TrainConfig) -> None:
 
 
 def _validation_set(path: Path, cfg: TrainConfig) -> dict:
-    """The first ``val_images`` of a validation store with the truth (um) of each head's
-    target it validates."""
+    """The first ``val_images`` of a validation store.
+
+    With the truth (um) of each head's target it validates, and the store's geometry.
+    """
     with Store(path) as st:
         nv = min(cfg.val_images, len(st))
         v = {"name": Path(path).stem, "images": st.read("images", 0, nv), "geom": geometry(st)}
