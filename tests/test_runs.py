@@ -13,8 +13,7 @@ import tifffile
 import torch
 import yaml
 
-import conftest
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from models.training.runs import RunFolder
 
 TINY = {"model": "spotnet", "model_params": {"widths": [8, 16], "flip_tta": False}, "epochs": 1,
@@ -40,8 +39,14 @@ def data(tmp_path_factory):
     return root / "data"
 
 
-def one_line_error(r, *needles):
-    return conftest.one_line_error(r, *needles, code=None)
+@pytest.fixture(scope="module")
+def tiny_run(data, tmp_path_factory):
+    """The TINY recipe trained once on ``data``: a run folder the tests read, not change."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    r = run_cli("train", "--config", root / "tiny.yaml", "--data", data, "--out", root / "run", "-q")
+    assert r.returncode == 0, r.stderr
+    return root / "run"
 
 
 def test_train_resume_evaluate_predict_and_reproduce(data, tmp_path):
@@ -142,11 +147,8 @@ class _RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_weights_that_are_code_are_refused_and_never_run(data, tmp_path):
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY))
-    run = tmp_path / "run"
-    assert run_cli("train", "--config", recipe, "--data", data, "--out", run, "-q").returncode == 0
+def test_weights_that_are_code_are_refused_and_never_run(data, tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     torch.save({"model": _RunsACommand(marker)}, run / "best.pt")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).poisson(8.4, (2, 24, 25)).astype(np.float32))
@@ -166,7 +168,7 @@ def test_weights_that_are_code_are_refused_and_never_run(data, tmp_path):
     assert not marker.exists()
 
 
-def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(data, tmp_path):
+def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(data, tiny_run, tmp_path):
     """`target: both` on images and movies: one backbone, a head per target, each head
     validated and thresholded on its own truth; predict and track pick the head."""
     from models.training.runs import load_model
@@ -201,10 +203,7 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     used = json.loads((tmp_path / "tracks" / "track.json").read_text())
     assert used["time_stamps"] == "scan" and used["target"] == "exposure"
     # A one-head model asked for the other head, and target: both on a one-head family.
-    single = tmp_path / "single.yaml"
-    single.write_text(yaml.safe_dump(TINY))
-    assert run_cli("train", "--config", single, "--data", data, "--out", tmp_path / "one", "-q").returncode == 0
-    one_line_error(run_cli("predict", tmp_path / "one", tmp_path / "m.tif", "--out", tmp_path / "q.csv",
+    one_line_error(run_cli("predict", tiny_run, tmp_path / "m.tif", "--out", tmp_path / "q.csv",
                            "--target", "exposure"), "has no exposure output")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": "gridnet", "target": "both"}))
@@ -216,7 +215,7 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
                    "store_targets: movies is not a train or val store")
 
 
-def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
+def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path):
     """init_from a one-headed run + freeze [unet, head] + branch: decoder: the centroid
     head of the two-headed model is the loaded model bit for bit (weights, batch-norm
     statistics, detections), while the exposure head, started as its copy, has learned."""
@@ -225,9 +224,6 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     from factory.stores import Store
     from models.training.runs import load_model
 
-    single = tmp_path / "single.yaml"
-    single.write_text(yaml.safe_dump(TINY))
-    assert run_cli("train", "--config", single, "--data", data, "--out", tmp_path / "one", "-q").returncode == 0
     # Validation during training ran the network in inference mode: the saved model scores
     # on the validation set exactly what the history says (batch norm on running statistics,
     # left unmoved by the validation images).
@@ -237,16 +233,16 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     with Store(data / "val.h5") as st:
         images, gt = st.read("images", 0, TINY["val_images"]), truth(st, "centroid", 0, TINY["val_images"])
         geom = geometry(st)
-    hist = RunFolder(tmp_path / "one").read_metrics()["history"]
-    assert validate(load_model(tmp_path / "one"), images, gt, geom)["mean_auc"] == hist[-1]["val_mean_auc"]
+    hist = RunFolder(tiny_run).read_metrics()["history"]
+    assert validate(load_model(tiny_run), images, gt, geom)["mean_auc"] == hist[-1]["val_mean_auc"]
     recipe = {**TINY, "model_params": {**TINY["model_params"], "branch": "decoder"}, "target": "both",
-              "init_from": str(tmp_path / "one"), "freeze": ["unet", "head"], "train": ["train", "movies_train"],
+              "init_from": str(tiny_run), "freeze": ["unet", "head"], "train": ["train", "movies_train"],
               "val": ["val", "movies_val"], "store_targets": {"train": "exposure", "movies_train": "exposure",
                                                               "val": "centroid", "movies_val": "exposure"}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
     r = run_cli("train", "--config", tmp_path / "two.yaml", "--data", data, "--out", tmp_path / "two", "-q")
     assert r.returncode == 0, r.stderr
-    one = torch.load(tmp_path / "one" / "best.pt", weights_only=True)["model"]
+    one = torch.load(tiny_run / "best.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "best.pt", weights_only=True)["model"]
     assert {k for k in two if k not in one} and all(k.startswith("extra_") for k in two if k not in one)
     for k, v in one.items():  # running means and variances included
@@ -258,7 +254,7 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tmp_path):
     assert m["init_from"]["tensors_loaded"] == len(one) and len(m["init_from"]["sha256"]) == 64
     with Store(data / "val.h5") as st:
         images = st.read("images", 0, 32)
-    a, b = load_model(tmp_path / "one").detect(images), load_model(tmp_path / "two").detect(images)
+    a, b = load_model(tiny_run).detect(images), load_model(tmp_path / "two").detect(images)
     pd.testing.assert_frame_equal(a[["frame", "x", "y", "score"]], b[["frame", "x", "y", "score"]])
     # Bad recipes: one line each, naming the field.
     bad = tmp_path / "bad.yaml"
