@@ -174,9 +174,10 @@ def _logging_as_in_main(outer: dict):
     inner = {"stdout": sys.stdout, "stderr": sys.stderr}
     moved = []
     for h in _stream_handlers():
-        for name, streams in outer.items():
-            if h.stream in streams:
-                moved.append((h, h.setStream(inner[name])))
+        name = next((n for n, streams in outer.items() if h.stream in streams), None)
+        if name is not None:
+            moved.append((h, h.stream))
+            h.setStream(inner[name])
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     aio.setLevel(logging.CRITICAL)

@@ -5,6 +5,7 @@ and logs go to the call's stderr; and the call leaves nothing of itself behind."
 
 import logging
 import os
+import sys
 import warnings
 
 import pytest
@@ -75,6 +76,26 @@ def test_warnings_and_logs_go_to_stderr_and_nothing_stays_behind(monkeypatch, tm
         one_line_error(r, "bad config")  # a warning is a line too
     after = (os.getcwd(), logging.getLogger().handlers, logging.getLogger().level, warnings.filters)
     assert after == before and "FACTORY_SET" not in os.environ
+
+
+def test_a_log_handler_added_during_a_call_writes_to_this_process_after_it(monkeypatch, tmp_path):
+    """As TrackPy's, made on stdout when it is first imported, maybe during a call."""
+    import factory.config
+
+    lib = logging.getLogger("factory.test.lib")
+
+    def load(path):
+        lib.addHandler(logging.StreamHandler(sys.stdout))
+        lib.warning("during the call")
+        raise FactoryError("bad config")
+
+    monkeypatch.setattr(factory.config, "load_config", load)
+    try:
+        r = invoke_cli("build", tmp_path / "c.yaml", "--out", tmp_path / "o")
+        assert "during the call" in r.stdout and "WARNING factory.test.lib: during the call" in r.stderr
+        assert [h.stream for h in lib.handlers] == [sys.stdout]  # not the call's, now closed
+    finally:
+        lib.handlers.clear()
 
 
 def test_variables_read_at_import_need_a_process():
