@@ -41,31 +41,32 @@ def main() -> None:
     from models.tracking.timing import ScanTiming, time_stamps
     from models.detectors.trackpy import run_user_pipeline, user_search_range_px
     from models.evaluation.tuning import tune_user_pipeline
-    from models.tracking.tracks import blur_r, diffusion_table, link, score_tracks, search_range_px, stitch
+    from models.tracking.tracks import (blur_r, diffusion_table, link, max_diffusion, min_diffusion, score_tracks,
+                                        search_range_px, stitch)
 
     det = load_detector(args.model, "cpu", prefer="exposure")
 
     def movies(name):
         with Store(find_store(args.data, name)) as st:
-            cfg = st.config["dataset"]
-            F = cfg["movie"]["n_frames"]
+            ds = st.dataset
+            F = ds.movie.n_frames
             keys = ["centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s", "frame_start_s"]
             rows = {k: st.read(k) for k in keys + (["on_fraction"] if "on_fraction" in st else [])}
             images = st.read("images")
         h, w = images.shape[1:]
-        timing = ScanTiming.of_store_config(cfg, name)
+        timing = ScanTiming.of_dataset(ds, name)
         t_c = timing.centroid_t_s(rows["frame_start_s"], h, w, rows["diffusion"].shape[1])
         for m in range(len(images) // F):
             a, b = m * F, (m + 1) * F
-            yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), cfg, timing,
+            yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), ds, timing,
                    {k: v[a:b] for k, v in rows.items()})
 
     # The TrackPy user pipeline, tuned on field_val's first movie.
-    frames, _, truth, cfg, timing, _ = next(movies("field_val"))
-    px, sigma = cfg["image"]["pixel_size_um"], cfg["psf"]["sigma_xy_um"]
+    frames, _, truth, ds, timing, _ = next(movies("field_val"))
+    px, sigma = ds.image.pixel_size_um, ds.psf.sigma_xy_um
     h, w = frames.shape[1:]
     period = timing.frame_period_s(h, w)
-    d_lo, d_hi = cfg["particles"]["diffusion_um2_s"]["low"], cfg["particles"]["diffusion_um2_s"]["high"]
+    d_lo, d_hi = min_diffusion(ds), max_diffusion(ds)
     pipe = tune_user_pipeline(frames, Points.from_masked(truth.exposure_xy * px), px, sigma,
                               user_search_range_px(d_hi, period, px))
     print(f"TrackPy user pipeline: {pipe.model_dump()}", flush=True)

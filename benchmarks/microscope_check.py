@@ -43,9 +43,10 @@ def main() -> None:
 
     import tifffile
 
+    from factory.config import DatasetSpec
     from models.evaluation.fields import MovieTruth, score_particles, summarise
     from models.evaluation.metrics import Points
-    from models.recordings.predict import load_detector, training_data_config
+    from models.recordings.predict import load_detector, training_dataset
     from models.tracking.timing import ScanTiming, time_stamps
     from models.detectors.trackpy import run_user_pipeline, user_search_range_px
     from models.evaluation.tuning import tune_user_pipeline
@@ -80,9 +81,8 @@ def main() -> None:
             print(f"{path}: missing, left out")
             continue
         det = load_detector(path, "cpu", prefer="exposure")
-        cfg, _ = training_data_config(path)
-        d_max = max_diffusion(cfg) if cfg else 1.75
-        sigma = cfg["psf"]["sigma_xy_um"] if cfg else 0.21
+        ds = training_dataset(path)[0] or DatasetSpec()  # without its store: the schema's defaults
+        d_max, sigma = max_diffusion(ds), ds.psf.sigma_xy_um
 
         def ours(frames, det=det, d_max=d_max, sigma=sigma):
             tracks, d, _ = track_recording(det, frames, timing, px, d_max, sigma_xy_um=sigma)

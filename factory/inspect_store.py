@@ -52,8 +52,7 @@ def summarize(path: Path) -> dict:
         images = st.read("images", 0, m).astype(np.float64)
         n_particles = st.read("n_particles")
         diffusion = st.read("diffusion", 0, m)
-        cfg = st.config
-        ds = cfg["dataset"]
+        ds = st.dataset
         out = {
             "path": str(path),
             "format": st.format,
@@ -62,25 +61,25 @@ def summarize(path: Path) -> dict:
             "arrays": {name: {"shape": list(st[name].shape), "dtype": str(st[name].dtype),
                               "chunks": list(st[name].chunks) if st[name].chunks else None}
                        for name in st.names},
-            "seed": cfg["seed"],
+            "seed": st.config["seed"],
             "package_version": st.attrs.get("package_version"),
             "dataset_hash": st.attrs.get("dataset_hash"),
             "compression": st.attrs.get("compression", "blosc-lz4"),
             "parameters": {
-                "image_px": [ds["image"]["height_px"], ds["image"]["width_px"]],
-                "pixel_size_um": ds["image"]["pixel_size_um"],
-                "dwell_us": ds["scan"]["dwell_us"],
-                "line_retrace_ms": ds["scan"]["line_retrace_ms"],
-                "direction": ds["scan"]["direction"],
-                "sigma_xy_um": ds["psf"]["sigma_xy_um"],
-                "sigma_z_um": ds["psf"]["sigma_z_um"],
-                "n_bkg": ds["background"]["n_bkg"],
-                "detector": ds["detector"]["type"],
-                "diffusion_um2_s": ds["particles"]["diffusion_um2_s"],
-                "n_qd": ds["particles"]["n_qd"],
-                "movie": ds.get("movie"),
-                **({"stack": ds["stack"]} if ds.get("stack") is not None else {}),
-                **({"blinking": ds["particles"]["blinking"]} if ds["particles"].get("blinking") else {}),
+                "image_px": [ds.image.height_px, ds.image.width_px],
+                "pixel_size_um": ds.image.pixel_size_um,
+                "dwell_us": ds.scan.dwell_us,
+                "line_retrace_ms": ds.scan.line_retrace_ms,
+                "direction": ds.scan.direction,
+                "sigma_xy_um": ds.psf.sigma_xy_um,
+                "sigma_z_um": ds.psf.sigma_z_um,
+                "n_bkg": ds.background.n_bkg,
+                "detector": ds.detector.type,
+                "diffusion_um2_s": ds.particles.diffusion_um2_s.model_dump(),
+                "n_qd": ds.particles.n_qd.model_dump(),
+                "movie": ds.movie.model_dump() if ds.movie else None,
+                **({"stack": ds.stack.model_dump()} if ds.stack is not None else {}),
+                **({"blinking": ds.particles.blinking.model_dump()} if ds.particles.blinking else {}),
             },
             "stats": {
                 "sampled_images": m,
@@ -93,12 +92,12 @@ def summarize(path: Path) -> dict:
                 if np.isfinite(diffusion).any() else None,
             },
         }
-        if ds.get("movie") is not None and "in_view" in st:
-            out["n_movies"] = n // ds["movie"]["n_frames"]
+        if ds.movie is not None and "in_view" in st:
+            out["n_movies"] = n // ds.movie.n_frames
             out["stats"]["particles_in_view_per_frame"] = float(st.read("in_view", 0, m).sum(1).mean())
             fs = st.read("frame_start_s", 0, min(n, 2))
             out["stats"]["frame_period_ms"] = float(1000 * (fs[1] - fs[0])) if len(fs) > 1 else None
-        if ds.get("stack") is not None and "plane_start_s" in st:
+        if ds.stack is not None and "plane_start_s" in st:
             out["n_stacks"] = n
             starts = st.read("plane_start_s", 0, 1)[0]
             out["stats"]["planes"] = len(starts)

@@ -70,7 +70,7 @@ def preview_store(path: str | Path, out: str | Path, n: int = 16, start: int = 0
         raise FactoryError(f"{out}: --out must end in .png, .pdf, .svg, .jpg or .gif")
     with (stage or nullcontext)(out) as picture:
         with Store(path) as st:
-            is_movie = st.config["dataset"].get("movie") is not None and "exposure_xy" in st
+            is_movie = st.kind == "movies" and "exposure_xy" in st
             if start >= len(st):
                 raise StoreError(f"{path}: --start {start} is beyond the last image ({len(st) - 1})")
         if is_movie:
@@ -155,8 +155,7 @@ def movie_preview(path: str | Path, out: str | Path, movie: int = 0, n_frames: i
 
     out = Path(out)
     with Store(path) as st:
-        cfg = st.config["dataset"]
-        F = (cfg.get("movie") or {}).get("n_frames", 1)
+        F = st.dataset.movie.n_frames if st.kind == "movies" else 1
         n_movies = len(st) // F
         if not 0 <= movie < n_movies:
             raise ValueError(f"movie {movie} is out of range (the store has movies 0..{n_movies - 1})")

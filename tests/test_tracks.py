@@ -47,7 +47,8 @@ def movie(tmp_path_factory):
         "n_movies": 2, "movie": {"n_frames": 12, "margin_um": 0.0},
         "image": {"height_px": 32, "width_px": 32},
         "particles": {"count": {"type": "fixed", "n": 2}, "diffusion_um2_s": 0.1, "n_qd": 60.0},
-        "output": {"chunk_images": 64}}}}))
+        "output": {"chunk_images": 64}},
+        "images": {"n_images": 4, "image": {"height_px": 32, "width_px": 32}}}}))
     assert run_cli("build", cfg, "--out", root, "-q").returncode == 0
     from factory.stores import Store
 
@@ -103,6 +104,7 @@ def test_bad_input_to_track_is_one_line(movie, tmp_path):
         "--frame-flyback-ms -2.0: a time must be >= 0")
     bad(run_cli("track", "trackpy", movie / "movie.tif", "--out", tmp_path / "o", "--linker", "magic"),
         "--linker magic: unknown")
+    bad(run_cli("track", "trackpy", movie / "images.h5", "--out", tmp_path / "o"), "images.h5: holds images, not movies")
     assert not (tmp_path / "o").exists()
 
 

@@ -444,14 +444,14 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         ``links_to_unmatched_fraction``, ``d`` and ``d_floor_truth_positions``
         (``models.tracking.tracks.d_errors``; None where empty).
     """
-    cfg = store.dataset.model_dump()
-    F = store.dataset.movie.n_frames
+    ds = store.dataset
+    F = ds.movie.n_frames
     h, w = store["images"].shape[1:]
-    px = store.dataset.image.pixel_size_um
-    timing = ScanTiming.of_store_config(cfg, str(store.path))
+    px = ds.image.pixel_size_um
+    timing = ScanTiming.of_dataset(ds, str(store.path))
     period = timing.frame_period_s(h, w)
-    r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
-    search = search_range_px(max_diffusion(cfg), period, px)
+    r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
+    search = search_range_px(max_diffusion(ds), period, px)
     gate = nm_to_px(max(GATES_NM), px)
     truth_all = store_targets(store, target)
     diffusion = store.read("diffusion")
@@ -465,7 +465,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     ests, floors, linked_all, particles = [], [], [], []
     rows = {k: store.read(k) for k in ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s")
             + (("on_fraction",) if "on_fraction" in store else ())}
-    r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), cfg["psf"]["sigma_xy_um"], px)
+    r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
     for m in range(len(store) // F):
         a, b = m * F, (m + 1) * F
         sel = table[table["movie"] == m].assign(frame=lambda d: d["frame"] - a)

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from factory.config import Dataset
 from factory.errors import FactoryError
 from factory.stores import Store, find_store, is_store_path
 
@@ -134,8 +135,8 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
     return load_model(p, device)
 
 
-def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
-    """The dataset config of the store a model was trained on, if it is still there.
+def training_dataset(run_dir: Path) -> tuple[Dataset | None, str | None]:
+    """The typed dataset config of the store a model was trained on, if it is still there.
 
     Parameters
     ----------
@@ -144,11 +145,11 @@ def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
 
     Returns
     -------
-    config : dict or None
-        The store's ``dataset`` config; None when the run folder or the store cannot be
+    dataset : factory.config.Dataset or None
+        The store's ``Store.dataset``; None when the run folder or the store cannot be
         read.
     source : str or None
-        ``"the training data <store path>"``, for messages; None with ``config``.
+        ``"the training data <store path>"``, for messages; None with ``dataset``.
     """
     from models.training.runs import RunFolder
 
@@ -156,7 +157,7 @@ def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
         cfg = RunFolder(run_dir).read_config()
         path = find_store(cfg.data, cfg.train)
         with Store(path) as st:
-            return st.config["dataset"], f"the training data {path}"
+            return st.dataset, f"the training data {path}"
     except (FactoryError, TypeError, KeyError):
         return None, None
 
@@ -164,10 +165,10 @@ def training_data_config(run_dir: Path) -> tuple[dict | None, str | None]:
 def training_timing(run_dir: Path) -> ScanTiming | None:
     """The scan timing of the store the model in ``run_dir`` was trained on, or None.
 
-    Its source names that store; None when ``training_data_config`` finds none.
+    Its source names that store; None when ``training_dataset`` finds none.
     """
-    cfg, source = training_data_config(run_dir)
-    return ScanTiming.of_store_config(cfg, source) if cfg else None
+    ds, source = training_dataset(run_dir)
+    return ScanTiming.of_dataset(ds, source) if ds else None
 
 
 def localise(detector: Detector, images: np.ndarray | Recording, progress: bool = False,
@@ -434,7 +435,7 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
         frame_start = None
         if is_store_path(recording):
             with Store(recording) as st:
-                timing = ScanTiming.of_store_config(st.config["dataset"], f"the store {recording}")
+                timing = ScanTiming.of_dataset(st.dataset, f"the store {recording}")
                 frame_start = st.read("frame_start_s") if "frame_start_s" in st else None
         else:
             timing = (training_timing(Path(model)) if Path(model).is_dir() else None) or ScanTiming()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from factory.config import Dataset, ScanSpec
 from factory.scan import frame_period_s, frame_schedule, line_period_s, scan_time_s
 
 
@@ -37,18 +38,18 @@ class ScanTiming:
     0.0276
     """
 
-    dwell_us: float = 2.0
-    line_retrace_ms: float = 1.1
+    dwell_us: float = ScanSpec().dwell_us
+    line_retrace_ms: float = ScanSpec().line_retrace_ms
     frame_flyback_ms: float | None = None  # None: one line retrace
     bidirectional: bool = False
     source: str = "the seed paper's defaults"
 
     @classmethod
-    def of_store_config(cls, dataset: dict, source: str) -> "ScanTiming":
-        """The timing of a store's dataset config (``Store.config["dataset"]``, a dict); ``source`` names it."""
-        scan, movie = dataset["scan"], dataset.get("movie") or {}
-        return cls(scan["dwell_us"], scan["line_retrace_ms"], movie.get("frame_flyback_ms"),
-                   scan["direction"] == "bidirectional", source)
+    def of_dataset(cls, dataset: Dataset, source: str) -> "ScanTiming":
+        """The timing of a store's typed dataset config (``Store.dataset``); ``source`` names it."""
+        scan = dataset.scan
+        return cls(scan.dwell_us, scan.line_retrace_ms, dataset.movie.frame_flyback_ms if dataset.movie else None,
+                   scan.direction == "bidirectional", source)
 
     def with_values(self, given_by: str, **values) -> "ScanTiming":
         """A copy with the ``values`` that are given (not None) in place of its own.

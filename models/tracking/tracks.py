@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from factory.config import ImageSpec, ParticleSpec, PSFSpec
+from factory.config import DatasetSpec
 from factory.errors import FactoryError
 from factory.stores import Store, is_store_path
 
 from models.detectors.base import Detector
 from models.tracking.diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
-from models.recordings.predict import load_detector, localise, training_data_config
+from models.recordings.predict import load_detector, localise, training_dataset
 from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
 from models.detectors.trackpy import import_trackpy
@@ -39,20 +39,20 @@ MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
 ESTIMATORS = ("cve", "msd")
 
 
-def max_diffusion(dataset: dict) -> float:
+def max_diffusion(dataset: DatasetSpec) -> float:
     """The largest D of a dataset config's particles (um^2/s).
 
-    What the linking radius of its movies must allow for; ``dataset`` is a store's
-    dataset config (a dict).
+    What the linking radius of its movies must allow for; ``dataset`` is a typed
+    dataset config (``Store.dataset``, or ``DatasetSpec()`` for the schema's defaults).
     """
-    d = dataset["particles"]["diffusion_um2_s"]
-    return float(d["high"] if d["type"] in ("uniform", "log_uniform") else d["value"])
+    d = dataset.particles.diffusion_um2_s
+    return float(d.value if d.type == "fixed" else d.high)
 
 
-def min_diffusion(dataset: dict) -> float:
+def min_diffusion(dataset: DatasetSpec) -> float:
     """The smallest D of a dataset config's particles (um^2/s)."""
-    d = dataset["particles"]["diffusion_um2_s"]
-    return float(d["low"] if d["type"] in ("uniform", "log_uniform") else d["value"])
+    d = dataset.particles.diffusion_um2_s
+    return float(d.value if d.type == "fixed" else d.low)
 
 
 def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
@@ -391,7 +391,7 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
         table["movie"] = table["frame"] // movie_frames
         group = "movie"
     if sigma_xy_um is None:  # the schema's default PSF (the paper's)
-        sigma_xy_um = PSFSpec().sigma_xy_um
+        sigma_xy_um = DatasetSpec().psf.sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
     tracks = link(table, search, memory, group)
     if linker == "stitch":
@@ -562,21 +562,21 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         frame_start, movie_frames = None, None
         if is_store_path(recording):
             with Store(recording) as st:
-                cfg = st.config["dataset"]
-                source = f"the store {recording}"
-                if cfg.get("movie") is None:
-                    raise FactoryError(f"{recording}: holds independent images, not movies")
-                frame_start, movie_frames = st.read("frame_start_s"), cfg["movie"]["n_frames"]
+                ds, source = st.dataset, f"the store {recording}"
+                if st.kind != "movies":
+                    raise FactoryError(f"{recording}: holds {st.kind}, not movies")
+                frame_start, movie_frames = st.read("frame_start_s"), ds.movie.n_frames
         else:
-            cfg, source = training_data_config(Path(model)) if Path(model).is_dir() else (None, None)
-        timing = (ScanTiming.of_store_config(cfg, source) if cfg else ScanTiming()).with_values(
+            ds, source = training_dataset(Path(model)) if Path(model).is_dir() else (None, None)
+        timing = (ScanTiming.of_dataset(ds, source) if ds else ScanTiming()).with_values(
             given_by, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
             bidirectional=bidirectional)
         # Without a dataset config: the schema's defaults (the paper's microscope).
-        px = pixel_size_um or (cfg["image"]["pixel_size_um"] if cfg else ImageSpec().pixel_size_um)
-        d_max = max_diffusion_um2_s or (max_diffusion(cfg) if cfg else ParticleSpec().diffusion_um2_s.high)
-        d_min = min(min_diffusion_um2_s or (min_diffusion(cfg) if cfg else ParticleSpec().diffusion_um2_s.low), d_max)
-        sigma_xy = cfg["psf"]["sigma_xy_um"] if cfg else PSFSpec().sigma_xy_um
+        spec: DatasetSpec = ds or DatasetSpec()
+        px = pixel_size_um or spec.image.pixel_size_um
+        d_max = max_diffusion_um2_s or max_diffusion(spec)
+        d_min = min(min_diffusion_um2_s or min_diffusion(spec), d_max)
+        sigma_xy = spec.psf.sigma_xy_um
         span = f"from {d_min:g} " if linker == "stitch" else ""
         say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
             f"{d_max:g} um^2/s")
