@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.evaluation.fields import (MovieTruth, longest_run, match_tracks, score_particles, scored_runs, summarise,
-                           within)
+from models.evaluation.fields import (MovieTruth, longest_run, match_tracks, plot_field, score_particles, scored_runs,
+                                      summarise, within)
 
 
 def _truth(F: int, P: int, seed: int = 0, on=None, D=0.1, dt=0.5, px=0.1):
@@ -68,6 +68,32 @@ def test_the_true_positions_as_tracks_score_at_the_floor():
     s = score_particles(tracks, d, tr, 0.1, 0.0)
     assert s["matched"].all() and len(s) == 4
     np.testing.assert_array_equal(s["D_um2_s"].to_numpy(), s["floor_D_um2_s"].to_numpy())
+
+
+def test_the_floor_of_a_blinking_particle_leaves_out_the_frames_it_spent_off():
+    """The floor is what a perfect pipeline gets from what the microscope shows: a
+    particle off in frames 10-21 (on for a quarter of frame 22, half of frame 23) has its
+    floor from the other frames' true centroids, the CVE (Vestergaard 2014: mean squared
+    step over 2 dt plus the covariance of successive steps over dt, dt the mean step time)
+    written out here on them."""
+    tr = _truth(40, 2, seed=5)
+    on = np.ones((40, 2), np.float32)
+    on[10:22, 0] = 0.0
+    on[22, 0], on[23, 0] = 0.25, 0.5
+    tr.on_fraction = on
+    s = score_particles(pd.DataFrame(columns=["frame", "x", "y", "track"]), pd.DataFrame(columns=["track", "D_um2_s"]),
+                        tr, 0.1, 0.0).set_index("particle")
+    keep = np.r_[0:10, 23:40]
+    xy = tr.centroids[keep, 0] * 0.1
+    t = tr.centroid_t_s[keep, 0]
+    dx, dt = np.diff(xy, axis=0), np.diff(t)
+    by_hand = ((dx**2).mean(0) / (2 * dt.mean()) + (dx[1:] * dx[:-1]).mean(0) / dt.mean()).mean()
+    assert s.loc[0, "floor_D_um2_s"] == pytest.approx(by_hand, rel=1e-12)
+    # particle 1 never blinks: its floor is over all 40 frames, as without on_fraction
+    tr.on_fraction = None
+    assert s.loc[1, "floor_D_um2_s"] == score_particles(pd.DataFrame(columns=["frame", "x", "y", "track"]),
+                                                        pd.DataFrame(columns=["track", "D_um2_s"]), tr, 0.1,
+                                                        0.0).set_index("particle").loc[1, "floor_D_um2_s"]
 
 
 def _spots_movie(F, centres_px, sigma_px=1.5, n_photons=400.0, bkg=2.0, size=96, seed=0):
@@ -182,3 +208,17 @@ def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_
     assert p["particles"] >= 6 and p["matched"] == 1.0, p
     assert t["correct_link_fraction"] > 0.98
     assert p["d_within"] >= p["floor_d_within"] - 0.2, p
+
+
+def test_the_field_picture_shows_each_pipelines_share_within_the_factor(tmp_path):
+    """Two pipelines and the floor on four particles, shares counted here by hand:
+    ours 2 of 4 (1.4x and 1/1.2x in, 2x out, no D out), TrackPy 1 of 4, the floor 3 of 4."""
+    t = pd.DataFrame({"particle": range(4), "true_D_um2_s": [0.1, 0.2, 0.05, 0.3],
+                      "D_um2_s": [0.14, 0.2 / 1.2, 0.1, np.nan], "floor_D_um2_s": [0.1, 0.2, 0.05, 0.9]})
+    tp = t.assign(D_um2_s=[0.1, 0.5, 0.01, 0.01])
+    tracks = pd.DataFrame({"track": [0, 0, 1, 1], "x": [3.0, 5.0, 20.0, 22.0], "y": [4.0, 6.0, 10.0, 9.0]})
+    fig = plot_field(np.zeros((32, 32)), tracks, {"ours": t, "TrackPy": tp}, tmp_path / "f.png", "field")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    legend = [x.get_text() for x in fig.axes[1].get_legend().get_texts()]
+    assert legend == ["within 1.5x", "ours: 0.50 within", "TrackPy: 0.25 within",
+                      "floor: the estimator on the true positions: 0.75 within"]

@@ -10,8 +10,9 @@ them) is scored: it has a matched track when at least ``MATCH_SHARE`` of a track
 points lie within ``MATCH_PX`` of its centroid or of where the laser saw it (exposure
 position) in the same frame; its D is that of its longest matched track with a D; that D
 is right when within a factor ``D_FACTOR`` of the truth.  The floor is the estimator on
-the particle's true centroids over the same run of frames: what a perfect localiser and
-linker would give.
+the particle's true centroids over the same run of frames, less the frames a blinking
+particle spent off (on for less than ``ON_SHARE`` of the frame): what a perfect
+localiser and linker would give from what the microscope shows.
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def longest_run(ok: np.ndarray) -> tuple[int, int]:
     return best
 
 
+def visible_frames(truth: MovieTruth, particle: int, start: int, stop: int) -> np.ndarray:
+    """The frames of ``start .. stop`` (stop excluded) in which ``particle`` can be seen.
+
+    Every frame when it does not blink; else those in which it was on for at least
+    ``ON_SHARE`` of the frame.
+    """
+    f = np.arange(start, stop)
+    return f if truth.on_fraction is None else f[truth.on_fraction[f, particle] >= ON_SHARE]
+
+
 def scored_runs(truth: MovieTruth, min_frames: int = MIN_FRAMES_IN_VIEW) -> dict[int, tuple[int, int]]:
     """The particles scored, each with its longest run of frames in view.
 
@@ -137,7 +148,7 @@ def scored_runs(truth: MovieTruth, min_frames: int = MIN_FRAMES_IN_VIEW) -> dict
         a, b = longest_run(inview[:, p])
         if b - a < min_frames:
             continue
-        if truth.on_fraction is not None and (truth.on_fraction[a:b, p] >= ON_SHARE).sum() < 0.5 * (b - a):
+        if len(visible_frames(truth, p, a, b)) < 0.5 * (b - a):
             continue
         out[p] = (a, b)
     return out
@@ -189,7 +200,8 @@ def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTru
 
     Whether a track follows it, the D of its longest matched track with a D
     (``d_table``: ``track`` and ``d_column``), and the floor (the CVE on its true
-    centroids over its run in view, blur coefficient ``floor_r``).
+    centroids over its run in view, the frames a blinking particle spent off left out
+    (``visible_frames``), blur coefficient ``floor_r``).
 
     Parameters
     ----------
@@ -223,8 +235,9 @@ def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTru
         mine = [t for t, q in owner.items() if q == p]
         with_d = [t for t in mine if t in d_of and np.isfinite(d_of[t])]
         est = d_of[max(with_d, key=lambda t: length[t])] if with_d else np.nan
-        true_pos = pd.DataFrame({"track": 0, "frame": np.arange(a, b), "t_s": truth.centroid_t_s[a:b, p],
-                                 "x": truth.centroids[a:b, p, 0], "y": truth.centroids[a:b, p, 1]})
+        f = visible_frames(truth, p, a, b)
+        true_pos = pd.DataFrame({"track": 0, "frame": f, "t_s": truth.centroid_t_s[f, p],
+                                 "x": truth.centroids[f, p, 0], "y": truth.centroids[f, p, 1]})
         fl = diffusion_table(true_pos, pixel_size_um, floor_r)
         rows.append({"particle": p, "frames_in_view": b - a, "true_D_um2_s": float(truth.diffusion[p]),
                      "matched": bool(mine), "D_um2_s": float(est),
@@ -285,3 +298,62 @@ def summarise(per_particle: pd.DataFrame) -> dict:
             "d_within": float(within(est, true).mean()),
             "floor_d_within": float(within(t["floor_D_um2_s"].to_numpy(np.float64), true).mean()),
             "median_abs_log10": float(np.median(err)) if len(err) else None}
+
+
+def plot_field(mean: np.ndarray, tracks: pd.DataFrame, per_particle: dict[str, pd.DataFrame], out,
+               title: str = ""):
+    """One field: tracks over its mean image, and estimated against true D per particle.
+
+    Parameters
+    ----------
+    mean : ndarray
+        The movie's mean image (H, W).
+    tracks : pandas.DataFrame
+        The tracks drawn: ``track``, ``x``, ``y`` (px).
+    per_particle : dict of str to pandas.DataFrame
+        Pipeline label -> its ``score_particles`` table; the floor is drawn from the
+        first one's ``floor_D_um2_s``.
+    out : str or Path
+        The picture's file.
+    title : str
+        Above the tracks.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure written; its right panel's legend gives each pipeline's share of
+        particles with D within ``D_FACTOR``.
+    """
+    from matplotlib.figure import Figure
+
+    from models.tracking.tracks import draw_tracks
+
+    fig = Figure(figsize=(10.5, 5.2))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.05]})
+    draw_tracks(left, mean, tracks, title)
+    rows = list(per_particle.items())
+    if rows:
+        rows.append(("floor: the estimator on the true positions", rows[0][1].rename(
+            columns={"D_um2_s": "_", "floor_D_um2_s": "D_um2_s"})))
+    true_all = np.concatenate([t["true_D_um2_s"].to_numpy() for _, t in rows]) if rows else np.ones(1)
+    lo, hi = float(np.nanmin(true_all)) / 3, float(np.nanmax(true_all)) * 3
+    x = np.geomspace(lo, hi, 50)
+    right.fill_between(x, x / D_FACTOR, x * D_FACTOR, color="0.9", label=f"within {D_FACTOR:g}x")
+    right.plot(x, x, color="0.5", lw=0.8)
+    for (label, t), marker in zip(rows, ("o", "s", "^", "v", "D", "x")):
+        est = t["D_um2_s"].to_numpy(np.float64)
+        ok = np.isfinite(est) & (est > 0)
+        share = float(within(est, t["true_D_um2_s"].to_numpy()).mean()) if len(t) else float("nan")
+        right.scatter(t["true_D_um2_s"].to_numpy()[ok], np.clip(est[ok], lo, hi), s=14, marker=marker,
+                      alpha=0.75, label=f"{label}: {share:.2f} within")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlim(lo, hi)
+    right.set_ylim(lo, hi)
+    right.set_xlabel("true D (um^2/s)")
+    right.set_ylabel("estimated D (um^2/s)")
+    right.set_title("D per particle (no D: left out; beyond the axes: drawn at the edge)", fontsize=8)
+    right.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return fig
