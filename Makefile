@@ -25,6 +25,9 @@ demo: $(STAMP)
 	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --overwrite --quiet
 	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/demo MODEL=runs/demo/model
 	$(VENV)/bin/factory report runs/demo --data data
+	$(VENV)/bin/factory build fields.yaml --out data/fields --only field_val --only test_field --overwrite --quiet
+	$(PY) benchmarks/field_check.py --data data/fields --model runs/demo/model --stores field_val test_field \
+	  --out runs/demo/field.md --plot runs/demo/field.png
 
 # The movie pipelines on test_movies: TrackPy tuned on movies_val for what the laser saw,
 # and MODEL's exposure output (the exposure head of the default model,
@@ -84,10 +87,14 @@ volumes: $(STAMP)
 
 # Real-size fields (fields.yaml): 256 x 256 px movies of 50 frames, about 40 blinking
 # particles with D over a decade (log-uniform), and a test set like it without
-# blinking; about a minute on a 2-core CPU.
+# blinking; about a minute on a 2-core CPU.  With the demo's model: the linkers and the
+# TrackPy user pipeline scored per particle (runs/fields/field_check.md) and one field
+# drawn (runs/fields/field.png).
 fields: $(STAMP)
 	$(VENV)/bin/factory build fields.yaml --out data/fields --overwrite
 	$(VENV)/bin/factory inspect data/fields --brief
+	if [ -f runs/demo/model/best.pt ]; then $(PY) benchmarks/field_check.py --data data/fields --model runs/demo/model \
+	  --out runs/fields/field_check.md --plot runs/fields/field.png; fi
 
 # Your microscope (README): a recording of a microscope unlike the paper's (0.15 um
 # pixels, 4 us dwell, a PMT with offset, gain and read noise), calibrated, training data

@@ -3,13 +3,17 @@ gets D right for, linkers compared on the same localisations.
 
     python benchmarks/field_check.py [--data data/fields] [--model runs/demo/model]
                                      [--stores field_val test_field test_field_still]
+                                     [--movies N] [--out tables.md] [--plot field.png]
 
 For each store and movie: the model's localisations (its exposure head, above its
 threshold, once), linked by each linker below, D by the CVE per track; the TrackPy user
 pipeline (minmass and diameter tuned on field_val's first movie, SPEC "A baseline as
 users run it") with its imsd line fit and its tracks through our CVE.  Scored per
 particle (models.evaluation.fields): matched track, D within 1.5x, median |log10 D error|, the
-floor; and correct links.  Prints one markdown table per store.
+floor; and correct links.  Prints one markdown table per store.  ``--plot`` draws the
+first movie of the last store (``models.evaluation.fields.plot_field``): the tracks of the
+linker with the most D within 1.5x on the first store, and D per particle for it, the
+TrackPy user pipeline and the floor.
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/fields"))
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
     ap.add_argument("--stores", nargs="+", default=["field_val", "test_field", "test_field_still"])
+    ap.add_argument("--movies", type=int, help="score only the first N movies of each store")
     ap.add_argument("--out", type=Path, help="write the tables here too (markdown)")
+    ap.add_argument("--plot", type=Path, help="draw the first movie of the last store: the tracks of the linker best on "
+                    "the first store (D within 1.5x), and D per particle for it, the TrackPy user pipeline and the floor")
     args = ap.parse_args()
+    for path in (args.out, args.plot):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     from factory.stores import Store, find_store
     from loaders.datasets import truth_points
-    from models.evaluation.fields import MovieTruth, score_particles, summarise
+    from models.evaluation.fields import MovieTruth, plot_field, score_particles, summarise
     from models.evaluation.metrics import Points
     from models.recordings.predict import load_detector, localise
     from models.tracking.timing import ScanTiming, time_stamps
@@ -56,7 +66,7 @@ def main() -> None:
         h, w = images.shape[1:]
         timing = ScanTiming.of_dataset(ds, name)
         t_c = timing.centroid_t_s(rows["frame_start_s"], h, w, rows["diffusion"].shape[1])
-        for m in range(len(images) // F):
+        for m in range(min(len(images) // F, args.movies or len(images))):
             a, b = m * F, (m + 1) * F
             yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), ds, timing,
                    {k: v[a:b] for k, v in rows.items()})
@@ -83,21 +93,25 @@ def main() -> None:
             link(t, search_range_px(d_lo, period, px), 0), px, period, d_hi, r_scan),
     }
     text = [f"TrackPy user pipeline: {pipe.model_dump()}", ""]
+    best = None  # the linker with the most D within 1.5x on the first store
     for name in args.stores:
         per = {}
         links = {}
         secs = {}
         n_frames = 0
-        for frames, starts, truth, _, _, rows in movies(name):
+        for m, (frames, starts, truth, _, _, rows) in enumerate(movies(name)):
             n_frames += len(frames)
             t0 = time.perf_counter()
             table = localise(det, frames, min_score=det.threshold)
             table = table.assign(t_s=time_stamps(table, h, w, timing, det.timestamps, starts))
             t_loc = time.perf_counter() - t0
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
+            drawn = {}
             for label, run in linkers.items():
                 t0 = time.perf_counter()
                 tracks = run(table)
+                if label == best:
+                    drawn = {"tracks": tracks}
                 secs[label] = secs.get(label, 0.0) + time.perf_counter() - t0 + t_loc
                 counts, d = score_tracks(tracks, gt, rows["diffusion"][0], 3.0, px, r_scan)  # links and D per track
                 per.setdefault(label, []).append(score_particles(tracks, d, truth, px, r_frame))
@@ -108,6 +122,12 @@ def main() -> None:
             tracks, d_msd = run_user_pipeline(frames, pipe, px, period)
             secs["TrackPy user pipeline"] = secs.get("TrackPy user pipeline", 0.0) + time.perf_counter() - t0
             per.setdefault("TrackPy user pipeline (imsd fit)", []).append(score_particles(tracks, d_msd, truth, px, r_frame))
+            if args.plot and name == args.stores[-1] and m == 0 and drawn:
+                plot_field(frames.mean(0), drawn["tracks"],
+                           {f"ours ({best})": per[best][-1],
+                            "TrackPy user pipeline": per["TrackPy user pipeline (imsd fit)"][-1]}, args.plot,
+                           f"{name}, movie 0, mean image; the model's tracks\n(linker: {best})")
+                print(f"drew {args.plot}", flush=True)
             tracks = tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan", starts))
             per.setdefault("TrackPy user pipeline, its tracks through our CVE", []).append(
                 score_particles(tracks, diffusion_table(tracks, px, r_scan), truth, px, r_frame))
@@ -120,6 +140,9 @@ def main() -> None:
             lines.append(f"| {label} | {s['particles']} | {s['matched']:.2f} | {s['d_within']:.2f} | "
                          f"{s['floor_d_within']:.2f} | {s['median_abs_log10']:.3f} | "
                          f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")
+        if best is None:
+            best = max(linkers, key=lambda k: summarise(pd.concat(per[k], ignore_index=True))["d_within"])
+            lines.append(f"\nBest linker here (D within 1.5x), used for the picture: {best}")
         print("\n".join(lines) + "\n", flush=True)
         text += lines + [""]
     if args.out:

@@ -410,14 +410,22 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
 
     ``images``: the frames (N, H, W), or their mean (H, W), e.g. ``Recording.mean_frame``.
     """
-    from matplotlib import colormaps
-    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure  # not pyplot: no GUI backend, nothing to close
 
     mean = images if images.ndim == 2 else images.mean(0)
     h, w = mean.shape
     fig = Figure(figsize=(5, 5 * h / w + 0.3))
-    ax = fig.subplots()
+    draw_tracks(fig.subplots(), mean, tracks, title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def draw_tracks(ax, mean: np.ndarray, tracks: pd.DataFrame, title: str = "") -> None:
+    """Draw ``tracks`` (``track``, ``x``, ``y`` px) over the image ``mean`` (H, W) on the axes ``ax``."""
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
+
+    h, w = mean.shape
     ax.imshow(mean, cmap="gray", interpolation="nearest")
     # Every path in one collection and every start in one scatter (track k in colour k of
     # tab20), not two plot calls per track: a long recording has thousands of tracks.
@@ -432,8 +440,6 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
 
 
 # --- a recording's file in, tracks and D out: `factory track` ------------------------------
