@@ -46,7 +46,7 @@ def main() -> None:
     from factory.config import DatasetSpec
     from models.evaluation.fields import MovieTruth, score_particles, summarise
     from models.evaluation.metrics import Points
-    from models.recordings.predict import load_detector, training_dataset
+    from models.recordings.predict import load_detector, training_datasets
     from models.tracking.timing import ScanTiming, time_stamps
     from models.detectors.trackpy import run_user_pipeline, user_search_range_px
     from models.evaluation.tuning import tune_user_pipeline
@@ -81,8 +81,8 @@ def main() -> None:
             print(f"{path}: missing, left out")
             continue
         det = load_detector(path, "cpu", prefer="exposure")
-        ds = training_dataset(path)[0] or DatasetSpec()  # without its store: the schema's defaults
-        d_max, sigma = max_diffusion(ds), ds.psf.sigma_xy_um
+        specs = training_datasets(path)[0] or [DatasetSpec()]  # without its stores: the schema's defaults
+        d_max, sigma = max(max_diffusion(d) for d in specs), specs[0].psf.sigma_xy_um
 
         def ours(frames, det=det, d_max=d_max, sigma=sigma):
             tracks, d, _ = track_recording(det, frames, timing, px, d_max, sigma_xy_um=sigma)

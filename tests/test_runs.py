@@ -198,10 +198,15 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     tifffile.imwrite(tmp_path / "m.tif", frames)
     r = run_cli("predict", run.path, tmp_path / "m.tif", "--out", tmp_path / "p.csv", "--target", "exposure")
     assert r.returncode == 0, r.stderr
-    r = run_cli("track", run.path, tmp_path / "m.tif", "--out", tmp_path / "tracks", "-q")
+    r = run_cli("track", run.path, tmp_path / "m.tif", "--out", tmp_path / "tracks", "--linker", "stitch")
     assert r.returncode == 0, r.stderr
     used = json.loads((tmp_path / "tracks" / "track.json").read_text())
     assert used["time_stamps"] == "scan" and used["target"] == "exposure"
+    # Without flags, the settings come from both training stores: the timing from the
+    # movie store, the D range over both (train: the schema's 0.75 - 1.75, movies_train
+    # 0.05 - 0.5 um^2/s).
+    assert (f"(from the training data {data / 'train.h5'}, {data / 'movies_train.h5'})" in r.stderr
+            and "linking (stitch) for D from 0.05 up to 1.75 um^2/s" in r.stderr), r.stderr
     # A one-head model asked for the other head, and target: both on a one-head family.
     one_line_error(run_cli("predict", tiny_run, tmp_path / "m.tif", "--out", tmp_path / "q.csv",
                            "--target", "exposure"), "has no exposure output")

@@ -135,8 +135,8 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
     return load_model(p, device)
 
 
-def training_dataset(run_dir: Path) -> tuple[Dataset | None, str | None]:
-    """The typed dataset config of the store a model was trained on, if it is still there.
+def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
+    """The typed dataset configs of the stores a model was trained on, those still there.
 
     Parameters
     ----------
@@ -145,30 +145,45 @@ def training_dataset(run_dir: Path) -> tuple[Dataset | None, str | None]:
 
     Returns
     -------
-    dataset : factory.config.Dataset or None
-        The store's ``Store.dataset``; None when the run folder or the store cannot be
-        read.
+    datasets : list of factory.config.Dataset
+        Each training store's ``Store.dataset``, in the order of the run's ``train``;
+        empty when the run folder or none of its stores can be read.
     source : str or None
-        ``"the training data <store path>"``, for messages; None with ``dataset``.
+        ``"the training data <store paths>"``, for messages; None when ``datasets`` is
+        empty.
     """
     from models.training.runs import RunFolder
 
     try:
         cfg = RunFolder(run_dir).read_config()
-        path = find_store(cfg.data, cfg.train)
-        with Store(path) as st:
-            return st.dataset, f"the training data {path}"
-    except (FactoryError, TypeError, KeyError):
-        return None, None
+    except FactoryError:
+        return [], None
+    found, paths = [], []
+    for name in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
+        try:
+            path = find_store(cfg.data, name)
+            with Store(path) as st:
+                found.append(st.dataset)
+            paths.append(str(path))
+        except (FactoryError, ValueError, KeyError):  # moved, unreadable, or a config this version cannot read
+            continue
+    return found, (f"the training data {', '.join(paths)}" if found else None)
+
+
+def timing_of(datasets: list[Dataset], source: str | None) -> ScanTiming | None:
+    """The scan timing of training data: its first movie store's, else its first store's.
+
+    None when ``datasets`` is empty.  A movie store is preferred because it alone
+    records the frame flyback.
+    """
+    if not datasets:
+        return None
+    return ScanTiming.of_dataset(next((d for d in datasets if d.movie is not None), datasets[0]), source)
 
 
 def training_timing(run_dir: Path) -> ScanTiming | None:
-    """The scan timing of the store the model in ``run_dir`` was trained on, or None.
-
-    Its source names that store; None when ``training_dataset`` finds none.
-    """
-    ds, source = training_dataset(run_dir)
-    return ScanTiming.of_dataset(ds, source) if ds else None
+    """The scan timing of the stores the model in ``run_dir`` was trained on (``timing_of``), or None."""
+    return timing_of(*training_datasets(run_dir))
 
 
 def localise(detector: Detector, images: np.ndarray | Recording, progress: bool = False,

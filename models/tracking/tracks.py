@@ -28,7 +28,7 @@ from factory.stores import Store, is_store_path
 
 from models.detectors.base import Detector
 from models.tracking.diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
-from models.recordings.predict import load_detector, localise, training_dataset
+from models.recordings.predict import load_detector, localise, timing_of, training_datasets
 from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
 from models.detectors.trackpy import import_trackpy
@@ -568,21 +568,22 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         frame_start, movie_frames = None, None
         if is_store_path(recording):
             with Store(recording) as st:
-                ds, source = st.dataset, f"the store {recording}"
+                specs, source = [st.dataset], f"the store {recording}"
                 if st.kind != "movies":
                     raise FactoryError(f"{recording}: holds {st.kind}, not movies")
-                frame_start, movie_frames = st.read("frame_start_s"), ds.movie.n_frames
+                frame_start, movie_frames = st.read("frame_start_s"), st.dataset.movie.n_frames
         else:
-            ds, source = training_dataset(Path(model)) if Path(model).is_dir() else (None, None)
-        timing = (ScanTiming.of_dataset(ds, source) if ds else ScanTiming()).with_values(
+            specs, source = training_datasets(Path(model)) if Path(model).is_dir() else ([], None)
+        timing = (timing_of(specs, source) or ScanTiming()).with_values(
             given_by, dwell_us=dwell_us, line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
             bidirectional=bidirectional)
-        # Without a dataset config: the schema's defaults (the paper's microscope).
-        spec: DatasetSpec = ds or DatasetSpec()
-        px = pixel_size_um or spec.image.pixel_size_um
-        d_max = max_diffusion_um2_s or max_diffusion(spec)
-        d_min = min(min_diffusion_um2_s or min_diffusion(spec), d_max)
-        sigma_xy = spec.psf.sigma_xy_um
+        # Without a dataset config: the schema's defaults (the paper's microscope).  With
+        # several training stores: the D range over all of them, the rest from the first.
+        specs = specs or [DatasetSpec()]
+        px = pixel_size_um or specs[0].image.pixel_size_um
+        d_max = max_diffusion_um2_s or max(max_diffusion(d) for d in specs)
+        d_min = min(min_diffusion_um2_s or min(min_diffusion(d) for d in specs), d_max)
+        sigma_xy = specs[0].psf.sigma_xy_um
         span = f"from {d_min:g} " if linker == "stitch" else ""
         say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
             f"{d_max:g} um^2/s")
