@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="draw the first movie of the last store: the tracks of the linker best on "
                     "the first store (D within 1.5x), and D per particle for it, the TrackPy user pipeline and the floor")
     args = ap.parse_args()
+    if args.plot and len(args.stores) < 2:
+        ap.error("--plot draws the last store with the linker best on the first: give two stores or more")
+    if args.movies is not None and args.movies < 1:
+        ap.error(f"--movies {args.movies}: give 1 or more")
     for path in (args.out, args.plot):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -290,8 +290,10 @@ def bench_track(args):
     from models.tracking.tracks import track_recording
 
     tune_malloc()
+    model_dir = None
     if args.model and (Path(args.model) / "best.pt").exists():  # what the laser saw: the exposure head
         net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
+        model_dir = Path(args.model)
     else:
         demo = load_train_config(ROOT / "configs" / "spotnet_default.yaml", None)
         net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
@@ -331,7 +333,40 @@ def bench_track(args):
         for name, r in here.items():
             print(f"  {name:<28} {r:8.2f} frames/s  ({r / ref:.2f}x the TrackPy user pipeline)")
         results[f"{size}px"] = here
+        if size == 256 and model_dir is not None:
+            results["command"] = track_command(model_dir, images, d_max, args)
     return results
+
+
+def track_command(model_dir: Path, images: np.ndarray, d_max: float, args) -> dict:
+    """`factory track` and `factory predict` as a user runs them: the start-up on a 2-frame
+    TIFF, and the whole movie's wall time and peak RSS, each in a fresh process (the
+    exposure head and the D range of the in-process rows)."""
+    import tifffile
+
+    script = Path(sys.executable).parent / "factory"  # the console script users call
+    factory = [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    flags = ["--pixel-size-um", "0.07", "--dwell-us", "2", "--line-retrace-ms", "1.1"]
+    out = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        tifffile.imwrite(tmp / "two.tif", images[:2], photometric="minisblack")
+        tifffile.imwrite(tmp / "movie.tif", images, photometric="minisblack")
+        track = ["--max-diffusion-um2-s", str(d_max)]
+        for name, cmd in (("track, 2 frames", ["track", str(model_dir), str(tmp / "two.tif"), "--out", str(tmp / "t2")]
+                           + track),
+                          ("predict, 2 frames", ["predict", str(model_dir), str(tmp / "two.tif"), "--out",
+                                                 str(tmp / "p2.csv"), "--target", "exposure"]),
+                          (f"track, {len(images)} frames", ["track", str(model_dir), str(tmp / "movie.tif"), "--out",
+                                                            str(tmp / "tm")] + track)):
+            runs = []
+            for _ in range(3):
+                runs.append(peak_rss_of(factory + cmd + flags + ["--overwrite", "--quiet"]))
+            wall = statistics.median(r[0] for r in runs)
+            rss = max(r[1] for r in runs)
+            print(f"  factory {name:<20} {wall:6.2f} s wall (a fresh process, median of 3), peak RSS {rss:.0f} MB")
+            out[name] = {"wall_s": wall, "peak_rss_mb": rss}
+    return out
 
 
 def main():
