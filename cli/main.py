@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 
 import typer
 
@@ -87,6 +88,9 @@ def main() -> None:
     # siblings' exceptions are logged as "never retrieved" at exit, a traceback after the
     # one-line error that already said what is wrong.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # For the same reason, the reads Zarr had not started when the error came are reported
+    # unawaited when the interpreter exits (a RuntimeWarning of two lines on stderr).
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     tune_malloc()
     app()
 

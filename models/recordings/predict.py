@@ -158,6 +158,8 @@ def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
         cfg = RunFolder(run_dir).read_config()
     except FactoryError:
         return [], None
+    if cfg.data is None:  # a run folder written without a data folder (e.g. by the Python API)
+        return [], None
     found, paths = [], []
     for name in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
         try:
