@@ -110,12 +110,12 @@ def main() -> None:
             table = table.assign(t_s=time_stamps(table, h, w, timing, det.timestamps, starts))
             t_loc = time.perf_counter() - t0
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
-            drawn = {}
+            drawn = None  # the tracks of the linker `best`
             for label, run in linkers.items():
                 t0 = time.perf_counter()
                 tracks = run(table)
                 if label == best:
-                    drawn = {"tracks": tracks}
+                    drawn = tracks
                 secs[label] = secs.get(label, 0.0) + time.perf_counter() - t0 + t_loc
                 counts, d = score_tracks(tracks, gt, rows["diffusion"][0], 3.0, px, r_scan)  # links and D per track
                 per.setdefault(label, []).append(score_particles(tracks, d, truth, px, r_frame))
@@ -126,8 +126,8 @@ def main() -> None:
             tracks, d_msd = run_user_pipeline(frames, pipe, px, period)
             secs["TrackPy user pipeline"] = secs.get("TrackPy user pipeline", 0.0) + time.perf_counter() - t0
             per.setdefault("TrackPy user pipeline (imsd fit)", []).append(score_particles(tracks, d_msd, truth, px, r_frame))
-            if args.plot and name == args.stores[-1] and m == 0 and drawn:
-                plot_field(frames.mean(0), drawn["tracks"],
+            if args.plot and name == args.stores[-1] and m == 0 and drawn is not None:
+                plot_field(frames.mean(0), drawn,
                            {f"ours ({best})": per[best][-1],
                             "TrackPy user pipeline": per["TrackPy user pipeline (imsd fit)"][-1]}, args.plot,
                            f"{name}, movie 0, mean image; the model's tracks\n(linker: {best})")

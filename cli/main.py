@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import warnings
 
@@ -80,17 +81,37 @@ for _command in _COMMANDS:
     app.command()(user_errors(_command))
 
 
+UNAWAITED = r"coroutine .* was never awaited"  # the warning main() drops (see _quiet_zarr_leftovers)
+
+
+def _quiet_zarr_leftovers() -> None:
+    """Keep a damaged Zarr store's error to its one line.
+
+    Zarr reads chunks as asyncio tasks.  When one chunk fails, the read raises (the
+    store's one-line StoreError) and its sibling tasks are left behind; at exit they
+    report themselves: exceptions "never retrieved" (asyncio's log), reads never started
+    ("coroutine ... was never awaited", a RuntimeWarning) and reads closed mid-way
+    ("Exception ignored in: <coroutine ...>", the unraisable hook), each a traceback after
+    the line that already said what is wrong.  The hook silences Zarr's coroutines only;
+    the warning cannot be told by its source, and this project has no coroutines of its own.
+    """
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message=UNAWAITED, category=RuntimeWarning)
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}zarr{os.sep}" in code.co_filename:
+            return
+        sys.__unraisablehook__(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main() -> None:
     from factory.perf import tune_malloc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Zarr reads chunks as asyncio tasks: when one chunk of a damaged store fails, its
-    # siblings' exceptions are logged as "never retrieved" at exit, a traceback after the
-    # one-line error that already said what is wrong.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    # For the same reason, the reads Zarr had not started when the error came are reported
-    # unawaited when the interpreter exits (a RuntimeWarning of two lines on stderr).
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    _quiet_zarr_leftovers()
     tune_malloc()
     app()
 

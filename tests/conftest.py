@@ -14,6 +14,7 @@ import pytest
 from typer._click import formatting  # where Typer's CliRunner sets the help width
 from typer.testing import CliRunner
 
+from cli.main import UNAWAITED
 from factory.config import parse_config
 from factory.kernel import simulate
 from factory.reference import simulate_numpy
@@ -151,6 +152,7 @@ class _ProcessLikeRunner(CliRunner):
             warnings.resetwarnings()
             for action, category, module in FRESH_WARNING_FILTERS:
                 warnings.filterwarnings(action, category=category, module=module, append=True)
+            warnings.filterwarnings("ignore", message=UNAWAITED, category=RuntimeWarning)  # as main() does
             warnings.showwarning = _print_warning  # on the call's stderr, not in pytest's record
             with _logging_as_in_main(outer):
                 yield streams

@@ -18,7 +18,7 @@ import h5py
 import pytest
 import yaml
 
-from conftest import assert_same_arrays, one_line_error, run_cli, run_cli_process
+from conftest import ROOT, assert_same_arrays, one_line_error, run_cli, run_cli_process
 from factory.errors import FactoryError, StoreError
 from factory.stores import Store, find_stores
 
@@ -290,3 +290,37 @@ def test_inspect_on_a_corrupt_store_is_one_line(tmp_path, clean, kind):
     bad = damage(kind, clean[0], tmp_path)
     # A process: what Zarr's unfinished reads print when the interpreter exits is under test.
     one_line_error(run_cli_process("inspect", bad), bad.name, "damaged", code=None)
+
+
+LEFTOVERS = """
+import types
+from cli.main import _quiet_zarr_leftovers
+
+_quiet_zarr_leftovers()
+
+
+@types.coroutine
+def pause():
+    yield
+
+
+SRC = "async def run(pause):\\n    try:\\n        await pause()\\n    finally:\\n        raise RuntimeError('closed mid-read')\\n"
+for path in ("/site-packages/zarr/core/common.py", "/elsewhere/mine.py"):
+    ns = {}
+    exec(compile(SRC, path, "exec"), ns)
+    started = ns["run"](pause)
+    started.send(None)
+    del started  # closed mid-read: its finally raises, reported by the unraisable hook
+    never = ns["run"](pause)
+    del never  # never started: a RuntimeWarning
+"""
+
+
+def test_only_zarrs_reads_left_behind_are_silenced():
+    """What a damaged Zarr store's aborted read leaves at exit is dropped (the race that
+    made the one-line test above flaky is reproduced here by hand); a coroutine of any
+    other code closed mid-way is still reported."""
+    r = subprocess.run([sys.executable, "-c", LEFTOVERS], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("Exception ignored in") == 1 and "mine.py" in r.stderr, r.stderr
+    assert "common.py" not in r.stderr and "never awaited" not in r.stderr, r.stderr
