@@ -22,7 +22,7 @@ Format = _choice("Format", "hdf5", "zarr")
 Target = _choice("Target", "centroid", "exposure")  # loaders.datasets.TARGETS
 # The trainable network families: models.detectors.registry.NETWORKS.
 Network = _choice("Network", "spotnet", "gridnet", "densitynet", "keypointrcnn", "dmdetnet3d")
-Estimator = _choice("Estimator", "cve", "msd")  # models.tracking.tracks.ESTIMATORS
+Estimator = _choice("Estimator", "pooled", "cve", "msd")  # models.tracking.tracks.ESTIMATORS
 Device = _choice("Device", "cpu", "cuda")
 
 

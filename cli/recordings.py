@@ -113,27 +113,32 @@ def track(
     line_retrace_ms: Optional[float] = line_retrace_option(),
     frame_flyback_ms: Optional[float] = frame_flyback_option(),
     bidirectional: Optional[bool] = scan_direction_option("Scan direction."),
-    max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected: sets the linking radius "
-                                                                                      "(default: the training data's or the store's "
-                                                                                      "largest D)."),
+    max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected (default: the training "
+                                                                                      "data's or the store's largest D); the linking "
+                                                                                      "radius is for the geometric middle of the "
+                                                                                      "smallest and the largest."),
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
                                                                                     "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
-    linker: str = typer.Option("trackpy", "--linker", help="trackpy: one radius, for the largest D (Crocker-Grier with "
-                                                           "subnetworks); stitch: a radius for the smallest D, then track "
-                                                           "fragments joined by their own D (fields of mixed mobility)."),
-    min_diffusion: Optional[float] = typer.Option(None, "--min-diffusion-um2-s", help="Smallest D expected: the first radius "
-                                                                                     "of --linker stitch (default: the "
-                                                                                     "training data's smallest D)."),
-    estimator: Estimator = typer.Option(Estimator.cve, "--estimator", help="D per track: cve (covariance-based, Vestergaard 2014) or msd "
-                                                                           "(MSD fit over Michalet's optimal number of lags)."),
+    linker: str = typer.Option("trackpy", "--linker", help="trackpy: one radius, for the middle of the D range (Crocker-Grier "
+                                                           "with subnetworks); stitch: a radius for the smallest D, then track "
+                                                           "fragments joined by their own D."),
+    min_diffusion: Optional[float] = typer.Option(None, "--min-diffusion-um2-s", help="Smallest D expected (default: the "
+                                                                                     "training data's or the store's smallest "
+                                                                                     "D)."),
+    split: bool = typer.Option(True, "--split/--no-split", help="Cut tracks at steps too long for their own mobility "
+                                                                "(p < 0.001): wrong links to a neighbour."),
+    estimator: Estimator = typer.Option(Estimator.pooled, "--estimator", help="D per track: pooled (each track's own steps, "
+                                                                              "the localisation error pooled over the recording), "
+                                                                              "cve (covariance-based per track, Vestergaard 2014) "
+                                                                              "or msd (MSD fit over Michalet's number of lags)."),
     device: Device = device_option(),
     overwrite: bool = overwrite_option("Replace the files of an earlier run in --out."),
     quiet: bool = quiet_option(),
 ) -> None:
     """Localise, link and estimate D: tracks of a movie and the diffusion coefficient of
-    each track (covariance-based estimator on each localisation's own time stamp, with
-    its 95% confidence interval and the localisation error)."""
+    each track (from its own steps on each localisation's own time stamp, with the
+    localisation error pooled over the recording; its 95% confidence interval)."""
     from models.recordings.outputs import staged_output
     from models.tracking.tracks import TRACK_FILES, track_file
 
@@ -142,6 +147,7 @@ def track(
                             line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                             bidirectional=bidirectional, max_diffusion_um2_s=max_diffusion,
                             min_diffusion_um2_s=min_diffusion, search_range_um=search_range_um, memory=memory,
-                            linker=linker, estimator=estimator.value, device=device.value, progress=not quiet,
+                            linker=linker, estimator=estimator.value, split=split, device=device.value,
+                            progress=not quiet,
                             report=notes(quiet), given_by=GIVEN_BY)
     typer.echo(f"{out}: {result.summary()}")

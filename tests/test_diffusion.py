@@ -5,7 +5,7 @@ localisation noise), independently of the microscope simulator."""
 import numpy as np
 import pytest
 
-from models.tracking.diffusion import blur_coefficient_uniform, cve, msd_fit
+from models.tracking.diffusion import blur_coefficient_uniform, cve, known_sigma, msd_fit, pooled_sigma2
 
 D_TRUE, DT, TAU, SIGMA = 0.2, 0.08, 0.03, 0.03  # um^2/s, s, s (exposure window), um
 
@@ -92,3 +92,89 @@ def test_hand_computed_cve():
     e = cve(t, xy[:, :1])
     assert e.D_um2_s == pytest.approx(2 / 2 + (-1.5) / 1)
     assert e.n_displacements == 3
+
+
+def test_a_known_localisation_variance_gives_an_unbiased_d_at_a_third_of_the_cves_variance(tracks):
+    # With s^2 known the lag-1 moment alone gives D: <dx^2> = 2 D dt (1 - 2 R) + 2 s^2.
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    est = [known_sigma(t[i], xy[i], SIGMA**2, R) for i in range(len(t))]
+    d = np.array([e.D_um2_s for e in est])
+    assert abs(d.mean() - D_TRUE) < 3 * d.std() / np.sqrt(len(d)), d.mean()
+    # Its scatter is what its variance formula says, and its interval covers at the nominal rate.
+    predicted_sd = np.median([e.D_high_um2_s - e.D_um2_s for e in est]) / 1.959964
+    assert 0.85 < d.std() / predicted_sd < 1.15, (d.std(), predicted_sd)
+    assert 0.93 <= np.mean([e.D_low_um2_s <= D_TRUE <= e.D_high_um2_s for e in est]) <= 0.97
+    # Against the CVE on the same tracks: 2 against 6 D^2 / N at small s^2 / (D dt).
+    c = np.array([cve(t[i], xy[i], R).D_um2_s for i in range(len(t))])
+    assert d.std() < 0.7 * c.std(), (d.std(), c.std())
+    # A wrong s^2 shifts D by the hand-computed amount: 2 ds^2 / (2 dt (1 - 2 R)).
+    shifted = np.array([known_sigma(t[i], xy[i], 2 * SIGMA**2, R).D_um2_s for i in range(len(t))])
+    mean_dt = np.mean(np.diff(t, axis=1))
+    assert np.allclose(d - shifted, SIGMA**2 / (mean_dt * (1 - 2 * R)), rtol=1e-6)
+
+
+def test_hand_computed_known_sigma():
+    # Displacements 1, -1, 2 um every 1 s along x, s^2 = 0.25 um^2, R = 0.1:
+    # D = (2 - 2 * 0.25) / (2 * 1 * (1 - 0.2)).
+    t = np.arange(4.0)
+    xy = np.array([[0.0], [1.0], [0.0], [2.0]])
+    e = known_sigma(t, xy, 0.25, 0.1)
+    assert e.D_um2_s == pytest.approx(1.5 / 1.6)
+    assert e.sigma_loc_um == pytest.approx(0.5)
+    assert np.isnan(known_sigma(t[:2], xy[:2], 0.25).D_um2_s)  # one displacement: no estimate
+
+
+def test_the_pooled_variance_is_the_median_of_the_long_tracks_and_a_wrong_link_does_not_move_it(tracks):
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    est = [cve(t[i], xy[i], R) for i in range(400)]
+    s2 = pooled_sigma2(est)
+    assert s2 == max(np.median([e.sigma2_loc_um2 for e in est]), 0.0)
+    assert abs(s2 - SIGMA**2) < 0.25 * SIGMA**2, s2
+    # A track with a 5 um jump (two particles joined) has a huge s^2 of its own; the pool shrugs.
+    bad = xy[400].copy()
+    bad[20:] += 5.0
+    joined = cve(t[400], bad, R)
+    assert joined.sigma2_loc_um2 > 20 * SIGMA**2
+    assert abs(pooled_sigma2(est + [joined]) - s2) < 0.05 * SIGMA**2
+    # Short tracks count only when no track is long; no estimate at all gives NaN.
+    short = [cve(t[i, :5], xy[i, :5], R) for i in range(3)]
+    assert pooled_sigma2(est + short) == pooled_sigma2(est)
+    assert pooled_sigma2(short) == max(np.median([e.sigma2_loc_um2 for e in short]), 0.0)
+    assert np.isnan(pooled_sigma2([]))
+    # A negative median (s^2 small against D dt / sqrt(N)) is read as the physical bound, 0.
+    walks = np.cumsum(np.random.default_rng(3).normal(0, 1, (200, 40, 2)), axis=1)  # instantaneous, exact positions
+    exact = [cve(np.arange(40.0), w) for w in walks]
+    assert abs(np.median([e.sigma2_loc_um2 for e in exact])) < 0.1  # about 0, of either sign
+    below = [e for e in exact if e.sigma2_loc_um2 < 0]
+    assert pooled_sigma2(below) == 0.0
+
+
+def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(tracks):
+    import pandas as pd
+
+    from models.tracking.tracks import diffusion_table
+
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    px = 0.1  # um per px: the table holds px
+
+    def table(ids):
+        return pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
+                             "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px})
+
+    k = next(i for i in range(100) if cve(t[i], xy[i], R).sigma2_loc_um2 > 0)  # a track whose s^2 is not clipped
+    one = table([k])
+    assert diffusion_table(one, px, R, estimator="pooled")["D_um2_s"].iloc[0] == pytest.approx(
+        diffusion_table(one, px, R, estimator="cve")["D_um2_s"].iloc[0], rel=1e-9)
+    many = table(np.arange(600))
+    pooled = diffusion_table(many, px, R, estimator="pooled")["D_um2_s"].to_numpy()
+    alone = diffusion_table(many, px, R, estimator="cve")["D_um2_s"].to_numpy()
+    assert abs(pooled.mean() - D_TRUE) < 3 * pooled.std() / np.sqrt(len(pooled))
+    assert np.sqrt(np.mean((pooled - D_TRUE) ** 2)) < 0.7 * np.sqrt(np.mean((alone - D_TRUE) ** 2))
+    # With a movie column each movie pools its own tracks: two movies of one track each are two CVEs.
+    pair = [i for i in range(100) if cve(t[i], xy[i], R).sigma2_loc_um2 > 0][:2]
+    two = table(pair).assign(movie=lambda d: (d["track"] == pair[1]).astype(int), track=0)
+    assert np.allclose(diffusion_table(two, px, R, estimator="pooled")["D_um2_s"],
+                       diffusion_table(two, px, R, estimator="cve")["D_um2_s"], rtol=1e-9)

@@ -58,16 +58,18 @@ def test_within_a_factor_and_the_summary_by_hand():
 
 
 def test_the_true_positions_as_tracks_score_at_the_floor():
-    """Tracks that are the truth itself give every scored particle the floor's D."""
+    """Tracks that are the truth itself give every scored particle the floors' D: the
+    CVE's, track by track, and the pooled estimator's, over the movie's tracks at once."""
     from models.tracking.tracks import diffusion_table
 
     tr = _truth(40, 4, seed=3)
     tracks = pd.concat([pd.DataFrame({"frame": np.arange(40), "t_s": tr.centroid_t_s[:, p], "x": tr.centroids[:, p, 0],
                                       "y": tr.centroids[:, p, 1], "track": 10 + p}) for p in range(4)])
-    d = diffusion_table(tracks, 0.1, 0.0)
-    s = score_particles(tracks, d, tr, 0.1, 0.0)
-    assert s["matched"].all() and len(s) == 4
-    np.testing.assert_array_equal(s["D_um2_s"].to_numpy(), s["floor_D_um2_s"].to_numpy())
+    for estimator, floor in (("cve", "floor_D_um2_s"), ("pooled", "floor_pooled_D_um2_s")):
+        s = score_particles(tracks, diffusion_table(tracks, 0.1, 0.0, estimator=estimator), tr, 0.1, 0.0)
+        assert s["matched"].all() and len(s) == 4
+        np.testing.assert_allclose(s["D_um2_s"].to_numpy(), s[floor].to_numpy(), rtol=1e-12)
+    assert not np.allclose(s["floor_D_um2_s"], s["floor_pooled_D_um2_s"])  # two estimators, two floors
 
 
 def test_the_floor_of_a_blinking_particle_leaves_out_the_frames_it_spent_off():

@@ -140,3 +140,32 @@ def test_stitch_joins_a_fast_particles_fragments_by_its_own_d_and_leaves_a_slow_
     singles = pd.DataFrame({"frame": [0, 2, 4], "t_s": [0, 2 * dt, 4 * dt], "x": fast[[0, 2, 4], 0],
                             "y": fast[[0, 2, 4], 1], "track": [0, 1, 2]})
     assert stitch(singles, px, dt, d_prior_um2_s=0.0001, localisation_px=0.5)["track"].nunique() == 3
+
+
+def test_a_track_is_cut_where_one_step_is_improbable_for_its_own_mobility():
+    """A slow particle (D 0.01 um^2/s: 0.9 px per axis per 0.4 s frame at 0.1 um px)
+    whose track jumps once to a neighbour 15 px away (17 sd of its step) is cut there;
+    a gap of three frames with its longer step is not a jump; a fast particle's track
+    (6.3 px per axis per frame) is left whole, and so is a track too short to judge."""
+    from models.tracking.tracks import SPLIT_P, split_improbable_steps
+
+    rng = np.random.default_rng(5)
+    px, dt = 0.1, 0.4
+    slow = _walk(rng, 30, 0.01, dt, px, (50.0, 50.0))
+    slow[15:] += (15.0, 0.0)  # from frame 15 on it is the neighbour
+    frames = np.r_[0:10, 13:33]  # frames 10-12 lost: a step over 4 frame periods
+    fast = _walk(rng, 30, 0.5, dt, px, (150.0, 150.0))
+    short = _walk(rng, 4, 0.01, dt, px, (20.0, 20.0)) + np.r_[0, 0, 15, 15][:, None]
+    rows = [pd.DataFrame({"frame": frames, "t_s": frames * dt, "x": slow[:, 0], "y": slow[:, 1], "track": 7}),
+            pd.DataFrame({"frame": np.arange(30), "t_s": np.arange(30) * dt, "x": fast[:, 0], "y": fast[:, 1],
+                          "track": 3}),
+            pd.DataFrame({"frame": np.arange(4), "t_s": np.arange(4) * dt, "x": short[:, 0], "y": short[:, 1],
+                          "track": 9})]
+    out = split_improbable_steps(pd.concat(rows, ignore_index=True))
+    pieces = out.groupby("track")["frame"].apply(lambda f: (int(f.min()), int(f.max()), len(f))).tolist()
+    # Renumbered 0.. in the order of the old ids: fast (3), slow (7) in two, short (9).
+    assert pieces == [(0, 29, 30), (0, 17, 15), (18, 32, 15), (0, 3, 4)], pieces
+    # Without the jump nothing is cut: the gap's step is within its own (4x longer) reach.
+    rows[0][["x", "y"]] = _walk(np.random.default_rng(6), 30, 0.01, dt, px, (50.0, 50.0))
+    assert split_improbable_steps(pd.concat(rows, ignore_index=True))["track"].nunique() == 3
+    assert 0 < SPLIT_P < 0.01

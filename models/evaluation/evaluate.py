@@ -479,7 +479,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         correct += counts["correct_links"]
         ests.append(est)
         tt = truth_tracks(truth_all[a:b], t_truth[a:b])
-        fl = diffusion_table(tt, px, r)
+        fl = diffusion_table(tt, px, r, estimator="cve")  # the floor: the CVE on the true positions
         fl["true_D_um2_s"] = np.asarray([diffusion[a, tt[tt.track == k]["slot"].iloc[0]] for k in fl["track"]],
                                         np.float64)
         floors.append(fl)

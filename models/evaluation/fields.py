@@ -9,10 +9,13 @@ publishes is a D per particle.  So every particle in view for at least
 them) is scored: it has a matched track when at least ``MATCH_SHARE`` of a track's
 points lie within ``MATCH_PX`` of its centroid or of where the laser saw it (exposure
 position) in the same frame; its D is that of its longest matched track with a D; that D
-is right when within a factor ``D_FACTOR`` of the truth.  The floor is the estimator on
-the particle's true centroids over the same run of frames, less the frames a blinking
+is right when within a factor ``D_FACTOR`` of the truth.  The floor is the CVE on the
+particle's true centroids over the same run of frames, less the frames a blinking
 particle spent off (on for less than ``ON_SHARE`` of the frame): what a perfect
-localiser and linker would give from what the microscope shows.
+localiser and linker would give from what the microscope shows, with the CVE.  The
+pooled estimator that tracks get (``models.tracking.diffusion``) does better than the
+CVE on a field; its own floor, on all the true centroids of the movie at once, is
+reported beside (``floor_pooled_D_um2_s``).
 """
 
 from __future__ import annotations
@@ -196,12 +199,13 @@ def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATC
 
 def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTruth, pixel_size_um: float,
                     floor_r: float, d_column: str = "D_um2_s") -> pd.DataFrame:
-    """One row per scored particle: its true D, its matched tracks' D and the floor.
+    """One row per scored particle: its true D, its matched tracks' D and the floors.
 
     Whether a track follows it, the D of its longest matched track with a D
-    (``d_table``: ``track`` and ``d_column``), and the floor (the CVE on its true
-    centroids over its run in view, the frames a blinking particle spent off left out
-    (``visible_frames``), blur coefficient ``floor_r``).
+    (``d_table``: ``track`` and ``d_column``), and two floors on its true centroids over
+    its run in view, the frames a blinking particle spent off left out
+    (``visible_frames``), blur coefficient ``floor_r``: the CVE, and the pooled estimator
+    (``models.tracking.tracks.diffusion_table``).
 
     Parameters
     ----------
@@ -223,27 +227,31 @@ def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTru
     -------
     pandas.DataFrame
         ``particle`` (slot), ``frames_in_view``, ``true_D_um2_s``, ``matched`` (a track
-        follows it), ``D_um2_s`` (NaN: no matched track with a D) and ``floor_D_um2_s``,
-        D in um^2/s.
+        follows it), ``D_um2_s`` (NaN: no matched track with a D), ``floor_D_um2_s`` (the
+        CVE on each particle's true centroids alone) and ``floor_pooled_D_um2_s`` (the
+        pooled estimator on all of them at once: its localisation variance, about 0, from
+        every particle), D in um^2/s.
     """
     runs = scored_runs(truth)
     owner = match_tracks(tracks, truth)
     d_of = dict(zip(d_table["track"].to_numpy(), d_table[d_column].to_numpy())) if len(d_table) else {}
     length = tracks.groupby("track").size().to_dict() if len(tracks) else {}
-    rows = []
+    rows, true_pos = [], []
     for p, (a, b) in runs.items():
         mine = [t for t, q in owner.items() if q == p]
         with_d = [t for t in mine if t in d_of and np.isfinite(d_of[t])]
         est = d_of[max(with_d, key=lambda t: length[t])] if with_d else np.nan
         f = visible_frames(truth, p, a, b)
-        true_pos = pd.DataFrame({"track": 0, "frame": f, "t_s": truth.centroid_t_s[f, p],
-                                 "x": truth.centroids[f, p, 0], "y": truth.centroids[f, p, 1]})
-        fl = diffusion_table(true_pos, pixel_size_um, floor_r)
+        true_pos.append(pd.DataFrame({"track": p, "frame": f, "t_s": truth.centroid_t_s[f, p],
+                                      "x": truth.centroids[f, p, 0], "y": truth.centroids[f, p, 1]}))
         rows.append({"particle": p, "frames_in_view": b - a, "true_D_um2_s": float(truth.diffusion[p]),
-                     "matched": bool(mine), "D_um2_s": float(est),
-                     "floor_D_um2_s": float(fl["D_um2_s"].iloc[0]) if len(fl) else np.nan})
-    return pd.DataFrame(rows, columns=["particle", "frames_in_view", "true_D_um2_s", "matched", "D_um2_s",
-                                       "floor_D_um2_s"])
+                     "matched": bool(mine), "D_um2_s": float(est)})
+    out = pd.DataFrame(rows, columns=["particle", "frames_in_view", "true_D_um2_s", "matched", "D_um2_s"])
+    true_pos = pd.concat(true_pos, ignore_index=True) if true_pos else pd.DataFrame(columns=["track", "frame", "t_s", "x", "y"])
+    for column, estimator in (("floor_D_um2_s", "cve"), ("floor_pooled_D_um2_s", "pooled")):
+        fl = diffusion_table(true_pos, pixel_size_um, floor_r, estimator=estimator)
+        out[column] = out["particle"].map(dict(zip(fl["track"], fl["D_um2_s"]))).astype(np.float64)
+    return out
 
 
 def within(est: np.ndarray, true: np.ndarray, factor: float = D_FACTOR) -> np.ndarray:
@@ -282,14 +290,16 @@ def summarise(per_particle: pd.DataFrame) -> dict:
     Returns
     -------
     dict
-        ``particles`` (count), ``matched``, ``d_within``, ``floor_d_within`` (shares) and
+        ``particles`` (count), ``matched``, ``d_within``, ``floor_d_within``,
+        ``floor_pooled_d_within`` (shares) and
         ``median_abs_log10`` (over the positive estimates; None without one); all but
         ``particles`` None when no particle was scored.
     """
     t = per_particle
     n = len(t)
     if n == 0:
-        return {"particles": 0, "matched": None, "d_within": None, "floor_d_within": None, "median_abs_log10": None}
+        return {"particles": 0, "matched": None, "d_within": None, "floor_d_within": None,
+                "floor_pooled_d_within": None, "median_abs_log10": None}
     est, true = t["D_um2_s"].to_numpy(np.float64), t["true_D_um2_s"].to_numpy(np.float64)  # object when a part was empty
     with np.errstate(invalid="ignore"):
         ok = est > 0
@@ -297,6 +307,8 @@ def summarise(per_particle: pd.DataFrame) -> dict:
     return {"particles": n, "matched": float(t["matched"].astype(bool).mean()),
             "d_within": float(within(est, true).mean()),
             "floor_d_within": float(within(t["floor_D_um2_s"].to_numpy(np.float64), true).mean()),
+            "floor_pooled_d_within": float(within(t["floor_pooled_D_um2_s"].to_numpy(np.float64), true).mean())
+            if "floor_pooled_D_um2_s" in t else None,
             "median_abs_log10": float(np.median(err)) if len(err) else None}
 
 

@@ -20,6 +20,21 @@ is D^2 [(6 + 4 e + 2 e^2) / N + 4 (1 + e)^2 / N^2] with e = s^2 / (D dt) - 2 R a
 displacements (Vestergaard et al. 2014, Eq. 17); x and y are independent, so the
 two-axis estimate has half that variance.
 
+When the localisation variance s^2 is known, the first of those equations alone gives D
+(``known_sigma``):
+
+    D = (<dx^2> - 2 s^2) / (2 dt (1 - 2 R))
+
+and its variance per axis is D's share of Var(<dx^2>) = (2 a^2 N + 4 b^2 (N - 1)) / N^2
+with a = <dx^2> and b = s^2 - 2 R D dt (Gaussian steps whose neighbours covary by -b).
+With s^2 small against D dt that is about 2 D^2 / N against the CVE's 6 D^2 / N: the
+CVE spends two thirds of its precision on estimating s^2 from the track itself.  In a
+recording of many particles, s^2 is one number for all of them (the same microscope,
+PSF and photon counts within a spread), so ``pooled`` takes it from all tracks at once:
+the median of the tracks' own CVE estimates of s^2 (at least 0), then each track's D
+from its own steps.  On a recording of one track the pooled estimate is that track's
+CVE exactly (when its s^2 estimate is not negative).
+
 The MSD fit (``msd_fit``) is the alternative: a straight line through the first p
 points of the MSD curve, p chosen as Michalet (2010) advises for the slope,
 p = 2 + 2.3 x^0.52 with the reduced localisation error x = s^2 / (D dt), iterated from
@@ -129,6 +144,66 @@ def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionE
     half = z * math.sqrt(var)
     # D >= 0: the interval's lower end stops at 0 (the estimate itself is left unbiased).
     return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
+
+
+def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionEstimate:
+    """D (um^2/s) of one track whose localisation variance is known.
+
+    Parameters
+    ----------
+    t_s : array_like
+        Time of each position (n,), s; sorted here.
+    xy_um : array_like
+        Positions (n, d), um; the d axes are treated as independent and pooled.
+    sigma2_loc_um2 : float
+        Localisation variance per axis (um^2), e.g. pooled over a recording's tracks
+        (``pooled_sigma2``).
+    blur_r : float
+        Motion-blur coefficient R of the positions; here it enters D (``cve``'s
+        estimate does not depend on it).
+    confidence : float
+        Coverage of the interval ``D_low_um2_s .. D_high_um2_s``; the uncertainty of
+        ``sigma2_loc_um2`` itself is not in it.
+
+    Returns
+    -------
+    DiffusionEstimate
+        ``method`` ``"known_sigma"``; NaN estimates below 2 displacements.
+    """
+    dt, dx = _steps(t_s, xy_um)
+    n = len(dt)
+    s2 = float(sigma2_loc_um2)
+    if n < 2:
+        nan = float("nan")
+        return DiffusionEstimate(nan, nan, nan, nan, n, "known_sigma", s2)
+    mean_dt = float(dt.mean())
+    scale = 2.0 * mean_dt * (1.0 - 2.0 * blur_r)
+    D = float((dx**2).mean() - 2.0 * s2) / scale
+    d_plug = max(D, 0.0)
+    a = d_plug * scale + 2.0 * s2  # <dx^2> per axis
+    b = s2 - 2.0 * blur_r * d_plug * mean_dt  # minus the covariance of neighbouring steps
+    var = (2.0 * a**2 * n + 4.0 * b**2 * (n - 1)) / n**2 / scale**2 / dx.shape[1]
+    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
+    return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n,
+                             "known_sigma", s2)
+
+
+def pooled_sigma2(estimates: list[DiffusionEstimate], min_displacements: int = 9) -> float:
+    """One localisation variance (um^2) for a recording: the median of its tracks' CVE estimates.
+
+    Tracks of at least ``min_displacements`` displacements count (all tracks with an
+    estimate when none is that long); the median keeps a few wrongly linked tracks
+    (whose jumps inflate their s^2) from moving it.  A negative median (the estimates
+    scatter by about D dt / sqrt(N) around a small s^2) is read as 0, the physical
+    bound; otherwise one track gives its own CVE back.  NaN when no track has an
+    estimate.
+    """
+    s2 = np.array([e.sigma2_loc_um2 for e in estimates], np.float64)
+    n = np.array([e.n_displacements for e in estimates])
+    ok = np.isfinite(s2)
+    long_ = ok & (n >= min_displacements)
+    use = s2[long_] if long_.any() else s2[ok]
+    return max(float(np.median(use)), 0.0) if len(use) else float("nan")
 
 
 def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:

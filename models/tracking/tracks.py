@@ -1,11 +1,14 @@
 """From localisations to tracks and diffusion coefficients, and how good they are.
 
 Linking is ``trackpy.link`` (Crocker-Grier with subnetwork resolution and ``memory``
-frames of gap closing).  Its search range follows from the largest D expected and the
-frame period: a particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of
-those (a 2D displacement beyond it has probability exp(-8) = 3e-4) plus twice the
-localisation error.  D per track is the CVE (``models.tracking.diffusion``) on the track's own
-time stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
+frames of gap closing).  Its search range follows from a D and the frame period: a
+particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of those (a 2D
+displacement beyond it has probability exp(-8) = 3e-4) plus twice the localisation
+error, for the geometric middle of the D range expected (``link_diffusion``).  Tracks
+are then cut at steps their own mobility makes improbable (``split_improbable_steps``).
+D per track is the pooled estimator (``models.tracking.diffusion``: one localisation
+error for the recording, each track's D from its own steps) on the track's own time
+stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
 their D out.
 """
 
@@ -27,7 +30,8 @@ from factory.errors import FactoryError
 from factory.stores import Store, is_store_path
 
 from models.detectors.base import Detector
-from models.tracking.diffusion import blur_coefficient_gaussian, blur_coefficient_uniform, cve, msd_fit
+from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
+                                       pooled_sigma2)
 from models.recordings.predict import load_detector, localise, timing_of, training_datasets
 from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
@@ -36,7 +40,7 @@ from models.detectors.trackpy import import_trackpy
 log = logging.getLogger(__name__)
 
 MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
-ESTIMATORS = ("cve", "msd")
+ESTIMATORS = ("pooled", "cve", "msd")  # the first is the default (models.tracking.diffusion)
 
 
 def max_diffusion(dataset: DatasetSpec) -> float:
@@ -63,6 +67,17 @@ def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_siz
     ``pixel_size_um`` (um), plus twice ``localisation_px``.
     """
     return 4.0 * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
+
+
+def link_diffusion(min_diffusion_um2_s: float, max_diffusion_um2_s: float) -> float:
+    """The D (um^2/s) one linking radius is set for: the geometric middle of the range.
+
+    A radius for the largest D joins neighbours in a crowded field; one for the middle
+    breaks the fastest particles' tracks now and then, which costs less (measured on
+    ``field_val``, README "Tracking fields"); ``split_improbable_steps`` then cuts what a
+    radius let through that a track's own mobility does not.
+    """
+    return math.sqrt(min_diffusion_um2_s * max_diffusion_um2_s)
 
 
 def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
@@ -92,6 +107,43 @@ def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | No
 
 
 # --- a second pass for fields of mixed mobility ------------------------------------------
+
+SPLIT_P = 1e-3  # a step this improbable under its own track's mobility is taken for a wrong link
+
+
+def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: int = MIN_TRACK_POINTS - 1) -> pd.DataFrame:
+    """Cut every track where one step is too long for the track's own mobility.
+
+    In a field of mixed mobility a linking radius that lets the fast particles through
+    also lets a slow particle's track jump once to a neighbour or a false detection,
+    and one such jump dominates its D.  The track's own scale is robust to a few
+    jumps: a 2D Brownian step of per-axis variance v dt has r^2 / dt exponential with
+    median 2 ln 2 v, so v is the median of r^2 / dt over 2 ln 2; a step with
+    r^2 > 2 ln(1 / ``p``) v dt (probability ``p`` under that law) is cut, and the pieces
+    become tracks of their own.  Tracks of fewer than ``min_steps`` steps are left
+    whole.  ``tracks`` needs ``track``, ``frame``, ``t_s``, ``x``, ``y``; returns it sorted
+    by track and frame with ``track`` renumbered 0.. (ids stay unique over the table,
+    groups such as ``movie`` included).
+    """
+    if len(tracks) == 0:
+        return tracks
+    tracks = tracks.sort_values(["track", "frame"], kind="stable").reset_index(drop=True)
+    ids = tracks["track"].to_numpy()
+    xy = tracks[["x", "y"]].to_numpy(np.float64)
+    t = tracks["t_s"].to_numpy(np.float64)
+    new = np.r_[True, ids[1:] != ids[:-1]]
+    starts = np.flatnonzero(new)
+    cut = np.zeros(len(ids), bool)
+    limit = 2.0 * math.log(1.0 / p)
+    for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+        if b - a - 1 < min_steps:
+            continue
+        r2 = ((xy[a + 1:b] - xy[a:b - 1]) ** 2).sum(1)
+        dt = np.maximum(np.diff(t[a:b]), 1e-12)
+        v = np.median(r2 / dt) / (2.0 * math.log(2.0))
+        cut[a + 1:b] = r2 > limit * v * dt
+    return tracks.assign(track=np.cumsum(new | cut) - 1)
+
 
 LINKERS = ("trackpy", "stitch")
 STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
@@ -189,12 +241,14 @@ def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: f
 
 
 def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
-                    min_points: int = MIN_TRACK_POINTS, estimator: str = "cve") -> pd.DataFrame:
+                    min_points: int = MIN_TRACK_POINTS, estimator: str = "pooled") -> pd.DataFrame:
     """One row per track with at least ``min_points`` positions: its D estimate.
 
     ``tracks`` needs ``track``, ``t_s`` (s), ``x`` and ``y`` (px of ``pixel_size_um``);
     with a ``movie`` column, tracks are keyed by movie and track.  ``estimator`` is
-    ``"cve"`` (with blur coefficient ``r``) or ``"msd"``.  Columns: (``movie``,)
+    ``"pooled"`` (one localisation error for each movie's tracks, or the whole table's,
+    then every track's D from its own steps; ``known_sigma``), ``"cve"`` (each track
+    on its own) or ``"msd"``; ``r`` is the blur coefficient.  Columns: (``movie``,)
     ``track, n_frames, D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um``.
     """
     rows = []
@@ -210,11 +264,18 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     for k in ids:
         new[1:] |= k[1:] != k[:-1]
     starts = np.flatnonzero(new)
-    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
-        if b - a < min_points:
-            continue
-        t, xy = t_all[a:b], xy_all[a:b]
-        e = cve(t, xy, r) if estimator == "cve" else msd_fit(t, xy)
+    spans = [(a, b) for a, b in zip(starts, np.r_[starts[1:], len(order)]) if b - a >= min_points]
+    if estimator == "msd":
+        found = [msd_fit(t_all[a:b], xy_all[a:b]) for a, b in spans]
+    else:
+        found = [cve(t_all[a:b], xy_all[a:b], r) for a, b in spans]
+    if estimator == "pooled" and found:
+        # One localisation variance per movie (or for the whole recording), then each
+        # track's D from its own steps with it (models.tracking.diffusion, known_sigma).
+        pool = ids[0][[a for a, _ in spans]] if "movie" in keys else np.zeros(len(spans))
+        s2_of = {g: pooled_sigma2([e for e, q in zip(found, pool) if q == g]) for g in np.unique(pool)}
+        found = [known_sigma(t_all[a:b], xy_all[a:b], s2_of[g], r) for (a, b), g in zip(spans, pool)]
+    for (a, b), e in zip(spans, found):
         row = {k: v[a] for k, v in zip(keys, ids)}
         row.update({"n_frames": int(b - a), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
                     "D_high_um2_s": e.D_high_um2_s, "sigma_loc_um": e.sigma_loc_um})
@@ -318,8 +379,8 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float | None = None, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
-                    estimator: str = "cve", linker: str = "trackpy",
-                    min_diffusion_um2_s: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                    estimator: str = ESTIMATORS[0], linker: str = "trackpy",
+                    min_diffusion_um2_s: float | None = None, split: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
     The in-memory core of ``track_file``.
@@ -337,8 +398,10 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     pixel_size_um : float
         Pixel size (um).
     max_diffusion_um2_s : float
-        The largest D expected (um^2/s): sets the linking radius (``search_range_px``),
-        or with ``linker="stitch"`` the D of fragments too short for their own.
+        The largest D expected (um^2/s): with ``min_diffusion_um2_s`` the D range whose
+        geometric middle sets the linking radius (``link_diffusion``,
+        ``search_range_px``), or with ``linker="stitch"`` the D of fragments too short
+        for their own.
     search_range : float, optional
         The linking radius (px), instead of one derived from D and the frame period.
     memory : int
@@ -353,13 +416,18 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
         movies, linked separately (a ``movie`` column is added).
     progress : bool
         A progress bar (stderr) counting frames.
-    estimator : {"cve", "msd"}
-        D per track: covariance-based or an MSD fit.
+    estimator : {"pooled", "cve", "msd"}
+        D per track (``diffusion_table``): with the localisation error pooled over the
+        recording's tracks, covariance-based per track, or an MSD fit.
     linker : {"trackpy", "stitch"}
-        One radius, for the largest D; or a radius for ``min_diffusion_um2_s``, then
-        fragments joined by their own D up to ``max_diffusion_um2_s`` (``stitch``).
+        One radius, for the geometric middle of the D range; or a radius for
+        ``min_diffusion_um2_s``, then fragments joined by their own D up to
+        ``max_diffusion_um2_s`` (``stitch``).
     min_diffusion_um2_s : float, optional
-        ``linker="stitch"``: the smallest D expected (um^2/s; default: the largest).
+        The smallest D expected (um^2/s; default: the largest).
+    split : bool
+        Cut the tracks at steps improbable under their own mobility
+        (``split_improbable_steps``).
 
     Returns
     -------
@@ -368,8 +436,9 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     diffusion : pandas.DataFrame
         D per track (``diffusion_table``).
     used : dict
-        The settings used: linker, radius (px), memory, blur coefficient, frame period
-        (s), time stamps, estimator.
+        The settings used: linker, radius (px) and the D it was set for, memory, the
+        split's probability (None: no split), blur coefficient, frame period (s), time
+        stamps, estimator.
 
     Raises
     ------
@@ -384,7 +453,8 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     period = timing.frame_period_s(h, w)
     if linker not in LINKERS:
         raise ValueError(f"linker {linker!r}: one of {LINKERS}")
-    first_d = max_diffusion_um2_s if linker == "trackpy" else (min_diffusion_um2_s or max_diffusion_um2_s)
+    d_min = min(min_diffusion_um2_s or max_diffusion_um2_s, max_diffusion_um2_s)
+    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "trackpy" else d_min
     search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
     group = None
     if movie_frames:
@@ -396,9 +466,12 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     tracks = link(table, search, memory, group)
     if linker == "stitch":
         tracks = stitch(tracks, pixel_size_um, period, max_diffusion_um2_s, r, group=group)
+    if split:
+        tracks = split_improbable_steps(tracks)
     tracks["x_um"] = tracks["x"] * pixel_size_um
     tracks["y_um"] = tracks["y"] * pixel_size_um
-    used = {"linker": linker, "search_range_px": search, "memory": memory, "blur_r": r, "frame_period_s": period,
+    used = {"linker": linker, "search_range_px": search, "link_diffusion_um2_s": None if search_range is not None else first_d,
+            "memory": memory, "split_p": SPLIT_P if split else None, "blur_r": r, "frame_period_s": period,
             "time_stamps": stamps, "estimator": estimator}
     if linker == "stitch":
         used.update(stitch_gap_frames=STITCH_GAP_FRAMES, stitch_max_diffusion_um2_s=max_diffusion_um2_s)
@@ -483,7 +556,8 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
                line_retrace_ms: float | None = None, frame_flyback_ms: float | None = None,
                bidirectional: bool | None = None, max_diffusion_um2_s: float | None = None,
                min_diffusion_um2_s: float | None = None, search_range_um: float | None = None, memory: int = 1,
-               linker: str = "trackpy", estimator: str = "cve", device: str = "cpu", progress: bool = True,
+               linker: str = "trackpy", estimator: str = ESTIMATORS[0], split: bool = True, device: str = "cpu",
+               progress: bool = True,
                report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> TrackResult:
     """Localise, link and estimate D per track in a movie (`factory track`).
 
@@ -511,21 +585,23 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     bidirectional : bool, optional
         Scan direction.  Scan timing: these values where given, else the store's, else
         the model's training data, else the seed paper's.
-    max_diffusion_um2_s : float, optional
-        The largest D expected: sets the linking radius, 4 sqrt(2 D dt) + 2 px (default:
-        the store's or the training data's largest D, else the schema's).
-    min_diffusion_um2_s : float, optional
-        ``linker="stitch"``: the smallest D expected, the first radius (default: the
-        training data's smallest D).
+    max_diffusion_um2_s, min_diffusion_um2_s : float, optional
+        The D range expected (default: the store's or the training data's, else the
+        schema's): the linking radius, 4 sqrt(2 D dt) + 2 px, is for its geometric
+        middle (``link_diffusion``); ``linker="stitch"`` links with a radius for the
+        smallest D first.
     search_range_um : float, optional
         The linking radius, instead of one derived from D and the frame period.
     memory : int
         Frames a particle may vanish and still be linked.
     linker : {"trackpy", "stitch"}
-        One radius for the largest D, or a radius for the smallest D and then fragments
-        joined by their own D (fields of mixed mobility).
-    estimator : {"cve", "msd"}
-        D per track: covariance-based (Vestergaard 2014) or an MSD fit.
+        One radius for the middle of the D range, or a radius for the smallest D and
+        then fragments joined by their own D.
+    estimator : {"pooled", "cve", "msd"}
+        D per track: with the localisation error pooled over the recording's tracks
+        (the default), covariance-based per track (Vestergaard 2014), or an MSD fit.
+    split : bool
+        Cut tracks at steps improbable under their own mobility (``split_improbable_steps``).
     device : str
         ``"cpu"`` or ``"cuda"``.
     progress : bool
@@ -584,17 +660,17 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         d_max = max_diffusion_um2_s or max(max_diffusion(d) for d in specs)
         d_min = min(min_diffusion_um2_s or min(min_diffusion(d) for d in specs), d_max)
         sigma_xy = specs[0].psf.sigma_xy_um
-        span = f"from {d_min:g} " if linker == "stitch" else ""
-        say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D {span}up to "
+        say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D from {d_min:g} up to "
             f"{d_max:g} um^2/s")
         tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                              search_range_um / px if search_range_um else None, memory, sigma_xy,
                                              frame_start, movie_frames, progress=progress, estimator=estimator,
-                                             linker=linker, min_diffusion_um2_s=d_min)
+                                             linker=linker, min_diffusion_um2_s=d_min, split=split)
         cols = ["movie"] if "movie" in tracks else []
         cols += ["frame", "t_s", "x", "y", "score"] + (["sigma"] if "sigma" in tracks else []) + ["track", "x_um", "y_um"]
         result = TrackResult(tracks[cols], diff, {**used, "timing": timing.describe(), "pixel_size_um": px,
-                                                  "max_diffusion_um2_s": d_max, "model": str(model),
+                                                  "min_diffusion_um2_s": d_min, "max_diffusion_um2_s": d_max,
+                                                  "model": str(model),
                                                   "target": det.target})
         if out is not None:
             out = Path(out)
