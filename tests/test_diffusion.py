@@ -173,8 +173,12 @@ def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(track
     alone = diffusion_table(many, px, R, estimator="cve")["D_um2_s"].to_numpy()
     assert abs(pooled.mean() - D_TRUE) < 3 * pooled.std() / np.sqrt(len(pooled))
     assert np.sqrt(np.mean((pooled - D_TRUE) ** 2)) < 0.7 * np.sqrt(np.mean((alone - D_TRUE) ** 2))
-    # With a movie column each movie pools its own tracks: two movies of one track each are two CVEs.
-    pair = [i for i in range(100) if cve(t[i], xy[i], R).sigma2_loc_um2 > 0][:2]
-    two = table(pair).assign(movie=lambda d: (d["track"] == pair[1]).astype(int), track=0)
-    assert np.allclose(diffusion_table(two, px, R, estimator="pooled")["D_um2_s"],
-                       diffusion_table(two, px, R, estimator="cve")["D_um2_s"], rtol=1e-9)
+    # A store's movies share one pool (keyed by movie and track); a given variance replaces the pool.
+    two = table([3, 4]).assign(movie=lambda d: d["track"] - 3, track=0)
+    s2 = pooled_sigma2([cve(t[i], xy[i], R) for i in (3, 4)])
+    for given, expect in ((None, s2), (0.0004, 0.0004)):
+        got = diffusion_table(two, px, R, estimator="pooled", sigma2_loc_um2=given)
+        assert got["movie"].tolist() == [0, 1]
+        np.testing.assert_allclose(got["D_um2_s"], [known_sigma(t[i], xy[i], expect, R).D_um2_s for i in (3, 4)],
+                                   rtol=1e-9)
+        np.testing.assert_allclose(got["sigma_loc_um"], np.sqrt(expect), rtol=1e-9)

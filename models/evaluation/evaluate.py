@@ -466,11 +466,16 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     rows = {k: store.read(k) for k in ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s")
             + (("on_fraction",) if "on_fraction" in store else ())}
     r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
-    for m in range(len(store) // F):
+    movies = range(len(store) // F)
+    linked_of = [link(table[table["movie"] == m].assign(frame=lambda d: d["frame"] - m * F), search) for m in movies]
+    # One localisation variance for the store (its movies share a microscope), as
+    # `factory track` pools it over a store's movies: what the pooled estimator reports.
+    pooled = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r)["sigma_loc_um"]
+    s2 = float(pooled.iloc[0]) ** 2 if len(pooled) and np.isfinite(pooled.iloc[0]) else None
+    for m in movies:
         a, b = m * F, (m + 1) * F
-        sel = table[table["movie"] == m].assign(frame=lambda d: d["frame"] - a)
-        linked = link(sel, search)
-        counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r)
+        linked = linked_of[m]
+        counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r, s2)
         particles.append(score_particles(linked, est, MovieTruth.of_rows(rows, a, b, t_centroid), px, r_centroid)
                          .assign(movie=m))
         linked_all.append(linked.assign(track=linked["track"] + 1_000_000 * m))

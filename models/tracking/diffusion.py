@@ -184,7 +184,7 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
     b = s2 - 2.0 * blur_r * d_plug * mean_dt  # minus the covariance of neighbouring steps
     var = (2.0 * a**2 * n + 4.0 * b**2 * (n - 1)) / n**2 / scale**2 / dx.shape[1]
     half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
-    return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n,
+    return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 >= 0 else float("nan"), n,
                              "known_sigma", s2)
 
 

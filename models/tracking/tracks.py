@@ -241,14 +241,16 @@ def blur_r(stamps: str, frame_period_s: float, line_period_s: float, active_s: f
 
 
 def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
-                    min_points: int = MIN_TRACK_POINTS, estimator: str = "pooled") -> pd.DataFrame:
+                    min_points: int = MIN_TRACK_POINTS, estimator: str = "pooled",
+                    sigma2_loc_um2: float | None = None) -> pd.DataFrame:
     """One row per track with at least ``min_points`` positions: its D estimate.
 
     ``tracks`` needs ``track``, ``t_s`` (s), ``x`` and ``y`` (px of ``pixel_size_um``);
     with a ``movie`` column, tracks are keyed by movie and track.  ``estimator`` is
-    ``"pooled"`` (one localisation error for each movie's tracks, or the whole table's,
-    then every track's D from its own steps; ``known_sigma``), ``"cve"`` (each track
-    on its own) or ``"msd"``; ``r`` is the blur coefficient.  Columns: (``movie``,)
+    ``"pooled"`` (one localisation error for all the table's tracks, movies included,
+    or ``sigma2_loc_um2`` (um^2) where given, then every track's D from its own steps;
+    ``known_sigma``), ``"cve"`` (each track on its own) or ``"msd"``; ``r`` is the blur
+    coefficient.  Columns: (``movie``,)
     ``track, n_frames, D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um``.
     """
     rows = []
@@ -270,11 +272,11 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     else:
         found = [cve(t_all[a:b], xy_all[a:b], r) for a, b in spans]
     if estimator == "pooled" and found:
-        # One localisation variance per movie (or for the whole recording), then each
-        # track's D from its own steps with it (models.tracking.diffusion, known_sigma).
-        pool = ids[0][[a for a, _ in spans]] if "movie" in keys else np.zeros(len(spans))
-        s2_of = {g: pooled_sigma2([e for e, q in zip(found, pool) if q == g]) for g in np.unique(pool)}
-        found = [known_sigma(t_all[a:b], xy_all[a:b], s2_of[g], r) for (a, b), g in zip(spans, pool)]
+        # One localisation variance for the whole table (a store's movies share their
+        # microscope), then each track's D from its own steps with it
+        # (models.tracking.diffusion, known_sigma).
+        s2 = pooled_sigma2(found) if sigma2_loc_um2 is None else sigma2_loc_um2
+        found = [known_sigma(t_all[a:b], xy_all[a:b], s2, r) for a, b in spans]
     for (a, b), e in zip(spans, found):
         row = {k: v[a] for k, v in zip(keys, ids)}
         row.update({"n_frames": int(b - a), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
@@ -306,7 +308,7 @@ def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float, pixel
 
 
 def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray, gate_px: float,
-                 pixel_size_um: float, r: float) -> tuple[dict, pd.DataFrame]:
+                 pixel_size_um: float, r: float, sigma2_loc_um2: float | None = None) -> tuple[dict, pd.DataFrame]:
     """Link accuracy and D errors of one movie's tracks.
 
     ``truth`` (frames, P, 2) and ``diffusion`` (P,) of the movie.  A link joins two
@@ -315,14 +317,16 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     touching a localisation that matches none (a false or badly placed detection) are
     counted apart.  A track's true D is that of the particle most of its points match.
     Returns the link counts (``links``, ``matched_links``, ``correct_links``) and the D
-    table (``diffusion_table``) with ``true_D_um2_s``.
+    table (``diffusion_table``, the pooled estimator; its localisation variance
+    ``sigma2_loc_um2`` (um^2) where given, e.g. pooled over a store's movies) with
+    ``true_D_um2_s``.
     """
     tracks = tracks.sort_values(["track", "frame"]).reset_index(drop=True)
     slot = match_to_truth(tracks, truth, gate_px, pixel_size_um)
     same_track = tracks["track"].to_numpy()[1:] == tracks["track"].to_numpy()[:-1]
     matched = same_track & (slot[1:] >= 0) & (slot[:-1] >= 0)
     correct = matched & (slot[1:] == slot[:-1])
-    est = diffusion_table(tracks, pixel_size_um, r)
+    est = diffusion_table(tracks, pixel_size_um, r, sigma2_loc_um2=sigma2_loc_um2)
     true_d = []
     for tid in est["track"]:
         s = slot[tracks["track"].to_numpy() == tid]
