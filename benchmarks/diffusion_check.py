@@ -3,12 +3,12 @@
 Single-particle movies are simulated by the plain NumPy engine (``factory.reference``,
 written from the physics apart from the Numba kernel), at the acceptance's two cases:
 D = 0.05 um^2/s on 32 x 32 px over 30 frames and D = 0.2 on 48 x 48 px over 20 frames
-(reflecting walls at the field's edge: the particle stays in view).  Each pipeline
-localises the particle in every frame (its best-scored localisation), time-stamps it,
-and estimates D by the CVE; the relative RMSE of D per movie is compared with the same
-estimator on the true centroids (the floor).  Two pipelines per detector: linked as
-`factory track` links (threshold, trackpy.link, the movie's longest track), and per
-frame (each frame's best-scored localisation, no linking).
+(reflecting walls at the field's edge: the particle stays in view).  The relative RMSE
+of D per movie is compared with the CVE on the true centroids (the floor).  Two
+pipelines per detector: linked as `factory track` does on a store of these movies
+(threshold, trackpy.link, cut at improbable steps, the pooled estimator, the movie's
+longest track), and per frame (each frame's best-scored localisation, no linking, the
+CVE).
 """
 
 from __future__ import annotations
@@ -57,20 +57,22 @@ def per_frame_d(table, t_fn, frames: int, n: int, px: float, r: float) -> np.nda
 
 def per_movie_d(table, t_fn, frames: int, n: int, px: float, r: float, search: float,
                 threshold: float | None) -> np.ndarray:
-    """The pipeline of `factory track`: localisations above the detector's threshold,
-    linked (trackpy.link, memory 1), then the CVE on each movie's longest track."""
-    from models.tracking.diffusion import cve
-    from models.tracking.tracks import link
+    """The pipeline of `factory track` on a store of these movies: localisations above
+    the detector's threshold, linked (trackpy.link, memory 1), cut at improbable steps,
+    D by the pooled estimator (one localisation variance over all movies); each movie's
+    longest track's D."""
+    from models.tracking.tracks import diffusion_table, link, split_improbable_steps
 
     if threshold is not None:
         table = table[table.score >= threshold]
-    table = table.assign(movie=table.frame // frames)
-    linked = link(table, search, memory=MEMORY, group="movie")
+    table = table.assign(movie=table.frame // frames, t_s=t_fn(table))
+    linked = split_improbable_steps(link(table, search, memory=MEMORY, group="movie"))
+    d = diffusion_table(linked, px, r).set_index(["movie", "track"])["D_um2_s"]
     out = np.full(n, np.nan)
     for m, g in linked.groupby("movie"):
-        longest = g[g.track == g.track.value_counts().idxmax()].sort_values("frame")
-        if len(longest) >= 5:
-            out[m] = cve(t_fn(longest), longest[["x", "y"]].to_numpy() * px, r).D_um2_s
+        longest = g.track.value_counts().idxmax()
+        if (m, longest) in d.index:
+            out[m] = d[(m, longest)]
     return out
 
 
