@@ -92,11 +92,11 @@ def main() -> None:
     r_scan = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), m["sigma_xy"], px)
 
     def trackpy_user(frames):
-        """Run once; its tracks with the imsd fit's D and with our CVE's."""
+        """Run once; its tracks with the imsd fit's D and with our estimator's."""
         tracks, d_msd = run_user_pipeline(frames, pipe, px, period)
-        d_cve = diffusion_table(tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan")), px, r_scan)
+        d_ours = diffusion_table(tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan")), px, r_scan)
         return tracks, {"TrackPy user pipeline (imsd fit)": d_msd,
-                        "TrackPy user pipeline, its tracks through our CVE": d_cve}
+                        "TrackPy user pipeline, its tracks through our estimator": d_ours}
     pipelines["TrackPy user pipeline"] = trackpy_user
 
     per = {}
