@@ -468,14 +468,14 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
     movies = range(len(store) // F)
     linked_of = [link(table[table["movie"] == m].assign(frame=lambda d: d["frame"] - m * F), search) for m in movies]
-    # One localisation variance for the store (its movies share a microscope), as
-    # `factory track` pools it over a store's movies: what the pooled estimator reports.
-    pooled = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r)["sigma_loc_um"]
-    s2 = float(pooled.iloc[0]) ** 2 if len(pooled) and np.isfinite(pooled.iloc[0]) else None
+    # D over the whole store at once: the localisation error is pooled over its movies
+    # (one microscope), as `factory track` does on a store.
+    d_all = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r)
     for m in movies:
         a, b = m * F, (m + 1) * F
         linked = linked_of[m]
-        counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r, s2)
+        counts, est = score_tracks(linked, truth_all[a:b], diffusion[a], gate, px, r,
+                                   d_all[d_all["movie"] == m].drop(columns="movie"))
         particles.append(score_particles(linked, est, MovieTruth.of_rows(rows, a, b, t_centroid), px, r_centroid)
                          .assign(movie=m))
         linked_all.append(linked.assign(track=linked["track"] + 1_000_000 * m))

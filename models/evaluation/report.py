@@ -147,10 +147,11 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
         lines += ["", "## Tracks and diffusion coefficients", "",
                   "Each movie's localisations above the detector's F1 threshold are linked (trackpy.link, radius "
                   "from the largest D and the frame period, memory 1) and D is estimated per track of >= 5 "
-                  "points by the covariance-based estimator on each localisation's own time stamp.  Correct "
+                  "points on each localisation's own time stamp, from the track's own steps with the "
+                  "localisation error pooled over the store's tracks (the pooled estimator).  Correct "
                   "links: of the links between two localisations matched to true particles (within 210 nm), "
                   "the share joining the same particle.  D error: (estimate - true D) / true D per track.  "
-                  "The floor rows apply the estimator to the true positions of each target (each particle's runs "
+                  "The floor rows apply the covariance-based estimator to the true positions of each target (each particle's runs "
                   "in view); each detector is scored against its own target's truth.", "",
                   "| detector | dataset | correct links | links to unmatched | tracks | D rel. bias | D rel. RMSE "
                   "| RMSE 5-9 | RMSE 10-14 | RMSE >= 15 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -169,7 +170,7 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
         # Per particle: what a user publishes is a D per particle (models.evaluation.fields).
         lines += ["", "Per particle (in view >= 10 consecutive frames, on in half of them when blinking): the share "
                   "with a matched track (>= 60% of its points within 3 px), with D within 1.5x of the truth (its "
-                  "longest matched track's D), and the floor's share (the estimator on its true centroids).", "",
+                  "longest matched track's D), and the floor's share (the covariance-based estimator on its true centroids).", "",
                   "| detector | dataset | particles | matched track | D within 1.5x | floor | median abs log10 D error |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for label, name, t in tracked:

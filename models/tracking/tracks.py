@@ -308,7 +308,7 @@ def match_to_truth(table: pd.DataFrame, truth: np.ndarray, gate_px: float, pixel
 
 
 def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray, gate_px: float,
-                 pixel_size_um: float, r: float, sigma2_loc_um2: float | None = None) -> tuple[dict, pd.DataFrame]:
+                 pixel_size_um: float, r: float, est: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
     """Link accuracy and D errors of one movie's tracks.
 
     ``truth`` (frames, P, 2) and ``diffusion`` (P,) of the movie.  A link joins two
@@ -317,16 +317,15 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     touching a localisation that matches none (a false or badly placed detection) are
     counted apart.  A track's true D is that of the particle most of its points match.
     Returns the link counts (``links``, ``matched_links``, ``correct_links``) and the D
-    table (``diffusion_table``, the pooled estimator; its localisation variance
-    ``sigma2_loc_um2`` (um^2) where given, e.g. pooled over a store's movies) with
-    ``true_D_um2_s``.
+    table (``est`` where given, e.g. ``diffusion_table`` over a whole store's tracks,
+    else ``diffusion_table`` of these tracks) with ``true_D_um2_s``.
     """
     tracks = tracks.sort_values(["track", "frame"]).reset_index(drop=True)
     slot = match_to_truth(tracks, truth, gate_px, pixel_size_um)
     same_track = tracks["track"].to_numpy()[1:] == tracks["track"].to_numpy()[:-1]
     matched = same_track & (slot[1:] >= 0) & (slot[:-1] >= 0)
     correct = matched & (slot[1:] == slot[:-1])
-    est = diffusion_table(tracks, pixel_size_um, r, sigma2_loc_um2=sigma2_loc_um2)
+    est = diffusion_table(tracks, pixel_size_um, r) if est is None else est.reset_index(drop=True)
     true_d = []
     for tid in est["track"]:
         s = slot[tracks["track"].to_numpy() == tid]
