@@ -223,4 +223,4 @@ def test_the_field_picture_shows_each_pipelines_share_within_the_factor(tmp_path
     assert (tmp_path / "f.png").stat().st_size > 10_000
     legend = [x.get_text() for x in fig.axes[1].get_legend().get_texts()]
     assert legend == ["within 1.5x", "ours: 0.50 within", "TrackPy: 0.25 within",
-                      "floor: the estimator on the true positions: 0.75 within"]
+                      "floor: the CVE on the true positions: 0.75 within"]

@@ -345,7 +345,7 @@ def plot_field(mean: np.ndarray, tracks: pd.DataFrame, per_particle: dict[str, p
     draw_tracks(left, mean, tracks, title)
     rows = list(per_particle.items())
     if rows:
-        rows.append(("floor: the estimator on the true positions", rows[0][1].rename(
+        rows.append(("floor: the CVE on the true positions", rows[0][1].rename(
             columns={"D_um2_s": "_", "floor_D_um2_s": "D_um2_s"})))
     true_all = np.concatenate([t["true_D_um2_s"].to_numpy() for _, t in rows]) if rows else np.ones(1)
     lo, hi = float(np.nanmin(true_all)) / 3, float(np.nanmax(true_all)) * 3
