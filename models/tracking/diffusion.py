@@ -47,7 +47,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import norm
+from statistics import NormalDist
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,15 @@ class DiffusionEstimate:
     def as_dict(self) -> dict:
         """The fields as a dict."""
         return asdict(self)
+
+
+def _z(confidence: float) -> float:
+    """The standard normal quantile of a two-sided interval of ``confidence``.
+
+    From the standard library (statistics.NormalDist): importing scipy.stats for it
+    took half a second.
+    """
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
 def _steps(t_s, xy_um):
@@ -140,7 +149,7 @@ def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionE
     D = float(d_axes.mean())
     s2 = float((blur_r * m2 + (2 * blur_r - 1) * m11).mean())
     var = _cve_variance(max(D, 1e-12), max(s2, 0.0), mean_dt, blur_r, n) / dx.shape[1]
-    z = norm.ppf(0.5 + confidence / 2)
+    z = _z(confidence)
     half = z * math.sqrt(var)
     # D >= 0: the interval's lower end stops at 0 (the estimate itself is left unbiased).
     return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
@@ -183,7 +192,7 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
     a = d_plug * scale + 2.0 * s2  # <dx^2> per axis
     b = s2 - 2.0 * blur_r * d_plug * mean_dt  # minus the covariance of neighbouring steps
     var = (2.0 * a**2 * n + 4.0 * b**2 * (n - 1)) / n**2 / scale**2 / dx.shape[1]
-    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
+    half = _z(confidence) * math.sqrt(var)
     return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 >= 0 else float("nan"), n,
                              "known_sigma", s2)
 
@@ -241,6 +250,6 @@ def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> Diffusi
     # Uncertainty: the CVE's variance formula at the same D and s^2 (an approximation
     # for the fit; the MSD points are correlated).
     var = _cve_variance(max(D, 1e-12), max(s2, 0.0), dt, 0.0, n) / d
-    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
+    half = _z(confidence) * math.sqrt(var)
     return DiffusionEstimate(float(D), max(float(D - half), 0.0), float(D + half),
                              math.sqrt(s2) if s2 > 0 else float("nan"), n, f"msd (p={p})", float(s2))
