@@ -5,6 +5,7 @@ refusing weight files that are code."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -271,3 +272,26 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path):
     one_line_error(run_cli("train", "--config", tmp_path / "two.yaml", "--data", data, "--out", tmp_path / "x",
                            "--init-from", tmp_path / "none"), "init_from:", "none: no such run folder")
     assert not (tmp_path / "x" / "best.pt").exists()
+
+
+def test_a_relative_data_folder_is_found_from_anywhere(tiny_run, data, tmp_path, monkeypatch):
+    """A run trained with `--data data` records the relative folder; `factory track` run
+    from another folder looks for it from the run folder upwards, and says so."""
+    from models.recordings.predict import training_datasets
+
+    project = tmp_path / "project"
+    (project / "runs" / "m").mkdir(parents=True)
+    (project / "data").symlink_to(data, target_is_directory=True)
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg["data"] = "data"
+    (project / "runs" / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found, source = training_datasets(project / "runs" / "m")
+    train = [cfg["train"]] if isinstance(cfg["train"], str) else cfg["train"]
+    assert len(found) == len(train) and source == "the training data " + ", ".join(
+        str(project.resolve() / "data" / f"{n}.h5") for n in train)
+    # From inside the project the working directory wins, as before.
+    monkeypatch.chdir(project)
+    assert training_datasets(Path("runs/m"))[1] == "the training data " + ", ".join(f"data/{n}.h5" for n in train)

@@ -138,6 +138,9 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
 def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
     """The typed dataset configs of the stores a model was trained on, those still there.
 
+    A relative data folder is looked up from the working directory, then from the run
+    folder upwards.
+
     Parameters
     ----------
     run_dir : Path
@@ -160,10 +163,16 @@ def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
         return [], None
     if cfg.data is None:  # a run folder written without a data folder (e.g. by the Python API)
         return [], None
+    # A relative data folder is relative to where the model was trained: look from the
+    # working directory, then from the run folder and each folder above it, so that a
+    # command run elsewhere still finds it (runs/demo/model -> the project's data/).
+    data = Path(cfg.data)
+    if not data.is_absolute() and not data.is_dir():
+        data = next((p / data for p in Path(run_dir).resolve().parents if (p / data).is_dir()), data)
     found, paths = [], []
     for name in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
         try:
-            path = find_store(cfg.data, name)
+            path = find_store(data, name)
             with Store(path) as st:
                 found.append(st.dataset)
             paths.append(str(path))

@@ -663,8 +663,12 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         d_max = max_diffusion_um2_s or max(max_diffusion(d) for d in specs)
         d_min = min(min_diffusion_um2_s or min(min_diffusion(d) for d in specs), d_max)
         sigma_xy = specs[0].psf.sigma_xy_um
+        given = [f for f, v in (("min", min_diffusion_um2_s), ("max", max_diffusion_um2_s)) if v is not None]
+        d_source = ("the command line" if len(given) == 2 else
+                    (f"the command line ({given[0]}) and " if given else "") + (source or "the schema's defaults (no "
+                                                                                "training data found)"))
         say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D from {d_min:g} up to "
-            f"{d_max:g} um^2/s")
+            f"{d_max:g} um^2/s (from {d_source})")
         tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                              search_range_um / px if search_range_um else None, memory, sigma_xy,
                                              frame_start, movie_frames, progress=progress, estimator=estimator,
