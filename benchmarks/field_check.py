@@ -157,7 +157,9 @@ def main() -> None:
                          f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")
         if best is None:  # the most D within 1.5x; of equals, the smallest median error
             score = {k: summarise(pd.concat(per[k], ignore_index=True)) for k in linkers}
-            best = max(linkers, key=lambda k: (score[k]["d_within"], -score[k]["median_abs_log10"]))
+            best = max(linkers, key=lambda k: (score[k]["d_within"] or 0.0,
+                                               -(score[k]["median_abs_log10"] if score[k]["median_abs_log10"]
+                                                 is not None else np.inf)))
             lines.append(f"\nBest linker here (D within 1.5x, then the median error), used for the picture: {best}")
         print("\n".join(lines) + "\n", flush=True)
         text += lines + [""]

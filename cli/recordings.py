@@ -116,7 +116,8 @@ def track(
     max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected (default: the training "
                                                                                       "data's or the store's largest D); the linking "
                                                                                       "radius is for the geometric middle of the "
-                                                                                      "smallest and the largest."),
+                                                                                      "smallest and the largest (--linker stitch: "
+                                                                                      "the largest D a fragment may have)."),
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
                                                                                     "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
@@ -127,7 +128,8 @@ def track(
                                                                                      "training data's or the store's smallest "
                                                                                      "D)."),
     split: bool = typer.Option(True, "--split/--no-split", help="Cut tracks at steps too long for their own mobility "
-                                                                "(p < 0.001): wrong links to a neighbour."),
+                                                                "(p = 0.001 under the track's median step): wrong "
+                                                                "links to a neighbour."),
     estimator: Estimator = typer.Option(Estimator.pooled, "--estimator", help="D per track: pooled (each track's own steps, "
                                                                               "the localisation error pooled over the recording), "
                                                                               "cve (covariance-based per track, Vestergaard 2014) "

@@ -182,3 +182,28 @@ def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(track
         np.testing.assert_allclose(got["D_um2_s"], [known_sigma(t[i], xy[i], expect, R).D_um2_s for i in (3, 4)],
                                    rtol=1e-9)
         np.testing.assert_allclose(got["sigma_loc_um"], np.sqrt(expect), rtol=1e-9)
+
+
+def test_the_pooled_interval_covers_the_truth_with_few_tracks_or_many(tracks):
+    # The pool's own uncertainty (a median of few s^2 estimates) widens each interval:
+    # without it, recordings of a few tracks got 85 % coverage for a nominal 95 %.
+    import pandas as pd
+
+    from models.tracking.tracks import diffusion_table
+
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    px = 0.1
+    for per_recording in (4, 40):
+        hits = []
+        for g in range(0, 1600, per_recording):
+            ids = np.arange(g, g + per_recording)
+            d = diffusion_table(pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
+                                              "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px}), px, R)
+            hits += list((d["D_low_um2_s"] <= D_TRUE) & (D_TRUE <= d["D_high_um2_s"]))
+        assert 0.91 <= np.mean(hits) <= 0.98, (per_recording, np.mean(hits))
+
+
+def test_time_stamps_that_do_not_advance_give_no_estimate():
+    e = known_sigma(np.zeros(5), np.arange(10.0).reshape(5, 2), 0.01)
+    assert np.isnan(e.D_um2_s) and np.isnan(e.D_high_um2_s)

@@ -169,3 +169,22 @@ def test_a_track_is_cut_where_one_step_is_improbable_for_its_own_mobility():
     rows[0][["x", "y"]] = _walk(np.random.default_rng(6), 30, 0.01, dt, px, (50.0, 50.0))
     assert split_improbable_steps(pd.concat(rows, ignore_index=True))["track"].nunique() == 3
     assert 0 < SPLIT_P < 0.01
+
+
+def test_the_cut_leaves_a_standing_track_alone_and_keeps_movies_apart():
+    """A track that mostly stands still (median step 0) has no scale to judge a step by
+    and is not cut; ids that repeat across movies are two tracks, never interleaved."""
+    from models.tracking.tracks import link_diffusion, split_improbable_steps
+
+    still = pd.DataFrame({"frame": np.arange(8), "t_s": np.arange(8) * 0.4, "track": 0,
+                          "x": [0, 0, 0, 0, 0, 0.1, 0.1, 0.1], "y": 0.0})
+    assert split_improbable_steps(still)["track"].nunique() == 1
+    rng = np.random.default_rng(8)
+    two = pd.concat([pd.DataFrame({"movie": m, "frame": np.arange(10), "t_s": np.arange(10) * 0.4, "track": 5,
+                                   "x": _walk(rng, 10, 0.05, 0.4, 0.1, (50.0 + 100 * m, 50.0))[:, 0], "y": 50.0})
+                     for m in (0, 1)], ignore_index=True)
+    out = split_improbable_steps(two)
+    assert out.groupby("track")["movie"].nunique().eq(1).all() and out["track"].nunique() == 2
+    # The radius's D: the middle of the range, never below a sixteenth of the largest.
+    assert link_diffusion(0.02, 0.5) == pytest.approx(0.1)
+    assert link_diffusion(0.0, 0.5) == link_diffusion(1e-6, 0.5) == pytest.approx(0.5 / 16)

@@ -470,7 +470,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     linked_of = [link(table[table["movie"] == m].assign(frame=lambda d: d["frame"] - m * F), search) for m in movies]
     # D over the whole store at once: the localisation error is pooled over its movies
     # (one microscope), as `factory track` does on a store.
-    d_all = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r)
+    d_all = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r) if linked_of else None
     for m in movies:
         a, b = m * F, (m + 1) * F
         linked = linked_of[m]

@@ -717,7 +717,7 @@ def first_pass_diffusion(photons: np.ndarray, pixel_size_um: float, sigma_xy_um:
     period = timing.frame_period_s(h, w)
     tracks = link(table, search_range_px(1.0, period, pixel_size_um, 1.0), memory=1)
     r_blur = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
-    d = diffusion_table(tracks, pixel_size_um, r_blur, min_points=MIN_TRACK_FRAMES)
+    d = diffusion_table(tracks, pixel_size_um, r_blur, min_points=MIN_TRACK_FRAMES, estimator="cve")
     return {"D_um2_s": [float(v) for v in d["D_um2_s"]], "n_tracks": int(len(d)), "frames": t}
 
 

@@ -165,19 +165,24 @@ def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
         return [], None
     # A relative data folder is relative to where the model was trained: look from the
     # working directory, then from the run folder and each folder above it, so that a
-    # command run elsewhere still finds it (runs/demo/model -> the project's data/).
+    # command run elsewhere still finds it (runs/demo/model -> the project's data/); the
+    # first place that holds any of the training stores is taken.
     data = Path(cfg.data)
-    if not data.is_absolute() and not data.is_dir():
-        data = next((p / data for p in Path(run_dir).resolve().parents if (p / data).is_dir()), data)
-    found, paths = [], []
-    for name in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
-        try:
-            path = find_store(data, name)
-            with Store(path) as st:
-                found.append(st.dataset)
-            paths.append(str(path))
-        except (FactoryError, ValueError, KeyError):  # moved, unreadable, or a config this version cannot read
-            continue
+    names = [cfg.train] if isinstance(cfg.train, str) else cfg.train
+    places = [data] if data.is_absolute() else [data] + [p / data for p in (Path(run_dir).resolve(),
+                                                                            *Path(run_dir).resolve().parents)]
+    for place in places:
+        found, paths = [], []
+        for name in names:
+            try:
+                path = find_store(place, name)
+                with Store(path) as st:
+                    found.append(st.dataset)
+                paths.append(str(path))
+            except (FactoryError, ValueError, KeyError):  # moved, unreadable, or a config this version cannot read
+                continue
+        if found:
+            break
     return found, (f"the training data {', '.join(paths)}" if found else None)
 
 

@@ -155,7 +155,8 @@ def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionE
     return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 > 0 else float("nan"), n, "cve", s2)
 
 
-def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionEstimate:
+def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confidence: float = 0.95,
+                sigma2_var_um4: float = 0.0) -> DiffusionEstimate:
     """D (um^2/s) of one track whose localisation variance is known.
 
     Parameters
@@ -171,8 +172,10 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
         Motion-blur coefficient R of the positions; here it enters D (``cve``'s
         estimate does not depend on it).
     confidence : float
-        Coverage of the interval ``D_low_um2_s .. D_high_um2_s``; the uncertainty of
-        ``sigma2_loc_um2`` itself is not in it.
+        Coverage of the interval ``D_low_um2_s .. D_high_um2_s``.
+    sigma2_var_um4 : float
+        Variance of ``sigma2_loc_um2`` (um^4; ``pooled_sigma2_variance``), added to the
+        interval's: 0 for an s^2 known exactly.
 
     Returns
     -------
@@ -187,11 +190,15 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
         return DiffusionEstimate(nan, nan, nan, nan, n, "known_sigma", s2)
     mean_dt = float(dt.mean())
     scale = 2.0 * mean_dt * (1.0 - 2.0 * blur_r)
+    if not scale > 0:  # time stamps that do not advance (or R >= 1/2): no rate to estimate
+        nan = float("nan")
+        return DiffusionEstimate(nan, nan, nan, nan, n, "known_sigma", s2)
     D = float((dx**2).mean() - 2.0 * s2) / scale
     d_plug = max(D, 0.0)
     a = d_plug * scale + 2.0 * s2  # <dx^2> per axis
     b = s2 - 2.0 * blur_r * d_plug * mean_dt  # minus the covariance of neighbouring steps
     var = (2.0 * a**2 * n + 4.0 * b**2 * (n - 1)) / n**2 / scale**2 / dx.shape[1]
+    var += 4.0 * sigma2_var_um4 / scale**2  # the same s^2 enters every axis
     half = _z(confidence) * math.sqrt(var)
     return DiffusionEstimate(D, max(D - half, 0.0), D + half, math.sqrt(s2) if s2 >= 0 else float("nan"), n,
                              "known_sigma", s2)
@@ -213,6 +220,20 @@ def pooled_sigma2(estimates: list[DiffusionEstimate], min_displacements: int = 9
     long_ = ok & (n >= min_displacements)
     use = s2[long_] if long_.any() else s2[ok]
     return max(float(np.median(use)), 0.0) if len(use) else float("nan")
+
+
+def pooled_sigma2_variance(estimates: list[DiffusionEstimate], min_displacements: int = 9) -> float:
+    """Variance (um^4) of ``pooled_sigma2``: that of a median, pi / 2 times the mean's.
+
+    From the scatter of the same tracks' estimates (what a few wrong links add counts
+    too, so it errs wide); NaN with fewer than two such tracks.
+    """
+    s2 = np.array([e.sigma2_loc_um2 for e in estimates], np.float64)
+    n = np.array([e.n_displacements for e in estimates])
+    ok = np.isfinite(s2)
+    long_ = ok & (n >= min_displacements)
+    use = s2[long_] if long_.any() else s2[ok]
+    return float(math.pi / 2 * use.var(ddof=1) / len(use)) if len(use) >= 2 else float("nan")
 
 
 def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
