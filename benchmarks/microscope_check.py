@@ -50,7 +50,7 @@ def main() -> None:
     from models.tracking.timing import ScanTiming, time_stamps
     from models.detectors.trackpy import run_user_pipeline, user_search_range_px
     from models.evaluation.tuning import tune_user_pipeline
-    from models.tracking.tracks import blur_r, diffusion_table, max_diffusion, track_recording
+    from models.tracking.tracks import blur_r, diffusion_table, max_diffusion, min_diffusion, track_recording
 
     m = EXAMPLE
     px = m["pixel_size_um"]
@@ -83,9 +83,10 @@ def main() -> None:
         det = load_detector(path, "cpu", prefer="exposure")
         specs = training_datasets(path)[0] or [DatasetSpec()]  # without its stores: the schema's defaults
         d_max, sigma = max(max_diffusion(d) for d in specs), specs[0].psf.sigma_xy_um
+        d_min = min(min_diffusion(d) for d in specs)
 
-        def ours(frames, det=det, d_max=d_max, sigma=sigma):
-            tracks, d, _ = track_recording(det, frames, timing, px, d_max, sigma_xy_um=sigma)
+        def ours(frames, det=det, d_min=d_min, d_max=d_max, sigma=sigma):  # as `factory track` by default
+            tracks, d, _ = track_recording(det, frames, timing, px, d_max, sigma_xy_um=sigma, min_diffusion_um2_s=d_min)
             return tracks, d
         pipelines[label] = ours
 
