@@ -81,7 +81,7 @@ def calibrate(
     config, and a report with a picture of real beside simulated frames.  Then:
     `factory build OUT/microscope.yaml --out DATA`, `factory train --config OUT/train.yaml
     --data DATA --out RUN`, `factory track RUN RECORDING --out TRACKS`."""
-    from models.recordings.calibration import CALIBRATION_FILES, calibrate as run_calibrate
+    from models.recordings.calibration import CALIBRATION_FILES, Caution, calibrate as run_calibrate
     from models.recordings.outputs import staged_output
     from models.recordings.recording import check_settings
 
@@ -91,10 +91,7 @@ def calibrate(
         result = run_calibrate(recording, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
                                line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                                bidirectional=bidirectional, dark=dark, seed=seed)
-    # The notes on what could not be estimated (and the default written instead) are
-    # warnings; calibrate marks them only in their words.
-    warnings = [note for note in result["notes"]
-                if any(word in note for word in ("not estimated", "not determined", "assumed", "saturated"))]
+    warnings = [note for note in result["notes"] if isinstance(note, Caution)]
     for note in warnings:
         typer.echo(f"{recording}: {note}", err=True)
     gain, offset, background = (result["detector"][k]["value"] for k in ("gain_adu_per_photon", "offset_adu", "n_bkg"))

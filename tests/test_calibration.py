@@ -241,6 +241,10 @@ def test_a_saturated_recording_keeps_the_paper_spots_and_says_so(foreign_recordi
     assert r.returncode == 0, r.stderr
     said = [line for line in r.stderr.splitlines() if "PSF width and brightness: not estimated" in line]
     assert len(said) == 1 and f"ceiling {ceiling:g} ADU" in said[0] and "sigma_xy 0.21 um" in said[0], r.stderr
+    # The cautions (marked as such where they are written) reach stderr, the plain notes only the report.
+    report = (tmp_path / "o" / "calibration.md").read_text()
+    assert any(line.startswith(f"{tmp_path / 'sat.tif'}: saturated: ") for line in r.stderr.splitlines()), r.stderr
+    assert "particle count:" in report and "particle count:" not in r.stderr
     psf = yaml.safe_load((tmp_path / "o" / "microscope.yaml").read_text())["defaults"]["psf"]
     assert psf["sigma_xy_um"] == 0.21
     tifffile.imwrite(tmp_path / "white.tif", np.minimum(frames, np.median(frames)).astype(frames.dtype))
@@ -297,3 +301,12 @@ def test_the_brightness_uncertainty_counts_dots_not_spots():
         mine = {ids[i] for i, w in enumerate(where) if abs(w[1] - (30 + 60 * k)) <= 1}
         assert len(mine) == 1
     assert len(set(ids)) == 4
+
+
+def test_d_range_marks_a_default_written_for_want_of_tracks_as_a_caution():
+    from models.recordings.calibration import Caution, d_range
+
+    _, short = d_range({"D_um2_s": [0.1, 0.2], "n_tracks": 2, "frames": 3})
+    _, measured = d_range({"D_um2_s": [0.05, 0.1, 0.2, 0.3, 0.4, 0.1], "n_tracks": 6, "frames": 50})
+    assert isinstance(short, Caution) and short.startswith("D range: not estimated")
+    assert not isinstance(measured, Caution) and measured.startswith("D range: from a first tracking pass")

@@ -50,6 +50,15 @@ BOOTSTRAP = 200
 ASSUMED_ENF = 1.3
 
 
+class Caution(str):
+    """A note the user should act on, not only read.
+
+    Something the recording did not determine (a default or an assumption was written
+    instead) or that compromises it (saturation).  A plain ``str`` everywhere (the
+    report, ``calibration.json``); `factory calibrate` also prints these on stderr.
+    """
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A value with its standard uncertainty (NaN where not determined).
@@ -224,7 +233,7 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
     notes: list[str] = []
     sat = saturation(frames)
     if sat is not None:  # clipped pixels are spot cores (a clipped background is refused by `calibrate`)
-        notes.append(f"saturated: {100 * sat[1]:.2g}% of the pixels sit at the ceiling {sat[0]:g} ADU")
+        notes.append(Caution(f"saturated: {100 * sat[1]:.2g}% of the pixels sit at the ceiling {sat[0]:g} ADU"))
 
     dark_stats = None
     if dark is not None:
@@ -277,8 +286,8 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
         offset_note = (f"assumed: no dark frames and an even background; taken from the background's cumulants "
                        f"with the excess noise factor assumed {assumed:g} and no read noise (record 20 frames "
                        "with the laser blanked, --dark, to measure it)")
-        notes.append(f"offset, gain and excess noise factor: {offset_note}")
-        notes.append("read noise: not determined without dark frames; assumed 0")
+        notes.append(Caution(f"offset, gain and excess noise factor: {offset_note}"))
+        notes.append(Caution("read noise: not determined without dark frames; assumed 0"))
     read_noise = math.sqrt(max(read_var, 0.0))
     read_sd = float(np.nanstd(np.sqrt(np.maximum(boots[:, 1], 0.0))))
     enf_est = Estimate(enf, float(np.nanstd(b_enf)))
@@ -290,7 +299,7 @@ def calibrate_detector(frames: np.ndarray, dark: np.ndarray | None = None, *, ti
         note = ("not determined: the third cumulant of the background is too noisy to separate gain from "
                 "excess noise (too few background pixels or photons)")
         enf_est, gain_est = Estimate(enf, enf_est.sigma, note), Estimate(gain, gain_est.sigma, note)
-        notes.append(f"gain and excess noise factor: {note}; only their product g F is determined")
+        notes.append(Caution(f"gain and excess noise factor: {note}; only their product g F is determined"))
     n_bkg = bkg / gain if gain > 0 else math.nan
     # Unevenness: the spread of per-tile backgrounds beyond what their own noise explains.
     _, var_t, _, n_t = _moments(sums.sum(0), ref)
@@ -746,8 +755,9 @@ def d_range(first_pass: dict) -> tuple[dict, str]:
         why = (f"{first_pass['frames']} frame(s), too short for a track" if first_pass["frames"] < MIN_TRACK_FRAMES
                else f"{len(d)} first-pass track(s) with a positive D")
         return ({"type": "log_uniform", "low": 0.02, "high": 0.5},
-                f"D range: not estimated ({why}; at least 5 tracks of {MIN_TRACK_FRAMES} frames needed); the field "
-                "default, log-uniform 0.02 - 0.5 um^2/s, is written; edit particles.diffusion_um2_s if yours differ")
+                Caution(f"D range: not estimated ({why}; at least 5 tracks of {MIN_TRACK_FRAMES} frames needed); the "
+                        "field default, log-uniform 0.02 - 0.5 um^2/s, is written; edit particles.diffusion_um2_s if "
+                        "yours differ"))
     lo, hi = np.percentile(d, [10, 90])
     low, high = _round(max(0.5 * lo, 1e-3)), _round(min(max(2 * hi, 2 * max(0.5 * lo, 1e-3)), 20.0))
     return ({"type": "log_uniform", "low": low, "high": high},
@@ -867,8 +877,8 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
             notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
     except FactoryError as exc:
         spots, sigma_xy, n_qd, spread = None, PAPER_SIGMA_XY_UM, PAPER_N_QD, 0.3
-        notes.append(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy "
-                     f"{PAPER_SIGMA_XY_UM:g} um and N_qd {PAPER_N_QD:g} (+-30%) are written")
+        notes.append(Caution(f"PSF width and brightness: not estimated ({exc}); the paper's sigma_xy "
+                             f"{PAPER_SIGMA_XY_UM:g} um and N_qd {PAPER_N_QD:g} (+-30%) are written"))
         notes.append(f"particle count: {count} spots per frame found (dimmer, out-of-focus dots are missed)")
     first = first_pass_diffusion(photons, pixel_size_um, sigma_xy, timing)
     diffusion, note = d_range(first)
