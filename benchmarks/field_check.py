@@ -150,8 +150,9 @@ def main() -> None:
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, parts in per.items():
             s = summarise(pd.concat(parts, ignore_index=True))
-            c = links.get(label.removesuffix(", D by the CVE alone"))
-            fps = n_frames / secs.get(label.removesuffix(", D by the CVE alone"), secs.get("TrackPy user pipeline", np.nan))
+            linker = label.removesuffix(", D by the CVE alone")  # same tracks, same links and time
+            c = links.get(linker)
+            fps = n_frames / secs.get(linker, secs.get("TrackPy user pipeline", np.nan))
             lines.append(f"| {label} | {s['particles']} | {s['matched']:.2f} | {s['d_within']:.2f} | "
                          f"{s['floor_d_within']:.2f} | {s['floor_pooled_d_within']:.2f} | {s['median_abs_log10']:.3f} | "
                          f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")

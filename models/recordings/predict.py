@@ -169,8 +169,8 @@ def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
     # first place that holds any of the training stores is taken.
     data = Path(cfg.data)
     names = [cfg.train] if isinstance(cfg.train, str) else cfg.train
-    places = [data] if data.is_absolute() else [data] + [p / data for p in (Path(run_dir).resolve(),
-                                                                            *Path(run_dir).resolve().parents)]
+    run = Path(run_dir).resolve()
+    places = [data] if data.is_absolute() else [data] + [p / data for p in (run, *run.parents)]
     for place in places:
         found, paths = [], []
         for name in names:

@@ -32,8 +32,8 @@ CVE spends two thirds of its precision on estimating s^2 from the track itself. 
 recording of many particles, s^2 is one number for all of them (the same microscope,
 PSF and photon counts within a spread), so ``pooled`` takes it from all tracks at once:
 the median of the tracks' own CVE estimates of s^2 (at least 0), then each track's D
-from its own steps.  On a recording of one track the pooled estimate is that track's
-CVE exactly (when its s^2 estimate is not negative).
+from its own steps, its interval widened by the pool's own uncertainty
+(``pooled_sigma2_variance``).  A pool of one track is that track's CVE.
 
 The MSD fit (``msd_fit``) is the alternative: a straight line through the first p
 points of the MSD curve, p chosen as Michalet (2010) advises for the slope,
@@ -161,10 +161,8 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
 
     Parameters
     ----------
-    t_s : array_like
-        Time of each position (n,), s; sorted here.
-    xy_um : array_like
-        Positions (n, d), um; the d axes are treated as independent and pooled.
+    t_s, xy_um : array_like
+        Times (s) and positions (um) as for ``cve``.
     sigma2_loc_um2 : float
         Localisation variance per axis (um^2), e.g. pooled over a recording's tracks
         (``pooled_sigma2``).
@@ -172,7 +170,7 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
         Motion-blur coefficient R of the positions; here it enters D (``cve``'s
         estimate does not depend on it).
     confidence : float
-        Coverage of the interval ``D_low_um2_s .. D_high_um2_s``.
+        As for ``cve``.
     sigma2_var_um4 : float
         Variance of ``sigma2_loc_um2`` (um^4; ``pooled_sigma2_variance``), added to the
         interval's: 0 for an s^2 known exactly.
@@ -214,11 +212,7 @@ def pooled_sigma2(estimates: list[DiffusionEstimate], min_displacements: int = 9
     bound; otherwise one track gives its own CVE back.  NaN when no track has an
     estimate.
     """
-    s2 = np.array([e.sigma2_loc_um2 for e in estimates], np.float64)
-    n = np.array([e.n_displacements for e in estimates])
-    ok = np.isfinite(s2)
-    long_ = ok & (n >= min_displacements)
-    use = s2[long_] if long_.any() else s2[ok]
+    use = _pool(estimates, min_displacements)
     return max(float(np.median(use)), 0.0) if len(use) else float("nan")
 
 
@@ -228,12 +222,17 @@ def pooled_sigma2_variance(estimates: list[DiffusionEstimate], min_displacements
     From the scatter of the same tracks' estimates (what a few wrong links add counts
     too, so it errs wide); NaN with fewer than two such tracks.
     """
+    use = _pool(estimates, min_displacements)
+    return float(math.pi / 2 * use.var(ddof=1) / len(use)) if len(use) >= 2 else float("nan")
+
+
+def _pool(estimates: list[DiffusionEstimate], min_displacements: int) -> np.ndarray:
+    """The s^2 estimates a pool is made of: the tracks of ``min_displacements`` or more, else all with one."""
     s2 = np.array([e.sigma2_loc_um2 for e in estimates], np.float64)
     n = np.array([e.n_displacements for e in estimates])
     ok = np.isfinite(s2)
     long_ = ok & (n >= min_displacements)
-    use = s2[long_] if long_.any() else s2[ok]
-    return float(math.pi / 2 * use.var(ddof=1) / len(use)) if len(use) >= 2 else float("nan")
+    return s2[long_] if long_.any() else s2[ok]
 
 
 def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:

@@ -114,6 +114,15 @@ def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | No
 SPLIT_P = 1e-3  # a step this improbable under its own track's mobility is taken for a wrong link
 
 
+def _track_starts(*ids: np.ndarray) -> np.ndarray:
+    """Rows where a track starts in a table sorted by its keys (``ids``: one array per key)."""
+    new = np.zeros(len(ids[0]), bool)
+    new[:1] = True
+    for k in ids:
+        new[1:] |= k[1:] != k[:-1]
+    return new
+
+
 def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: int = MIN_TRACK_POINTS - 1) -> pd.DataFrame:
     """Cut every track where one step is too long for the track's own mobility.
 
@@ -137,15 +146,11 @@ def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: 
     tracks = tracks.sort_values(keys + ["frame"], kind="stable").reset_index(drop=True)
     xy = tracks[["x", "y"]].to_numpy(np.float64)
     t = tracks["t_s"].to_numpy(np.float64)
-    new = np.zeros(len(tracks), bool)
-    new[0] = True
-    for k in keys:
-        ids = tracks[k].to_numpy()
-        new[1:] |= ids[1:] != ids[:-1]
+    new = _track_starts(*(tracks[k].to_numpy() for k in keys))
     starts = np.flatnonzero(new)
-    cut = np.zeros(len(ids), bool)
+    cut = np.zeros(len(tracks), bool)
     limit = 2.0 * math.log(1.0 / p)
-    for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+    for a, b in zip(starts, np.r_[starts[1:], len(tracks)]):
         if b - a - 1 < min_steps:
             continue
         r2 = ((xy[a + 1:b] - xy[a:b - 1]) ** 2).sum(1)
@@ -273,11 +278,7 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     order = np.lexsort([tracks[k].to_numpy() for k in reversed(keys)])
     ids = [tracks[k].to_numpy()[order] for k in keys]
     t_all, xy_all = tracks["t_s"].to_numpy()[order], tracks[["x", "y"]].to_numpy()[order] * pixel_size_um
-    new = np.zeros(len(order), bool)
-    new[:1] = True
-    for k in ids:
-        new[1:] |= k[1:] != k[:-1]
-    starts = np.flatnonzero(new)
+    starts = np.flatnonzero(_track_starts(*ids))
     spans = [(a, b) for a, b in zip(starts, np.r_[starts[1:], len(order)]) if b - a >= min_points]
     if estimator == "msd":
         found = [msd_fit(t_all[a:b], xy_all[a:b]) for a, b in spans]
