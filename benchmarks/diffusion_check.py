@@ -6,7 +6,7 @@ D = 0.05 um^2/s on 32 x 32 px over 30 frames and D = 0.2 on 48 x 48 px over 20 f
 (reflecting walls at the field's edge: the particle stays in view).  The relative RMSE
 of D per movie is compared with the CVE on the true centroids (the floor).  Two
 pipelines per detector: linked as `factory track` does on a store of these movies
-(threshold, trackpy.link, cut at improbable steps, the pooled estimator, the movie's
+(threshold, linking as TrackPy's criterion, cut at improbable steps, the pooled estimator, the movie's
 longest track), and per frame (each frame's best-scored localisation, no linking, the
 CVE).
 """
@@ -58,7 +58,7 @@ def per_frame_d(table, t_fn, frames: int, n: int, px: float, r: float) -> np.nda
 def per_movie_d(table, t_fn, frames: int, n: int, px: float, r: float, search: float,
                 threshold: float | None) -> np.ndarray:
     """The pipeline of `factory track` on a store of these movies: localisations above
-    the detector's threshold, linked (trackpy.link, memory 1), cut at improbable steps,
+    the detector's threshold, linked (models.tracking.linking, memory 1), cut at improbable steps,
     D by the pooled estimator (one localisation variance over all movies); each movie's
     longest track's D."""
     from models.tracking.tracks import diffusion_table, link, split_improbable_steps

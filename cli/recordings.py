@@ -118,9 +118,10 @@ def track(
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
                                                                                     "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
-    linker: str = typer.Option("trackpy", "--linker", help="trackpy: one radius, for the middle of the D range (Crocker-Grier "
-                                                           "with subnetworks); stitch: a radius for the smallest D, then track "
-                                                           "fragments joined by their own D."),
+    linker: str = typer.Option("radius", "--linker", help="radius: one radius, for the middle of the D range (the "
+                                                          "smallest sum of squared steps, TrackPy's criterion); stitch: a "
+                                                          "radius for the smallest D, then track fragments joined by their "
+                                                          "own D."),
     min_diffusion: Optional[float] = typer.Option(None, "--min-diffusion-um2-s", help="Smallest D expected (default: the "
                                                                                      "training data's or the store's smallest "
                                                                                      "D)."),

@@ -145,7 +145,8 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             return "" if v is None else f"{v:+.2f}" if key == "rel_bias" else f"{v:.2f}"
 
         lines += ["", "## Tracks and diffusion coefficients", "",
-                  "Each movie's localisations above the detector's F1 threshold are linked (trackpy.link, radius "
+                  "Each movie's localisations above the detector's F1 threshold are linked (the smallest sum of squared "
+                  "steps, TrackPy's criterion, solved exactly; radius "
                   "from the largest D and the frame period, memory 1) and D is estimated per track of >= 5 "
                   "points on each localisation's own time stamp, from the track's own steps with the "
                   "localisation error pooled over the store's tracks (the pooled estimator).  Correct "

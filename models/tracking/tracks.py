@@ -1,7 +1,8 @@
 """From localisations to tracks and diffusion coefficients, and how good they are.
 
-Linking is ``trackpy.link`` (Crocker-Grier with subnetwork resolution and ``memory``
-frames of gap closing).  Its search range follows from a D and the frame period: a
+Linking minimises the summed squared displacements between consecutive frames, as
+``trackpy.link`` does (Crocker-Grier), solved exactly as an assignment problem
+(``models.tracking.linking``), with ``memory`` frames of gap closing.  Its search range follows from a D and the frame period: a
 particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of those (a 2D
 displacement beyond it has probability exp(-8) = 3e-4) plus twice the localisation
 error, for the geometric middle of the D range expected (``link_diffusion``).  Tracks
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,12 +30,12 @@ from factory.errors import FactoryError
 from factory.stores import Store, is_store_path
 
 from models.detectors.base import Detector
+from models.tracking.linking import link_frames
 from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
                                        pooled_sigma2, pooled_sigma2_variance)
 from models.recordings.predict import load_detector, localise, timing_of, training_datasets
 from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
-from models.detectors.trackpy import import_trackpy
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +84,22 @@ def link_diffusion(min_diffusion_um2_s: float, max_diffusion_um2_s: float) -> fl
 
 
 def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
-    """Add a ``track`` column by TrackPy's linking: ids unique over the table, -1 never occurs.
+    """Add a ``track`` column: ids unique over the table, -1 never occurs.
 
-    Links within ``radius_px`` (pixels, as ``x`` and ``y``), with ``memory`` frames of
+    Linked by ``models.tracking.linking.link_frames`` (TrackPy's criterion, solved
+    exactly) within ``radius_px`` (pixels, as ``x`` and ``y``), with ``memory`` frames of
     gap.  ``group`` (e.g. ``movie``) links each group's frames separately.  Returns a
     new table sorted by (group,) track and frame.
     """
-    trackpy = import_trackpy()
     if len(table) == 0:
         return table.assign(track=np.zeros(0, np.int64))
     parts, next_id = [], 0
     groups = table.groupby(group, sort=True) if group else [(None, table)]
     for _, g in groups:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            linked = trackpy.link(g.reset_index(drop=True), radius_px, memory=memory,
-                                  adaptive_stop=0.5, adaptive_step=0.9)
-        ids = linked["particle"].to_numpy()
-        _, dense = np.unique(ids, return_inverse=True)
-        linked = linked.drop(columns="particle").assign(track=dense + next_id)
-        next_id += int(dense.max()) + 1 if len(dense) else 0
-        parts.append(linked)
+        g = g.reset_index(drop=True)
+        ids = link_frames(g["frame"].to_numpy(), g[["x", "y"]].to_numpy(), radius_px, memory)
+        parts.append(g.assign(track=ids + next_id))
+        next_id += int(ids.max()) + 1
     out = pd.concat(parts, ignore_index=True)
     return out.sort_values(["track", "frame"] if not group else [group, "track", "frame"]).reset_index(drop=True)
 
@@ -161,7 +156,7 @@ def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: 
     return tracks.assign(track=np.cumsum(new | cut) - 1)
 
 
-LINKERS = ("trackpy", "stitch")
+LINKERS = ("radius", "stitch")
 STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
 STITCH_SIGMAS = 4.0  # a join's radius: this many standard deviations of the step per axis
 
@@ -399,7 +394,7 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
                     max_diffusion_um2_s: float, search_range: float | None = None, memory: int = 1,
                     sigma_xy_um: float | None = None, frame_start_s: np.ndarray | None = None,
                     movie_frames: int | None = None, progress: bool = False,
-                    estimator: str = ESTIMATORS[0], linker: str = "trackpy",
+                    estimator: str = ESTIMATORS[0], linker: str = LINKERS[0],
                     min_diffusion_um2_s: float | None = None, split: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Localise (above the detector's threshold), time-stamp, link and estimate D.
 
@@ -439,7 +434,7 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     estimator : {"pooled", "cve", "msd"}
         D per track (``diffusion_table``): with the localisation error pooled over the
         recording's tracks, covariance-based per track, or an MSD fit.
-    linker : {"trackpy", "stitch"}
+    linker : {"radius", "stitch"}
         One radius, for the geometric middle of the D range; or a radius for
         ``min_diffusion_um2_s``, then fragments joined by their own D up to
         ``max_diffusion_um2_s`` (``stitch``).
@@ -474,7 +469,7 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     if linker not in LINKERS:
         raise ValueError(f"linker {linker!r}: one of {LINKERS}")
     d_min = min(max_diffusion_um2_s if min_diffusion_um2_s is None else min_diffusion_um2_s, max_diffusion_um2_s)
-    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "trackpy" else d_min
+    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "radius" else d_min
     search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
     group = None
     if movie_frames:
@@ -578,7 +573,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
                line_retrace_ms: float | None = None, frame_flyback_ms: float | None = None,
                bidirectional: bool | None = None, max_diffusion_um2_s: float | None = None,
                min_diffusion_um2_s: float | None = None, search_range_um: float | None = None, memory: int = 1,
-               linker: str = "trackpy", estimator: str = ESTIMATORS[0], split: bool = True, device: str = "cpu",
+               linker: str = LINKERS[0], estimator: str = ESTIMATORS[0], split: bool = True, device: str = "cpu",
                progress: bool = True,
                report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> TrackResult:
     """Localise, link and estimate D per track in a movie (`factory track`).
@@ -616,7 +611,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         The linking radius, instead of one derived from D and the frame period.
     memory : int
         Frames a particle may vanish and still be linked.
-    linker : {"trackpy", "stitch"}
+    linker : {"radius", "stitch"}
         One radius for the middle of the D range, or a radius for the smallest D and
         then fragments joined by their own D.
     estimator : {"pooled", "cve", "msd"}
