@@ -197,8 +197,10 @@ class NetDetector:
         from tqdm.auto import tqdm
 
         # Inference mode every time: a detector validating a network mid-training must not
-        # run batch norm on batch statistics, nor move its running statistics.
-        self.model.eval()
+        # run batch norm on batch statistics, nor move its running statistics.  (Only when
+        # it is in training mode: eval() walks every module, a millisecond a frame.)
+        if self.model.training:
+            self.model.eval()
         images = check_images(images, self.ndim, self.name)
         n = len(images)
         bs = max(1, self.family.pixels_per_batch // int(np.prod(images.shape[1:])))

@@ -223,21 +223,30 @@ def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256)
     p * (1 - exp(-1 / (2 sigma^2))), so well-localised detections rank first (chosen on
     the validation set over p alone, p / sigma and 3 x 3 averaging)."""
     p = torch.sigmoid(out[:, 0])
-    peak = (p == F.max_pool2d(p[:, None], 3, 1, 1)[:, 0]) & (p >= min_score)
-    h, w = p.shape[-2:]
-    rows = torch.arange(h, dtype=out.dtype, device=out.device).view(1, h, 1).expand_as(p)
-    cols = torch.arange(w, dtype=out.dtype, device=out.device).view(1, 1, w).expand_as(p)
-    ex, ey = cols + out[:, 1], rows + out[:, 2]
-    pool = lambda t: F.avg_pool2d(t[:, None], 5, 1, 2, count_include_pad=False)[:, 0]
-    pw = pool(p)
-    mx, my = pool(p * ex) / pw, pool(p * ey) / pw
-    # One nonzero over the whole batch, then a split per image: a Python loop of tensor
-    # operations per image costs more than the network on 24 x 25 images.
-    b, r, c = torch.nonzero(peak, as_tuple=True)
+    # Only the pixels from min_score on can be peaks: the 3 x 3 maxima and the 5 x 5
+    # weighted means are taken there alone, not pooled over the whole map (a field of
+    # 256 x 256 px has tens of spots).  nonzero is in row-major order, as the peaks'.
+    b, r, c = torch.nonzero(p >= min_score, as_tuple=True)
+    d = torch.arange(-2, 3, device=out.device)
+    wr, wc = r[:, None, None] + 2 + d[None, :, None], c[:, None, None] + 2 + d[None, None, :]  # (K, 5, 5) in the padded map
+    bb = b[:, None, None]
+    # Outside the image: a probability below any (never the 3 x 3 maximum) and no weight
+    # in the mean (the average over the pixels inside, as avg_pool2d without padding).
+    around = F.pad(p, (2, 2, 2, 2), value=-1.0)[bb, wr, wc]
+    peak = (around[:, 1:4, 1:4] <= around[:, 2:3, 2:3]).flatten(1).all(1)
+    b, r, c, around, wr, wc = b[peak], r[peak], c[peak], around[peak], wr[peak], wc[peak]
+    bb = b[:, None, None]
+    wp = around.clamp_min(0.0)
+    # Each window pixel's estimate relative to the peak's pixel (small numbers: no float32
+    # rounding of a 256 px coordinate), then the peak's pixel added.
+    ex = d[None, None, :] + F.pad(out[:, 1], (2, 2, 2, 2))[bb, wr, wc]
+    ey = d[None, :, None] + F.pad(out[:, 2], (2, 2, 2, 2))[bb, wr, wc]
+    norm = wp.sum((1, 2))
+    mx, my = c + (wp * ex).sum((1, 2)) / norm, r + (wp * ey).sum((1, 2)) / norm
     s = p[b, r, c]
     sigma = torch.exp(out[b, 3, r, c].clamp(-6, 3))
     score = (s * (1 - torch.exp(-1 / (2 * sigma**2)))).double().cpu().numpy()
-    xy = torch.stack([mx[b, r, c], my[b, r, c]], 1).double().cpu().numpy()
+    xy = torch.stack([mx, my], 1).double().cpu().numpy()
     sigma, s, b = sigma.double().cpu().numpy(), s.cpu().numpy(), b.cpu().numpy()
     bounds = np.searchsorted(b, np.arange(out.shape[0] + 1))  # nonzero is in row-major order
     results = []
