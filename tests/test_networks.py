@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import one_line_error, overfit, overfit_run, run_cli, small_training_set
 from models.networks.densitynet import ALPHA, EPSILON, OMEGA, THETA, awing, weight_map
@@ -165,3 +166,37 @@ def test_head_parameters_are_exactly_what_a_heads_output_depends_on(branch):
         out.square().sum().backward()
         with_grad = {id(p) for p in model.parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
         assert with_grad == {id(p) for p in model.head_parameters(k)}
+
+
+def dense_decode(out: torch.Tensor, min_score: float):
+    """SpotNet's decoding written over the whole map with pooling: peaks are the pixels
+    equal to their 3 x 3 maximum, positions the probability-weighted 5 x 5 mean of
+    pixel + offset (average pooling over the pixels inside the image)."""
+    p = torch.sigmoid(out[:, 0]).double()
+    peak = (p == F.max_pool2d(p[:, None], 3, 1, 1)[:, 0]) & (p >= min_score)
+    h, w = p.shape[-2:]
+    ex = torch.arange(w, dtype=p.dtype).view(1, 1, w) + out[:, 1].double()
+    ey = torch.arange(h, dtype=p.dtype).view(1, h, 1) + out[:, 2].double()
+    pool = lambda t: F.avg_pool2d(t[:, None], 5, 1, 2, count_include_pad=False)[:, 0]  # noqa: E731
+    mx, my = pool(p * ex) / pool(p), pool(p * ey) / pool(p)
+    return [(torch.stack([mx[i][peak[i]], my[i][peak[i]]], 1).numpy(), p[i][peak[i]].numpy()) for i in range(len(p))]
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 37), (2, 5, 6)])
+def test_the_decoding_is_the_pooled_one_on_maps_with_plateaus_and_edges(shape):
+    """Peaks at the image's edges and in corners, flat plateaus (ties are all peaks), and
+    the min_score cut: the same peaks and positions as pooling the whole map in float64."""
+    from models.networks.spotnet import decode
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(shape[0], 4, *shape[1:], generator=g) * 3
+    out[0, 0, :2, :2] = 5.0  # a plateau in a corner
+    out[0, 0, -1, 10 % shape[2]] = 8.0  # a peak on the last row
+    for min_score in (0.0, 0.2, 0.9):
+        ours, ref = decode(out, min_score, max_per_image=10**6), dense_decode(out, min_score)
+        for (xy, score, sigma), (xy_ref, p_ref) in zip(ours, ref):
+            assert len(xy) == len(xy_ref)
+            np.testing.assert_allclose(xy, xy_ref, atol=2e-5)
+            # score = p (1 - exp(-1 / (2 sigma^2))) with the sigma it reports
+            np.testing.assert_allclose(score, p_ref * (1 - np.exp(-1 / (2 * sigma**2))), rtol=1e-4)  # float32
+    assert all(len(r[0]) for r in decode(out, 0.0)) and sum(map(len, ref)) < sum(len(r[0]) for r in decode(out, 0.0))
