@@ -188,3 +188,24 @@ def test_the_cut_leaves_a_standing_track_alone_and_keeps_movies_apart():
     # The radius's D: the middle of the range, never below a sixteenth of the largest.
     assert link_diffusion(0.02, 0.5) == pytest.approx(0.1)
     assert link_diffusion(0.0, 0.5) == link_diffusion(1e-6, 0.5) == pytest.approx(0.5 / 16)
+
+
+def test_the_tracks_picture_draws_each_track_where_it_is_in_its_colour(tmp_path):
+    """A 20 x 30 px mean image (a bright pixel at (25, 15)), track 0 along y = 2 from x = 2
+    to 17 and track 1 down x = 5: enlarged 20x (600 px / 30 px), below an 18 px title."""
+    from PIL import Image
+
+    from models.tracking.tracks import TRACK_COLOURS, plot_tracks
+
+    mean = np.zeros((20, 30))
+    mean[15, 25] = 9.0
+    tracks = pd.DataFrame({"track": [0, 0, 1, 1], "frame": [0, 1, 0, 1], "x": [2.0, 17.0, 5.0, 5.0],
+                           "y": [2.0, 2.0, 8.0, 16.0]})
+    plot_tracks(mean, tracks, tmp_path / "t.png", "title")
+    img = np.asarray(Image.open(tmp_path / "t.png").convert("RGB"))
+    k, band = 20, 18
+    assert img.shape == (20 * k + band, 30 * k, 3)
+    at = lambda x, y: tuple(img[int((y + 0.5) * k) + band, int((x + 0.5) * k)])  # noqa: E731
+    assert at(10, 2) == TRACK_COLOURS[0] and at(5, 12) == TRACK_COLOURS[1]
+    assert at(25, 15) == (255, 255, 255) and at(25, 5) == (0, 0, 0)  # the mean image, min to max
+    assert (img[:band] == 255).mean() > 0.9  # the title's band: white, a little text

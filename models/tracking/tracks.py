@@ -493,35 +493,66 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
 
 
+# Matplotlib's tab20 (0-255): track k is drawn in colour k % 20, in both drawings below.
+TRACK_COLOURS = ((31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
+                 (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
+                 (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199), (188, 189, 34), (219, 219, 141),
+                 (23, 190, 207), (158, 218, 229))
+
+
+def _track_paths(tracks: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (n, 2) in px of the tracks one after the other, and where each starts."""
+    t = tracks.sort_values(["track", "frame"] if "frame" in tracks else "track", kind="stable")
+    ids, xy = t["track"].to_numpy(), t[["x", "y"]].to_numpy(np.float64)
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    return xy, first
+
+
 def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:
-    """Draw the tracks over the recording's mean image into the file ``out``.
+    """Draw the tracks over the recording's mean image into the PNG file ``out``.
 
     ``images``: the frames (N, H, W), or their mean (H, W), e.g. ``Recording.mean_frame``.
+    The mean image is scaled to the grey levels from its minimum to its maximum and
+    enlarged by a whole factor to about 600 px; each track is a line in its colour with a
+    dot at its start, the title above.  Drawn with Pillow: every `factory track` call
+    writes this picture, and importing matplotlib alone takes a sixth of a short call.
     """
-    from matplotlib.figure import Figure  # not pyplot: no GUI backend, nothing to close
+    from PIL import Image, ImageDraw
 
-    mean = images if images.ndim == 2 else images.mean(0)
+    mean = np.asarray(images if images.ndim == 2 else images.mean(0), np.float64)
     h, w = mean.shape
-    fig = Figure(figsize=(5, 5 * h / w + 0.3))
-    draw_tracks(fig.subplots(), mean, tracks, title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    lo, hi = float(mean.min()), float(mean.max())
+    grey = np.zeros((h, w), np.uint8) if hi <= lo else np.round((mean - lo) / (hi - lo) * 255).astype(np.uint8)
+    k = max(1, round(600 / max(h, w)))
+    band = 18 if title else 0
+    canvas = Image.new("RGB", (w * k, h * k + band), "white")
+    canvas.paste(Image.fromarray(grey).resize((w * k, h * k), Image.Resampling.NEAREST).convert("RGB"), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black")
+    xy, first = _track_paths(tracks)
+    at = (xy + 0.5) * k + [0, band]  # pixel centres on the enlarged image
+    width, dot = max(1, k // 3), max(2, k // 2)
+    for n, path in enumerate(np.split(at, first[1:]) if len(first) else []):
+        colour = TRACK_COLOURS[n % len(TRACK_COLOURS)]
+        if len(path) > 1:
+            draw.line([tuple(p) for p in path], fill=colour, width=width, joint="curve")
+        x, y = path[0]
+        draw.ellipse((x - dot, y - dot, x + dot, y + dot), outline=colour, width=1)
+    canvas.save(out, format="PNG")
 
 
 def draw_tracks(ax, mean: np.ndarray, tracks: pd.DataFrame, title: str = "") -> None:
     """Draw ``tracks`` (``track``, ``x``, ``y`` px) over the image ``mean`` (H, W) on the axes ``ax``."""
-    from matplotlib import colormaps
     from matplotlib.collections import LineCollection
 
     h, w = mean.shape
     ax.imshow(mean, cmap="gray", interpolation="nearest")
     # Every path in one collection and every start in one scatter (track k in colour k of
-    # tab20), not two plot calls per track: a long recording has thousands of tracks.
-    t = tracks.sort_values("track", kind="stable")
-    ids, xy = t["track"].to_numpy(), t[["x", "y"]].to_numpy(np.float64)
-    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    # TRACK_COLOURS), not two plot calls per track: a long recording has thousands of tracks.
+    xy, first = _track_paths(tracks)
     if len(first):
-        colours = colormaps["tab20"](np.arange(len(first)) % 20)
+        colours = np.array(TRACK_COLOURS)[np.arange(len(first)) % len(TRACK_COLOURS)] / 255
         ax.add_collection(LineCollection(np.split(xy, first[1:]), colors=colours, linewidths=1.0))
         ax.scatter(xy[first, 0], xy[first, 1], s=9, c=colours, marker="o", linewidths=1.0)
     ax.set_xlim(-0.5, w - 0.5)
