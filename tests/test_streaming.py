@@ -290,7 +290,7 @@ try:
     main()
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
-heavy = ("torch", "torchvision", "matplotlib", "matplotlib.pyplot", "factory.kernel", "factory.psf")
+heavy = ("torch", "torchvision", "trackpy", "numba", "matplotlib", "factory.kernel", "factory.psf")
 print("imported:", *(m for m in heavy if m in sys.modules))
 """
 
@@ -303,8 +303,9 @@ def _imports(*args) -> set[str]:
 
 
 def test_a_command_imports_only_what_it_needs(tmp_path):
-    """TrackPy needs no torch; only drawing needs matplotlib; a SpotNet never loads
-    torchvision (Keypoint R-CNN's); nothing loads the simulator's compiled kernels."""
+    """TrackPy needs no torch; a network's tracks need no trackpy (nor its Numba
+    linker); tracks.png needs no matplotlib; a SpotNet never loads torchvision (Keypoint
+    R-CNN's); nothing loads the simulator's compiled kernels."""
     import torch
 
     from models.training.config import parse_train_config
@@ -312,8 +313,8 @@ def test_a_command_imports_only_what_it_needs(tmp_path):
     from models.training.runs import RunFolder
 
     tifffile.imwrite(tmp_path / "m.tif", movie_frames(3), photometric="minisblack")
-    assert _imports("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q") == set()
-    assert _imports("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q") == {"matplotlib"}
+    assert _imports("predict", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "p.csv", "-q") == {"trackpy", "numba"}
+    assert _imports("track", "trackpy", tmp_path / "m.tif", "--out", tmp_path / "t", "-q") == {"trackpy", "numba"}
     run = RunFolder(tmp_path / "run")
     run.create()
     params = {"widths": [4, 8]}
@@ -321,6 +322,7 @@ def test_a_command_imports_only_what_it_needs(tmp_path):
     torch.manual_seed(0)
     run.save_best(family("spotnet").build(parse_params("spotnet", params)), 0)
     assert _imports("predict", run.path, tmp_path / "m.tif", "--out", tmp_path / "n.csv", "-q") == {"torch"}
+    assert _imports("track", run.path, tmp_path / "m.tif", "--out", tmp_path / "n", "-q", "--pixel-size-um", "0.07") == {"torch"}
 
 
 def test_the_registry_still_lists_every_family():

@@ -271,8 +271,9 @@ def _open_tiff(path: Path) -> Recording:
                 return tf.asarray(key=range(a, b), series=0) if b > a else np.zeros((0, *shape[1:]), dtype)
 
             return Recording(path, shape, dtype, _reading(path, read), tf.close, kind="pages")
-        # Anything else (one compressed image, a hyperstack): read whole, as it is small
-        # or about to be refused by its shape.
+        # Anything else: one compressed image, read whole as it is small; or a shape to be
+        # refused, refused before a read (a hyperstack can be gigabytes).
+        _check_shape(shape, path)
         a = np.asarray(tf.asarray())
         tf.close()
         return Recording(path, a.shape, a.dtype, lambda i, j: a[i:j] if a.ndim == 3 else a[None])
