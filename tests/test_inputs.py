@@ -8,6 +8,7 @@ needs none, and the run folders here hold untrained networks or broken weight fi
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,27 @@ def test_an_empty_movie_is_not_called_one_frame(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 32, 32), np.float32))
     one_line_error(run_cli("predict", "trackpy", tmp_path / "empty.npy", "--out", tmp_path / "p.csv"), "holds no images")
     assert not (tmp_path / "t").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_a_hyperstack_is_refused_by_its_shape_and_never_read(tmp_path):
+    """A T x Z x H x W TIFF is refused naming its shape, before a pixel is read: with its
+    compressed pixel data overwritten (a file whose pixels cannot be decoded) it gives
+    the same one line."""
+    tifffile.imwrite(tmp_path / "h.tif", np.zeros((3, 4, 16, 16), np.uint16), photometric="minisblack", compression="zlib")
+    for command, out in (("track", tmp_path / "t"), ("predict", tmp_path / "p.csv")):
+        one_line_error(run_cli(command, "trackpy", tmp_path / "h.tif", "--out", out), "h.tif",
+                       "expected one image (H x W) or a stack (T x H x W), got shape (3, 4, 16, 16)")
+        assert not out.exists()
+    data = bytearray((tmp_path / "h.tif").read_bytes())
+    with tifffile.TiffFile(tmp_path / "h.tif") as t:
+        for page in t.pages:
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                data[offset:offset + count] = b"\xff" * count
+    (tmp_path / "bad.tif").write_bytes(bytes(data))
+    with tifffile.TiffFile(tmp_path / "bad.tif") as t, pytest.raises(zlib.error):
+        t.asarray()  # the pixels cannot be decoded
+    one_line_error(run_cli("track", "trackpy", tmp_path / "bad.tif", "--out", tmp_path / "t2"), "bad.tif",
+                   "got shape (3, 4, 16, 16)")
 
 
 def test_huge_pixels_are_not_called_nan(tmp_path):
