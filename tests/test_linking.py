@@ -106,6 +106,7 @@ def test_ids_follow_the_order_tracks_start_and_rows_in_any_order_give_the_same_t
     ((np.array([0, 1]), np.zeros((2, 2)), 0.0, 1), "radius_px"),
     ((np.array([0, 1]), np.zeros((2, 2)), float("inf"), 1), "radius_px"),
     ((np.array([0, 1]), np.zeros((2, 2)), 2.0, -1), "memory"),
+    ((np.array([0.0, 0.5]), np.zeros((2, 2)), 2.0, 1), "whole"),
 ])
 def test_bad_arguments_are_refused(args, words):
     with pytest.raises(ValueError, match=words):
@@ -114,3 +115,25 @@ def test_bad_arguments_are_refused(args, words):
 
 def test_no_localisations_no_tracks():
     assert link_frames(np.zeros(0, int), np.zeros((0, 2)), 3.0).shape == (0,)
+
+
+def test_a_tiny_radius_links_by_its_own_scale_and_the_radius_itself_is_within_reach():
+    """Positions 1e-9 px apart with a 1e-8 px radius: the nearer track wins, as at any
+    scale; a step of exactly the radius (3-4-5) is linked, as by TrackPy."""
+    frame = np.array([0, 0, 1])
+    xy = np.array([[0.0, 0.0], [1e-9, 0.0], [0.9e-9, 0.0]])
+    assert link_frames(frame, xy, 1e-8, 0).tolist() == [0, 1, 1]
+    assert link_frames(np.array([0, 1]), np.array([[0.0, 0.0], [3.0, 4.0]]), 5.0, 0).tolist() == [0, 0]
+
+
+def test_thousands_of_localisations_a_frame_are_linked_in_blocks(monkeypatch):
+    """Distances are computed a block of sources at a time: blocks of any size give the
+    same tracks."""
+    import models.tracking.linking as linking
+
+    rng = np.random.default_rng(9)
+    df = brownian_scene(rng, 300, 4, 0.5)
+    frame, xy = df["frame"].to_numpy(), df[["x", "y"]].to_numpy()
+    whole = link_frames(frame, xy, 3.0, 1)
+    monkeypatch.setattr(linking, "PAIRS_PER_BLOCK", 1000)  # 3 sources per block
+    assert links_of(frame, link_frames(frame, xy, 3.0, 1)) == links_of(frame, whole)

@@ -223,20 +223,19 @@ def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256)
     p * (1 - exp(-1 / (2 sigma^2))), so well-localised detections rank first (chosen on
     the validation set over p alone, p / sigma and 3 x 3 averaging)."""
     p = torch.sigmoid(out[:, 0])
-    # Only the pixels from min_score on can be peaks: the 3 x 3 maxima and the 5 x 5
-    # weighted means are taken there alone, not pooled over the whole map (a field of
-    # 256 x 256 px has tens of spots).  nonzero is in row-major order, as the peaks'.
+    # Only the pixels from min_score on can be peaks: the 3 x 3 maxima are taken there
+    # alone, and the 5 x 5 weighted means at the peaks alone, not pooled over the whole
+    # map (a field of 256 x 256 px has tens of spots).  nonzero is in row-major order.
     b, r, c = torch.nonzero(p >= min_score, as_tuple=True)
     d = torch.arange(-2, 3, device=out.device)
-    wr, wc = r[:, None, None] + 2 + d[None, :, None], c[:, None, None] + 2 + d[None, None, :]  # (K, 5, 5) in the padded map
-    bb = b[:, None, None]
     # Outside the image: a probability below any (never the 3 x 3 maximum) and no weight
     # in the mean (the average over the pixels inside, as avg_pool2d without padding).
-    around = F.pad(p, (2, 2, 2, 2), value=-1.0)[bb, wr, wc]
-    peak = (around[:, 1:4, 1:4] <= around[:, 2:3, 2:3]).flatten(1).all(1)
-    b, r, c, around, wr, wc = b[peak], r[peak], c[peak], around[peak], wr[peak], wc[peak]
-    bb = b[:, None, None]
-    wp = around.clamp_min(0.0)
+    padded = F.pad(p, (2, 2, 2, 2), value=-1.0)
+    near = padded[b[:, None, None], r[:, None, None] + 2 + d[None, 1:4, None], c[:, None, None] + 2 + d[None, None, 1:4]]
+    peak = (near <= p[b, r, c][:, None, None]).flatten(1).all(1)
+    b, r, c = b[peak], r[peak], c[peak]
+    bb, wr, wc = b[:, None, None], r[:, None, None] + 2 + d[None, :, None], c[:, None, None] + 2 + d[None, None, :]  # (K, 5, 5)
+    wp = padded[bb, wr, wc].clamp_min(0.0)
     # Each window pixel's estimate relative to the peak's pixel (small numbers: no float32
     # rounding of a 256 px coordinate), then the peak's pixel added.
     ex = d[None, None, :] + F.pad(out[:, 1], (2, 2, 2, 2))[bb, wr, wc]

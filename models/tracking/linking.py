@@ -1,7 +1,7 @@
 """Frame-to-frame linking: TrackPy's criterion, solved exactly as an assignment problem.
 
 From one frame to the next, each track (seen within the last ``memory`` + 1 frames)
-takes at most one localisation within ``radius_px`` of its last position, each
+takes at most one localisation at most ``radius_px`` from its last position, each
 localisation joins at most one track, and the choice minimises the sum of the squared
 displacements, a track left without a localisation costing ``radius_px``^2.  That is the
 objective of ``trackpy.link``'s subnetwork linker (Crocker & Grier 1996), here solved
@@ -44,10 +44,13 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     Raises
     ------
     ValueError
-        A radius that is not positive and finite, a negative memory, or positions that
-        are not finite.
+        A radius that is not positive and finite, a negative memory, frame numbers that
+        are not whole, or positions that are not finite.
     """
-    frame = np.asarray(frame, np.int64)
+    frame = np.asarray(frame)
+    if frame.dtype.kind not in "iub" and not (np.isfinite(frame).all() and (frame == np.round(frame)).all()):
+        raise ValueError("frame numbers must be whole numbers")
+    frame = frame.astype(np.int64)
     xy = np.asarray(xy, np.float64).reshape(len(frame), 2)
     if not (np.isfinite(radius_px) and radius_px > 0):
         raise ValueError(f"radius_px {radius_px}: give a positive number of pixels")
@@ -90,17 +93,27 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     return ids
 
 
+PAIRS_PER_BLOCK = 2**20  # distances computed at once: memory stays flat with thousands of localisations
+
+
 def _assign(src: np.ndarray, dst: np.ndarray, r2: float) -> np.ndarray:
     """For each source position, the index of the destination it links to, or -1.
 
     Minimises the summed squared distance of the links plus ``r2`` per unlinked source,
-    linking only pairs closer than sqrt(``r2``).
+    linking only pairs at most sqrt(``r2``) apart (as TrackPy).
     """
     to = np.full(len(src), -1, np.int64)
     if not len(dst):
         return to
-    d2 = ((src[:, None, :] - dst[None, :, :]) ** 2).sum(-1)
-    si, di = np.nonzero(d2 < r2)
+    si, di, d2 = [], [], []
+    step = max(1, PAIRS_PER_BLOCK // len(dst))
+    for a in range(0, len(src), step):
+        d = ((src[a:a + step, None, :] - dst[None, :, :]) ** 2).sum(-1)
+        s, t = np.nonzero(d <= r2)
+        si.append(s + a)
+        di.append(t)
+        d2.append(d[s, t])
+    si, di, d2 = np.concatenate(si), np.concatenate(di), np.concatenate(d2)
     if not len(si):
         return to
     # Imported here, and the sparse solver rather than scipy.optimize's: a short
@@ -110,11 +123,12 @@ def _assign(src: np.ndarray, dst: np.ndarray, r2: float) -> np.ndarray:
 
     k, m = len(src), len(dst)
     # Columns: the destinations, then one "no link" column per source at r2, so every
-    # source is matched.  Each row is matched once, so adding 1 to every cost leaves the
-    # optimum where it is; it keeps a zero displacement a stored edge.
+    # source is matched.  Each row is matched once, so adding r2 to every cost leaves the
+    # optimum where it is; it keeps a zero displacement a stored edge, at the radius's
+    # own scale (a fixed offset would swamp the costs of a tiny radius).
     rows = np.r_[si, np.arange(k)]
     cols = np.r_[di, m + np.arange(k)]
-    cost = np.r_[d2[si, di], np.full(k, r2)] + 1.0
+    cost = np.r_[d2, np.full(k, r2)] + r2
     r, c = min_weight_full_bipartite_matching(csr_array((cost, (rows, cols)), shape=(k, m + k)))
     real = c < m
     to[r[real]] = c[real]

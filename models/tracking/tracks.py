@@ -512,7 +512,8 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
     """Draw the tracks over the recording's mean image into the PNG file ``out``.
 
     ``images``: the frames (N, H, W), or their mean (H, W), e.g. ``Recording.mean_frame``.
-    The mean image is scaled to the grey levels from its minimum to its maximum and
+    The mean image is scaled to the grey levels from its minimum to its maximum (pixels
+    that are not finite drawn black) and
     enlarged by a whole factor to about 600 px; each track is a line in its colour with a
     dot at its start, the title above.  Drawn with Pillow: every `factory track` call
     writes this picture, and importing matplotlib alone takes a sixth of a short call.
@@ -521,8 +522,10 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
 
     mean = np.asarray(images if images.ndim == 2 else images.mean(0), np.float64)
     h, w = mean.shape
-    lo, hi = float(mean.min()), float(mean.max())
-    grey = np.zeros((h, w), np.uint8) if hi <= lo else np.round((mean - lo) / (hi - lo) * 255).astype(np.uint8)
+    finite = np.isfinite(mean)
+    lo, hi = (float(mean[finite].min()), float(mean[finite].max())) if finite.any() else (0.0, 0.0)
+    grey = np.zeros((h, w), np.uint8) if hi <= lo else \
+        np.round(np.clip(np.where(finite, mean, lo) - lo, 0, hi - lo) / (hi - lo) * 255).astype(np.uint8)
     k = max(1, round(600 / max(h, w)))
     band = 18 if title else 0
     canvas = Image.new("RGB", (w * k, h * k + band), "white")
