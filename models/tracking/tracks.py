@@ -277,18 +277,16 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     spans = [(a, b) for a, b in zip(starts, np.r_[starts[1:], len(order)]) if b - a >= min_points]
     if estimator == "msd":
         found = [msd_fit(t_all[a:b], xy_all[a:b]) for a, b in spans]
+    elif estimator == "pooled" and sigma2_loc_um2 is not None:
+        found = [known_sigma(t_all[a:b], xy_all[a:b], sigma2_loc_um2, r) for a, b in spans]
     else:
         found = [cve(t_all[a:b], xy_all[a:b], r) for a, b in spans]
-    if estimator == "pooled" and found:
-        # One localisation variance for the whole table (a store's movies share their
-        # microscope), then each track's D from its own steps with it
-        # (models.tracking.diffusion, known_sigma).
-        if sigma2_loc_um2 is not None:
-            found = [known_sigma(t_all[a:b], xy_all[a:b], sigma2_loc_um2, r) for a, b in spans]
-        elif np.isfinite(var := pooled_sigma2_variance(found)):  # a pool of two tracks or more
+        # Pooled: one localisation variance for the whole table (a store's movies share
+        # their microscope) from the tracks' CVEs, then each track's D from its own steps
+        # with it (models.tracking.diffusion, known_sigma).  A pool of one track is its CVE.
+        if estimator == "pooled" and found and np.isfinite(var := pooled_sigma2_variance(found)):
             s2 = pooled_sigma2(found)
             found = [known_sigma(t_all[a:b], xy_all[a:b], s2, r, sigma2_var_um4=var) for a, b in spans]
-        # else: a pool of one track, whose own CVE is the pooled estimate
     for (a, b), e in zip(spans, found):
         row = {k: v[a] for k, v in zip(keys, ids)}
         row.update({"n_frames": int(b - a), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
@@ -503,9 +501,7 @@ TRACK_COLOURS = ((31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120
 def _track_paths(tracks: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Positions (n, 2) in px of the tracks one after the other, and where each starts."""
     t = tracks.sort_values(["track", "frame"] if "frame" in tracks else "track", kind="stable")
-    ids, xy = t["track"].to_numpy(), t[["x", "y"]].to_numpy(np.float64)
-    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
-    return xy, first
+    return t[["x", "y"]].to_numpy(np.float64), np.flatnonzero(_track_starts(t["track"].to_numpy()))
 
 
 def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") -> None:
