@@ -224,3 +224,50 @@ def test_the_field_picture_shows_each_pipelines_share_within_the_factor(tmp_path
     legend = [x.get_text() for x in fig.axes[1].get_legend().get_texts()]
     assert legend == ["within 1.5x", "ours: 0.50 within", "TrackPy: 0.25 within",
                       "floor: the CVE on the true positions: 0.75 within"]
+
+
+def test_the_evaluation_scores_the_tracks_factory_track_makes(tmp_path):
+    """`factory evaluate` on a movie store links as `factory track` does (the radius
+    for the middle of the store's D range, the cut at improbable steps): the same
+    localisations fall into the same tracks, and the D per track is the same."""
+    import json
+
+    from factory.build import build
+    from factory.config import parse_config
+    from factory.stores import Store
+    from models.evaluation.evaluate import evaluate_detector
+    from models.tracking.timing import ScanTiming
+    from models.tracking.tracks import track_recording
+
+    cfg = parse_config({"seed": 5, "datasets": {"test_m": {
+        "n_movies": 2, "movie": {"n_frames": 25, "margin_um": 0.5},
+        "image": {"height_px": 96, "width_px": 96, "pixel_size_um": 0.1},
+        "particles": {"count": 6, "diffusion_um2_s": {"type": "log_uniform", "low": 0.01, "high": 0.4}},
+        "output": {"trajectories": False, "expected": False}}}})
+    build(cfg, tmp_path / "data", progress=False)
+    with Store(tmp_path / "data" / "test_m.h5") as st:
+        rows = {k: st.read(k) for k in ("exposure_xy", "n_particles", "in_view")}
+        images, starts, ds = st.read("images"), st.read("frame_start_s"), st.dataset
+
+    class WholeStore(_Oracle):
+        def batch_frames(self, height: int, width: int) -> int:
+            return len(images)  # one call on every frame: the truth rows are the store's
+
+    evaluate_detector(WholeStore(rows), tmp_path / "data", tmp_path / "run", progress=False)
+    scored = json.loads((tmp_path / "run" / "metrics.json").read_text())["tracks"]["test_m"]
+    assert scored["link_diffusion_um2_s"] == pytest.approx(np.sqrt(0.01 * 0.4))
+    assert scored["split_p"] is not None
+    evaluated = pd.read_csv(tmp_path / "run" / "tracks_test_m.csv")
+    tracks, d, used = track_recording(WholeStore(rows), images, ScanTiming.of_dataset(ds, "test_m"), 0.1, 0.4,
+                                      min_diffusion_um2_s=0.01, frame_start_s=starts, movie_frames=25,
+                                      sigma_xy_um=ds.psf.sigma_xy_um)
+    assert used["search_range_px"] == pytest.approx(scored["search_range_px"])
+    tracks = tracks.assign(frame=tracks["frame"] % 25)
+    keys = ["movie", "frame", "x", "y"]
+    a = evaluated.sort_values(keys).reset_index(drop=True)
+    b = tracks.sort_values(keys).reset_index(drop=True)
+    np.testing.assert_allclose(a[keys].to_numpy(), b[keys].to_numpy(), atol=1e-4)  # the CSV's digits
+    pairs = set(zip(a["track"], b["track"]))  # the same partition: track ids map one to one
+    assert len(pairs) == a["track"].nunique() == b["track"].nunique()
+    assert a.groupby("track").size().max() >= 10  # tracks long enough to be cut, or not
+    assert scored["d"]["tracks"] == len(d)
