@@ -34,8 +34,8 @@ from models.evaluation.metrics import GATES_NM, Gates, Points, evaluate_points, 
 from models.evaluation.truth import Geometry, dataset_diffusion, geometry, targets_of, truth
 from models.recordings.predict import load_detector
 from models.tracking.timing import ScanTiming, time_stamps
-from models.tracking.tracks import (blur_r, d_errors, diffusion_table, link_tracks, max_diffusion, min_diffusion,
-                                    score_tracks, truth_tracks)
+from models.tracking.tracks import (blur_r, d_errors, diffusion_table, link, max_diffusion, score_tracks, search_range_px,
+                                    truth_tracks)
 
 # A user's table of stack localisations: z in um from the first plane.
 STACK_COLUMNS = ("frame", "x", "y", "z_um", "score")
@@ -415,9 +415,8 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
                     threshold: float | None) -> tuple[pd.DataFrame, dict]:
     """Link each movie's localisations and score links and D per track against the store's truth.
 
-    Localisations above ``threshold`` are time-stamped, linked per movie as `factory
-    track` links them (``models.tracking.tracks.link_tracks``), and D is estimated per
-    track; links and D are scored against the store's truth of ``target``
+    Localisations above ``threshold`` are time-stamped, linked per movie, and D is
+    estimated per track; links and D are scored against the store's truth of ``target``
     (a localisation matches a particle within 210 nm); the same for the true positions as
     tracks (the floor).
 
@@ -440,8 +439,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         The linked localisations with ``t_s`` (s), ``movie``, ``frame`` within the movie
         and ``track`` (ids unique over the store).
     scores : dict
-        ``target``, ``search_range_px`` and ``link_diffusion_um2_s`` (the radius and
-        the D it is set for), ``split_p``, ``blur_r``, ``links``, ``particles``
+        ``target``, ``search_range_px``, ``blur_r``, ``links``, ``particles``
         (``fields.summarise``), ``links_between_matched``, ``correct_link_fraction``,
         ``links_to_unmatched_fraction``, ``d`` and ``d_floor_truth_positions``
         (``models.tracking.tracks.d_errors``; None where empty).
@@ -453,6 +451,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     timing = ScanTiming.of_dataset(ds, str(store.path))
     period = timing.frame_period_s(h, w)
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
+    search = search_range_px(max_diffusion(ds), period, px)
     gate = nm_to_px(max(GATES_NM), px)
     truth_all = store_targets(store, target)
     diffusion = store.read("diffusion")
@@ -468,13 +467,10 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
             + (("on_fraction",) if "on_fraction" in store else ())}
     r_centroid = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), ds.psf.sigma_xy_um, px)
     movies = range(len(store) // F)
-    # Linked as `factory track` links a movie store (each movie apart, the radius for the
-    # middle of the store's D range, cut at improbable steps), and D over the whole store
-    # at once: the localisation error is pooled over its movies (one microscope).
-    linked, used = link_tracks(table.assign(frame=table["frame"] - table["movie"] * F), period, px,
-                               max_diffusion(ds), min_diffusion(ds), r, group="movie")
-    linked_of = [linked[linked["movie"] == m].reset_index(drop=True) for m in movies]
-    d_all = diffusion_table(linked, px, r) if len(linked) else None
+    linked_of = [link(table[table["movie"] == m].assign(frame=lambda d: d["frame"] - m * F), search) for m in movies]
+    # D over the whole store at once: the localisation error is pooled over its movies
+    # (one microscope), as `factory track` does on a store.
+    d_all = diffusion_table(pd.concat(linked_of, ignore_index=True), px, r) if linked_of else None
     for m in movies:
         a, b = m * F, (m + 1) * F
         linked = linked_of[m]
@@ -482,7 +478,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
                                    d_all[d_all["movie"] == m].drop(columns="movie"))
         particles.append(score_particles(linked, est, MovieTruth.of_rows(rows, a, b, t_centroid), px, r_centroid)
                          .assign(movie=m))
-        linked_all.append(linked)
+        linked_all.append(linked.assign(track=linked["track"] + 1_000_000 * m))
         links += counts["links"]
         matched += counts["matched_links"]
         correct += counts["correct_links"]
@@ -496,9 +492,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     floor = pd.concat(floors, ignore_index=True) if floors else pd.DataFrame()
     tracks = pd.concat(linked_all, ignore_index=True) if linked_all else pd.DataFrame()
     per_particle = pd.concat(particles, ignore_index=True) if particles else pd.DataFrame()
-    return tracks, {"target": target, "search_range_px": used["search_range_px"],
-                    "link_diffusion_um2_s": used["link_diffusion_um2_s"], "split_p": used["split_p"],
-                    "blur_r": r, "links": links,
+    return tracks, {"target": target, "search_range_px": search, "blur_r": r, "links": links,
                     "particles": summarise(per_particle),
                     "links_between_matched": matched,
             "correct_link_fraction": correct / matched if matched else None,

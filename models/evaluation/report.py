@@ -145,10 +145,9 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             return "" if v is None else f"{v:+.2f}" if key == "rel_bias" else f"{v:.2f}"
 
         lines += ["", "## Tracks and diffusion coefficients", "",
-                  "Each movie's localisations above the detector's F1 threshold are linked as `factory track` links "
-                  "them (the smallest sum of squared steps, TrackPy's criterion, solved exactly; a radius for the "
-                  "geometric middle of the store's D range and the frame period, memory 1; tracks cut at steps "
-                  "improbable under their own mobility) and D is estimated per track of >= 5 "
+                  "Each movie's localisations above the detector's F1 threshold are linked (the smallest sum of squared "
+                  "steps, TrackPy's criterion, solved exactly; radius "
+                  "from the largest D and the frame period, memory 1) and D is estimated per track of >= 5 "
                   "points on each localisation's own time stamp, from the track's own steps with the "
                   "localisation error pooled over the store's tracks (the pooled estimator).  Correct "
                   "links: of the links between two localisations matched to true particles (within 210 nm), "

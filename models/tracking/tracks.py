@@ -459,13 +459,16 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
         An unknown ``linker``.
     """
     n, h, w = images.shape
-    if linker not in LINKERS:  # before the localisation, which can take minutes
-        raise ValueError(f"linker {linker!r}: one of {LINKERS}")
     table = localise(detector, images, progress=progress, min_score=detector.threshold)
     stamps = detector.timestamps
     table = table.copy()
     table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     period = timing.frame_period_s(h, w)
+    if linker not in LINKERS:
+        raise ValueError(f"linker {linker!r}: one of {LINKERS}")
+    d_min = min(max_diffusion_um2_s if min_diffusion_um2_s is None else min_diffusion_um2_s, max_diffusion_um2_s)
+    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "radius" else d_min
+    search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
     group = None
     if movie_frames:
         table["movie"] = table["frame"] // movie_frames
@@ -473,48 +476,19 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     if sigma_xy_um is None:  # the schema's default PSF (the paper's)
         sigma_xy_um = DatasetSpec().psf.sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
-    tracks, used = link_tracks(table, period, pixel_size_um, max_diffusion_um2_s, min_diffusion_um2_s, r,
-                               search_range=search_range, memory=memory, linker=linker, split=split, group=group)
-    tracks["x_um"] = tracks["x"] * pixel_size_um
-    tracks["y_um"] = tracks["y"] * pixel_size_um
-    used.update(blur_r=r, frame_period_s=period, time_stamps=stamps, estimator=estimator)
-    return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
-
-
-def link_tracks(table: pd.DataFrame, frame_period_s: float, pixel_size_um: float, max_diffusion_um2_s: float,
-                min_diffusion_um2_s: float | None = None, r: float = 0.0, *, search_range: float | None = None,
-                memory: int = 1, linker: str = LINKERS[0], split: bool = True,
-                group: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Time-stamped localisations to tracks, as `factory track` links them.
-
-    The one linking step of ``track_recording`` and of the evaluation of movie stores
-    (``models.evaluation.evaluate.evaluate_tracks``), so that what is scored is what
-    users run.  ``linker="radius"``: one radius (``search_range_px``) for the geometric
-    middle of ``min_diffusion_um2_s`` .. ``max_diffusion_um2_s`` (um^2/s;
-    ``link_diffusion``), or ``search_range`` (px) where given; ``"stitch"``: a radius
-    for the smallest D, then fragments joined by their own D (``stitch``, blur
-    coefficient ``r``).  ``split`` cuts steps improbable under a track's own mobility
-    (``split_improbable_steps``).  ``table`` holds ``frame``, ``t_s`` (s), ``x`` and
-    ``y`` (px of ``pixel_size_um``), and ``group`` when given (e.g. ``movie``: each
-    group linked apart).  Returns the tracks (``track`` unique over the table) and the
-    settings used: linker, radius (px) and the D it was set for, memory, the split's
-    probability (None: no split).
-    """
-    if linker not in LINKERS:
-        raise ValueError(f"linker {linker!r}: one of {LINKERS}")
-    d_min = min(max_diffusion_um2_s if min_diffusion_um2_s is None else min_diffusion_um2_s, max_diffusion_um2_s)
-    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "radius" else d_min
-    search = search_range if search_range is not None else search_range_px(first_d, frame_period_s, pixel_size_um)
     tracks = link(table, search, memory, group)
     if linker == "stitch":
-        tracks = stitch(tracks, pixel_size_um, frame_period_s, max_diffusion_um2_s, r, group=group)
+        tracks = stitch(tracks, pixel_size_um, period, max_diffusion_um2_s, r, group=group)
     if split:
         tracks = split_improbable_steps(tracks)
+    tracks["x_um"] = tracks["x"] * pixel_size_um
+    tracks["y_um"] = tracks["y"] * pixel_size_um
     used = {"linker": linker, "search_range_px": search, "link_diffusion_um2_s": None if search_range is not None else first_d,
-            "memory": memory, "split_p": SPLIT_P if split else None}
+            "memory": memory, "split_p": SPLIT_P if split else None, "blur_r": r, "frame_period_s": period,
+            "time_stamps": stamps, "estimator": estimator}
     if linker == "stitch":
         used.update(stitch_gap_frames=STITCH_GAP_FRAMES, stitch_max_diffusion_um2_s=max_diffusion_um2_s)
-    return tracks, used
+    return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
 
 
 # Matplotlib's tab20 (0-255): track k is drawn in colour k % 20, in both drawings below.
