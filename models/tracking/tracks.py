@@ -521,7 +521,7 @@ def plot_tracks(images: np.ndarray, tracks: pd.DataFrame, out, title: str = "") 
     finite = np.isfinite(mean)
     lo, hi = (float(mean[finite].min()), float(mean[finite].max())) if finite.any() else (0.0, 0.0)
     grey = np.zeros((h, w), np.uint8) if hi <= lo else \
-        np.round(np.clip(np.where(finite, mean, lo) - lo, 0, hi - lo) / (hi - lo) * 255).astype(np.uint8)
+        np.round(np.where(finite, mean - lo, 0.0) / (hi - lo) * 255).astype(np.uint8)
     k = max(1, round(600 / max(h, w)))
     band = 18 if title else 0
     canvas = Image.new("RGB", (w * k, h * k + band), "white")
