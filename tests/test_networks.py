@@ -200,3 +200,44 @@ def test_the_decoding_is_the_pooled_one_on_maps_with_plateaus_and_edges(shape):
             # score = p (1 - exp(-1 / (2 sigma^2))) with the sigma it reports
             np.testing.assert_allclose(score, p_ref * (1 - np.exp(-1 / (2 * sigma**2))), rtol=1e-4)  # float32
     assert all(len(r[0]) for r in decode(out, 0.0)) and sum(map(len, ref)) < sum(len(r[0]) for r in decode(out, 0.0))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_one_channel_1x1_convolution_is_the_convolution_to_the_bit(memory_format):
+    """Conv1x1 computes a one-channel input as a product per channel: its output and
+    both gradients are nn.Conv2d's own bits, and a SpotNet trains to the same weights."""
+    import copy
+
+    from torch import nn
+
+    from models.networks.blocks import Conv1x1
+    from models.networks.spotnet import SpotNet, loss
+
+    torch.manual_seed(0)
+    conv = Conv1x1(1, 8).to(memory_format=memory_format)
+    x = torch.randn(3, 1, 17, 13).contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(3, 8, 17, 13).contiguous(memory_format=memory_format)
+    results = []
+    for forward in (conv.forward, lambda t: nn.Conv2d.forward(conv, t)):
+        x.grad = conv.weight.grad = None
+        y = forward(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad, conv.weight.grad))
+    for ours, plain in zip(*results):
+        assert torch.equal(ours, plain)
+
+    # Whole training steps (the stem's skip is a Conv1x1 from the image's one channel).
+    model = SpotNet((8, 16), heads=2, branch="decoder").train()
+    assert isinstance(model.unet.stem.skip, Conv1x1) and model.unet.stem.skip.in_channels == 1
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if isinstance(m, Conv1x1):
+            m.forward = (lambda mod: lambda t: nn.Conv2d.forward(mod, t))(m)
+    images, points = torch.rand(8, 1, 32, 32) * 100, torch.rand(8, 3, 2, 2) * 30
+    for net in (model, plain):
+        opt = torch.optim.AdamW(net.parameters(), 1e-3)
+        for _ in range(3):
+            opt.zero_grad()
+            loss(net, images, points)[0].backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))

@@ -24,6 +24,37 @@ def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, i
     return x, (h, w)
 
 
+class _ScaleChannels(torch.autograd.Function):
+    """``x * weight`` per output channel, with a 1 x 1 convolution's gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x * weight.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The convolution's own backward kernels, so training stays bit-identical to a
+        # plain nn.Conv2d (a reduction of x * grad would sum in another order).
+        x, weight = ctx.saved_tensors
+        gx = torch.nn.grad.conv2d_input(x.shape, weight, grad) if ctx.needs_input_grad[0] else None
+        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+class Conv1x1(nn.Conv2d):
+    """A 1 x 1 convolution without bias.  From one input channel it is a product per
+    output channel, and is computed as one: oneDNN's kernel for that shape took 3.5 ms
+    per 256 x 256 channels-last image here against 0.03 ms, with the same bits (each
+    output is one rounded product either way)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return _ScaleChannels.apply(x, self.weight) if self.in_channels == 1 else super().forward(x)
+
+
 class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, dilation: int = 1, norm: str = "batch"):
         layers = [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False)]
@@ -56,7 +87,7 @@ class ResBlock(nn.Module):
             nn.BatchNorm2d(cout) if norm == "batch" else nn.InstanceNorm2d(cout, affine=True),
         )
         self.se = SqueezeExcite(cout) if se else nn.Identity()
-        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1, bias=False)
+        self.skip = nn.Identity() if cin == cout else Conv1x1(cin, cout)
 
     def forward(self, x):
         return F.relu(self.se(self.body(x)) + self.skip(x))
