@@ -223,17 +223,21 @@ def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256)
     p * (1 - exp(-1 / (2 sigma^2))), so well-localised detections rank first (chosen on
     the validation set over p alone, p / sigma and 3 x 3 averaging)."""
     p = torch.sigmoid(out[:, 0])
-    # Only the pixels from min_score on can be peaks: the 3 x 3 maxima are taken there
-    # alone, and the 5 x 5 weighted means at the peaks alone, not pooled over the whole
-    # map (a field of 256 x 256 px has tens of spots).  nonzero is in row-major order.
-    b, r, c = torch.nonzero(p >= min_score, as_tuple=True)
+    # A peak is a pixel from min_score on that no pixel of its 3 x 3 exceeds (outside the
+    # image: -inf, never the maximum).  The 3 x 3 maximum of the whole map, as shifted
+    # maxima along x then y, costs less than gathering the neighbours of every candidate
+    # (thousands from min_score 0.01 on a 256 x 256 px field), and less than max_pool2d
+    # (2 ms for one such map here); the 5 x 5 weighted means are taken at the peaks alone.
+    # nonzero is in row-major order.
+    m = F.pad(p, (1, 1, 1, 1), value=-math.inf)
+    m = torch.maximum(torch.maximum(m[..., :-2], m[..., 1:-1]), m[..., 2:])
+    m = torch.maximum(torch.maximum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
+    peak = (p >= min_score) & (p == m)
+    b, r, c = torch.nonzero(peak, as_tuple=True)
     d = torch.arange(-2, 3, device=out.device)
-    # Outside the image: a probability below any (never the 3 x 3 maximum) and no weight
-    # in the mean (the average over the pixels inside, as avg_pool2d without padding).
+    # Outside the image: no weight in the mean (the average over the pixels inside, as
+    # avg_pool2d without padding).
     padded = F.pad(p, (2, 2, 2, 2), value=-1.0)
-    near = padded[b[:, None, None], r[:, None, None] + 2 + d[None, 1:4, None], c[:, None, None] + 2 + d[None, None, 1:4]]
-    peak = (near <= p[b, r, c][:, None, None]).flatten(1).all(1)
-    b, r, c = b[peak], r[peak], c[peak]
     bb, wr, wc = b[:, None, None], r[:, None, None] + 2 + d[None, :, None], c[:, None, None] + 2 + d[None, None, :]  # (K, 5, 5)
     wp = padded[bb, wr, wc].clamp_min(0.0)
     # Each window pixel's estimate relative to the peak's pixel (small numbers: no float32
