@@ -26,6 +26,8 @@ from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
 
 log = logging.getLogger(__name__)
 
+DETECT_PIXELS = 2**20  # pixels per detect call in ``localise`` (16 frames of 256 x 256 px)
+
 
 def _read_array(path: Path) -> np.ndarray:
     """The pixel array of a TIFF (every page one size), .npy or store, unchecked."""
@@ -236,11 +238,14 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
     rec = images if isinstance(images, Recording) else as_recording(images)
     n, h, w = rec.shape
     step = detector.batch_frames(h, w)
+    # Frames per detect call: whole batches, about DETECT_PIXELS (a table per call costs
+    # about a millisecond; the progress bar still moves several times a second).
+    group = step * max(1, DETECT_PIXELS // (step * h * w))
     parts, empty = [], None
     with tqdm(total=n, desc=detector.name, unit="frame", disable=not progress) as bar:
         for start, chunk in rec.chunks(step):
-            for a in range(0, len(chunk), step):
-                table = detector.detect(chunk[a:a + step], progress=False)
+            for a in range(0, len(chunk), group):
+                table = detector.detect(chunk[a:a + group], progress=False)
                 if min_score is not None:
                     table = table[table["score"] >= min_score].reset_index(drop=True)
                 if len(table):
@@ -248,7 +253,7 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
                     parts.append(table)
                 elif empty is None:
                     empty = table
-                bar.update(len(chunk[a:a + step]))
+                bar.update(len(chunk[a:a + group]))
     if not parts:
         return empty if empty is not None else detector.detect(np.zeros((0, h, w), np.float32))
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
