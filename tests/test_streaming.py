@@ -121,10 +121,20 @@ def _spotnet_in_batches_of_two():
     return det
 
 
+@pytest.mark.parametrize("calls_per_chunk", [1, 2], ids=["a call per chunk", "chunks of 6 in calls of 4 and 2"])
 @pytest.mark.parametrize("make", [lambda: TrackPyDetector(PAPER), _spotnet_in_batches_of_two],
                          ids=["trackpy", "spotnet"])
-def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, small_chunks, make):
+def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, small_chunks, monkeypatch, make,
+                                                                   calls_per_chunk):
+    import models.recordings.predict as predict
+
     det = make()
+    if calls_per_chunk == 2:
+        monkeypatch.setattr(recording, "CHUNK_BYTES", 6 * H * W * 4)
+        monkeypatch.setattr(predict, "DETECT_PIXELS", 4 * H * W)
+        calls = []
+        detect = det.detect
+        monkeypatch.setattr(det, "detect", lambda images, progress=False: calls.append(len(images)) or detect(images))
     frames = movie_frames(11)
     tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack")
     whole = det.detect(frames.astype(np.float32))
@@ -138,6 +148,8 @@ def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, sma
         pd.testing.assert_frame_equal(localise(det, rec, min_score=cut), above, check_exact=True)
         nothing = localise(det, rec, min_score=np.inf)
         assert len(nothing) == 0 and list(nothing.columns) == list(whole.columns)
+    if calls_per_chunk == 2:  # 11 frames: chunks of 6 and 5, each in calls of up to 4
+        assert calls[1:5] == [4, 2, 4, 1]  # after the one call on all 11
 
 
 def _as_sets(tracks: pd.DataFrame) -> set:
