@@ -237,9 +237,9 @@ def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256)
     d = torch.arange(-2, 3, device=out.device)
     # Outside the image: no weight in the mean (the average over the pixels inside, as
     # avg_pool2d without padding).
-    padded = F.pad(p, (2, 2, 2, 2), value=-1.0)
+    padded = F.pad(p, (2, 2, 2, 2))
     bb, wr, wc = b[:, None, None], r[:, None, None] + 2 + d[None, :, None], c[:, None, None] + 2 + d[None, None, :]  # (K, 5, 5)
-    wp = padded[bb, wr, wc].clamp_min(0.0)
+    wp = padded[bb, wr, wc]
     # Each window pixel's estimate relative to the peak's pixel (small numbers: no float32
     # rounding of a 256 px coordinate), then the peak's pixel added.
     ex = d[None, None, :] + F.pad(out[:, 1], (2, 2, 2, 2))[bb, wr, wc]

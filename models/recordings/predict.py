@@ -245,7 +245,8 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
     with tqdm(total=n, desc=detector.name, unit="frame", disable=not progress) as bar:
         for start, chunk in rec.chunks(step):
             for a in range(0, len(chunk), group):
-                table = detector.detect(chunk[a:a + group], progress=False)
+                frames = chunk[a:a + group]
+                table = detector.detect(frames, progress=False)
                 if min_score is not None:
                     table = table[table["score"] >= min_score].reset_index(drop=True)
                 if len(table):
@@ -253,7 +254,7 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
                     parts.append(table)
                 elif empty is None:
                     empty = table
-                bar.update(len(chunk[a:a + group]))
+                bar.update(len(frames))
     if not parts:
         return empty if empty is not None else detector.detect(np.zeros((0, h, w), np.float32))
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
