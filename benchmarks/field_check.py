@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
     ap.add_argument("--stores", nargs="+", default=["field_val", "test_field", "test_field_still"])
     ap.add_argument("--movies", type=int, help="score only the first N movies of each store")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "int8"],
+                    help="the model's inference arithmetic (default: as `factory track`, int8 where it can run)")
     ap.add_argument("--out", type=Path, help="write the tables here too (markdown)")
     ap.add_argument("--plot", type=Path, help="draw the first movie of the last store: the tracks of the linker best on "
                     "the first store (D within 1.5x), and D per particle for it, the TrackPy user pipeline and the floor")
@@ -61,7 +63,8 @@ def main() -> None:
     from models.tracking.tracks import (blur_r, diffusion_table, link, max_diffusion, min_diffusion, score_tracks,
                                         search_range_px, split_improbable_steps, stitch)
 
-    det = load_detector(args.model, "cpu", prefer="exposure")
+    det = load_detector(args.model, "cpu", prefer="exposure", precision=args.precision)
+    print(f"{args.model}, exposure head, {det.precision}")
 
     def movies(name):
         with Store(find_store(args.data, name)) as st:

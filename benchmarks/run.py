@@ -292,12 +292,15 @@ def bench_track(args):
     tune_malloc()
     model_dir = None
     if args.model and (Path(args.model) / "best.pt").exists():  # what the laser saw: the exposure head
-        net, label = load_detector(args.model, prefer="exposure"), f"trained model {args.model}"
+        # As `factory track` runs it (int8 where it can), and in float32 beside it.
+        net, label = load_detector(args.model, prefer="exposure", precision="auto"), f"trained model {args.model}"
+        net32 = load_detector(args.model, prefer="exposure") if net.precision != "float32" else None
         model_dir = Path(args.model)
     else:
         demo = load_train_config(ROOT / "configs" / "spotnet_default.yaml", None)
         net = NetDetector(family("spotnet"), family("spotnet").build(demo.params()), threshold=0.5,
                           target="exposure", head=1)
+        net32 = None
         label = "untrained SpotNet, default recipe (no runs/demo/model yet)"
     timing, px, d_max = ScanTiming(), 0.07, 0.5
     results = {}
@@ -324,7 +327,9 @@ def bench_track(args):
         print(f"{frames_n} frames of {size} x {size} px, about {mean * 0.8:.0f} particles in view; {label}; "
               f"TrackPy user pipeline {pipe.model_dump()}")
         runs = {"TrackPy user pipeline": lambda: run_user_pipeline(images, pipe, px, period),
-                "factory track (SpotNet)": lambda: track_recording(net, images, timing, px, d_max)}
+                f"factory track (SpotNet, {net.precision})": lambda: track_recording(net, images, timing, px, d_max)}
+        if net32 is not None:
+            runs["same, float32"] = lambda: track_recording(net32, images, timing, px, d_max)
         here = {}
         for name, run in runs.items():
             run()  # warm: compiled functions, caches

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.options import Device, Network, Target, device_option, notes, out_option, overwrite_option, quiet_option
+from cli.options import (Device, Network, Precision, Target, device_option, notes, out_option, overwrite_option,
+                         precision_option, quiet_option)
 from factory.errors import FactoryError
 
 
@@ -45,6 +46,7 @@ def evaluate(
                                                                     "(centroid: the paper's; exposure: what the laser saw). Trained "
                                                                     "models use their own (a model with a head per target: this head); "
                                                                     "every store is also scored against each truth it holds."),
+    precision: Precision = precision_option(Precision.float32),
     overwrite: bool = overwrite_option("Replace the files of an earlier evaluation in --out."),
     quiet: bool = quiet_option("No progress bars."),
 ) -> None:
@@ -63,7 +65,7 @@ def evaluate(
                        keep=(params,) if params else ()) as stage:
         evaluate_stores(data, stage, detector=detector, model=model, predictions=predictions, datasets=datasets,
                         params=params, tune_on=tune_on, tune_images=tune_images, threshold=threshold, gates_nm=gates,
-                        target=target.value, progress=not quiet, report=notes(quiet))
+                        target=target.value, precision=precision.value, progress=not quiet, report=notes(quiet))
     typer.echo((out / "table.md").read_text())
 
 

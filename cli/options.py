@@ -24,6 +24,7 @@ Target = _choice("Target", "centroid", "exposure")  # loaders.datasets.TARGETS
 Network = _choice("Network", "spotnet", "gridnet", "densitynet", "keypointrcnn", "dmdetnet3d")
 Estimator = _choice("Estimator", "pooled", "cve", "msd")  # models.tracking.tracks.ESTIMATORS
 Device = _choice("Device", "cpu", "cuda")
+Precision = _choice("Precision", "auto", "float32", "int8")  # models.training.runs.PRECISIONS
 
 
 def notes(quiet: bool):
@@ -71,6 +72,13 @@ def quiet_option(help: str = "No progress bar.") -> Any:
 def device_option() -> Any:
     """--device: where a network runs."""
     return typer.Option(Device.cpu, "--device", help="cpu or cuda.")
+
+
+def precision_option(default: Any) -> Any:
+    """--precision: the arithmetic a network's inference runs in."""
+    return typer.Option(default, "--precision", help="float32, int8 (8-bit integers on the CPU, about 2x faster; SpotNet "
+                                                     "models with recorded int8 ranges), or auto (int8 where it can run, "
+                                                     "else float32).")
 
 
 # A recording's pixel size and scan timing: None (not given) by default, the library then

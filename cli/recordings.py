@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from cli.options import (GIVEN_BY, Device, Estimator, Target, device_option, dwell_option, frame_flyback_option, line_retrace_option,
-                         notes, out_option, overwrite_option, pixel_size_option, quiet_option, scan_direction_option)
+from cli.options import (GIVEN_BY, Device, Estimator, Precision, Target, device_option, dwell_option, frame_flyback_option,
+                         line_retrace_option, notes, out_option, overwrite_option, pixel_size_option, precision_option,
+                         quiet_option, scan_direction_option)
 from factory.errors import FactoryError
 
 # The detector a command runs.
@@ -31,6 +32,7 @@ def predict(
     target: Optional[Target] = typer.Option(None, "--target", help="Models with a head per target: centroid (the paper's, the default) "
                                                                    "or exposure (what the laser saw, stamped with its scan time)."),
     device: Device = device_option(),
+    precision: Precision = precision_option(Precision.auto),
     overwrite: bool = overwrite_option("Replace the CSV of an earlier run."),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -54,7 +56,8 @@ def predict(
         found = predict_file(model, input, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
                              line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                              bidirectional=bidirectional, all_scores=all_scores, z_step_um=z_step_um,
-                             target=target.value if target else None, device=device.value, progress=not quiet,
+                             target=target.value if target else None, device=device.value,
+                             precision=precision.value, progress=not quiet,
                              report=notes(quiet), given_by=GIVEN_BY)
         found.table.to_csv(csv, index=False)
     typer.echo(f"{out}: {len(found.table)} localisations in {found.description}")
@@ -133,6 +136,7 @@ def track(
                                                                               "cve (covariance-based per track, Vestergaard 2014) "
                                                                               "or msd (MSD fit over Michalet's number of lags)."),
     device: Device = device_option(),
+    precision: Precision = precision_option(Precision.auto),
     overwrite: bool = overwrite_option("Replace the files of an earlier run in --out."),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -148,6 +152,6 @@ def track(
                             bidirectional=bidirectional, max_diffusion_um2_s=max_diffusion,
                             min_diffusion_um2_s=min_diffusion, search_range_um=search_range_um, memory=memory,
                             linker=linker, estimator=estimator.value, split=split, device=device.value,
-                            progress=not quiet,
+                            precision=precision.value, progress=not quiet,
                             report=notes(quiet), given_by=GIVEN_BY)
     typer.echo(f"{out}: {result.summary()}")

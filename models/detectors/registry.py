@@ -168,11 +168,15 @@ class NetDetector:
         Which output head of a network with a head per target.
     z_step_um : float, optional
         3D networks: the z step (um) of the training stacks.
+    int8 : torch.nn.Module, optional
+        The head in 8-bit integers (``models.networks.int8.Int8Head``): inference runs
+        it instead of ``model``.
     """
 
     def __init__(self, fam: Family, model: torch.nn.Module, threshold: float | None = None,
                  min_score: float = 0.01, device: str = "cpu", label: str | None = None,
-                 target: str = "centroid", head: int = 0, z_step_um: float | None = None):
+                 target: str = "centroid", head: int = 0, z_step_um: float | None = None,
+                 int8: torch.nn.Module | None = None):
         self.family = fam
         self.head = head  # which output head of a multi-target network (SpotNet, target: both)
         self.target = target  # the truth it was trained on: "centroid" or "exposure"
@@ -186,6 +190,8 @@ class NetDetector:
         self.device = device
         self.ndim = fam.ndim
         self.z_step_um = z_step_um  # 3D: the training stacks' z step, which its z targets assume
+        self.int8 = int8
+        self.precision = "int8" if int8 is not None else "float32"
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
@@ -222,6 +228,8 @@ class NetDetector:
         return max(1, self.family.pixels_per_batch // (height * width))
 
     def _predict(self, x):
+        if self.int8 is not None:  # the head in 8-bit integers, in the network's place
+            return self.family.predict(self.int8, x, self.min_score, head=self.head)
         if self.head:
             return self.family.predict(self.model, x, self.min_score, head=self.head)
         return self.family.predict(self.model, x, self.min_score)

@@ -582,7 +582,8 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
                     predictions: str | Path | None = None, datasets: list[str] | None = None,
                     params: str | Path | None = None, tune_on: str = "val", tune_images: int = 600,
                     threshold: float | None = None, gates_nm=None, target: str = "centroid",
-                    progress: bool = True, report: Callable[[str], None] | None = None) -> dict:
+                    precision: str = "float32", progress: bool = True,
+                    report: Callable[[str], None] | None = None) -> dict:
     """Score a detector on the test stores of a data folder (`factory evaluate`).
 
     Images: the seed paper's PR-AUC at ``gates_nm``, deepBlink's F1 integral, F1 and RMSE
@@ -626,6 +627,8 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
     target : {"centroid", "exposure"}
         TrackPy and ``predictions``: the truth tuned on and first scored against.  Every
         store is also scored against each truth it holds.
+    precision : {"float32", "int8", "auto"}
+        A trained model's inference arithmetic (``models.training.runs.RunFolder.detector``).
     progress : bool
         Progress bars (stderr).
     report : callable, optional
@@ -675,8 +678,9 @@ def evaluate_stores(data: str | Path, out: str | Path, *, detector: str | None =
                                 target=target)
         return evaluate_detector(det, data, out, datasets, progress=progress,
                                  extra={"params": det.params.model_dump()}, gates_nm=gates_nm)
-    det = load_detector(model, prefer=target)
-    return evaluate_detector(det, data, out, datasets, progress=progress, extra={"model": str(model)},
+    det = load_detector(model, prefer=target, precision=precision)
+    return evaluate_detector(det, data, out, datasets, progress=progress,
+                             extra={"model": str(model), "precision": getattr(det, "precision", None)},
                              gates_nm=gates_nm)
 
 

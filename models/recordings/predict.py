@@ -89,7 +89,8 @@ def read_images(path: str | Path) -> np.ndarray:
         return rec.read()
 
 
-def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None) -> Detector:
+def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = None,
+                  precision: str = "float32") -> Detector:
     """A detector, ready to ``detect``.
 
     Parameters
@@ -103,6 +104,9 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
     prefer : {"centroid", "exposure"} or None
         A network with a head per target: the head to use (default: its first, the
         centroid).  Ignored by other detectors.
+    precision : {"float32", "int8", "auto"}
+        A network's inference arithmetic (``models.training.runs.RunFolder.detector``).
+        Ignored by TrackPy.
 
     Returns
     -------
@@ -133,8 +137,8 @@ def load_detector(spec: str | Path, device: str = "cpu", prefer: str | None = No
         except FactoryError:
             targets = ()
         if prefer in targets:
-            return load_model(p, device, target=prefer)
-    return load_model(p, device)
+            return load_model(p, device, target=prefer, precision=precision)
+    return load_model(p, device, precision=precision)
 
 
 def training_datasets(run_dir: Path) -> tuple[list[Dataset], str | None]:
@@ -405,8 +409,8 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
                  dwell_us: float | None = None, line_retrace_ms: float | None = None,
                  frame_flyback_ms: float | None = None, bidirectional: bool | None = None,
                  all_scores: bool = False, z_step_um: float | None = None, target: str | None = None,
-                 device: str = "cpu", progress: bool = True, report: Callable[[str], None] | None = None,
-                 given_by: str = "the arguments") -> Prediction:
+                 device: str = "cpu", precision: str = "auto", progress: bool = True,
+                 report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> Prediction:
     """Localise the particles of a recording and time-stamp each one (`factory predict`).
 
     A 2D model reads the recording a chunk of frames at a time, so one of any length
@@ -437,6 +441,9 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
         without that head is refused.
     device : str
         ``"cpu"`` or ``"cuda"``.
+    precision : {"auto", "float32", "int8"}
+        A network's inference arithmetic: "auto" runs it in 8-bit integers where it can
+        (``models.training.runs.RunFolder.detector``), as the command line does.
     progress : bool
         A progress bar (stderr) counting frames.
     report : callable, optional
@@ -462,7 +469,7 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
                    frame_flyback_ms=frame_flyback_ms, z_step_um=z_step_um)
     say = report or log.info
     recording = Path(recording)
-    det = load_detector(model, device, prefer=target)
+    det = load_detector(model, device, prefer=target, precision=precision)
     if target is not None and det.target != target:
         raise FactoryError(f"{model}: --target {target}: the model has no {target} output "
                            f"(it finds the {det.target} target)")

@@ -604,7 +604,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
                bidirectional: bool | None = None, max_diffusion_um2_s: float | None = None,
                min_diffusion_um2_s: float | None = None, search_range_um: float | None = None, memory: int = 1,
                linker: str = LINKERS[0], estimator: str = ESTIMATORS[0], split: bool = True, device: str = "cpu",
-               progress: bool = True,
+               precision: str = "auto", progress: bool = True,
                report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> TrackResult:
     """Localise, link and estimate D per track in a movie (`factory track`).
 
@@ -651,6 +651,9 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         Cut tracks at steps improbable under their own mobility (``split_improbable_steps``).
     device : str
         ``"cpu"`` or ``"cuda"``.
+    precision : {"auto", "float32", "int8"}
+        A network's inference arithmetic: "auto" runs it in 8-bit integers where it can
+        (``models.training.runs.RunFolder.detector``), as the command line does.
     progress : bool
         A progress bar (stderr) counting frames.
     report : callable, optional
@@ -680,7 +683,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     if not is_store_path(recording) and recording.suffix.lower() not in (".tif", ".tiff"):
         raise FactoryError(f"{recording}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     say = report or log.info
-    det = load_detector(model, device, prefer="exposure")
+    det = load_detector(model, device, prefer="exposure", precision=precision)
     if det.ndim == 3:
         raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
                            "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
@@ -723,7 +726,8 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         result = TrackResult(tracks[cols], diff, {**used, "timing": timing.describe(), "pixel_size_um": px,
                                                   "min_diffusion_um2_s": d_min, "max_diffusion_um2_s": d_max,
                                                   "model": str(model),
-                                                  "target": det.target})
+                                                  "target": det.target,
+                                                  "precision": getattr(det, "precision", None)})
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)

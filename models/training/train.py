@@ -294,10 +294,32 @@ def fit(cfg: TrainConfig, data: Path | None, out: Path, device: str = "cpu", res
                "pixel_size_um": vals[0]["geom"].pixel_size_um, "train_seconds": time.perf_counter() - t_start, "device": device}
     if len(thresholds) > 1:
         metrics["thresholds"] = thresholds
+    ranges = _int8_ranges(model, cfg, vals)
+    if ranges:
+        metrics["int8_ranges"] = ranges
     if start_from is not None:
         metrics["init_from"] = start_from
     run.write_metrics(metrics)
     return metrics
+
+
+def _int8_ranges(model: torch.nn.Module, cfg: TrainConfig, vals: list[dict]) -> dict:
+    """Each head's int8 activation ranges (``models.networks.int8.calibrate``).
+
+    Over the first ``CALIBRATION_IMAGES`` images of each validation store that validates
+    the head; SpotNet only.
+    """
+    from models.networks import int8
+
+    if cfg.model != "spotnet" or cfg.params().se:
+        return {}
+    ranges = {}
+    for k, t in enumerate(cfg.targets):
+        for v in vals:
+            if cfg.trains(v["name"], t):  # stores may differ in image size: each calibrated alone
+                x = torch.from_numpy(v["images"][:int8.CALIBRATION_IMAGES].astype(np.float32))[:, None]
+                ranges[t] = int8.merge(ranges.get(t, {}), int8.calibrate(model.cpu(), k, x))
+    return ranges
 
 
 def train(config: str | Path | None, data: str | Path | None, out: str | Path, model: str | None = None,
