@@ -186,6 +186,9 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
     assert set(m["history"][0]["val_auc_by"]) == {f"{t} on {s}" for t in ("centroid", "exposure")
                                                   for s in ("val", "movies_val")}
     assert m["train_images"] == 640 + 16 * 8
+    # Each head's int8 ranges are recorded, so `factory track` can run the head in int8.
+    assert set(m["int8_ranges"]) == {"centroid", "exposure"}
+    assert load_model(run.path, target="exposure", precision="auto").precision == "int8"
     centroid, exposure = load_model(run.path), load_model(run.path, target="exposure")
     assert (centroid.head, centroid.target, exposure.head, exposure.target) == (0, "centroid", 1, "exposure")
     assert exposure.threshold == m["thresholds"]["exposure"] and exposure.timestamps == "scan"

@@ -10,8 +10,8 @@ quantization does; ``tests/test_int8.py`` checks this against PyTorch's FX flow 
 same ranges.
 
 Integer convolutions sum exactly, so the output is the same on any number of threads.
-A model's ranges are stored beside its weights (``int8.json`` of its run folder, written
-by `factory train`); they are data (a JSON of numbers), never code.
+A model's ranges are stored beside its weights (``int8_ranges`` in its run folder's
+``metrics.json``, written by `factory train`); they are data (JSON numbers), never code.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResBlock, normalize_images, pad_to_multiple
+from .blocks import normalize_images, pad_to_multiple
 
 ENGINE = "onednn"  # PyTorch's quantized engine with oneDNN's int8 (VNNI) kernels
 CALIBRATION_IMAGES = 64  # images of each validation store whose activations set the ranges
@@ -70,7 +70,6 @@ class _Layers:
     def __init__(self, model: nn.Module, head: int):
         unet = model.unet
         self.convs: dict[str, tuple] = {}
-        self.names: list[tuple[str, ResBlock]] = []
         decoder = unet.up if head == 0 or model.branch == "head" else model.extra_decoders[head - 1]
         blocks = [("stem", unet.stem), *((f"down{i}", b) for i, b in enumerate(unet.down)),
                   *((f"mid{i}", b) for i, b in enumerate(unet.mid)), *((f"up{i}", b) for i, b in enumerate(decoder))]

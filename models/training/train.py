@@ -313,12 +313,12 @@ def _int8_ranges(model: torch.nn.Module, cfg: TrainConfig, vals: list[dict]) -> 
 
     if cfg.model != "spotnet" or cfg.params().se:
         return {}
-    ranges = {}
+    model, ranges = model.cpu(), {}
     for k, t in enumerate(cfg.targets):
         for v in vals:
             if cfg.trains(v["name"], t):  # stores may differ in image size: each calibrated alone
                 x = torch.from_numpy(v["images"][:int8.CALIBRATION_IMAGES].astype(np.float32))[:, None]
-                ranges[t] = int8.merge(ranges.get(t, {}), int8.calibrate(model.cpu(), k, x))
+                ranges[t] = int8.merge(ranges.get(t, {}), int8.calibrate(model, k, x))
     return ranges
 
 
