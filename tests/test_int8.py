@@ -143,7 +143,9 @@ def test_int8_localises_as_float32():
     assert np.max(shifts) < 0.1, np.max(shifts)
 
 
-def test_int8_same_on_any_number_of_threads():
+def test_int8_same_on_any_number_of_threads_and_in_any_batch():
+    # Integer sums are exact: a frame's output depends neither on the threads nor on the
+    # frames beside it in a batch (which lets int8 run in larger batches than float32).
     model = _two_headed()
     q = int8.Int8Head(model, 1, int8.calibrate(model, 1, _images(8)))
     x = _images(4)
@@ -156,6 +158,7 @@ def test_int8_same_on_any_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+    assert torch.equal(torch.cat([q(x[i:i + 1]) for i in range(len(x))]), many)
 
 
 def test_ranges_cover_both():
@@ -185,6 +188,8 @@ def test_run_folder_gives_int8_where_it_can(tmp_path):
     run, model = _int8_run(tmp_path)
     det = run.detector(target="exposure", precision="auto")
     assert det.precision == "int8"
+    assert det.batch_frames(256, 256) == int8.PIXELS_PER_BATCH // 256**2 > 1  # float32: a frame at a time
+    assert run.detector(target="exposure", precision="float32").batch_frames(256, 256) == 1
     assert run.detector(target="exposure").precision == "float32"  # the library's default
     x = _images(2)
     with torch.no_grad():

@@ -192,6 +192,8 @@ class NetDetector:
         self.z_step_um = z_step_um  # 3D: the training stacks' z step, which its z targets assume
         self.int8 = int8
         self.precision = "int8" if int8 is not None else "float32"
+        # Inference batch size by image area: the int8 head's own where it runs.
+        self.pixels_per_batch = getattr(int8, "pixels_per_batch", fam.pixels_per_batch)
 
     @torch.no_grad()
     def detect(self, images, progress: bool = False) -> pd.DataFrame:
@@ -209,7 +211,7 @@ class NetDetector:
             self.model.eval()
         images = check_images(images, self.ndim, self.name)
         n = len(images)
-        bs = max(1, self.family.pixels_per_batch // int(np.prod(images.shape[1:])))
+        bs = max(1, self.pixels_per_batch // int(np.prod(images.shape[1:])))
         frames, pos, scores, sigmas = [], [], [], []
         for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(images[a:a + bs]))[:, None].to(self.device)
@@ -225,7 +227,7 @@ class NetDetector:
 
     def batch_frames(self, height: int, width: int) -> int:
         """Images of ``height`` x ``width`` px per forward pass."""
-        return max(1, self.family.pixels_per_batch // (height * width))
+        return max(1, self.pixels_per_batch // (height * width))
 
     def _predict(self, x):
         if self.int8 is not None:  # the head in 8-bit integers, in the network's place
