@@ -336,17 +336,18 @@ def bench_track(args):
         # 2-thread run more than TrackPy's 1 thread) then falls on one round of all of them,
         # and the ratio is the median of each round's own.
         rates = {name: [] for name in runs}
-        for _ in range(5):
-            for name, run in runs.items():
-                rates[name].append(len(images) / median_time(run, repeats=1))
+        for k in range(5):  # the order reversed every other round: no method always runs first
+            for name in (list(runs) if k % 2 == 0 else list(runs)[::-1]):
+                rates[name].append(len(images) / median_time(runs[name], repeats=1))
         ref = rates["TrackPy user pipeline"]
         here = {}
         for name, r in rates.items():
-            ratio = statistics.median(a / b for a, b in zip(r, ref))
+            per_round = [a / b for a, b in zip(r, ref)]
             here[name] = statistics.median(r)
-            print(f"  {name:<28} {here[name]:8.2f} frames/s  ({ratio:.2f}x the TrackPy user pipeline; "
-                  f"rounds {min(a / b for a, b in zip(r, ref)):.2f}-{max(a / b for a, b in zip(r, ref)):.2f}x)")
-            here[f"{name}, ratio"] = ratio
+            here[f"{name}, ratio of rounds"] = statistics.median(per_round)
+            print(f"  {name:<28} {here[name]:8.2f} frames/s  ({here[name] / statistics.median(ref):.2f}x the TrackPy "
+                  f"user pipeline; per round: median {statistics.median(per_round):.2f}x, "
+                  f"{min(per_round):.2f}-{max(per_round):.2f}x)")
         results[f"{size}px"] = here
         if size == 256 and model_dir is not None:
             results["command"] = track_command(model_dir, images, d_max, args)
@@ -364,7 +365,7 @@ def track_command(model_dir: Path, images: np.ndarray, d_max: float, args) -> di
     flags = ["--pixel-size-um", "0.07", "--dwell-us", "2", "--line-retrace-ms", "1.1"]
     # The floor under any start-up: PyTorch's own import, in a fresh process on this machine now.
     torch_s = statistics.median(peak_rss_of([sys.executable, "-c", "import torch"])[0] for _ in range(3))
-    print(f"  python -c 'import torch'      {torch_s:6.2f} s wall (median of 3)")
+    print(f"  python -c 'import torch'     {torch_s:6.2f} s wall (median of 3)")
     out = {"import torch": {"wall_s": torch_s}}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)

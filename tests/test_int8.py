@@ -159,6 +159,11 @@ def test_int8_same_on_any_number_of_threads_and_in_any_batch():
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
     assert torch.equal(torch.cat([q(x[i:i + 1]) for i in range(len(x))]), many)
+    # And at the size int8 batches for, 256 x 256 px, where the float32 last layer runs
+    # on 2^20 pixels at once.
+    gen = torch.Generator().manual_seed(1)
+    big = torch.poisson(torch.full((int8.PIXELS_PER_BATCH // 256**2, 1, 256, 256), 3.0), gen)
+    assert torch.equal(torch.cat([q(big[i:i + 1]) for i in range(len(big))]), q(big))
 
 
 def test_ranges_cover_both():
