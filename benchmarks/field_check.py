@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
     ap.add_argument("--stores", nargs="+", default=["field_val", "test_field", "test_field_still"])
     ap.add_argument("--movies", type=int, help="score only the first N movies of each store")
+    # models.training.runs.PRECISIONS (not imported here: it brings torch in before --help)
     ap.add_argument("--precision", default="auto", choices=["auto", "float32", "int8"],
                     help="the model's inference arithmetic (default: as `factory track`, int8 where it can run)")
     ap.add_argument("--out", type=Path, help="write the tables here too (markdown)")
