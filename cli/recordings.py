@@ -116,15 +116,20 @@ def track(
     max_diffusion: Optional[float] = typer.Option(None, "--max-diffusion-um2-s", help="Largest D expected (default: the training "
                                                                                       "data's or the store's largest D); the linking "
                                                                                       "radius is for the geometric middle of the "
-                                                                                      "smallest and the largest (--linker stitch: "
-                                                                                      "the largest D a fragment may have)."),
+                                                                                      "smallest and the largest, and no track "
+                                                                                      "reaches beyond the radius for the largest "
+                                                                                      "(--linker stitch: the largest D a fragment "
+                                                                                      "may have)."),
     search_range_um: Optional[float] = typer.Option(None, "--search-range-um", help="Linking radius (um), instead of one derived from D "
                                                                                     "and the frame period."),
     memory: int = typer.Option(1, "--memory", min=0, max=10, help="Frames a particle may vanish and still be linked."),
-    linker: str = typer.Option("radius", "--linker", help="radius: one radius, for the middle of the D range (the "
-                                                          "smallest sum of squared steps, TrackPy's criterion); stitch: a "
-                                                          "radius for the smallest D, then track fragments joined by their "
-                                                          "own D."),
+    linker: str = typer.Option("adaptive", "--linker", help="adaptive: a new track reaches the radius for the middle "
+                                                            "of the D range, then each track's reach and cost follow "
+                                                            "its own steps, between the radii for the smallest and "
+                                                            "the largest D; radius: one radius, for the middle, for "
+                                                            "every track (the smallest sum of squared steps, "
+                                                            "TrackPy's criterion); stitch: a radius for the smallest "
+                                                            "D, then track fragments joined by their own D."),
     min_diffusion: Optional[float] = typer.Option(None, "--min-diffusion-um2-s", help="Smallest D expected (default: the "
                                                                                      "training data's or the store's smallest "
                                                                                      "D)."),

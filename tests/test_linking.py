@@ -107,6 +107,8 @@ def test_ids_follow_the_order_tracks_start_and_rows_in_any_order_give_the_same_t
     ((np.array([0, 1]), np.zeros((2, 2)), float("inf"), 1), "radius_px"),
     ((np.array([0, 1]), np.zeros((2, 2)), 2.0, -1), "memory"),
     ((np.array([0.0, 0.5]), np.zeros((2, 2)), 2.0, 1), "whole"),
+    ((np.array([0, 1]), np.zeros((2, 2)), 2.0, 1, (5.0, 3.0)), "own_radius"),
+    ((np.array([0, 1]), np.zeros((2, 2)), 2.0, 1, (0.0, 3.0)), "own_radius"),
 ])
 def test_bad_arguments_are_refused(args, words):
     with pytest.raises(ValueError, match=words):
@@ -137,3 +139,70 @@ def test_thousands_of_localisations_a_frame_are_linked_in_blocks(monkeypatch):
     whole = link_frames(frame, xy, 3.0, 1)
     monkeypatch.setattr(linking, "PAIRS_PER_BLOCK", 1000)  # 3 sources per block
     assert links_of(frame, link_frames(frame, xy, 3.0, 1)) == links_of(frame, whole)
+    adaptive = link_frames(frame, xy, 3.0, 1, (2.0, 6.0))
+    monkeypatch.setattr(linking, "PAIRS_PER_BLOCK", 2**20)
+    assert links_of(frame, link_frames(frame, xy, 3.0, 1, (2.0, 6.0))) == links_of(frame, adaptive)
+
+
+# --- the adaptive linker: each track's reach and cost from its own steps ----------------
+
+
+def test_a_track_reaches_as_far_as_its_own_steps_say_by_hand():
+    """Radius 4 px for a new track: prior variance ((4 - 2) / 4)^2 = 0.25 px^2 per axis.
+    After a first step of 3.5 px its variance is (3.5^2 / 2 + 2 * 0.25) / (1 + 2) = 2.208,
+    its reach 4 sqrt(2.208) + 2 = 7.94 px: a second step of 7.5 px is linked, one of
+    8.2 px is not; one radius of 4 px links neither.  Past the largest reach nothing is."""
+    frame = np.array([0, 1, 2])
+    for step, linked in ((7.5, True), (8.2, False)):
+        xy = np.array([[0.0, 0.0], [3.5, 0.0], [3.5 + step, 0.0]])
+        assert link_frames(frame, xy, 4.0, 0, (2.0, 40.0)).tolist() == ([0, 0, 0] if linked else [0, 0, 1])
+        assert link_frames(frame, xy, 4.0, 0).tolist() == [0, 0, 1]
+        assert link_frames(frame, xy, 4.0, 0, (2.0, 7.0)).tolist() == [0, 0, 1]
+    # a gap of g frames: the variance g times, reach 4 sqrt(2 * 2.208) + 2 = 10.4 px
+    xy = np.array([[0.0, 0.0], [3.5, 0.0], [3.5 + 10.0, 0.0]])
+    assert link_frames(np.array([0, 1, 3]), xy, 4.0, 1, (2.0, 40.0)).tolist() == [0, 0, 0]
+    assert link_frames(np.array([0, 1, 2]), xy, 4.0, 1, (2.0, 40.0)).tolist() == [0, 0, 1]
+
+
+def test_a_fast_track_does_not_take_a_slow_neighbours_localisation():
+    """A slow track standing at x = 0 (steps 0.1 px) and a fast one arriving at x = 3 (steps
+    5 px); next frame, localisations at x = 0.5 and x = 10.  Measured in squared pixels
+    the fast track would take x = 0.5 (2.5^2, the slow track left unlinked) rather than
+    go 7 px; in each track's own variance the slow track keeps x = 0.5 and the fast one
+    goes on to x = 10 (what one radius of 12 px does too: 0.25 + 49 < 6.25 + 144)."""
+    slow = [[0.0, 0.0], [0.1, 0.0], [0.0, 0.0], [0.1, 0.0], [0.0, 0.0]]
+    fast = [[-17.0, 0.0], [-12.0, 0.0], [-7.0, 0.0], [-2.0, 0.0], [3.0, 0.0]]
+    frame = np.r_[np.repeat(np.arange(5), 2), 5, 5]
+    xy = np.array([p for pair in zip(slow, fast) for p in pair] + [[0.5, 0.0], [10.0, 0.0]])
+    ids = link_frames(frame, xy, 6.0, 0, (1.5, 20.0))
+    assert ids[-2] == ids[0] and ids[-1] == ids[1]
+    assert len(set(ids[0::2][:5])) == 1 and len(set(ids[1::2][:5])) == 1
+
+
+def test_in_a_field_of_mixed_mobility_fast_tracks_stay_whole_and_links_stay_right():
+    """20 slow particles (0.5 px per axis per frame) and 10 fast ones (4 px), every one
+    detected, linked with the radius for the middle of the range (4 * 1.41 + 2 = 7.7 px)
+    and reach between those for the ends (4 and 18 px): one radius breaks a fast
+    particle's track at one step in eight (2D steps past 7.7 px: exp(-7.7^2 / 32) =
+    0.16); each track's own reach almost never, and the links it makes are as right."""
+    rng = np.random.default_rng(11)
+    sd = np.r_[np.full(20, 0.5), np.full(10, 4.0)]
+    pos = rng.uniform(0, 300, (30, 2))
+    rows = []
+    for t in range(40):
+        pos = pos + rng.normal(0, 1, pos.shape) * sd[:, None]
+        rows += [(t, i, *pos[i]) for i in range(30)]
+    df = pd.DataFrame(rows, columns=["frame", "particle", "x", "y"])
+    frame, xy, who = df["frame"].to_numpy(), df[["x", "y"]].to_numpy(), df["particle"].to_numpy()
+
+    def breaks_and_wrong(ids):
+        links = links_of(frame, ids)
+        wrong = sum(who[a] != who[b] for a, b in links)
+        fast = who >= 20
+        return len(set(zip(who[fast], ids[fast]))) - 10, wrong  # pieces beyond one per fast particle
+
+    one_breaks, one_wrong = breaks_and_wrong(link_frames(frame, xy, 7.7, 0))
+    own_breaks, own_wrong = breaks_and_wrong(link_frames(frame, xy, 7.7, 0, (4.0, 18.0)))
+    assert one_breaks >= 30  # about 390 steps * 0.16
+    assert own_breaks <= one_breaks / 5
+    assert own_wrong <= one_wrong

@@ -72,6 +72,10 @@ def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
     used = json.loads((tmp_path / "t" / "track.json").read_text())
     period = 32 * 32 * 2e-6 + 31 * 1.1e-3 + 1.1e-3
     assert used["frame_period_s"] == pytest.approx(period)
+    # The adaptive linker by default: no track reaches past the radius for the largest D.
+    reach = 4 * (2 * 0.2 * period) ** 0.5 / used["pixel_size_um"] + 2
+    assert used["linker"] == "adaptive" and used["own_radius_px"][1] == pytest.approx(reach)
+    assert used["own_radius_px"][0] <= used["search_range_px"] <= used["own_radius_px"][1]
     # Time stamps: frame start + scan time at the localisation (TrackPy sees what the laser saw).
     row = tracks.iloc[0]
     assert row.t_s == pytest.approx(row.frame * period + row.y * (32 * 2e-6 + 1.1e-3) + row.x * 2e-6)
@@ -86,7 +90,7 @@ def test_factory_track_on_a_tiff_and_on_a_store(movie, tmp_path):
                 "--min-diffusion-um2-s", "0.01", "--max-diffusion-um2-s", "0.2")
     assert r.returncode == 0, r.stderr
     used = json.loads((tmp_path / "j" / "track.json").read_text())
-    assert used["linker"] == "stitch" and used["stitch_max_diffusion_um2_s"] == 0.2
+    assert used["linker"] == "stitch" and used["stitch_max_diffusion_um2_s"] == 0.2 and used["own_radius_px"] is None
     sj = pd.read_csv(tmp_path / "j" / "tracks.csv")
     assert (sj.groupby("track")["movie"].nunique() == 1).all() and len(sj) == len(st)
 

@@ -15,14 +15,34 @@ laptrack; SciPy's LAPJVsp) instead of by enumeration of each subnetwork.  Two co
 
 Localisations left over start new tracks; a track not continued waits up to ``memory``
 frames at its last position (gap closing, as TrackPy's ``memory``).
+
+With ``own_radius`` each track's reach follows its own steps (the adaptive linker,
+`factory track`'s default).  In a field of mixed mobility one radius is either too
+small for the fast particles (their tracks break into pieces too short for a D) or
+large enough for a slow particle to jump to a neighbour.  So each track carries the
+per-axis variance of its step per frame, v: the mean of its own squared steps, shrunk
+towards the variance that ``radius_px`` is set for by ``PRIOR_STEPS`` steps of it
+(a new track is linked exactly as the one-radius linker links it), and reaches
+``GATE_SIGMAS`` sqrt(v g) + 2 localisation errors over a gap of g frames, kept within
+``own_radius``.  The cost of a link is then its squared length over the track's own
+variance, v g + sigma_loc^2 (minus a log-likelihood up to a constant per track, which
+the assignment ignores): measured in its own squared length, a fast track's long step
+would outweigh a slow neighbour's short one, and the fast track would take the slow
+one's localisation.  Not linking costs the gate's own value.  Measured on the fields
+(README "Tracking fields"), this gets D right for more particles than one radius.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+PRIOR_STEPS = 2.0  # weight (in steps) of the prior variance in a track's own variance
+GATE_SIGMAS = 4.0  # a track's reach: this many standard deviations of its step per axis
+LOCALISATION_PX = 1.0  # the localisation error assumed in reach and cost (as search_range_px's)
 
-def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int = 1) -> np.ndarray:
+
+def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int = 1,
+                own_radius: tuple[float, float] | None = None) -> np.ndarray:
     """Track id of every localisation.
 
     Parameters
@@ -32,9 +52,13 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     xy : ndarray, shape (n, 2)
         Its position (px).
     radius_px : float
-        The largest displacement linked between consecutive frames of a track (px).
+        The largest displacement linked between consecutive frames of a track (px); with
+        ``own_radius``, that of a track without steps yet.
     memory : int
         Frames a track may miss and still be continued.
+    own_radius : (float, float), optional
+        The smallest and largest reach (px) of a track whose reach follows its own steps
+        (the adaptive linker); None: every track reaches ``radius_px``.
 
     Returns
     -------
@@ -44,8 +68,9 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     Raises
     ------
     ValueError
-        A radius that is not positive and finite, a negative memory, frame numbers that
-        are not whole, or positions that are not finite.
+        A radius that is not positive and finite, an ``own_radius`` whose smallest is
+        above its largest, a negative memory, frame numbers that are not whole, or
+        positions that are not finite.
     """
     frame = np.asarray(frame)
     if frame.dtype.kind not in "iub" and not (np.isfinite(frame).all() and (frame == np.round(frame)).all()):
@@ -54,6 +79,10 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     xy = np.asarray(xy, np.float64).reshape(len(frame), 2)
     if not (np.isfinite(radius_px) and radius_px > 0):
         raise ValueError(f"radius_px {radius_px}: give a positive number of pixels")
+    if own_radius is not None:
+        r_lo, r_hi = (float(v) for v in own_radius)
+        if not (np.isfinite(r_lo) and np.isfinite(r_hi) and 0 < r_lo <= r_hi):
+            raise ValueError(f"own_radius {own_radius}: give the smallest and the largest reach, 0 < smallest <= largest")
     if memory < 0:
         raise ValueError(f"memory {memory}: give 0 or more frames")
     if not np.isfinite(xy).all():
@@ -66,41 +95,62 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     starts = np.flatnonzero(np.r_[True, fr[1:] != fr[:-1]])
     stops = np.r_[starts[1:], len(fr)]
     r2 = float(radius_px) ** 2
-    # The open tracks: id, last position, last frame.
+    # The prior variance: the one whose reach is radius_px.
+    v0 = (max(float(radius_px) - 2.0 * LOCALISATION_PX, 0.0) / GATE_SIGMAS) ** 2
+    # The open tracks: id, last position, last frame, and (adaptive) the sum of their
+    # squared steps per frame and their number of steps.
     open_id = np.zeros(0, np.int64)
     open_xy = np.zeros((0, 2))
     open_last = np.zeros(0, np.int64)
+    open_sum = np.zeros(0)
+    open_n = np.zeros(0)
     next_id = 0
     for a, b in zip(starts, stops):
         f = fr[a]
         rows = order[a:b]
         keep = open_last >= f - 1 - memory
         open_id, open_xy, open_last = open_id[keep], open_xy[keep], open_last[keep]
+        open_sum, open_n = open_sum[keep], open_n[keep]
         pts = xy[rows]
-        to = _assign(open_xy, pts, r2) if len(open_id) else np.full(0, -1)
+        if own_radius is None:
+            gate2, scale = np.full(len(open_id), r2), np.ones(len(open_id))
+        else:
+            gap = (f - open_last).astype(np.float64)
+            v = (open_sum / 2.0 + PRIOR_STEPS * v0) / (open_n + PRIOR_STEPS)
+            gate2 = np.clip(GATE_SIGMAS * np.sqrt(v * gap) + 2.0 * LOCALISATION_PX, r_lo, r_hi) ** 2
+            scale = v * gap + LOCALISATION_PX**2
+        to = _assign(open_xy, pts, gate2, scale) if len(open_id) else np.full(0, -1)
         linked = to >= 0
         dest_id = np.full(len(rows), -1, np.int64)
         dest_id[to[linked]] = open_id[linked]
+        if own_radius is not None:
+            open_sum[linked] += ((pts[to[linked]] - open_xy[linked]) ** 2).sum(1) / gap[linked]
+            open_n[linked] += 1
         open_xy[linked] = pts[to[linked]]
         open_last[linked] = f
         new = dest_id < 0
-        dest_id[new] = np.arange(next_id, next_id + int(new.sum()))
-        next_id += int(new.sum())
+        k = int(new.sum())
+        dest_id[new] = np.arange(next_id, next_id + k)
+        next_id += k
         ids[rows] = dest_id
         open_id = np.r_[open_id, dest_id[new]]
         open_xy = np.r_[open_xy, pts[new]]
-        open_last = np.r_[open_last, np.full(int(new.sum()), f)]
+        open_last = np.r_[open_last, np.full(k, f)]
+        open_sum = np.r_[open_sum, np.zeros(k)]
+        open_n = np.r_[open_n, np.zeros(k)]
     return ids
 
 
 PAIRS_PER_BLOCK = 2**20  # distances computed at once: memory stays flat with thousands of localisations
 
 
-def _assign(src: np.ndarray, dst: np.ndarray, r2: float) -> np.ndarray:
+def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """For each source position, the index of the destination it links to, or -1.
 
-    Minimises the summed squared distance of the links plus ``r2`` per unlinked source,
-    linking only pairs at most sqrt(``r2``) apart (as TrackPy).
+    Source i links only to destinations within sqrt(``gate2[i]``); a link costs its
+    squared length over ``scale[i]``, leaving source i unlinked ``gate2[i] / scale[i]``,
+    and the sum is minimised.  With one radius and ``scale`` 1 that is TrackPy's
+    criterion.
     """
     to = np.full(len(src), -1, np.int64)
     if not len(dst):
@@ -109,7 +159,7 @@ def _assign(src: np.ndarray, dst: np.ndarray, r2: float) -> np.ndarray:
     step = max(1, PAIRS_PER_BLOCK // len(dst))
     for a in range(0, len(src), step):
         d = ((src[a:a + step, None, :] - dst[None, :, :]) ** 2).sum(-1)
-        s, t = np.nonzero(d <= r2)
+        s, t = np.nonzero(d <= gate2[a:a + step, None])
         si.append(s + a)
         di.append(t)
         d2.append(d[s, t])
@@ -122,13 +172,15 @@ def _assign(src: np.ndarray, dst: np.ndarray, r2: float) -> np.ndarray:
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     k, m = len(src), len(dst)
-    # Columns: the destinations, then one "no link" column per source at r2, so every
-    # source is matched.  Each row is matched once, so adding r2 to every cost leaves the
-    # optimum where it is; it keeps a zero displacement a stored edge, at the radius's
-    # own scale (a fixed offset would swamp the costs of a tiny radius).
+    # Columns: the destinations, then one "no link" column per source at its gate's cost,
+    # so every source is matched.  Each row is matched once, so adding one value to every
+    # cost leaves the optimum where it is; the largest gate cost keeps a zero
+    # displacement a stored edge, at the costs' own scale (a fixed offset would swamp the
+    # costs of a tiny radius).
     rows = np.r_[si, np.arange(k)]
     cols = np.r_[di, m + np.arange(k)]
-    cost = np.r_[d2, np.full(k, r2)] + r2
+    unlinked = gate2 / scale
+    cost = np.r_[d2 / scale[si], unlinked] + unlinked.max()
     r, c = min_weight_full_bipartite_matching(csr_array((cost, (rows, cols)), shape=(k, m + k)))
     real = c < m
     to[r[real]] = c[real]

@@ -1,11 +1,13 @@
 """From localisations to tracks and diffusion coefficients, and how good they are.
 
-Linking minimises the summed squared displacements between consecutive frames, as
-``trackpy.link`` does (Crocker-Grier), solved exactly as an assignment problem
+Linking is frame to frame, solved exactly as an assignment problem
 (``models.tracking.linking``), with ``memory`` frames of gap closing.  Its search range follows from a D and the frame period: a
 particle moves sqrt(2 D dt) per axis per frame, so a radius of 4 of those (a 2D
 displacement beyond it has probability exp(-8) = 3e-4) plus twice the localisation
-error, for the geometric middle of the D range expected (``link_diffusion``).  Tracks
+error, for the geometric middle of the D range expected (``link_diffusion``).  The
+default linker (``"adaptive"``) gives a new track that radius, then lets each track's
+reach and cost follow its own steps, between the radii for the smallest and the largest
+D; ``"radius"`` keeps the one radius for all (``trackpy.link``'s criterion).  Tracks
 are then cut at steps their own mobility makes improbable (``split_improbable_steps``).
 D per track is the pooled estimator (``models.tracking.diffusion``: one localisation
 error for the recording, each track's D from its own steps) on the track's own time
@@ -30,7 +32,7 @@ from factory.errors import FactoryError
 from factory.stores import Store, is_store_path
 
 from models.detectors.base import Detector
-from models.tracking.linking import link_frames
+from models.tracking.linking import GATE_SIGMAS, LOCALISATION_PX, link_frames
 from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
                                        pooled_sigma2, pooled_sigma2_variance)
 from models.recordings.predict import load_detector, localise, timing_of, training_datasets
@@ -60,13 +62,13 @@ def min_diffusion(dataset: DatasetSpec) -> float:
 
 
 def search_range_px(max_diffusion_um2_s: float, frame_period_s: float, pixel_size_um: float,
-                    localisation_px: float = 1.0) -> float:
+                    localisation_px: float = LOCALISATION_PX) -> float:
     """The linking radius (px) for particles up to ``max_diffusion_um2_s`` (um^2/s).
 
-    4 sqrt(2 D dt) over the frame period ``frame_period_s`` (s), in px of
-    ``pixel_size_um`` (um), plus twice ``localisation_px``.
+    ``GATE_SIGMAS`` (4) sqrt(2 D dt) over the frame period ``frame_period_s`` (s), in px
+    of ``pixel_size_um`` (um), plus twice ``localisation_px``.
     """
-    return 4.0 * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
+    return GATE_SIGMAS * math.sqrt(2.0 * max_diffusion_um2_s * frame_period_s) / pixel_size_um + 2.0 * localisation_px
 
 
 def link_diffusion(min_diffusion_um2_s: float, max_diffusion_um2_s: float) -> float:
@@ -83,13 +85,16 @@ def link_diffusion(min_diffusion_um2_s: float, max_diffusion_um2_s: float) -> fl
     return max(math.sqrt(min_diffusion_um2_s * max_diffusion_um2_s), max_diffusion_um2_s / 16.0)
 
 
-def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None) -> pd.DataFrame:
+def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None,
+         own_radius: tuple[float, float] | None = None) -> pd.DataFrame:
     """Add a ``track`` column: ids unique over the table, -1 never occurs.
 
     Linked by ``models.tracking.linking.link_frames`` (TrackPy's criterion, solved
     exactly) within ``radius_px`` (pixels, as ``x`` and ``y``), with ``memory`` frames of
-    gap.  ``group`` (e.g. ``movie``) links each group's frames separately.  Returns a
-    new table sorted by (group,) track and frame.
+    gap; with ``own_radius`` (smallest, largest; px) each track's reach follows its own
+    steps from ``radius_px`` on (the adaptive linker).  ``group`` (e.g. ``movie``) links
+    each group's frames separately.  Returns a new table sorted by (group,) track and
+    frame.
     """
     if len(table) == 0:
         return table.assign(track=np.zeros(0, np.int64))
@@ -97,7 +102,7 @@ def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | No
     groups = table.groupby(group, sort=True) if group else [(None, table)]
     for _, g in groups:
         g = g.reset_index(drop=True)
-        ids = link_frames(g["frame"].to_numpy(), g[["x", "y"]].to_numpy(), radius_px, memory)
+        ids = link_frames(g["frame"].to_numpy(), g[["x", "y"]].to_numpy(), radius_px, memory, own_radius)
         parts.append(g.assign(track=ids + next_id))
         next_id += int(ids.max()) + 1
     out = pd.concat(parts, ignore_index=True)
@@ -156,7 +161,7 @@ def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: 
     return tracks.assign(track=np.cumsum(new | cut) - 1)
 
 
-LINKERS = ("radius", "stitch")
+LINKERS = ("adaptive", "radius", "stitch")  # the first is the default
 STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
 STITCH_SIGMAS = 4.0  # a join's radius: this many standard deviations of the step per axis
 
@@ -413,8 +418,8 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     max_diffusion_um2_s : float
         The largest D expected (um^2/s): with ``min_diffusion_um2_s`` the D range whose
         geometric middle sets the linking radius (``link_diffusion``,
-        ``search_range_px``), or with ``linker="stitch"`` the D of fragments too short
-        for their own.
+        ``search_range_px``) and whose ends bound the adaptive linker's reach, or with
+        ``linker="stitch"`` the D of fragments too short for their own.
     search_range : float, optional
         The linking radius (px), instead of one derived from D and the frame period.
     memory : int
@@ -432,10 +437,12 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     estimator : {"pooled", "cve", "msd"}
         D per track (``diffusion_table``): with the localisation error pooled over the
         recording's tracks, covariance-based per track, or an MSD fit.
-    linker : {"radius", "stitch"}
-        One radius, for the geometric middle of the D range; or a radius for
-        ``min_diffusion_um2_s``, then fragments joined by their own D up to
-        ``max_diffusion_um2_s`` (``stitch``).
+    linker : {"adaptive", "radius", "stitch"}
+        A radius for the geometric middle of the D range for a new track, then each
+        track's own, within the radii for the range's ends (``adaptive``); one radius,
+        for the middle, for all (``radius``); or a radius for ``min_diffusion_um2_s``,
+        then fragments joined by their own D up to ``max_diffusion_um2_s``
+        (``stitch``).
     min_diffusion_um2_s : float, optional
         The smallest D expected (um^2/s; default: the largest).
     split : bool
@@ -449,9 +456,10 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     diffusion : pandas.DataFrame
         D per track (``diffusion_table``).
     used : dict
-        The settings used: linker, radius (px) and the D it was set for, memory, the
-        split's probability (None: no split), blur coefficient, frame period (s), time
-        stamps, estimator.
+        The settings used: linker, radius (px) and the D it was set for, the adaptive
+        linker's smallest and largest reach (``own_radius_px``), memory, the split's
+        probability (None: no split), blur coefficient, frame period (s), time stamps,
+        estimator.
 
     Raises
     ------
@@ -467,8 +475,12 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     if linker not in LINKERS:
         raise ValueError(f"linker {linker!r}: one of {LINKERS}")
     d_min = min(max_diffusion_um2_s if min_diffusion_um2_s is None else min_diffusion_um2_s, max_diffusion_um2_s)
-    first_d = link_diffusion(d_min, max_diffusion_um2_s) if linker == "radius" else d_min
+    first_d = d_min if linker == "stitch" else link_diffusion(d_min, max_diffusion_um2_s)
     search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
+    own = None
+    if linker == "adaptive":  # a radius given by hand widens the range to hold it
+        own = (min(search, search_range_px(d_min, period, pixel_size_um)),
+               max(search, search_range_px(max_diffusion_um2_s, period, pixel_size_um)))
     group = None
     if movie_frames:
         table["movie"] = table["frame"] // movie_frames
@@ -476,7 +488,7 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     if sigma_xy_um is None:  # the schema's default PSF (the paper's)
         sigma_xy_um = DatasetSpec().psf.sigma_xy_um
     r = blur_r(stamps, period, timing.line_period_s(w), timing.active_s(h, w), sigma_xy_um, pixel_size_um)
-    tracks = link(table, search, memory, group)
+    tracks = link(table, search, memory, group, own)
     if linker == "stitch":
         tracks = stitch(tracks, pixel_size_um, period, max_diffusion_um2_s, r, group=group)
     if split:
@@ -484,8 +496,8 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     tracks["x_um"] = tracks["x"] * pixel_size_um
     tracks["y_um"] = tracks["y"] * pixel_size_um
     used = {"linker": linker, "search_range_px": search, "link_diffusion_um2_s": None if search_range is not None else first_d,
-            "memory": memory, "split_p": SPLIT_P if split else None, "blur_r": r, "frame_period_s": period,
-            "time_stamps": stamps, "estimator": estimator}
+            "own_radius_px": list(own) if own else None, "memory": memory, "split_p": SPLIT_P if split else None,
+            "blur_r": r, "frame_period_s": period, "time_stamps": stamps, "estimator": estimator}
     if linker == "stitch":
         used.update(stitch_gap_frames=STITCH_GAP_FRAMES, stitch_max_diffusion_um2_s=max_diffusion_um2_s)
     return tracks, diffusion_table(tracks, pixel_size_um, r, estimator=estimator), used
@@ -581,7 +593,8 @@ class TrackResult:
         ``movie`` first.
     settings : dict
         What was used (``track.json``): linker, linking radius (``search_range_px``) and
-        the D it was set for (``link_diffusion_um2_s``), memory, the cut's probability
+        the D it was set for (``link_diffusion_um2_s``), the adaptive linker's reach
+        (``own_radius_px``), memory, the cut's probability
         (``split_p``, None: no cut), blur coefficient, frame period, time stamps,
         estimator, scan timing and its source, pixel size, the D range
         (``min_diffusion_um2_s``, ``max_diffusion_um2_s``), model and target.
@@ -635,15 +648,17 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     max_diffusion_um2_s, min_diffusion_um2_s : float, optional
         The D range expected (default: the store's or the training data's, else the
         schema's): the linking radius, 4 sqrt(2 D dt) + 2 px, is for its geometric
-        middle (``link_diffusion``); ``linker="stitch"`` links with a radius for the
+        middle (``link_diffusion``), and the adaptive linker's tracks reach between
+        the radii for its ends; ``linker="stitch"`` links with a radius for the
         smallest D first.
     search_range_um : float, optional
         The linking radius, instead of one derived from D and the frame period.
     memory : int
         Frames a particle may vanish and still be linked.
-    linker : {"radius", "stitch"}
-        One radius for the middle of the D range, or a radius for the smallest D and
-        then fragments joined by their own D.
+    linker : {"adaptive", "radius", "stitch"}
+        Each track's reach and cost from its own steps, starting from the radius for the
+        middle of the D range (the default); one radius for the middle; or a radius for
+        the smallest D and then fragments joined by their own D.
     estimator : {"pooled", "cve", "msd"}
         D per track: with the localisation error pooled over the recording's tracks
         (the default), covariance-based per track (Vestergaard 2014), or an MSD fit.
