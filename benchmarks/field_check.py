@@ -147,7 +147,7 @@ def main() -> None:
                 plot_field(frames.mean(0), drawn,
                            {"ours (factory track)": per[default][-1],
                             "TrackPy user pipeline": per["TrackPy user pipeline (imsd fit)"][-1]}, args.plot,
-                           f"{name}, movie 0, mean image; the model's tracks\n(`factory track`'s default linker)")
+                           f"{name}, movie 0, mean image; the model's tracks\n(factory track's default linker)")
                 print(f"drew {args.plot}", flush=True)
             tracks = tracks.assign(t_s=time_stamps(tracks, h, w, timing, "scan", starts))
             per.setdefault("TrackPy user pipeline, its tracks through our estimator", []).append(

@@ -19,17 +19,18 @@ frames at its last position (gap closing, as TrackPy's ``memory``).
 With ``own_radius`` each track's reach follows its own steps (the adaptive linker,
 `factory track`'s default).  In a field of mixed mobility one radius is either too
 small for the fast particles (their tracks break into pieces too short for a D) or
-large enough for a slow particle to jump to a neighbour.  So each track carries the
-per-axis variance of its step per frame, v: the mean of its own squared steps, shrunk
-towards the variance that ``radius_px`` is set for by ``PRIOR_STEPS`` steps of it
-(a new track is linked exactly as the one-radius linker links it), and reaches
-``GATE_SIGMAS`` sqrt(v g) + 2 localisation errors over a gap of g frames, kept within
-``own_radius``.  The cost of a link is then its squared length over the track's own
-variance, v g + sigma_loc^2 (minus a log-likelihood up to a constant per track, which
-the assignment ignores): measured in its own squared length, a fast track's long step
-would outweigh a slow neighbour's short one, and the fast track would take the slow
-one's localisation.  Not linking costs the gate's own value.  Measured on the fields
-(README "Tracking fields"), this gets D right for more particles than one radius.
+large enough for a slow particle to jump to a neighbour.  So each track carries v, the
+variance of its step per axis and frame: the mean of its own squared steps (per axis,
+per frame of gap), shrunk towards the variance that ``radius_px`` is set for with the
+weight of ``PRIOR_STEPS`` steps (so a new track reaches ``radius_px``, as with one
+radius).  It reaches ``GATE_SIGMAS`` sqrt(v g) + 2 localisation errors over a gap of g
+frames, kept within ``own_radius``.  A link costs its squared length over the track's
+own variance, v g + sigma_loc^2: the Gaussian negative log-likelihood of the step, less
+a term per track that the assignment ignores (each track is assigned once).  In squared
+pixels instead, a fast track's long step would outweigh a slow neighbour's short one,
+and the fast track would take the slow one's localisation.  Not linking costs what a
+step at the edge of the reach costs.  Measured on the fields (README "Tracking
+fields"), this gets D right for more particles than one radius.
 """
 
 from __future__ import annotations
@@ -133,11 +134,11 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
         dest_id[new] = np.arange(next_id, next_id + k)
         next_id += k
         ids[rows] = dest_id
-        open_id = np.r_[open_id, dest_id[new]]
-        open_xy = np.r_[open_xy, pts[new]]
-        open_last = np.r_[open_last, np.full(k, f)]
-        open_sum = np.r_[open_sum, np.zeros(k)]
-        open_n = np.r_[open_n, np.zeros(k)]
+        open_id = np.concatenate((open_id, dest_id[new]))
+        open_xy = np.concatenate((open_xy, pts[new]))
+        open_last = np.concatenate((open_last, np.full(k, f)))
+        open_sum = np.concatenate((open_sum, np.zeros(k)))
+        open_n = np.concatenate((open_n, np.zeros(k)))
     return ids
 
 
@@ -177,10 +178,10 @@ def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarr
     # cost leaves the optimum where it is; the largest gate cost keeps a zero
     # displacement a stored edge, at the costs' own scale (a fixed offset would swamp the
     # costs of a tiny radius).
-    rows = np.r_[si, np.arange(k)]
-    cols = np.r_[di, m + np.arange(k)]
+    rows = np.concatenate((si, np.arange(k)))
+    cols = np.concatenate((di, m + np.arange(k)))
     unlinked = gate2 / scale
-    cost = np.r_[d2 / scale[si], unlinked] + unlinked.max()
+    cost = np.concatenate((d2 / scale[si], unlinked)) + unlinked.max()
     r, c = min_weight_full_bipartite_matching(csr_array((cost, (rows, cols)), shape=(k, m + k)))
     real = c < m
     to[r[real]] = c[real]
