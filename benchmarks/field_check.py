@@ -59,8 +59,8 @@ def main() -> None:
     from models.tracking.timing import ScanTiming, time_stamps
     from models.detectors.trackpy import run_user_pipeline, user_search_range_px
     from models.evaluation.tuning import tune_user_pipeline
-    from models.tracking.tracks import (blur_r, diffusion_table, link, max_diffusion, min_diffusion, score_tracks,
-                                        search_range_px, split_improbable_steps, stitch)
+    from models.tracking.tracks import (blur_r, diffusion_table, link, max_diffusion, min_diffusion, own_radius_px,
+                                        score_tracks, search_range_px, split_improbable_steps, stitch)
 
     det = load_detector(args.model, "cpu", prefer="exposure", precision=args.precision)
     print(f"{args.model}, exposure head, {det.precision}")
@@ -92,7 +92,7 @@ def main() -> None:
     r_scan = blur_r("scan", period, timing.line_period_s(w), timing.active_s(h, w), sigma, px)
     r_frame = blur_r("frame", period, timing.line_period_s(w), timing.active_s(h, w), sigma, px)
     d_mid = float(np.sqrt(d_lo * d_hi))
-    own = (search_range_px(d_lo, period, px), search_range_px(d_hi, period, px))
+    own = own_radius_px(d_lo, d_hi, period, px)
     default = (f"each track's own reach (adaptive; `factory track`'s default): D {d_mid:g} radius for a new track, "
                f"within D {d_lo:g}-{d_hi:g}, memory 1, split at improbable steps")
     linkers = {

@@ -30,7 +30,8 @@ ENGINE = "onednn"  # PyTorch's quantized engine with oneDNN's int8 (VNNI) kernel
 CALIBRATION_IMAGES = 64  # images of each validation store whose activations set the ranges
 # Pixels per forward pass.  oneDNN's int8 kernels run 20-25 % cheaper per frame in batches
 # of 16 frames of 256 x 256 px (4 of 512 x 512) than a frame at a time, where float32
-# gains nothing; integer sums are exact, so a frame's output is the same in any batch.
+# gains nothing.  The integer layers sum exactly and the float32 last layer is a product
+# per pixel, so a frame's output is the same in any batch (tests/test_int8.py).
 PIXELS_PER_BATCH = 2**20
 
 

@@ -85,6 +85,18 @@ def link_diffusion(min_diffusion_um2_s: float, max_diffusion_um2_s: float) -> fl
     return max(math.sqrt(min_diffusion_um2_s * max_diffusion_um2_s), max_diffusion_um2_s / 16.0)
 
 
+def own_radius_px(min_diffusion_um2_s: float, max_diffusion_um2_s: float, frame_period_s: float,
+                  pixel_size_um: float, radius_px: float | None = None) -> tuple[float, float]:
+    """The adaptive linker's smallest and largest reach (px).
+
+    The radii (``search_range_px``) for the ends of the D range (um^2/s), widened to hold
+    ``radius_px``, a new track's reach, where one is given.
+    """
+    lo = search_range_px(min_diffusion_um2_s, frame_period_s, pixel_size_um)
+    hi = search_range_px(max_diffusion_um2_s, frame_period_s, pixel_size_um)
+    return (lo, hi) if radius_px is None else (min(radius_px, lo), max(radius_px, hi))
+
+
 def link(table: pd.DataFrame, radius_px: float, memory: int = 1, group: str | None = None,
          own_radius: tuple[float, float] | None = None) -> pd.DataFrame:
     """Add a ``track`` column: ids unique over the table, -1 never occurs.
@@ -477,10 +489,8 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     d_min = min(max_diffusion_um2_s if min_diffusion_um2_s is None else min_diffusion_um2_s, max_diffusion_um2_s)
     first_d = d_min if linker == "stitch" else link_diffusion(d_min, max_diffusion_um2_s)
     search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
-    own = None
-    if linker == "adaptive":  # a radius given by hand widens the range to hold it
-        own = (min(search, search_range_px(d_min, period, pixel_size_um)),
-               max(search, search_range_px(max_diffusion_um2_s, period, pixel_size_um)))
+    # A radius given by hand widens the adaptive linker's range to hold it.
+    own = own_radius_px(d_min, max_diffusion_um2_s, period, pixel_size_um, search) if linker == "adaptive" else None
     group = None
     if movie_frames:
         table["movie"] = table["frame"] // movie_frames
