@@ -13,7 +13,11 @@ it") with its imsd line fit and its tracks through our estimator.  Scored per pa
 (models.evaluation.fields): matched track, D within 1.5x, median |log10 D error|, the
 floors (the CVE on the true centroids, and the pooled estimator on them); and correct
 links.  Prints one markdown table per store, and the linker with the most D within 1.5x
-on the first (of equals, the smallest median error).  ``--plot`` draws the first movie of
+on the first (of equals, the smallest median error).  Where a store keeps trajectories
+(the test sets), a second table splits its particles by depth (the median |z - focal
+z| over the frames they are scored in): in-view is a matter of x and y only, so a
+particle that wandered microns out of focus is scored, and the floor sees its true
+centroids where the microscope shows next to nothing.  ``--plot`` draws the first movie of
 the last store (``models.evaluation.fields.plot_field``): the tracks of `factory
 track`'s default linker (adaptive, cut at improbable steps), and D per particle for it,
 the TrackPy user pipeline and the floor.
@@ -53,7 +57,7 @@ def main() -> None:
 
     from factory.stores import Store, find_store
     from loaders.datasets import truth_points
-    from models.evaluation.fields import MovieTruth, plot_field, score_particles, summarise
+    from models.evaluation.fields import MovieTruth, plot_field, score_particles, scored_runs, summarise
     from models.evaluation.metrics import Points
     from models.recordings.predict import load_detector, localise
     from models.tracking.timing import ScanTiming, time_stamps
@@ -71,6 +75,10 @@ def main() -> None:
             F = ds.movie.n_frames
             keys = ["centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s", "frame_start_s"]
             rows = {k: st.read(k) for k in keys + (["on_fraction"] if "on_fraction" in st else [])}
+            # Each particle's depth per frame (um from the focal plane): the mean over the
+            # stored trajectory samples of the frame.
+            depth = (np.abs(st.read("trajectories")[..., 2].mean(-1) - ds.psf.focal_z_um)
+                     if "trajectories" in st else None)
             images = st.read("images")
         h, w = images.shape[1:]
         timing = ScanTiming.of_dataset(ds, name)
@@ -78,10 +86,10 @@ def main() -> None:
         for m in range(min(len(images) // F, args.movies or len(images))):
             a, b = m * F, (m + 1) * F
             yield (images[a:b], rows["frame_start_s"][a:b], MovieTruth.of_rows(rows, a, b, t_c), ds, timing,
-                   {k: v[a:b] for k, v in rows.items()})
+                   {k: v[a:b] for k, v in rows.items()}, None if depth is None else depth[a:b])
 
     # The TrackPy user pipeline, tuned on field_val's first movie.
-    frames, _, truth, ds, timing, _ = next(movies("field_val"))
+    frames, _, truth, ds, timing, _, _ = next(movies("field_val"))
     px, sigma = ds.image.pixel_size_um, ds.psf.sigma_xy_um
     h, w = frames.shape[1:]
     period = timing.frame_period_s(h, w)
@@ -117,7 +125,10 @@ def main() -> None:
         links = {}
         secs = {}
         n_frames = 0
-        for m, (frames, starts, truth, _, _, rows) in enumerate(movies(name)):
+        depths = []  # each scored particle's median depth (um), movie by movie as `per`
+        for m, (frames, starts, truth, _, _, rows, depth) in enumerate(movies(name)):
+            if depth is not None:
+                depths.append({p: float(np.median(depth[a:b, p])) for p, (a, b) in scored_runs(truth).items()})
             n_frames += len(frames)
             t0 = time.perf_counter()
             table = localise(det, frames, min_score=det.threshold)
@@ -163,6 +174,9 @@ def main() -> None:
             lines.append(f"| {label} | {s['particles']} | {s['matched']:.2f} | {s['d_within']:.2f} | "
                          f"{s['floor_d_within']:.2f} | {s['floor_pooled_d_within']:.2f} | {s['median_abs_log10']:.3f} | "
                          f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")
+        if depths:
+            lines += depth_table(per, depths, {"ours (`factory track`)": default,
+                                               "TrackPy user pipeline": "TrackPy user pipeline (imsd fit)"})
         if best is None:  # the most D within 1.5x; of equals, the smallest median error
             score = {k: summarise(pd.concat(per[k], ignore_index=True)) for k in linkers}
             best = max(linkers, key=lambda k: (score[k]["d_within"] or 0.0,
@@ -173,6 +187,33 @@ def main() -> None:
         text += lines + [""]
     if args.out:
         args.out.write_text("\n".join(text) + "\n")
+
+
+DEPTH_BINS_UM = (0.0, 1.5, 3.0, np.inf)  # |z - focal z|; the PSF's sigma_z is 1.36 um in fields.yaml
+
+
+def depth_table(per: dict, depths: list[dict], labels: dict[str, str]) -> list[str]:
+    """Markdown lines: D within 1.5x of some pipelines and of the CVE floor, by depth.
+
+    ``per`` maps a pipeline to its ``score_particles`` tables, one per movie;
+    ``depths`` holds, per movie, each scored particle's median depth (um); ``labels``
+    maps a column's name to its pipeline in ``per``.
+    """
+    from models.evaluation.fields import within
+
+    head = ["", "| median depth of the particle | particles | " + " | ".join(labels) + " | floor (CVE) |",
+            "| --- | --- |" + " --- |" * (len(labels) + 1)]
+    parts = [pd.concat([t.assign(depth_um=t["particle"].map(d)) for t, d in zip(per[k], depths)], ignore_index=True)
+             for k in labels.values()]
+    for lo, hi in zip(DEPTH_BINS_UM[:-1], DEPTH_BINS_UM[1:]):
+        rows = [t[(t["depth_um"] >= lo) & (t["depth_um"] < hi)] for t in parts]
+        n = len(rows[0])
+        cells = [f"{within(t['D_um2_s'], t['true_D_um2_s']).mean():.2f}" if n else "-" for t in rows]
+        t = rows[0]
+        floor = f"{within(t['floor_D_um2_s'], t['true_D_um2_s']).mean():.2f}" if n else "-"
+        span = f"{lo:g} - {hi:g} um" if np.isfinite(hi) else f">= {lo:g} um"
+        head.append(f"| {span} | {n} | " + " | ".join(cells) + f" | {floor} |")
+    return head
 
 
 if __name__ == "__main__":
