@@ -91,10 +91,10 @@ volumes: $(STAMP)
 
 # Real-size fields (fields.yaml): 256 x 256 px movies of 50 frames, about 40 blinking
 # particles with D over a decade (log-uniform), and a test set like it without
-# blinking, 8 movies each; about 2.5 minutes on a 2-core CPU.  With the demo's model
-# (1.5 minutes more): the linkers and the TrackPy user pipeline scored per particle, the
-# test sets also by depth (runs/fields/field_check.md), and one field drawn
-# (runs/fields/field.png).
+# blinking (field_val 2 movies, the two test sets 8 each; about 2.5 minutes on a 2-core
+# CPU).  With the demo's model (about 45 s more): the linkers and the TrackPy user
+# pipeline scored per particle, the test sets also by depth (runs/fields/field_check.md),
+# and one field drawn (runs/fields/field.png).
 fields: $(STAMP)
 	$(VENV)/bin/factory build fields.yaml --out data/fields --overwrite
 	$(VENV)/bin/factory inspect data/fields --brief

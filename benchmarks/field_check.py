@@ -14,8 +14,9 @@ it") with its imsd line fit and its tracks through our estimator.  Scored per pa
 floors (the CVE on the true centroids, and the pooled estimator on them); and correct
 links.  Prints one markdown table per store, and the linker with the most D within 1.5x
 on the first (of equals, the smallest median error).  Where a store keeps trajectories
-(the test sets), a second table splits its particles by depth (the median |z - focal
-z| over the frames they are scored in): in-view is a matter of x and y only, so a
+(the test sets), a second table splits its particles by depth (the median, over the
+frames of the particle's scored run, of the distance of its mean z in the frame from the
+focal plane): in-view is a matter of x and y only, so a
 particle that wandered microns out of focus is scored, and the floor sees its true
 centroids where the microscope shows next to nothing.  ``--plot`` draws the first movie of
 the last store (``models.evaluation.fields.plot_field``): the tracks of `factory
