@@ -16,9 +16,9 @@ links.  Prints one markdown table per store, and the linker with the most D with
 on the first (of equals, the smallest median error).  Where a store keeps trajectories
 (the test sets), a second table splits its particles by depth (the median, over the
 frames of the particle's scored run, of the distance of its mean z in the frame from the
-focal plane): in-view is a matter of x and y only, so a
-particle that wandered microns out of focus is scored, and the floor sees its true
-centroids where the microscope shows next to nothing.  ``--plot`` draws the first movie of
+focal plane): in view is a matter of x and y only, so a particle that wandered microns
+out of focus is scored, and the floor reads its true centroids where the microscope
+shows next to nothing.  ``--plot`` draws the first movie of
 the last store (``models.evaluation.fields.plot_field``): the tracks of `factory
 track`'s default linker (adaptive, cut at improbable steps), and D per particle for it,
 the TrackPy user pipeline and the floor.
@@ -210,8 +210,8 @@ def depth_table(per: dict, depths: list[dict], labels: dict[str, str]) -> list[s
         rows = [t[(t["depth_um"] >= lo) & (t["depth_um"] < hi)] for t in parts]
         n = len(rows[0])
         cells = [f"{within(t['D_um2_s'], t['true_D_um2_s']).mean():.2f}" if n else "-" for t in rows]
-        t = rows[0]
-        floor = f"{within(t['floor_D_um2_s'], t['true_D_um2_s']).mean():.2f}" if n else "-"
+        # The floor is the truth's alone: the same in every pipeline's rows.
+        floor = f"{within(rows[0]['floor_D_um2_s'], rows[0]['true_D_um2_s']).mean():.2f}" if n else "-"
         span = f"{lo:g} - {hi:g} um" if np.isfinite(hi) else f">= {lo:g} um"
         head.append(f"| {span} | {n} | " + " | ".join(cells) + f" | {floor} |")
     return head
