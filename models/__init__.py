@@ -8,7 +8,16 @@ script that needs only TrackPy, pay for what they use.
 >>> from models import load_detector, predict_file, track_file, evaluate_stores
 """
 
+import os
 from importlib import import_module
+
+# oneDNN's AMX int8 kernels (on CPUs that have AMX) gave a frame another last bit in a
+# batch of 16 frames than alone; capped at AVX-512 with VNNI, the int8 kernels of every
+# other machine, a frame's output is the same in any batch (tests/test_int8.py), float32
+# to the bit as before, and int8 here no slower.  oneDNN reads the cap once, before its
+# first primitive, so it is set where the package is first imported; a value the user
+# set stands.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 # Public name -> the module that defines it.
 _API = {
