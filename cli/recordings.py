@@ -137,7 +137,9 @@ def track(
                                                                 "(p = 0.001 under the track's median step): wrong "
                                                                 "links to a neighbour."),
     estimator: Estimator = typer.Option(Estimator.pooled, "--estimator", help="D per track: pooled (each track's own steps, "
-                                                                              "the localisation error pooled over the recording), "
+                                                                              "the localisation error pooled over the recording, "
+                                                                              "weighed against the model's own predicted "
+                                                                              "errors), "
                                                                               "cve (covariance-based per track, Vestergaard 2014) "
                                                                               "or msd (MSD fit over Michalet's number of lags)."),
     device: Device = device_option(),

@@ -5,7 +5,8 @@ localisation noise), independently of the microscope simulator."""
 import numpy as np
 import pytest
 
-from models.tracking.diffusion import blur_coefficient_uniform, cve, known_sigma, msd_fit, pooled_sigma2
+from models.tracking.diffusion import (blur_coefficient_uniform, cve, known_sigma, msd_fit, pooled_sigma2,
+                                       with_detector_prior)
 
 D_TRUE, DT, TAU, SIGMA = 0.2, 0.08, 0.03, 0.03  # um^2/s, s, s (exposure window), um
 
@@ -202,6 +203,55 @@ def test_the_pooled_interval_covers_the_truth_with_few_tracks_or_many(tracks):
                                               "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px}), px, R)
             hits += list((d["D_low_um2_s"] <= D_TRUE) & (D_TRUE <= d["D_high_um2_s"]))
         assert 0.91 <= np.mean(hits) <= 0.98, (per_recording, np.mean(hits))
+
+
+def test_hand_computed_detector_prior():
+    # Pool 0.002 um^2 with variance 1e-6; the detector says 0.001, trusted to 50 %: its
+    # variance (0.5 * 0.001)^2 = 2.5e-7, so the weights are 1e6 and 4e6.
+    s2, var = with_detector_prior(0.002, 1e-6, 0.001, prior_sd=0.5)
+    assert s2 == pytest.approx((0.002 * 1e6 + 0.001 * 4e6) / 5e6) and var == pytest.approx(1 / 5e6)
+    assert with_detector_prior(0.002, 0.0, 0.001) == (0.002, 0.0)  # an exact pool stands
+    assert with_detector_prior(0.002, 1e-6, 0.0) == (0.002, 1e-6)  # a detector that says 0 says nothing
+
+
+def _recordings(t, xy, ids, px, sigma_px=None):
+    import pandas as pd
+
+    d = pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
+                      "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px})
+    return d if sigma_px is None else d.assign(sigma=sigma_px)
+
+
+def test_the_detectors_own_errors_steady_a_small_pool_and_a_large_pool_corrects_them(tracks):
+    # Recordings of 4 tracks: their pool of s^2 is noise against s^2 (each track's
+    # estimate scatters by about D dt / sqrt(N)); a detector that knows its error
+    # (the simulated SIGMA) steadies it.  A pool of 600 tracks measures s^2 itself and
+    # overrules a detector that is off by 2x.
+    from models.tracking.tracks import diffusion_table
+
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    px = 0.1
+    pool, det, hits = [], [], []
+    for g in range(0, 1600, 4):
+        ids = np.arange(g, g + 4)
+        pool.append(diffusion_table(_recordings(t, xy, ids, px), px, R)["D_um2_s"].to_numpy())
+        d = diffusion_table(_recordings(t, xy, ids, px, SIGMA / px), px, R)
+        det.append(d["D_um2_s"].to_numpy())
+        hits += list((d["D_low_um2_s"] <= D_TRUE) & (D_TRUE <= d["D_high_um2_s"]))
+    pool, det = np.concatenate(pool), np.concatenate(det)
+    rmse = lambda e: np.sqrt(np.mean((e - D_TRUE) ** 2))  # noqa: E731
+    assert rmse(det) < 0.9 * rmse(pool), (rmse(det), rmse(pool))
+    assert abs(det.mean() - D_TRUE) < 3 * det.std() / np.sqrt(len(det))
+    assert 0.91 <= np.mean(hits) <= 0.98, np.mean(hits)
+    ids = np.arange(600)
+    alone = diffusion_table(_recordings(t, xy, ids, px), px, R)["D_um2_s"].to_numpy()
+    off = diffusion_table(_recordings(t, xy, ids, px, 2 * SIGMA / px), px, R)["D_um2_s"].to_numpy()
+    # Without the pool's say, a detector 2x off would move every D by 2 (4 - 1) SIGMA^2 /
+    # (2 DT (1 - 2R)), ten standard errors of the mean; the pool keeps 98 % of that away.
+    shift = 6 * SIGMA**2 / (2 * DT * (1 - 2 * R))
+    assert shift > 10 * alone.std() / np.sqrt(len(alone))
+    assert abs(off.mean() - alone.mean()) < 0.02 * shift
 
 
 def test_time_stamps_that_do_not_advance_give_no_estimate():

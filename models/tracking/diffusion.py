@@ -35,6 +35,11 @@ the median of the tracks' own CVE estimates of s^2 (at least 0), then each track
 from its own steps, its interval widened by the pool's own uncertainty
 (``pooled_sigma2_variance``).  A pool of one track is that track's CVE.
 
+Where the detector predicts each localisation's error, the pool is weighed against
+the median of those (``with_detector_prior``): at long frame times (0.4 s for a 256-line
+frame) the tracks' estimates of s^2 scatter far more than s^2 itself, and the pool of a
+few dozen tracks is noise against it.
+
 The MSD fit (``msd_fit``) is the alternative: a straight line through the first p
 points of the MSD curve, p chosen as Michalet (2010) advises for the slope,
 p = 2 + 2.3 x^0.52 with the reduced localisation error x = s^2 / (D dt), iterated from
@@ -224,6 +229,30 @@ def pooled_sigma2_variance(estimates: list[DiffusionEstimate], min_displacements
     """
     use = _pool(estimates, min_displacements)
     return float(math.pi / 2 * use.var(ddof=1) / len(use)) if len(use) >= 2 else float("nan")
+
+
+DETECTOR_PRIOR_SD = 0.5  # relative: how far a detector's own error variance is trusted to be off
+
+
+def with_detector_prior(pool_sigma2_um2: float, pool_var_um4: float, detector_sigma2_um2: float,
+                        prior_sd: float = DETECTOR_PRIOR_SD) -> tuple[float, float]:
+    """A recording's localisation variance from its pool and its detector's own errors.
+
+    A detector that predicts each localisation's error (SpotNet's sigma) says what s^2
+    should be: ``detector_sigma2_um2``, e.g. the median of its predicted variances.
+    Its calibration may be off, which the pool of the tracks' CVE estimates measures
+    (``pooled_sigma2``, variance ``pooled_sigma2_variance``).  The two are weighed by
+    their variances, the detector's being (``prior_sd`` s^2)^2: where the pool is
+    precise (many tracks whose D dt is small against s^2) it decides; where it is noise
+    (at 0.4 s frames the tracks' estimates of s^2 scatter by D dt / sqrt(N), far above
+    s^2) the detector's s^2 does.  Returns (s^2, its variance), um^2 and um^4.
+    """
+    w_det = 1.0 / (prior_sd * detector_sigma2_um2) ** 2 if detector_sigma2_um2 > 0 else 0.0
+    w_pool = 1.0 / pool_var_um4 if pool_var_um4 > 0 else np.inf
+    if not np.isfinite(w_pool) or w_det == 0.0:
+        return pool_sigma2_um2, pool_var_um4
+    w = w_pool + w_det
+    return (pool_sigma2_um2 * w_pool + detector_sigma2_um2 * w_det) / w, 1.0 / w
 
 
 def _pool(estimates: list[DiffusionEstimate], min_displacements: int) -> np.ndarray:

@@ -10,8 +10,9 @@ reach and cost follow its own steps, between the radii for the smallest and the 
 D; ``"radius"`` keeps the one radius for all (``trackpy.link``'s criterion).  Tracks
 are then cut at steps their own mobility makes improbable (``split_improbable_steps``).
 D per track is the pooled estimator (``models.tracking.diffusion``: one localisation
-error for the recording, each track's D from its own steps) on the track's own time
-stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
+error for the recording, weighed against the detector's own predicted errors where the
+localisations carry a ``sigma``, each track's D from its own steps) on the track's own
+time stamps.  ``track_file`` is `factory track`: a recording's file in, its tracks and
 their D out.
 """
 
@@ -34,7 +35,7 @@ from factory.stores import Store, is_store_path
 from models.detectors.base import Detector
 from models.tracking.linking import GATE_SIGMAS, LOCALISATION_PX, link_frames
 from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
-                                       pooled_sigma2, pooled_sigma2_variance)
+                                       pooled_sigma2, pooled_sigma2_variance, with_detector_prior)
 from models.recordings.predict import load_detector, localise, timing_of, training_datasets
 from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
@@ -277,7 +278,9 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     ``tracks`` needs ``track``, ``t_s`` (s), ``x`` and ``y`` (px of ``pixel_size_um``);
     with a ``movie`` column, tracks are keyed by movie and track.  ``estimator`` is
     ``"pooled"`` (one localisation error for all the table's tracks, movies included,
-    or ``sigma2_loc_um2`` (um^2) where given, then every track's D from its own steps;
+    weighed against the median of a ``sigma`` column (px, the detector's own errors)
+    where there is one (``with_detector_prior``), or ``sigma2_loc_um2`` (um^2) where
+    given, then every track's D from its own steps;
     ``known_sigma``), ``"cve"`` (each track on its own) or ``"msd"``; ``r`` is the blur
     coefficient.  Columns: (``movie``,)
     ``track, n_frames, D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um``.
@@ -303,6 +306,10 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
         # with it (models.tracking.diffusion, known_sigma).  A pool of one track is its CVE.
         if estimator == "pooled" and found and np.isfinite(var := pooled_sigma2_variance(found)):
             s2 = pooled_sigma2(found)
+            if "sigma" in tracks:  # the detector's own errors (px), of the localisations in these tracks
+                sigma_um = tracks["sigma"].to_numpy(np.float64)[order] * pixel_size_um
+                s2, var = with_detector_prior(s2, var, float(np.median(np.concatenate(
+                    [sigma_um[a:b] ** 2 for a, b in spans]))))
             found = [known_sigma(t_all[a:b], xy_all[a:b], s2, r, sigma2_var_um4=var) for a, b in spans]
     for (a, b), e in zip(spans, found):
         row = {k: v[a] for k, v in zip(keys, ids)}
