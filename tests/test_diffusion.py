@@ -152,30 +152,33 @@ def test_the_pooled_variance_is_the_median_of_the_long_tracks_and_a_wrong_link_d
     assert pooled_sigma2(below) == 0.0
 
 
-def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(tracks):
+def _recordings(t, xy, ids, px, sigma_px=None):
+    """Tracks ``ids`` of ``brownian_tracks`` as a table in px of ``px`` um (with a detector's ``sigma``, px)."""
     import pandas as pd
 
+    d = pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
+                      "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px})
+    return d if sigma_px is None else d.assign(sigma=sigma_px)
+
+
+def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(tracks):
     from models.tracking.tracks import diffusion_table
 
     t, xy = tracks
     R = blur_coefficient_uniform(TAU, DT)
     px = 0.1  # um per px: the table holds px
 
-    def table(ids):
-        return pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
-                             "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px})
-
     k = next(i for i in range(100) if cve(t[i], xy[i], R).sigma2_loc_um2 > 0)  # a track whose s^2 is not clipped
-    one = table([k])
+    one = _recordings(t, xy, [k], px)
     assert diffusion_table(one, px, R, estimator="pooled")["D_um2_s"].iloc[0] == pytest.approx(
         diffusion_table(one, px, R, estimator="cve")["D_um2_s"].iloc[0], rel=1e-9)
-    many = table(np.arange(600))
+    many = _recordings(t, xy, np.arange(600), px)
     pooled = diffusion_table(many, px, R, estimator="pooled")["D_um2_s"].to_numpy()
     alone = diffusion_table(many, px, R, estimator="cve")["D_um2_s"].to_numpy()
     assert abs(pooled.mean() - D_TRUE) < 3 * pooled.std() / np.sqrt(len(pooled))
     assert np.sqrt(np.mean((pooled - D_TRUE) ** 2)) < 0.7 * np.sqrt(np.mean((alone - D_TRUE) ** 2))
     # A store's movies share one pool (keyed by movie and track); a given variance replaces the pool.
-    two = table([3, 4]).assign(movie=lambda d: d["track"] - 3, track=0)
+    two = _recordings(t, xy, [3, 4], px).assign(movie=lambda d: d["track"] - 3, track=0)
     s2 = pooled_sigma2([cve(t[i], xy[i], R) for i in (3, 4)])
     for given, expect in ((None, s2), (0.0004, 0.0004)):
         got = diffusion_table(two, px, R, estimator="pooled", sigma2_loc_um2=given)
@@ -188,8 +191,6 @@ def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(track
 def test_the_pooled_interval_covers_the_truth_with_few_tracks_or_many(tracks):
     # The pool's own uncertainty (a median of few s^2 estimates) widens each interval:
     # without it, recordings of a few tracks got 85 % coverage for a nominal 95 %.
-    import pandas as pd
-
     from models.tracking.tracks import diffusion_table
 
     t, xy = tracks
@@ -199,8 +200,7 @@ def test_the_pooled_interval_covers_the_truth_with_few_tracks_or_many(tracks):
         hits = []
         for g in range(0, 1600, per_recording):
             ids = np.arange(g, g + per_recording)
-            d = diffusion_table(pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
-                                              "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px}), px, R)
+            d = diffusion_table(_recordings(t, xy, ids, px), px, R)
             hits += list((d["D_low_um2_s"] <= D_TRUE) & (D_TRUE <= d["D_high_um2_s"]))
         assert 0.91 <= np.mean(hits) <= 0.98, (per_recording, np.mean(hits))
 
@@ -212,14 +212,6 @@ def test_hand_computed_detector_prior():
     assert s2 == pytest.approx((0.002 * 1e6 + 0.001 * 4e6) / 5e6) and var == pytest.approx(1 / 5e6)
     assert with_detector_prior(0.002, 0.0, 0.001) == (0.002, 0.0)  # an exact pool stands
     assert with_detector_prior(0.002, 1e-6, 0.0) == (0.002, 1e-6)  # a detector that says 0 says nothing
-
-
-def _recordings(t, xy, ids, px, sigma_px=None):
-    import pandas as pd
-
-    d = pd.DataFrame({"track": np.repeat(ids, t.shape[1]), "t_s": t[ids].ravel(),
-                      "x": xy[ids, :, 0].ravel() / px, "y": xy[ids, :, 1].ravel() / px})
-    return d if sigma_px is None else d.assign(sigma=sigma_px)
 
 
 def test_the_detectors_own_errors_steady_a_small_pool_and_a_large_pool_corrects_them(tracks):

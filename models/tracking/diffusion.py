@@ -247,10 +247,9 @@ def with_detector_prior(pool_sigma2_um2: float, pool_var_um4: float, detector_si
     (at 0.4 s frames the tracks' estimates of s^2 scatter by D dt / sqrt(N), far above
     s^2) the detector's s^2 does.  Returns (s^2, its variance), um^2 and um^4.
     """
-    w_det = 1.0 / (prior_sd * detector_sigma2_um2) ** 2 if detector_sigma2_um2 > 0 else 0.0
-    w_pool = 1.0 / pool_var_um4 if pool_var_um4 > 0 else np.inf
-    if not np.isfinite(w_pool) or w_det == 0.0:
+    if not (pool_var_um4 > 0 and detector_sigma2_um2 > 0):  # an exact pool stands; a detector's 0 says nothing
         return pool_sigma2_um2, pool_var_um4
+    w_pool, w_det = 1.0 / pool_var_um4, 1.0 / (prior_sd * detector_sigma2_um2) ** 2
     w = w_pool + w_det
     return (pool_sigma2_um2 * w_pool + detector_sigma2_um2 * w_det) / w, 1.0 / w
 
