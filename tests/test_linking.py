@@ -144,6 +144,44 @@ def test_thousands_of_localisations_a_frame_are_linked_in_blocks(monkeypatch):
     assert links_of(frame, link_frames(frame, xy, 3.0, 1, (2.0, 6.0))) == links_of(frame, adaptive)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_pairs_within_reach_of_nothing_else_are_linked_as_the_solver_links_them(seed):
+    """Uncontested pairs are linked without the solver; the rest goes to it alone.  The
+    assignment is the one the solver gives on every pair at once, in fields from sparse
+    to crowded, with one radius and with each source's own reach and cost."""
+    import models.tracking.linking as linking
+
+    rng = np.random.default_rng(seed)
+    for n, spread in ((30, 200.0), (200, 60.0), (400, 40.0)):
+        src = rng.uniform(0, spread, (n, 2))
+        dst = np.concatenate((src + rng.normal(0, 1.5, src.shape), rng.uniform(0, spread, (n // 5, 2))))
+        dst = dst[rng.permutation(len(dst))][: n - n // 10]  # some sources lose their particle
+        gate2 = rng.uniform(2.0, 6.0, n) ** 2
+        scale = rng.uniform(0.5, 3.0, n)
+        d2 = ((src[:, None] - dst[None]) ** 2).sum(-1)
+        si, di = np.nonzero(d2 <= gate2[:, None])
+        whole = np.full(n, -1)
+        has = np.unique(si)
+        whole[has] = linking._solve(np.searchsorted(has, si), di, d2[si, di], gate2[has], scale[has], len(dst))
+        ours = linking._assign(src, dst, gate2, scale)
+        assert (ours == whole).all()
+        assert (ours >= 0).sum() > n // 2
+
+
+def test_a_sparse_field_is_linked_without_importing_scipy():
+    """Particles far apart contest nothing: linking them does not import SciPy (a fifth of
+    a second of a short `factory track` call)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from models.tracking.linking import link_frames; "
+            "g = np.arange(10) * 20.0; xy = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2); "
+            "ids = link_frames(np.repeat([0, 1], 100), np.concatenate((xy, xy + 0.5)), 5.0); "
+            "assert (ids[:100] == ids[100:]).all(); print('scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # --- the adaptive linker: each track's reach and cost from its own steps ----------------
 
 

@@ -165,14 +165,35 @@ def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarr
         di.append(t)
         d2.append(d[s, t])
     si, di, d2 = np.concatenate(si), np.concatenate(di), np.concatenate(d2)
+    # A source and a destination within reach of each other and of nothing else form a
+    # problem of their own, solved by linking them: the link costs d2 / scale, less than
+    # the gate2 / scale of leaving the source unlinked (an unmatched destination costs
+    # nothing).  Only the contested rest goes to the solver; in a sparse field that is
+    # few pairs or none (then SciPy is not even imported, a fifth of a second).
+    alone = (np.bincount(si, minlength=len(src))[si] == 1) & (np.bincount(di, minlength=len(dst))[di] == 1)
+    to[si[alone]] = di[alone]
+    si, di, d2 = si[~alone], di[~alone], d2[~alone]
     if not len(si):
         return to
+    # The sources and destinations of the contested pairs, numbered afresh.
+    srcs, si = np.unique(si, return_inverse=True)
+    dsts, di = np.unique(di, return_inverse=True)
+    sub = _solve(si, di, d2, gate2[srcs], scale[srcs], len(dsts))
+    to[srcs[sub >= 0]] = dsts[sub[sub >= 0]]
+    return to
+
+
+def _solve(si: np.ndarray, di: np.ndarray, d2: np.ndarray, gate2: np.ndarray, scale: np.ndarray,
+           m: int) -> np.ndarray:
+    """The assignment of `_assign` for pairs (``si``, ``di``) of squared length ``d2``,
+    solved exactly: per source, the destination (< ``m``) or -1 (every source has a pair)."""
     # Imported here, and the sparse solver rather than scipy.optimize's: a short
     # `factory track` call pays for what it imports.
     from scipy.sparse import csr_array
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    k, m = len(src), len(dst)
+    k = len(gate2)
+    to = np.full(k, -1, np.int64)
     # Columns: the destinations, then one "no link" column per source at its gate's cost,
     # so every source is matched.  Each row is matched once, so adding one value to every
     # cost leaves the optimum where it is; the largest gate cost keeps a zero
