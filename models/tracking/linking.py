@@ -185,8 +185,11 @@ def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarr
 
 def _solve(si: np.ndarray, di: np.ndarray, d2: np.ndarray, gate2: np.ndarray, scale: np.ndarray,
            m: int) -> np.ndarray:
-    """The assignment of `_assign` for pairs (``si``, ``di``) of squared length ``d2``,
-    solved exactly: per source, the destination (< ``m``) or -1 (every source has a pair)."""
+    """`_assign`'s assignment for the pairs (``si``, ``di``), solved exactly.
+
+    ``d2`` is each pair's squared length, ``m`` the number of destinations; every source
+    has a pair.  Returns, per source, its destination (< ``m``) or -1.
+    """
     # Imported here, and the sparse solver rather than scipy.optimize's: a short
     # `factory track` call pays for what it imports.
     from scipy.sparse import csr_array
