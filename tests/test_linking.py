@@ -148,7 +148,7 @@ def test_thousands_of_localisations_a_frame_are_linked_in_blocks(monkeypatch):
 def test_pairs_within_reach_of_nothing_else_are_linked_as_the_solver_links_them(seed):
     """Uncontested pairs are linked without the solver; the rest goes to it alone.  The
     assignment is the one the solver gives on every pair at once, in fields from sparse
-    to crowded, with one radius and with each source's own reach and cost."""
+    to crowded, each source with its own reach and cost."""
     import models.tracking.linking as linking
 
     rng = np.random.default_rng(seed)
