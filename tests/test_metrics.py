@@ -6,8 +6,8 @@ import pytest
 
 from models.evaluation.evaluate import score_table
 from models.evaluation.metrics import (GATES_NM, Points, best_f1_threshold, evaluate_points, f1_cutoffs_um, f1_integral,
-                                       f1_rmse, gates_for, match_counts, max_pairs_by_cut, nm_to_px, pr_auc,
-                                       pr_curve)
+                                       f1_rmse, gates_for, match_counts, max_pairs_by_cut, max_pairs_by_gate, nm_to_px,
+                                       pr_auc, pr_curve)
 from models.evaluation.truth import Geometry
 
 CUT = np.linspace(0, 3, 50)  # deepBlink's cutoffs at 0.07 um per pixel
@@ -134,11 +134,11 @@ def test_gates_are_nanometres_whatever_the_pixel_size():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_pairs_at_every_cut_from_one_pass_equal_the_hungarian_at_each(seed):
+def test_pairs_at_every_cut_and_gate_from_one_pass_equal_the_hungarian_at_each(seed):
     # Crowded frames (up to 12 truths and 18 predictions in 3 x 3 um, gates up to 1.5
     # um) so that pairs compete; scores with ties; predictions in frames beyond the
-    # truth's. Against SciPy's Hungarian (``match``) run on each cut's predictions alone,
-    # and ``best_f1_threshold`` against F1 computed cut by cut.
+    # truth's. Against SciPy's Hungarian (``match``) run on each cut's predictions alone
+    # and at each gate, and ``best_f1_threshold`` against F1 computed cut by cut.
     rng = np.random.default_rng(seed)
     for _ in range(25):
         nd, nf = int(rng.choice([2, 3])), int(rng.integers(1, 12))
@@ -150,6 +150,8 @@ def test_pairs_at_every_cut_from_one_pass_equal_the_hungarian_at_each(seed):
         cuts = np.unique(np.r_[score, 2.0])
         want = [match_counts(pred.select(score >= c), gt, [gate])[0][0] for c in cuts]
         np.testing.assert_array_equal(max_pairs_by_cut(pred, score, gt, gate, cuts), want)
+        gates = np.r_[0.0, np.sort(rng.uniform(0, 1.5, 8))]
+        np.testing.assert_array_equal(max_pairs_by_gate(pred, gt, gates), match_counts(pred, gt, gates)[0])
         if npred:
             cands = np.unique(np.quantile(score, np.linspace(0, 0.995, 200)))
             f1 = [f1_rmse(pred.select(score >= c), gt, gate)[0] for c in cands]

@@ -279,6 +279,56 @@ def _greedy_match(p_frame, p_xy, gt_xy, gt_order, gt_offsets, eps2):
 
 
 @njit(cache=True)
+def _augment(near, u, mate_p, mate_g, came, queue) -> bool:
+    """Grow a matching by an augmenting path from prediction ``u`` (breadth first), if any.
+
+    ``near[a, b]``: prediction a may pair with truth b; ``mate_p`` / ``mate_g`` hold the
+    matching (-1 unpaired) and are updated in place; ``came`` and ``queue`` are scratch.
+    """
+    ng = near.shape[1]
+    seen = np.zeros(ng, np.bool_)
+    queue[0] = u
+    head, tail, end = 0, 1, -1
+    while head < tail and end < 0:
+        x = queue[head]
+        head += 1
+        for b in range(ng):
+            if near[x, b] and not seen[b]:
+                seen[b] = True
+                came[b] = x
+                if mate_g[b] < 0:
+                    end = b
+                    break
+                queue[tail] = mate_g[b]
+                tail += 1
+    if end < 0:
+        return False
+    b = end
+    while True:  # flip the path's pairs back to u
+        x = came[b]
+        nxt = mate_p[x]
+        mate_p[x] = b
+        mate_g[b] = x
+        if x == u:
+            return True
+        b = nxt
+
+
+@njit(cache=True)
+def _frame_distances(p_pos, i0, i1, gt_pos, gt_order, g0, g1):
+    """Distances (um) of one frame's predictions to its truths, as ``match`` computes them."""
+    d = np.empty((i1 - i0, g1 - g0))
+    for a in range(i1 - i0):
+        for b in range(g1 - g0):
+            d2 = 0.0
+            for k in range(p_pos.shape[1]):
+                diff = p_pos[i0 + a, k] - gt_pos[gt_order[g0 + b], k]
+                d2 += diff * diff
+            d[a, b] = np.sqrt(d2)
+    return d
+
+
+@njit(cache=True)
 def _max_pairs_onsets(p_frame, p_pos, admit_score, gt_pos, gt_order, gt_offsets, gate):
     """Where the maximum number of pairs within ``gate`` grows, as predictions are admitted.
 
@@ -291,60 +341,82 @@ def _max_pairs_onsets(p_frame, p_pos, admit_score, gt_pos, gt_order, gt_offsets,
     """
     onsets = np.empty(p_frame.shape[0], np.float64)
     n_on = 0
-    n_frames = gt_offsets.shape[0] - 1
     i0 = 0
     while i0 < p_frame.shape[0]:
         f = p_frame[i0]
         i1 = i0
         while i1 < p_frame.shape[0] and p_frame[i1] == f:
             i1 += 1
-        if 0 <= f < n_frames and gt_offsets[f + 1] > gt_offsets[f]:
-            g0 = gt_offsets[f]
-            ng = gt_offsets[f + 1] - g0
-            npr = i1 - i0
-            near = np.zeros((npr, ng), np.bool_)
-            for a in range(npr):
-                for b in range(ng):
-                    d2 = 0.0
-                    for k in range(p_pos.shape[1]):
-                        diff = p_pos[i0 + a, k] - gt_pos[gt_order[g0 + b], k]
-                        d2 += diff * diff
-                    near[a, b] = np.sqrt(d2) <= gate  # as ``match`` decides it
-            mate_p = np.full(npr, -1, np.int64)
-            mate_g = np.full(ng, -1, np.int64)
-            came = np.empty(ng, np.int64)
-            queue = np.empty(npr, np.int64)
-            for u in range(npr):
-                # Breadth-first search for an augmenting path from u.
-                seen = np.zeros(ng, np.bool_)
-                queue[0] = u
-                head, tail, end = 0, 1, -1
-                while head < tail and end < 0:
-                    x = queue[head]
-                    head += 1
-                    for b in range(ng):
-                        if near[x, b] and not seen[b]:
-                            seen[b] = True
-                            came[b] = x
-                            if mate_g[b] < 0:
-                                end = b
-                                break
-                            queue[tail] = mate_g[b]
-                            tail += 1
-                if end >= 0:
-                    b = end
-                    while True:  # flip the path's pairs back to u
-                        x = came[b]
-                        nxt = mate_p[x]
-                        mate_p[x] = b
-                        mate_g[b] = x
-                        if x == u:
-                            break
-                        b = nxt
+        if 0 <= f < gt_offsets.shape[0] - 1 and gt_offsets[f + 1] > gt_offsets[f]:
+            near = _frame_distances(p_pos, i0, i1, gt_pos, gt_order, gt_offsets[f], gt_offsets[f + 1]) <= gate
+            mate_p = np.full(near.shape[0], -1, np.int64)
+            mate_g = np.full(near.shape[1], -1, np.int64)
+            came = np.empty(near.shape[1], np.int64)
+            queue = np.empty(near.shape[0], np.int64)
+            for u in range(near.shape[0]):
+                if _augment(near, u, mate_p, mate_g, came, queue):
                     onsets[n_on] = admit_score[i0 + u]
                     n_on += 1
         i0 = i1
     return onsets[:n_on]
+
+
+@njit(cache=True)
+def _max_pairs_by_gate(p_frame, p_pos, gt_pos, gt_order, gt_offsets, gates):
+    """The maximum number of pairs within each of the increasing ``gates``, all frames.
+
+    ``p_*`` sorted by frame.  A wider gate only adds possible pairs, so each gate's
+    matching starts from the last one's, and one augmenting search from each unpaired
+    prediction makes it maximum (Kuhn: a prediction with no augmenting path gains none
+    from later augmentations).
+    """
+    counts = np.zeros(gates.shape[0], np.int64)
+    i0 = 0
+    while i0 < p_frame.shape[0]:
+        f = p_frame[i0]
+        i1 = i0
+        while i1 < p_frame.shape[0] and p_frame[i1] == f:
+            i1 += 1
+        if 0 <= f < gt_offsets.shape[0] - 1 and gt_offsets[f + 1] > gt_offsets[f]:
+            d = _frame_distances(p_pos, i0, i1, gt_pos, gt_order, gt_offsets[f], gt_offsets[f + 1])
+            mate_p = np.full(d.shape[0], -1, np.int64)
+            mate_g = np.full(d.shape[1], -1, np.int64)
+            came = np.empty(d.shape[1], np.int64)
+            queue = np.empty(d.shape[0], np.int64)
+            pairs = 0
+            for n in range(gates.shape[0]):
+                near = d <= gates[n]
+                for u in range(d.shape[0]):
+                    if mate_p[u] < 0 and _augment(near, u, mate_p, mate_g, came, queue):
+                        pairs += 1
+                counts[n] += pairs
+        i0 = i1
+    return counts
+
+
+def max_pairs_by_gate(pred: Points, gt: Points, gates_um) -> np.ndarray:
+    """The most one-to-one pairs within each gate, frame by frame, for every gate at once.
+
+    The count of pairs ``match`` finds at each gate, without their distances.
+
+    Parameters
+    ----------
+    pred, gt : Points
+        Predictions and ground truth (um); the truth's ``n_frames`` frames are paired.
+    gates_um : sequence of float
+        Increasing gates (um).
+
+    Returns
+    -------
+    ndarray
+        (K,) int64: pairs per gate.
+    """
+    gates = np.asarray(gates_um, np.float64)
+    if np.any(np.diff(gates) < 0):
+        raise ValueError(f"max_pairs_by_gate: gates must increase, got {gates}")
+    order = np.argsort(pred.frame, kind="stable")
+    g_order, g_off = gt.offsets()
+    return _max_pairs_by_gate(pred.frame[order], pred.pos_um[order], gt.pos_um, g_order, g_off, gates)
 
 
 def max_pairs_by_cut(pred: Points, score, gt: Points, gate_um: float, cuts) -> np.ndarray:
@@ -572,7 +644,7 @@ def f1_integral(pred: Points, gt: Points, cutoffs_um) -> float:
         neither predictions nor ground truth.
     """
     cutoffs = np.asarray(cutoffs_um, np.float64)
-    tp, _ = match_counts(pred, gt, cutoffs)
+    tp = max_pairs_by_gate(pred, gt, cutoffs)
     denom = len(pred.frame) + len(gt.frame)
     f1 = 2.0 * tp / denom if denom else np.ones(len(cutoffs))
     return float(np.trapezoid(f1, cutoffs) / (cutoffs[-1] - cutoffs[0]))
