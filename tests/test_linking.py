@@ -168,16 +168,42 @@ def test_pairs_within_reach_of_nothing_else_are_linked_as_the_solver_links_them(
         assert (ours >= 0).sum() > n // 2
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_few_contested_pairs_are_solved_densely_as_scipy_solves_them(seed):
+    """The dense Hungarian method gives SciPy's assignment on small problems of every
+    shape: more sources than destinations and fewer, each with its own reach and cost,
+    crowded enough that most pairs compete."""
+    import models.tracking.linking as linking
+
+    rng = np.random.default_rng(seed)
+    solved = 0
+    for _ in range(300):
+        k, m = (int(x) for x in rng.integers(1, linking.DENSE_MAX + 1, 2))
+        src, dst = rng.uniform(0, 10, (k, 2)), rng.uniform(0, 10, (m, 2))
+        gate2, scale = rng.uniform(1.0, 5.0, k) ** 2, rng.uniform(0.5, 3.0, k)
+        d2 = ((src[:, None] - dst[None]) ** 2).sum(-1)
+        si, di = np.nonzero(d2 <= gate2[:, None])
+        has = np.unique(si)
+        if not len(has):
+            continue
+        args = (np.searchsorted(has, si), di, d2[si, di], gate2[has], scale[has], m)
+        dense = linking._solve_dense(*args)
+        assert (dense == linking._solve(*args)).all()
+        solved += (dense >= 0).sum() > 1
+    assert solved > 200
+
+
 def test_a_sparse_field_is_linked_without_importing_scipy():
-    """Particles far apart contest nothing: linking them does not import SciPy (a fifth of
-    a second of a short `factory track` call)."""
+    """Particles far apart, one with a second localisation beside it (a contested pair):
+    linking them does not import SciPy (a fifth of a second of a short `factory track`
+    call), and the nearer localisation continues the track."""
     import subprocess
     import sys
 
     code = ("import sys, numpy as np; from models.tracking.linking import link_frames; "
             "g = np.arange(10) * 20.0; xy = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2); "
-            "ids = link_frames(np.repeat([0, 1], 100), np.concatenate((xy, xy + 0.5)), 5.0); "
-            "assert (ids[:100] == ids[100:]).all(); print('scipy' in sys.modules)")
+            "ids = link_frames(np.repeat([0, 1], [100, 101]), np.concatenate((xy, xy + 0.5, [[1.5, 0.0]])), 5.0); "
+            "assert (ids[:100] == ids[100:200]).all() and ids[200] == 100; print('scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

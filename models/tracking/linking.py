@@ -6,7 +6,8 @@ localisation joins at most one track, and the choice minimises the sum of the sq
 displacements, a track left without a localisation costing ``radius_px``^2.  That is the
 objective of ``trackpy.link``'s subnetwork linker (Crocker & Grier 1996), here solved
 as a sparse linear assignment problem (Jaqaman et al. 2008, as in TrackMate and
-laptrack; SciPy's LAPJVsp) instead of by enumeration of each subnetwork.  Two consequences:
+laptrack; SciPy's LAPJVsp, or the Hungarian method on a dense matrix for a few
+contested tracks) instead of by enumeration of each subnetwork.  Two consequences:
 
 - a crowded subnetwork is solved exactly, where TrackPy gives up on one of more than 30
   tracks, or shrinks its radius until it is smaller (its adaptive search);
@@ -168,8 +169,8 @@ def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarr
     # A source and a destination within reach of each other and of nothing else form a
     # problem of their own, solved by linking them: the link costs d2 / scale, less than
     # the gate2 / scale of leaving the source unlinked (an unmatched destination costs
-    # nothing).  Only the contested rest goes to the solver; in a sparse field that is
-    # few pairs or none (then SciPy is not even imported, a fifth of a second).
+    # nothing).  Only the contested rest goes to a solver: a few pairs or none in a
+    # sparse field, solved densely here (SciPy's import is a fifth of a second).
     alone = (np.bincount(si, minlength=len(src))[si] == 1) & (np.bincount(di, minlength=len(dst))[di] == 1)
     to[si[alone]] = di[alone]
     si, di, d2 = si[~alone], di[~alone], d2[~alone]
@@ -178,8 +179,62 @@ def _assign(src: np.ndarray, dst: np.ndarray, gate2: np.ndarray, scale: np.ndarr
     # The sources and destinations of the contested pairs, numbered afresh.
     srcs, si = np.unique(si, return_inverse=True)
     dsts, di = np.unique(di, return_inverse=True)
-    sub = _solve(si, di, d2, gate2[srcs], scale[srcs], len(dsts))
+    solve = _solve_dense if max(len(srcs), len(dsts)) <= DENSE_MAX else _solve
+    sub = solve(si, di, d2, gate2[srcs], scale[srcs], len(dsts))
     to[srcs[sub >= 0]] = dsts[sub[sub >= 0]]
+    return to
+
+
+DENSE_MAX = 16  # contested sources (or destinations) up to which a frame's problem is solved densely here
+
+
+def _solve_dense(si: np.ndarray, di: np.ndarray, d2: np.ndarray, gate2: np.ndarray, scale: np.ndarray,
+                 m: int) -> np.ndarray:
+    """`_solve` for a few contested pairs: the Hungarian method on a dense square.
+
+    Without SciPy, whose import is a fifth of a second of a short call.  Source i's
+    total is gate2_i / scale_i less the saving (gate2_i - d2) / scale_i of its link, if
+    any, so the links are the matching of largest total saving; a pair out of reach
+    saves nothing and, in the square padded with zeros, stands for no link.
+    """
+    k = len(gate2)
+    n = max(k, m)
+    cost = np.zeros((n, n))
+    cost[si, di] = -(gate2[si] - d2) / scale[si]
+    # Columns 1..n, rows 1..n; row_of[j] the row on column j (0: none), column 0 the root.
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    row_of = np.zeros(n + 1, np.int64)
+    way = np.zeros(n + 1, np.int64)
+    for i in range(1, n + 1):
+        row_of[0] = i
+        j0 = 0
+        minv = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, bool)
+        while True:
+            used[j0] = True
+            reduced = cost[row_of[j0] - 1] - u[row_of[j0]] - v[1:]
+            better = ~used[1:] & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            free = np.where(used[1:], np.inf, minv[1:])
+            j1 = int(np.argmin(free)) + 1
+            delta = free[j1 - 1]
+            u[row_of[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if row_of[j0] == 0:
+                break
+        while j0:  # flip the augmenting path back to the root
+            j1 = way[j0]
+            row_of[j0] = row_of[j1]
+            j0 = j1
+    to = np.full(k, -1, np.int64)
+    rows, cols = row_of[1:] - 1, np.arange(n)
+    real = (rows < k) & (cols < m)
+    rows, cols = rows[real], cols[real]
+    linked = cost[rows, cols] < 0  # an out-of-reach pair (or one at the gate itself) is no link
+    to[rows[linked]] = cols[linked]
     return to
 
 
