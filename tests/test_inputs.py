@@ -321,6 +321,15 @@ def test_weights_messages_say_what_the_file_is_and_never_advise_unsafe_loading(m
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
+def test_track_checks_the_recording_before_it_reads_the_model(tmp_path):
+    """A bad recording is told at once, not after the model (and PyTorch) are loaded: with
+    a model folder that does not exist, the message is still the recording's."""
+    tifffile.imwrite(tmp_path / "thin.tif", np.zeros((3, 4, 64), np.uint16), photometric="minisblack")
+    one_line_error(run_cli("track", tmp_path / "no-model", tmp_path / "thin.tif", "--out", tmp_path / "t"),
+                   "thin.tif", "4 x 64 px are too small", absent=["no-model"])
+    assert not (tmp_path / "t").exists()
+
+
 def test_track_with_a_3d_model_says_it_is_a_stack_model(movie, tmp_path):
     from models.detectors.registry import family, parse_params
 

@@ -715,14 +715,16 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     if not is_store_path(recording) and recording.suffix.lower() not in (".tif", ".tiff"):
         raise FactoryError(f"{recording}: give a T x H x W TIFF or a movie store (.h5 / .zarr)")
     say = report or log.info
-    det = load_detector(model, device, prefer="exposure", precision=precision)
-    if det.ndim == 3:
-        raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
-                           "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
+    # The recording is checked before the model is loaded: a bad file is told at once,
+    # not after PyTorch's import.
     with open_recording(recording) as images:
         if len(images) < 2:
             raise FactoryError(f"{recording}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a "
                                "movie (T x H x W)")
+        det = load_detector(model, device, prefer="exposure", precision=precision)
+        if det.ndim == 3:
+            raise FactoryError(f"{model}: a 3D model (it localises in z-stacks, Z x H x W); `factory track` links "
+                               "localisations through a 2D movie (T x H x W): give a 2D model or 'trackpy'")
         frame_start, movie_frames = None, None
         if is_store_path(recording):
             with Store(recording) as st:
