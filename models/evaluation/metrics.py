@@ -539,9 +539,10 @@ def pr_auc(pred: Points, score: np.ndarray, gt: Points, eps_um: float) -> float:
 def match(pred: Points, gt: Points, cutoffs_um) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Hungarian matching per frame at each cutoff.
 
-    The one-to-one matching of every other score (F1, RMSE, the F1 integral, tracks to
-    particles).  The assignment maximises the number of pairs within the cutoff, then
-    minimises their total distance.
+    The one-to-one matching of every other score (F1, RMSE, tracks to particles; the F1
+    integral and threshold count its pairs with ``max_pairs_by_gate`` and
+    ``max_pairs_by_cut``).  The assignment maximises the number of pairs within the
+    cutoff, then minimises their total distance.
 
     Parameters
     ----------
