@@ -315,8 +315,18 @@ def _augment(near, u, mate_p, mate_g, came, queue) -> bool:
 
 
 @njit(cache=True)
-def _frame_distances(p_pos, i0, i1, gt_pos, gt_order, g0, g1):
-    """Distances (um) of one frame's predictions to its truths, as ``match`` computes them."""
+def _next_frame(p_frame, p_pos, i0, gt_pos, gt_order, gt_offsets):
+    """The run of predictions from ``i0`` on that share its frame: its end and distances.
+
+    ``p_*`` sorted by frame; the distances (um) to the frame's truths are computed as
+    ``match`` computes them ((n, 0) for a frame without truths or beyond them).
+    """
+    i1 = i0
+    while i1 < p_frame.shape[0] and p_frame[i1] == p_frame[i0]:
+        i1 += 1
+    f = p_frame[i0]
+    g0 = gt_offsets[f] if 0 <= f < gt_offsets.shape[0] - 1 else 0
+    g1 = gt_offsets[f + 1] if 0 <= f < gt_offsets.shape[0] - 1 else 0
     d = np.empty((i1 - i0, g1 - g0))
     for a in range(i1 - i0):
         for b in range(g1 - g0):
@@ -325,7 +335,14 @@ def _frame_distances(p_pos, i0, i1, gt_pos, gt_order, g0, g1):
                 diff = p_pos[i0 + a, k] - gt_pos[gt_order[g0 + b], k]
                 d2 += diff * diff
             d[a, b] = np.sqrt(d2)
-    return d
+    return i1, d
+
+
+@njit(cache=True)
+def _empty_matching(n_pred, n_true):
+    """No pairs yet: ``mate_p``, ``mate_g`` (-1) and ``_augment``'s scratch ``came``, ``queue``."""
+    return (np.full(n_pred, -1, np.int64), np.full(n_true, -1, np.int64), np.empty(n_true, np.int64),
+            np.empty(n_pred, np.int64))
 
 
 @njit(cache=True)
@@ -343,20 +360,13 @@ def _max_pairs_onsets(p_frame, p_pos, admit_score, gt_pos, gt_order, gt_offsets,
     n_on = 0
     i0 = 0
     while i0 < p_frame.shape[0]:
-        f = p_frame[i0]
-        i1 = i0
-        while i1 < p_frame.shape[0] and p_frame[i1] == f:
-            i1 += 1
-        if 0 <= f < gt_offsets.shape[0] - 1 and gt_offsets[f + 1] > gt_offsets[f]:
-            near = _frame_distances(p_pos, i0, i1, gt_pos, gt_order, gt_offsets[f], gt_offsets[f + 1]) <= gate
-            mate_p = np.full(near.shape[0], -1, np.int64)
-            mate_g = np.full(near.shape[1], -1, np.int64)
-            came = np.empty(near.shape[1], np.int64)
-            queue = np.empty(near.shape[0], np.int64)
-            for u in range(near.shape[0]):
-                if _augment(near, u, mate_p, mate_g, came, queue):
-                    onsets[n_on] = admit_score[i0 + u]
-                    n_on += 1
+        i1, d = _next_frame(p_frame, p_pos, i0, gt_pos, gt_order, gt_offsets)
+        near = d <= gate
+        mate_p, mate_g, came, queue = _empty_matching(d.shape[0], d.shape[1])
+        for u in range(d.shape[0]):
+            if _augment(near, u, mate_p, mate_g, came, queue):
+                onsets[n_on] = admit_score[i0 + u]
+                n_on += 1
         i0 = i1
     return onsets[:n_on]
 
@@ -373,23 +383,15 @@ def _max_pairs_by_gate(p_frame, p_pos, gt_pos, gt_order, gt_offsets, gates):
     counts = np.zeros(gates.shape[0], np.int64)
     i0 = 0
     while i0 < p_frame.shape[0]:
-        f = p_frame[i0]
-        i1 = i0
-        while i1 < p_frame.shape[0] and p_frame[i1] == f:
-            i1 += 1
-        if 0 <= f < gt_offsets.shape[0] - 1 and gt_offsets[f + 1] > gt_offsets[f]:
-            d = _frame_distances(p_pos, i0, i1, gt_pos, gt_order, gt_offsets[f], gt_offsets[f + 1])
-            mate_p = np.full(d.shape[0], -1, np.int64)
-            mate_g = np.full(d.shape[1], -1, np.int64)
-            came = np.empty(d.shape[1], np.int64)
-            queue = np.empty(d.shape[0], np.int64)
-            pairs = 0
-            for n in range(gates.shape[0]):
-                near = d <= gates[n]
-                for u in range(d.shape[0]):
-                    if mate_p[u] < 0 and _augment(near, u, mate_p, mate_g, came, queue):
-                        pairs += 1
-                counts[n] += pairs
+        i1, d = _next_frame(p_frame, p_pos, i0, gt_pos, gt_order, gt_offsets)
+        mate_p, mate_g, came, queue = _empty_matching(d.shape[0], d.shape[1])
+        pairs = 0
+        for n in range(gates.shape[0]):
+            near = d <= gates[n]
+            for u in range(d.shape[0]):
+                if mate_p[u] < 0 and _augment(near, u, mate_p, mate_g, came, queue):
+                    pairs += 1
+            counts[n] += pairs
         i0 = i1
     return counts
 
