@@ -172,7 +172,9 @@ def test_pairs_within_reach_of_nothing_else_are_linked_as_the_solver_links_them(
 def test_a_few_contested_pairs_are_solved_densely_as_scipy_solves_them(seed):
     """The dense Hungarian method gives SciPy's assignment on small problems of every
     shape: more sources than destinations and fewer, each with its own reach and cost,
-    crowded enough that most pairs compete."""
+    crowded enough that most pairs compete (sub-pixel positions, so no two assignments
+    tie exactly; a tie may be broken otherwise).  A pair at the gate itself is linked,
+    contested or not."""
     import models.tracking.linking as linking
 
     rng = np.random.default_rng(seed)
@@ -191,6 +193,10 @@ def test_a_few_contested_pairs_are_solved_densely_as_scipy_solves_them(seed):
         assert (dense == linking._solve(*args)).all()
         solved += (dense >= 0).sum() > 1
     assert solved > 200
+    # Reach 5 from (0, 0) and (9, 0): (5, 0) is 4 from the second and 5 from the first,
+    # which also reaches (3, 4) at exactly 5; the second takes (5, 0), the first (3, 4).
+    xy = np.array([[0.0, 0.0], [9.0, 0.0], [3.0, 4.0], [5.0, 0.0]])
+    assert link_frames(np.array([0, 0, 1, 1]), xy, 5.0).tolist() == [0, 1, 0, 1]
 
 
 def test_a_sparse_field_is_linked_without_importing_scipy():

@@ -158,6 +158,16 @@ def test_pairs_at_every_cut_and_gate_from_one_pass_equal_the_hungarian_at_each(s
             assert best_f1_threshold(pred, score, gt, gate) == cands[int(np.argmax(f1))]
 
 
+def test_the_one_pass_counts_refuse_2d_points_against_3d_ones():
+    flat, deep = Points([0, 0], [[0, 0], [1, 1]], 1), Points([0, 0], [[0, 0, 0], [1, 1, 5]], 1)
+    for pred, gt in ((flat, deep), (deep, flat)):
+        with pytest.raises(ValueError, match="coordinates"):
+            max_pairs_by_gate(pred, gt, [0.5])
+        with pytest.raises(ValueError, match="coordinates"):
+            best_f1_threshold(pred, np.ones(2), gt, 0.5)
+    assert max_pairs_by_gate(Points([], np.zeros((0, 2)), 1), deep, [0.5]).tolist() == [0]  # nothing to pair
+
+
 def test_best_f1_threshold_drops_the_low_scored_false_positives():
     # Four true detections scored 0.6 - 0.9 and three far-off ones scored 0.1 - 0.3.
     pred = Points(np.r_[GT.frame, [0, 1, 2]], np.r_[GT.pos_um, [[20, 20], [0, 0], [9, 9]]], 3)

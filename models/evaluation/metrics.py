@@ -396,6 +396,15 @@ def _max_pairs_by_gate(p_frame, p_pos, gt_pos, gt_order, gt_offsets, gates):
     return counts
 
 
+def _same_ndim(pred: Points, gt: Points) -> None:
+    """Refuse to pair 2D points with 3D ones.
+
+    The compiled counters read as many coordinates as the predictions have.
+    """
+    if len(pred) and len(gt) and pred.ndim != gt.ndim:
+        raise ValueError(f"predictions have {pred.ndim} coordinates, the truth {gt.ndim}")
+
+
 def max_pairs_by_gate(pred: Points, gt: Points, gates_um) -> np.ndarray:
     """The most one-to-one pairs within each gate, frame by frame, for every gate at once.
 
@@ -416,6 +425,7 @@ def max_pairs_by_gate(pred: Points, gt: Points, gates_um) -> np.ndarray:
     gates = np.asarray(gates_um, np.float64)
     if np.any(np.diff(gates) < 0):
         raise ValueError(f"max_pairs_by_gate: gates must increase, got {gates}")
+    _same_ndim(pred, gt)
     order = np.argsort(pred.frame, kind="stable")
     g_order, g_off = gt.offsets()
     return _max_pairs_by_gate(pred.frame[order], pred.pos_um[order], gt.pos_um, g_order, g_off, gates)
@@ -447,6 +457,7 @@ def max_pairs_by_cut(pred: Points, score, gt: Points, gate_um: float, cuts) -> n
     """
     score = np.asarray(score, np.float64)
     cuts = np.asarray(cuts, np.float64)
+    _same_ndim(pred, gt)
     order = np.lexsort((-score, pred.frame))
     g_order, g_off = gt.offsets()
     onsets = _max_pairs_onsets(pred.frame[order], pred.pos_um[order], score[order], gt.pos_um, g_order, g_off,

@@ -195,12 +195,18 @@ def _solve_dense(si: np.ndarray, di: np.ndarray, d2: np.ndarray, gate2: np.ndarr
     Without SciPy, whose import is a fifth of a second of a short call.  Source i's
     total is gate2_i / scale_i less the saving (gate2_i - d2) / scale_i of its link, if
     any, so the links are the matching of largest total saving; a pair out of reach
-    saves nothing and, in the square padded with zeros, stands for no link.
+    saves nothing and, in the square padded with zeros, stands for no link.  A pair
+    within reach is a link even at the gate itself (saving 0), as where it is
+    uncontested.  Where two assignments have exactly the same total (whole-pixel
+    positions can tie; sub-pixel localisations practically never do) the tie may be
+    broken otherwise than SciPy breaks it.
     """
     k = len(gate2)
     n = max(k, m)
     cost = np.zeros((n, n))
     cost[si, di] = -(gate2[si] - d2) / scale[si]
+    within = np.zeros((n, n), bool)
+    within[si, di] = True
     # Columns 1..n, rows 1..n; row_of[j] the row on column j (0: none), column 0 the root.
     u, v = np.zeros(n + 1), np.zeros(n + 1)
     row_of = np.zeros(n + 1, np.int64)
@@ -233,7 +239,7 @@ def _solve_dense(si: np.ndarray, di: np.ndarray, d2: np.ndarray, gate2: np.ndarr
     rows, cols = row_of[1:] - 1, np.arange(n)
     real = (rows < k) & (cols < m)
     rows, cols = rows[real], cols[real]
-    linked = cost[rows, cols] < 0  # an out-of-reach pair (or one at the gate itself) is no link
+    linked = within[rows, cols]  # an out-of-reach pair is no link
     to[rows[linked]] = cols[linked]
     return to
 
