@@ -325,8 +325,9 @@ def _next_frame(p_frame, p_pos, i0, gt_pos, gt_order, gt_offsets):
     while i1 < p_frame.shape[0] and p_frame[i1] == p_frame[i0]:
         i1 += 1
     f = p_frame[i0]
-    g0 = gt_offsets[f] if 0 <= f < gt_offsets.shape[0] - 1 else 0
-    g1 = gt_offsets[f + 1] if 0 <= f < gt_offsets.shape[0] - 1 else 0
+    g0 = g1 = 0
+    if 0 <= f < gt_offsets.shape[0] - 1:
+        g0, g1 = gt_offsets[f], gt_offsets[f + 1]
     d = np.empty((i1 - i0, g1 - g0))
     for a in range(i1 - i0):
         for b in range(g1 - g0):
@@ -717,10 +718,10 @@ def best_f1_threshold(pred: Points, score, gt: Points, gate_um: float, n_cuts: i
     if len(score) == 0:
         return 0.5
     cuts = np.unique(np.quantile(score, np.linspace(0, 0.995, n_cuts)))
-    # F1 at every cut from one pass (``max_pairs_by_cut``), as ``f1_rmse`` counts it.
+    # F1 at every cut from one pass (``max_pairs_by_cut``), as ``f1_rmse`` counts it; each
+    # cut, a quantile of the scores, keeps at least one prediction, so no denominator is 0.
     tp = max_pairs_by_cut(pred, score, gt, gate_um, cuts)
-    denom = len(score) - np.searchsorted(np.sort(score), cuts, side="left") + len(gt.frame)
-    f1 = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 1.0)
+    f1 = 2.0 * tp / (len(score) - np.searchsorted(np.sort(score), cuts, side="left") + len(gt.frame))
     return float(cuts[int(np.argmax(f1))])  # the first, so the lowest, of equal F1s
 
 
