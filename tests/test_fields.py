@@ -209,7 +209,36 @@ def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_
     p = t["particles"]
     assert p["particles"] >= 6 and p["matched"] == 1.0, p
     assert t["correct_link_fraction"] > 0.98
+    # The linker's floor links the same true positions by its own route (no detector,
+    # no CSV): the same links, so the same share.
+    assert t["correct_link_fraction_truth_positions"] == t["correct_link_fraction"]
     assert p["d_within"] >= p["floor_d_within"] - 0.2, p
+
+
+def test_the_linkers_floor_is_the_truth_linked_alike_and_crowding_costs_it(tmp_path):
+    """Twelve fast particles in 48 x 48 px come closer than their steps: the true positions
+    linked the same way (the floor of correct links) get some links wrong, and a perfect
+    localiser, whose localisations are those positions, gets exactly the floor."""
+    import json
+
+    from factory.build import build
+    from factory.config import parse_config
+    from factory.stores import Store
+    from models.evaluation.evaluate import evaluate_detector
+
+    cfg = parse_config({"seed": 3, "datasets": {"test_m": {
+        "n_movies": 2, "movie": {"n_frames": 20, "margin_um": 0.5},
+        "image": {"height_px": 48, "width_px": 48, "pixel_size_um": 0.1},
+        "particles": {"count": 12, "diffusion_um2_s": {"type": "log_uniform", "low": 0.2, "high": 2.0}},
+        "output": {"trajectories": False, "expected": False}}}})
+    build(cfg, tmp_path / "data", progress=False)
+    with Store(tmp_path / "data" / "test_m.h5") as st:
+        rows = {k: st.read(k) for k in ("exposure_xy", "n_particles", "in_view")}
+    evaluate_detector(_Oracle(rows), tmp_path / "data", tmp_path / "run", progress=False)
+    t = json.loads((tmp_path / "run" / "metrics.json").read_text())["tracks"]["test_m"]
+    assert t["links_between_matched"] > 200
+    assert 0.5 < t["correct_link_fraction_truth_positions"] < 0.95, t
+    assert t["correct_link_fraction_truth_positions"] == t["correct_link_fraction"]
 
 
 def test_the_field_picture_shows_each_pipelines_share_within_the_factor(tmp_path):

@@ -441,8 +441,10 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
     scores : dict
         ``target``, ``search_range_px``, ``blur_r``, ``links``, ``particles``
         (``fields.summarise``), ``links_between_matched``, ``correct_link_fraction``,
-        ``links_to_unmatched_fraction``, ``d`` and ``d_floor_truth_positions``
-        (``models.tracking.tracks.d_errors``; None where empty).
+        ``links_to_unmatched_fraction``, ``correct_link_fraction_truth_positions`` (the
+        true positions linked the same way: the linker's floor), ``d`` and
+        ``d_floor_truth_positions`` (``models.tracking.tracks.d_errors``; None where
+        empty).
     """
     ds = store.dataset
     F = ds.movie.n_frames
@@ -462,6 +464,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         table = table[table["score"] >= threshold]
     table = table.assign(t_s=time_stamps(table, h, w, timing, stamps, starts), movie=table["frame"] // F)
     links = matched = correct = 0
+    floor_links = [0, 0]  # links between matched points, correct ones: the true positions linked alike
     ests, floors, linked_all, particles = [], [], [], []
     rows = {k: store.read(k) for k in ("centroids", "exposure_xy", "in_view", "n_particles", "diffusion", "exposure_t_s")
             + (("on_fraction",) if "on_fraction" in store else ())}
@@ -483,6 +486,15 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
         matched += counts["matched_links"]
         correct += counts["correct_links"]
         ests.append(est)
+        # The linker's own floor: the true positions, every particle in view in every
+        # frame, linked the same way.  What it gets wrong is particles that come closer
+        # than their steps, which no localiser removes.
+        f_in, p_in = np.nonzero(np.isfinite(truth_all[a:b]).all(-1))
+        as_found = pd.DataFrame({"frame": f_in, "x": truth_all[a + f_in, p_in, 0], "y": truth_all[a + f_in, p_in, 1],
+                                 "t_s": t_truth[a + f_in, p_in]})
+        floor_counts, _ = score_tracks(link(as_found, search), truth_all[a:b], diffusion[a], gate, px, r)
+        floor_links[0] += floor_counts["matched_links"]
+        floor_links[1] += floor_counts["correct_links"]
         tt = truth_tracks(truth_all[a:b], t_truth[a:b])
         fl = diffusion_table(tt, px, r, estimator="cve")  # the floor: the CVE on the true positions
         fl["true_D_um2_s"] = np.asarray([diffusion[a, tt[tt.track == k]["slot"].iloc[0]] for k in fl["track"]],
@@ -496,6 +508,7 @@ def evaluate_tracks(table: pd.DataFrame, store: Store, target: str, stamps: str,
                     "particles": summarise(per_particle),
                     "links_between_matched": matched,
             "correct_link_fraction": correct / matched if matched else None,
+            "correct_link_fraction_truth_positions": floor_links[1] / floor_links[0] if floor_links[0] else None,
             "links_to_unmatched_fraction": (links - matched) / links if links else None,
             "d": d_errors(est) if len(est) else None, "d_floor_truth_positions": d_errors(floor) if len(floor) else None}
 

@@ -154,7 +154,8 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
                   "links: of the links between two localisations matched to true particles (within 210 nm), "
                   "the share joining the same particle.  D error: (estimate - true D) / true D per track.  "
                   "The floor rows apply the covariance-based estimator to the true positions of each target (each particle's runs "
-                  "in view); each detector is scored against its own target's truth.", "",
+                  "in view), and give the correct links of those positions linked the same way (what particles that come "
+                  "closer than their steps cost any localiser); each detector is scored against its own target's truth.", "",
                   "| detector | dataset | correct links | links to unmatched | tracks | D rel. bias | D rel. RMSE "
                   "| RMSE 5-9 | RMSE 10-14 | RMSE >= 15 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         floors = {}
@@ -164,10 +165,12 @@ def write_report(runs: Path, data: Path, preview_n: int = 8, datasets: list[str]
             lines.append(f"| {label} | {name} | {t['correct_link_fraction']:.3f} | {t['links_to_unmatched_fraction']:.3f} "
                          f"| {d.get('tracks', 0)} | {cell(d, 'rel_bias')} | {cell(d, 'rel_rmse')} | "
                          + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
-            floors.setdefault((name, t.get("target", "centroid")), t.get("d_floor_truth_positions"))
-        for (name, truth), d in floors.items():
+            floors.setdefault((name, t.get("target", "centroid")),
+                              (t.get("d_floor_truth_positions"), t.get("correct_link_fraction_truth_positions")))
+        for (name, truth), (d, links) in floors.items():
             bl = (d or {}).get("by_length", {})
-            lines.append(f"| true {truth} positions (floor) | {name} |  |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
+            links = "" if links is None else f"{links:.3f}"
+            lines.append(f"| true {truth} positions (floor) | {name} | {links} |  | {(d or {}).get('tracks', 0)} | {cell(d, 'rel_bias')} "
                          f"| {cell(d, 'rel_rmse')} | " + " | ".join(cell(bl.get(k), "rel_rmse") for k in ("5-9", "10-14", ">=15")) + " |")
         # Per particle: what a user publishes is a D per particle (models.evaluation.fields).
         lines += ["", "Per particle (in view >= 10 consecutive frames, on in half of them when blinking): the share "
