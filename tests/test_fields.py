@@ -185,10 +185,9 @@ class _Oracle:
         return pd.DataFrame({"frame": f, "x": pts[f, p, 0], "y": pts[f, p, 1], "score": 1.0, "sigma": 1.0})
 
 
-def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_everywhere(tmp_path):
-    """`evaluate_detector` on a movie store: metrics.json carries the per-particle
-    scores; with the truth as localisations every scored particle has its track, the
-    links are right, and D is within 1.5x about as often as the floor's."""
+def _oracle_tracks(tmp_path, n_movies: int, size_px: int, count: int, d_low: float, d_high: float) -> dict:
+    """`evaluate_detector` with the truth as localisations on a movie store built here:
+    the store's track scores from metrics.json."""
     import json
 
     from factory.build import build
@@ -197,15 +196,22 @@ def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_
     from models.evaluation.evaluate import evaluate_detector
 
     cfg = parse_config({"seed": 3, "datasets": {"test_m": {
-        "n_movies": 3, "movie": {"n_frames": 20, "margin_um": 0.5},
-        "image": {"height_px": 96, "width_px": 96, "pixel_size_um": 0.1},
-        "particles": {"count": 4, "diffusion_um2_s": {"type": "log_uniform", "low": 0.01, "high": 0.1}},
+        "n_movies": n_movies, "movie": {"n_frames": 20, "margin_um": 0.5},
+        "image": {"height_px": size_px, "width_px": size_px, "pixel_size_um": 0.1},
+        "particles": {"count": count, "diffusion_um2_s": {"type": "log_uniform", "low": d_low, "high": d_high}},
         "output": {"trajectories": False, "expected": False}}}})
     build(cfg, tmp_path / "data", progress=False)
     with Store(tmp_path / "data" / "test_m.h5") as st:
         rows = {k: st.read(k) for k in ("exposure_xy", "n_particles", "in_view")}
     evaluate_detector(_Oracle(rows), tmp_path / "data", tmp_path / "run", progress=False)
-    t = json.loads((tmp_path / "run" / "metrics.json").read_text())["tracks"]["test_m"]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())["tracks"]["test_m"]
+
+
+def test_evaluate_scores_tracks_per_particle_and_a_perfect_localiser_is_matched_everywhere(tmp_path):
+    """`evaluate_detector` on a movie store: metrics.json carries the per-particle
+    scores; with the truth as localisations every scored particle has its track, the
+    links are right, and D is within 1.5x about as often as the floor's."""
+    t = _oracle_tracks(tmp_path, n_movies=3, size_px=96, count=4, d_low=0.01, d_high=0.1)
     p = t["particles"]
     assert p["particles"] >= 6 and p["matched"] == 1.0, p
     assert t["correct_link_fraction"] > 0.98
@@ -219,23 +225,7 @@ def test_the_linkers_floor_is_the_truth_linked_alike_and_crowding_costs_it(tmp_p
     """Twelve fast particles in 48 x 48 px come closer than their steps: the true positions
     linked the same way (the floor of correct links) get some links wrong, and a perfect
     localiser, whose localisations are those positions, gets exactly the floor."""
-    import json
-
-    from factory.build import build
-    from factory.config import parse_config
-    from factory.stores import Store
-    from models.evaluation.evaluate import evaluate_detector
-
-    cfg = parse_config({"seed": 3, "datasets": {"test_m": {
-        "n_movies": 2, "movie": {"n_frames": 20, "margin_um": 0.5},
-        "image": {"height_px": 48, "width_px": 48, "pixel_size_um": 0.1},
-        "particles": {"count": 12, "diffusion_um2_s": {"type": "log_uniform", "low": 0.2, "high": 2.0}},
-        "output": {"trajectories": False, "expected": False}}}})
-    build(cfg, tmp_path / "data", progress=False)
-    with Store(tmp_path / "data" / "test_m.h5") as st:
-        rows = {k: st.read(k) for k in ("exposure_xy", "n_particles", "in_view")}
-    evaluate_detector(_Oracle(rows), tmp_path / "data", tmp_path / "run", progress=False)
-    t = json.loads((tmp_path / "run" / "metrics.json").read_text())["tracks"]["test_m"]
+    t = _oracle_tracks(tmp_path, n_movies=2, size_px=48, count=12, d_low=0.2, d_high=2.0)
     assert t["links_between_matched"] > 200
     assert 0.5 < t["correct_link_fraction_truth_positions"] < 0.95, t
     assert t["correct_link_fraction_truth_positions"] == t["correct_link_fraction"]
