@@ -3,10 +3,11 @@ time steps, positions averaged over an exposure window: motion blur, plus Gaussi
 localisation noise), independently of the microscope simulator."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from models.tracking.diffusion import (blur_coefficient_uniform, cve, known_sigma, msd_fit, pooled_sigma2,
-                                       with_detector_prior)
+                                       pooled_sigma2_variance, with_detector_prior)
 
 D_TRUE, DT, TAU, SIGMA = 0.2, 0.08, 0.03, 0.03  # um^2/s, s, s (exposure window), um
 
@@ -143,6 +144,9 @@ def test_the_pooled_variance_is_the_median_of_the_long_tracks_and_a_wrong_link_d
     short = [cve(t[i, :5], xy[i, :5], R) for i in range(3)]
     assert pooled_sigma2(est + short) == pooled_sigma2(est)
     assert pooled_sigma2(short) == max(np.median([e.sigma2_loc_um2 for e in short]), 0.0)
+    # One long track is no pool (its variance needs two): every track with an estimate counts.
+    assert pooled_sigma2(est[:1] + short) == max(np.median([e.sigma2_loc_um2 for e in est[:1] + short]), 0.0)
+    assert np.isfinite(pooled_sigma2_variance(est[:1] + short))
     assert np.isnan(pooled_sigma2([]))
     # A negative median (s^2 small against D dt / sqrt(N)) is read as the physical bound, 0.
     walks = np.cumsum(np.random.default_rng(3).normal(0, 1, (200, 40, 2)), axis=1)  # instantaneous, exact positions
@@ -186,6 +190,42 @@ def test_the_pooled_estimator_on_one_track_is_its_cve_and_on_many_beats_it(track
         np.testing.assert_allclose(got["D_um2_s"], [known_sigma(t[i], xy[i], expect, R).D_um2_s for i in (3, 4)],
                                    rtol=1e-9)
         np.testing.assert_allclose(got["sigma_loc_um"], np.sqrt(expect), rtol=1e-9)
+
+
+def test_one_long_track_among_short_ones_still_gets_the_pool(tracks):
+    # A recording with a single long track: the pool is made of all its tracks, so every
+    # track's D is the pooled estimator's (not each track's own CVE).
+    from models.tracking.tracks import diffusion_table
+
+    t, xy = tracks
+    R = blur_coefficient_uniform(TAU, DT)
+    px = 0.1
+    table = pd.concat([_recordings(t, xy, [0], px)] + [_recordings(t[:, :8], xy[:, :8], [i], px) for i in range(1, 30)],
+                      ignore_index=True)
+    found = [cve(t[0], xy[0], R)] + [cve(t[i, :8], xy[i, :8], R) for i in range(1, 30)]
+    s2, var = pooled_sigma2(found), pooled_sigma2_variance(found)
+    got = diffusion_table(table, px, R, estimator="pooled")
+    expect = [known_sigma(t[0], xy[0], s2, R, sigma2_var_um4=var).D_um2_s] + [
+        known_sigma(t[i, :8], xy[i, :8], s2, R, sigma2_var_um4=var).D_um2_s for i in range(1, 30)]
+    np.testing.assert_allclose(got["D_um2_s"], expect, rtol=1e-9)
+    np.testing.assert_allclose(got["sigma_loc_um"], np.sqrt(s2), rtol=1e-9)
+
+
+def test_msd_fit_gives_the_fit_of_the_p_it_names():
+    # Michalet's rule cycles between 4 and 5 points on this track: whatever the number of
+    # iterations, D is the fit with the p the method names (the fewest of a cycle).
+    rng = np.random.default_rng(3)
+    dt = 0.1
+    t = np.arange(60) * dt
+    xy = np.cumsum(rng.normal(0, np.sqrt(2 * 0.05 * dt), (60, 2)), 0) + rng.normal(0, 0.1, (60, 2))
+    msd = np.array([((xy[k:] - xy[:-k]) ** 2).sum(1).mean() for k in range(1, 60)])
+    ps = set()
+    for max_iter in (1, 2, 3, 10):
+        e = msd_fit(t, xy, max_iter=max_iter)
+        p = int(e.method.split("=")[1].rstrip(")"))
+        ps.add(p)
+        assert e.D_um2_s == pytest.approx(np.polyfit(np.arange(1, p + 1) * dt, msd[:p], 1)[0] / 4, rel=1e-9)
+    assert msd_fit(t, xy).method == "msd (p=4)" and len(ps) > 1
 
 
 def test_the_pooled_interval_covers_the_truth_with_few_tracks_or_many(tracks):

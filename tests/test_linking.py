@@ -109,6 +109,8 @@ def test_ids_follow_the_order_tracks_start_and_rows_in_any_order_give_the_same_t
     ((np.array([0.0, 0.5]), np.zeros((2, 2)), 2.0, 1), "whole"),
     ((np.array([0, 1]), np.zeros((2, 2)), 2.0, 1, (5.0, 3.0)), "own_radius"),
     ((np.array([0, 1]), np.zeros((2, 2)), 2.0, 1, (0.0, 3.0)), "own_radius"),
+    ((np.array([0, 1]), np.zeros((2, 2)), 4.0, 1, (1.0, 3.0)), "hold radius_px"),
+    ((np.array([0, 1]), np.zeros((2, 2)), 0.5, 1, (1.0, 3.0)), "hold radius_px"),
 ])
 def test_bad_arguments_are_refused(args, words):
     with pytest.raises(ValueError, match=words):

@@ -211,7 +211,7 @@ def pooled_sigma2(estimates: list[DiffusionEstimate], min_displacements: int = 9
     """One localisation variance (um^2) for a recording: the median of its tracks' CVE estimates.
 
     Tracks of at least ``min_displacements`` displacements count (all tracks with an
-    estimate when none is that long); the median keeps a few wrongly linked tracks
+    estimate when fewer than two are that long); the median keeps a few wrongly linked tracks
     (whose jumps inflate their s^2) from moving it.  A negative median (the estimates
     scatter by about D dt / sqrt(N) around a small s^2) is read as 0, the physical
     bound; otherwise one track gives its own CVE back.  NaN when no track has an
@@ -255,12 +255,16 @@ def with_detector_prior(pool_sigma2_um2: float, pool_var_um4: float, detector_si
 
 
 def _pool(estimates: list[DiffusionEstimate], min_displacements: int) -> np.ndarray:
-    """The s^2 estimates a pool is made of: the tracks of ``min_displacements`` or more, else all with one."""
+    """The s^2 estimates a pool is made of.
+
+    The tracks of ``min_displacements`` or more where there are two or more such tracks
+    (a pool's variance needs two), else every track with an estimate.
+    """
     s2 = np.array([e.sigma2_loc_um2 for e in estimates], np.float64)
     n = np.array([e.n_displacements for e in estimates])
     ok = np.isfinite(s2)
     long_ = ok & (n >= min_displacements)
-    return s2[long_] if long_.any() else s2[ok]
+    return s2[long_] if long_.sum() >= 2 else s2[ok]
 
 
 def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
@@ -268,12 +272,19 @@ def _cve_variance(D: float, s2: float, dt: float, R: float, n: int) -> float:
     return D**2 * ((6 + 4 * e + 2 * e**2) / n + 4 * (1 + e) ** 2 / n**2)
 
 
+def _msd_line(lags: np.ndarray, msd: np.ndarray, dt: float, p: int, d: int) -> tuple[float, float]:
+    """D and s^2 from the least-squares line through the first ``p`` MSD points (``d`` axes)."""
+    slope, offset = np.polyfit(lags[:p] * dt, msd[:p], 1)
+    return float(slope / (2 * d)), float(offset / (2 * d))
+
+
 def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> DiffusionEstimate:
     """D (um^2/s) from a least-squares line through the first p points of the time-averaged MSD.
 
     Lags are in steps of the track's mean step; p by Michalet's rule, iterated at most
-    ``max_iter`` times.  ``t_s`` (n,) s and ``xy_um`` (n, d) um as for ``cve``; NaN
-    estimates below 3 displacements.
+    ``max_iter`` times (where the rule cycles between values, the fewest points of the
+    cycle); the method names the p whose fit gives D.  ``t_s`` (n,) s and ``xy_um``
+    (n, d) um as for ``cve``; NaN estimates below 3 displacements.
     """
     t = np.sort(np.asarray(t_s, np.float64))
     xy = np.asarray(xy_um, np.float64)[np.argsort(np.asarray(t_s, np.float64), kind="stable")]
@@ -285,16 +296,21 @@ def msd_fit(t_s, xy_um, confidence: float = 0.95, max_iter: int = 10) -> Diffusi
     dt = float(np.diff(t).mean())
     lags = np.arange(1, n)
     msd = np.array([((xy[k:] - xy[:-k]) ** 2).sum(1).mean() for k in lags])
-    p = 2
+    p, tried = 2, []
     for _ in range(max_iter):
-        slope, offset = np.polyfit(lags[:p] * dt, msd[:p], 1)
-        D = slope / (2 * d)
-        s2 = offset / (2 * d)
+        D, s2 = _msd_line(lags, msd, dt, p, d)
+        tried.append(p)
         x = max(s2, 0.0) / max(D * dt, 1e-12)
         p_new = int(min(max(2, round(2 + 2.3 * x**0.52)), n - 1))
         if p_new == p:
             break
+        if p_new in tried:  # the rule cycles (e.g. 4 -> 5 -> 4): the fewest points of the cycle
+            p = min(tried[tried.index(p_new):])
+            D, s2 = _msd_line(lags, msd, dt, p, d)
+            break
         p = p_new
+    else:  # no fixed point within max_iter: the last p tried, with its own fit
+        D, s2 = _msd_line(lags, msd, dt, p, d)
     # Uncertainty: the CVE's variance formula at the same D and s^2 (an approximation
     # for the fit; the MSD points are correlated).
     var = _cve_variance(max(D, 1e-12), max(s2, 0.0), dt, 0.0, n) / d

@@ -24,8 +24,9 @@ large enough for a slow particle to jump to a neighbour.  So each track carries 
 variance of its step per axis and frame: the mean of its own squared steps (per axis,
 per frame of gap), shrunk towards the variance that ``radius_px`` is set for with the
 weight of ``PRIOR_STEPS`` steps (so a new track reaches ``radius_px``, as with one
-radius).  It reaches ``GATE_SIGMAS`` sqrt(v g) + 2 localisation errors over a gap of g
-frames, kept within ``own_radius``.  A link costs its squared length over the track's
+radius, or two localisation errors where ``radius_px`` is smaller).  It reaches
+``GATE_SIGMAS`` sqrt(v g) + 2 localisation errors over a gap of g frames, kept within
+``own_radius``, which holds ``radius_px``.  A link costs its squared length over the track's
 own variance, v g + sigma_loc^2: the Gaussian negative log-likelihood of the step, less
 a term per track that the assignment ignores (each track is assigned once).  In squared
 pixels instead, a fast track's long step would outweigh a slow neighbour's short one,
@@ -55,12 +56,14 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
         Its position (px).
     radius_px : float
         The largest displacement linked between consecutive frames of a track (px); with
-        ``own_radius``, that of a track without steps yet.
+        ``own_radius``, that of a track without steps yet (at least two localisation
+        errors, ``2 * LOCALISATION_PX``).
     memory : int
         Frames a track may miss and still be continued.
     own_radius : (float, float), optional
         The smallest and largest reach (px) of a track whose reach follows its own steps
-        (the adaptive linker); None: every track reaches ``radius_px``.
+        (the adaptive linker), ``radius_px`` between them; None: every track reaches
+        ``radius_px``.
 
     Returns
     -------
@@ -71,7 +74,7 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
     ------
     ValueError
         A radius that is not positive and finite, an ``own_radius`` whose smallest is
-        above its largest, a negative memory, frame numbers that are not whole, or
+        above its largest or that does not hold ``radius_px``, a negative memory, frame numbers that are not whole, or
         positions that are not finite.
     """
     frame = np.asarray(frame)
@@ -85,6 +88,8 @@ def link_frames(frame: np.ndarray, xy: np.ndarray, radius_px: float, memory: int
         r_lo, r_hi = (float(v) for v in own_radius)
         if not (np.isfinite(r_lo) and np.isfinite(r_hi) and 0 < r_lo <= r_hi):
             raise ValueError(f"own_radius {own_radius}: give the smallest and the largest reach, 0 < smallest <= largest")
+        if not r_lo <= radius_px <= r_hi:
+            raise ValueError(f"own_radius {own_radius} does not hold radius_px {radius_px}, a new track's reach")
     if memory < 0:
         raise ValueError(f"memory {memory}: give 0 or more frames")
     if not np.isfinite(xy).all():
