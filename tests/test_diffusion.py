@@ -211,6 +211,37 @@ def test_one_long_track_among_short_ones_still_gets_the_pool(tracks):
     np.testing.assert_allclose(got["sigma_loc_um"], np.sqrt(s2), rtol=1e-9)
 
 
+def test_a_track_with_gaps_gets_the_blur_of_its_own_steps():
+    # Positions averaged over the whole frame (R = 1/6 for steps of one frame), exact,
+    # and 30 % of the frames lost at random: the blur is a time (tau / 6), so a track's
+    # steps of g frames on average have R = 1/(6 g).  With R = 1/6 kept for every track,
+    # D from the known localisation variance (0 here) comes out about 15 % high
+    # (E = D (g - 1/3) / (g (1 - 1/3))); with each track's own R it is unbiased.
+    from models.tracking.tracks import diffusion_table
+
+    rng = np.random.default_rng(7)
+    n_tracks, n_frames, sub, d = 1500, 30, 20, 0.2
+    steps = rng.normal(0, np.sqrt(2 * d * DT / sub), (n_tracks, n_frames * sub, 2))
+    xy = np.cumsum(steps, axis=1).reshape(n_tracks, n_frames, sub, 2).mean(2)  # whole-frame means
+    keep = rng.random((n_tracks, n_frames)) > 0.3
+    keep[:, [0, -1]] = True
+    tr, fr = np.nonzero(keep)
+    px = 0.1
+    table = pd.DataFrame({"track": tr, "frame": fr, "t_s": (fr + 0.5) * DT, "x": xy[tr, fr, 0] / px,
+                          "y": xy[tr, fr, 1] / px})
+    R = blur_coefficient_uniform(DT, DT)
+    own = diffusion_table(table, px, R, estimator="pooled", sigma2_loc_um2=0.0)["D_um2_s"].to_numpy()
+    assert abs(own.mean() / d - 1) < 3 * own.std() / np.sqrt(n_tracks) / d
+    one = diffusion_table(table.drop(columns="frame"), px, R, estimator="pooled", sigma2_loc_um2=0.0)["D_um2_s"]
+    g = np.mean([np.ptp(f) / (len(f) - 1) for f in np.split(fr, np.flatnonzero(np.diff(tr)) + 1)])
+    assert one.mean() / d == pytest.approx((g - 1 / 3) / (g * 2 / 3), abs=0.03)
+    assert one.mean() / d > 1.1
+    # The CVE's D does not depend on R; its s^2 does, and is about 0 with each track's own R.
+    s2 = [cve(t["t_s"], t[["x", "y"]].to_numpy() * px, R / (np.ptp(t["frame"]) / (len(t) - 1))).sigma2_loc_um2
+          for _, t in table.groupby("track")]
+    assert abs(np.mean(s2)) < 3 * np.std(s2) / np.sqrt(n_tracks)
+
+
 def test_msd_fit_gives_the_fit_of_the_p_it_names():
     # Michalet's rule cycles between 4 and 5 points on this track: whatever the number of
     # iterations, D is the fit with the p the method names (the fewest of a cycle).

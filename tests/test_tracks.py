@@ -39,6 +39,26 @@ def test_link_and_score_two_crossing_free_walks_by_hand():
     assert sorted(est["true_D_um2_s"]) == [0.3, 0.6]
 
 
+def test_a_track_gets_a_true_d_only_when_most_of_its_points_follow_one_particle():
+    # Ten points: one on particle 0 and nine on nothing has no true D; seven of ten on
+    # particle 1 (three on nothing) has particle 1's; five and five on the two has none.
+    F = 10
+    truth = np.zeros((F, 2, 2))
+    truth[:, 0] = [10.0, 10.0]
+    truth[:, 1] = [40.0, 40.0]
+    diffusion = np.array([0.3, 0.6])
+
+    def true_d(on):  # on[f]: the particle point f sits on, or -1 (60 px away from both)
+        xy = [truth[f, p] if p >= 0 else (100.0, 100.0) for f, p in enumerate(on)]
+        t = pd.DataFrame({"frame": np.arange(F), "x": [a for a, _ in xy], "y": [b for _, b in xy],
+                          "t_s": 0.1 * np.arange(F), "track": 0})
+        return score_tracks(t, truth, diffusion, 1.0, 0.07, 0.0)[1]["true_D_um2_s"].iloc[0]
+
+    assert np.isnan(true_d([0] + [-1] * 9))
+    assert true_d([1] * 7 + [-1] * 3) == 0.6
+    assert np.isnan(true_d([0] * 5 + [1] * 5))
+
+
 @pytest.fixture(scope="module")
 def movie(tmp_path_factory):
     root = tmp_path_factory.mktemp("track")

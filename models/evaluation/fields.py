@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from models.tracking.tracks import diffusion_table
+from models.tracking.tracks import MATCH_SHARE, diffusion_table
 
 MIN_FRAMES_IN_VIEW = 10
 MATCH_PX = 3.0
-MATCH_SHARE = 0.6
 D_FACTOR = 1.5
 ON_SHARE = 0.5  # a blinking particle counts as visible in a frame when on for half of it
 

@@ -132,8 +132,9 @@ def cve(t_s, xy_um, blur_r: float = 0.0, confidence: float = 0.95) -> DiffusionE
     xy_um : array_like
         Positions (n, d), um; the d axes are treated as independent and pooled.
     blur_r : float
-        Motion-blur coefficient R of the positions (``blur_coefficient_uniform``,
-        ``blur_coefficient_gaussian``); it enters only the localisation error.
+        Motion-blur coefficient R of the positions for steps of the track's mean step
+        (``blur_coefficient_uniform``, ``blur_coefficient_gaussian``: the blur time over
+        that step); it enters only the localisation error.
     confidence : float
         Coverage of the interval ``D_low_um2_s .. D_high_um2_s``.
 
@@ -172,8 +173,8 @@ def known_sigma(t_s, xy_um, sigma2_loc_um2: float, blur_r: float = 0.0, confiden
         Localisation variance per axis (um^2), e.g. pooled over a recording's tracks
         (``pooled_sigma2``).
     blur_r : float
-        Motion-blur coefficient R of the positions; here it enters D (``cve``'s
-        estimate does not depend on it).
+        Motion-blur coefficient R of the positions for steps of the track's mean step
+        (as for ``cve``); here it enters D (``cve``'s estimate does not depend on it).
     confidence : float
         As for ``cve``.
     sigma2_var_um4 : float

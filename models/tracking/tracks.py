@@ -43,6 +43,7 @@ from models.tracking.timing import ScanTiming, time_stamps
 log = logging.getLogger(__name__)
 
 MIN_TRACK_POINTS = 5  # positions a track needs for a D estimate
+MATCH_SHARE = 0.6  # a track follows a particle when at least this share of its points match it
 ESTIMATORS = ("pooled", "cve", "msd")  # the first is the default (models.tracking.diffusion)
 
 
@@ -282,7 +283,10 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     where there is one (``with_detector_prior``), or ``sigma2_loc_um2`` (um^2) where
     given, then every track's D from its own steps;
     ``known_sigma``), ``"cve"`` (each track on its own) or ``"msd"``; ``r`` is the blur
-    coefficient.  Columns: (``movie``,)
+    coefficient of steps of one frame (``blur_r``).  The blur is a time (R dt = tau / 6
+    for a uniform exposure of tau; Berglund 2010), so with a ``frame`` column a track
+    whose steps span g frames on average (gaps: memory, missed detections, a blinking
+    particle's off frames) has R = r / g for its own steps.  Columns: (``movie``,)
     ``track, n_frames, D_um2_s, D_low_um2_s, D_high_um2_s, sigma_loc_um``.
     """
     rows = []
@@ -295,12 +299,17 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     t_all, xy_all = tracks["t_s"].to_numpy()[order], tracks[["x", "y"]].to_numpy()[order] * pixel_size_um
     starts = np.flatnonzero(_track_starts(*ids))
     spans = [(a, b) for a, b in zip(starts, np.r_[starts[1:], len(order)]) if b - a >= min_points]
+    rs = [r] * len(spans)
+    if "frame" in tracks and r:  # each track's R for its own mean step in frames
+        f_all = tracks["frame"].to_numpy(np.float64)[order]
+        span_frames = [np.ptp(f_all[a:b]) / (b - a - 1) for a, b in spans]
+        rs = [r / g if g > 0 else r for g in span_frames]
     if estimator == "msd":
         found = [msd_fit(t_all[a:b], xy_all[a:b]) for a, b in spans]
     elif estimator == "pooled" and sigma2_loc_um2 is not None:
-        found = [known_sigma(t_all[a:b], xy_all[a:b], sigma2_loc_um2, r) for a, b in spans]
+        found = [known_sigma(t_all[a:b], xy_all[a:b], sigma2_loc_um2, rk) for (a, b), rk in zip(spans, rs)]
     else:
-        found = [cve(t_all[a:b], xy_all[a:b], r) for a, b in spans]
+        found = [cve(t_all[a:b], xy_all[a:b], rk) for (a, b), rk in zip(spans, rs)]
         # Pooled: one localisation variance for the whole table (a store's movies share
         # their microscope) from the tracks' CVEs, then each track's D from its own steps
         # with it (models.tracking.diffusion, known_sigma).  A pool of one track is its CVE.
@@ -310,7 +319,7 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
                 sigma_um = tracks["sigma"].to_numpy(np.float64)[order] * pixel_size_um
                 s2, var = with_detector_prior(s2, var, float(np.median(np.concatenate(
                     [sigma_um[a:b] ** 2 for a, b in spans]))))
-            found = [known_sigma(t_all[a:b], xy_all[a:b], s2, r, sigma2_var_um4=var) for a, b in spans]
+            found = [known_sigma(t_all[a:b], xy_all[a:b], s2, rk, sigma2_var_um4=var) for (a, b), rk in zip(spans, rs)]
     for (a, b), e in zip(spans, found):
         row = {k: v[a] for k, v in zip(keys, ids)}
         row.update({"n_frames": int(b - a), "D_um2_s": e.D_um2_s, "D_low_um2_s": e.D_low_um2_s,
@@ -349,7 +358,9 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     consecutive localisations of a track.  Links between two localisations matched to
     true particles (within ``gate_px``) are correct when both are the same particle; links
     touching a localisation that matches none (a false or badly placed detection) are
-    counted apart.  A track's true D is that of the particle most of its points match.
+    counted apart.  A track's true D is that of the particle at least ``MATCH_SHARE``
+    of its points match (NaN where none does: a track mostly of false detections, or
+    of several particles, has no true D).
     Returns the link counts (``links``, ``matched_links``, ``correct_links``) and the D
     table (``est`` where given, e.g. ``diffusion_table`` over a whole store's tracks,
     else ``diffusion_table`` of these tracks) with ``true_D_um2_s``.
@@ -363,8 +374,8 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     true_d = []
     for tid in est["track"]:
         s = slot[tracks["track"].to_numpy() == tid]
-        s = s[s >= 0]
-        true_d.append(float(diffusion[np.bincount(s).argmax()]) if len(s) else np.nan)
+        counts = np.bincount(s[s >= 0]) if (s >= 0).any() else np.zeros(1, np.int64)
+        true_d.append(float(diffusion[counts.argmax()]) if counts.max() >= MATCH_SHARE * len(s) else np.nan)
     est["true_D_um2_s"] = np.asarray(true_d, np.float64)
     return {"links": int(same_track.sum()), "matched_links": int(matched.sum()),
             "correct_links": int(correct.sum())}, est
