@@ -273,6 +273,20 @@ def test_a_hyperstack_is_refused_by_its_shape_and_never_read(tmp_path):
                    "got shape (3, 4, 16, 16)")
 
 
+def test_several_movies_in_one_tiff_and_colour_samples_are_refused(tmp_path):
+    # Two series of frames (an OME file of two positions): which is the movie is the
+    # user's to say; a planar RGB image's samples are not frames.
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as w:
+        w.write(np.zeros((6, 16, 16), np.uint16))
+        w.write(np.zeros((5, 16, 16), np.uint16))
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 16, 16), np.uint8), photometric="rgb", planarconfig="separate")
+    for name, words in (("two.ome.tif", ["holds 2 image series (6x16x16, 5x16x16)", "one movie"]),
+                        ("rgb.tif", ["colour samples of one image", "SYX"])):
+        for command, out in (("track", tmp_path / "t"), ("predict", tmp_path / "p.csv")):
+            one_line_error(run_cli(command, "trackpy", tmp_path / name, "--out", out), name, *words)
+            assert not out.exists()
+
+
 def test_huge_pixels_are_not_called_nan(tmp_path):
     np.save(tmp_path / "huge.npy", np.full((2, 16, 16), 1e300))
     one_line_error(run_cli("predict", "trackpy", tmp_path / "huge.npy", "--out", tmp_path / "p.csv"),

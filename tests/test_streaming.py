@@ -46,14 +46,21 @@ def movie_frames(n=10, seed=0):
     return frames
 
 
-WRITERS = {
+WRITERS = {  # name: (writer, how the frames are read)
     "plain.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack"), "memmap"),
     "zlib.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", compression="zlib"), "pages"),
     "tiled.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", tile=(16, 16)), "pages"),
     "bigendian.tif": (lambda p, a: tifffile.imwrite(p, a.astype(np.float32), byteorder=">",
                                                     photometric="minisblack"), "memmap"),
     "movie.npy": (lambda p, a: np.save(p, a), "memmap"),
+    "perframe.tif": (lambda p, a: _frame_by_frame(p, a), "pages"),  # a series per frame: its pages are the frames
 }
+
+
+def _frame_by_frame(path, frames):
+    with tifffile.TiffWriter(path) as w:
+        for f in frames:
+            w.write(f, photometric="minisblack")
 
 
 @pytest.mark.parametrize("name", list(WRITERS))

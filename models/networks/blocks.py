@@ -9,10 +9,17 @@ from torch import nn
 
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    """Per-image standardisation: counts of any gain or background become comparable."""
+    """Per-image standardisation: counts of any gain or background become comparable.
+
+    The guard against a zero spread adds 1e-3 to a spread of a count or more (photon
+    counts; what every model was trained on) and 1e-3 of itself below that, so that
+    pixels of any scale (a float recording scaled to 0 - 1 has a spread of about 1e-4)
+    standardise alike; a flat image gives zeros.
+    """
     mean = x.mean(dim=(-2, -1), keepdim=True)
     std = x.std(dim=(-2, -1), keepdim=True)
-    return (x - mean) / (std + 1e-3)
+    guarded = std + 1e-3 * std.clamp(max=1.0)
+    return (x - mean) / torch.where(guarded > 0, guarded, torch.ones_like(guarded))
 
 
 def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:

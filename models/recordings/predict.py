@@ -20,7 +20,7 @@ from factory.stores import Store, find_store, is_store_path
 
 from models.detectors.base import Detector
 from models.recordings.recording import (SETTINGS, Recording, as_recording, check_frames, check_pixels, check_settings,
-                                         check_tiff_pages, open_recording)
+                                         check_tiff_pages, open_recording, pages_are_frames)
 from models.tracking.timing import ScanTiming, time_stamps
 from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
 
@@ -40,7 +40,7 @@ def _read_array(path: Path) -> np.ndarray:
 
             with tifffile.TiffFile(path) as tf:
                 check_tiff_pages(tf, path)
-                return np.asarray(tf.asarray())
+                return np.asarray(tf.asarray(key=range(len(tf.pages))) if pages_are_frames(tf, path) else tf.asarray())
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if is_store_path(path):

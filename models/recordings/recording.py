@@ -257,7 +257,18 @@ def _open_tiff(path: Path) -> Recording:
     tf = tifffile.TiffFile(path)
     try:
         check_tiff_pages(tf, path)
+        if pages_are_frames(tf, path):
+            shape, dtype = tuple(tf.series[0].shape), tf.series[0].dtype
+
+            def read_pages(a: int, b: int) -> np.ndarray:
+                return tf.asarray(key=range(a, b)) if b > a else np.zeros((0, *shape), dtype)
+
+            return Recording(path, (len(tf.pages), *shape), dtype, _reading(path, read_pages), tf.close, kind="pages")
         series = tf.series[0]
+        if len(series.shape) == 3 and series.axes[:1] == "S":
+            # Samples of one pixel (planar RGB), not frames in time.
+            raise FactoryError(f"{path}: its {series.shape[0]} images are the colour samples of one image "
+                               f"(axes {series.axes}); give single-channel frames (H x W or T x H x W)")
         shape, dtype = tuple(series.shape), series.dtype
         n = shape[0] if len(shape) == 3 else 1
         if dtype is not None and len(shape) in (2, 3) and series.dataoffset is not None and tf.filehandle.is_file:
@@ -332,6 +343,23 @@ def check_settings(**settings: float | None) -> None:
         if problem:
             raise FactoryError(problem)
 
+
+
+def pages_are_frames(tf, path: Path) -> bool:
+    """Whether a TIFF's pages are its frames, one image series each.
+
+    As written a frame at a time (each write its own series, as ``tifffile.TiffWriter``
+    does); ``tf`` is an open ``tifffile.TiffFile``.  False for one series.  Series of
+    several images each (positions, or movies of an OME file) are refused: which of them
+    is the movie is for the user to say.
+    """
+    shapes = [tuple(s.shape) for s in tf.series]
+    if len(shapes) < 2:
+        return False
+    if any(len(sh) != 2 for sh in shapes):
+        listed = ", ".join("x".join(map(str, sh)) for sh in shapes[:4]) + (", ..." if len(shapes) > 4 else "")
+        raise FactoryError(f"{path}: holds {len(shapes)} image series ({listed}); give one movie (T x H x W) per file")
+    return True
 
 
 def check_tiff_pages(tf, path: Path) -> None:
