@@ -231,6 +231,25 @@ def test_bad_ranges_named_by_file(tmp_path):
         run.detector(target="exposure", precision="int8")
 
 
+def test_ranges_and_thresholds_that_are_no_calibration_are_refused_naming_the_field(tmp_path):
+    # JSON takes NaN; an infinite or huge range would make an 8-bit step swallow every
+    # value (before: 0 tracks, exit 0); a metrics.json that is not an object is refused too.
+    run, _ = _int8_run(tmp_path)
+    good = json.loads(run.file(run.METRICS).read_text())
+    for edit, words in ((lambda m: m["int8_ranges"]["exposure"].update(input=[float("nan"), 1.0]), "int8_ranges.exposure"),
+                        (lambda m: m["int8_ranges"]["exposure"].update(input=[-1e300, 1e300]), "int8_ranges.exposure"),
+                        (lambda m: m.update(int8_ranges=[1, 2]), "int8_ranges must map"),
+                        (lambda m: m.update(threshold=float("nan")), "threshold must be a finite number")):
+        m = json.loads(json.dumps(good))
+        edit(m)
+        run.file(run.METRICS).write_text(json.dumps(m))
+        with pytest.raises(FactoryError, match=words):
+            run.detector(target="exposure", precision="auto")
+    run.file(run.METRICS).write_text("[1, 2, 3]")
+    with pytest.raises(FactoryError, match="must hold a JSON object"):
+        run.detector(target="exposure", precision="auto")
+
+
 def test_track_precision_flag(tmp_path):
     import tifffile
 

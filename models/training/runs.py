@@ -17,6 +17,7 @@ anything else is refused (``models.detectors.weights``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -109,37 +110,45 @@ class RunFolder:
         return load_weights(path, map_location)
 
     def read_metrics(self) -> dict:
-        """``metrics.json`` ({} when absent); FactoryError when it is not valid JSON."""
+        """``metrics.json`` ({} when absent); FactoryError when it is not a JSON object."""
         path = self.file(self.METRICS)
         if not path.exists():
             return {}
         try:
-            return json.loads(path.read_text())
+            metrics = json.loads(path.read_text())
         except ValueError as exc:
             raise FactoryError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise FactoryError(f"{path}: must hold a JSON object (key: value), not a {type(metrics).__name__}")
+        return metrics
 
     @property
     def threshold(self) -> float | None:
         """The score threshold tuned for F1 on the validation set (None: none recorded)."""
         t = self.read_metrics().get("threshold")
-        if t is not None and not isinstance(t, (int, float)):
-            raise FactoryError(f"{self.file(self.METRICS)}: threshold must be a number")
+        if t is not None and not _finite_number(t):
+            raise FactoryError(f"{self.file(self.METRICS)}: threshold must be a finite number")
         return t
 
     @property
     def thresholds(self) -> dict:
         """Per head threshold of a network with a head per target."""
         t = self.read_metrics().get("thresholds") or {}
-        if not isinstance(t, dict) or not all(isinstance(v, (int, float)) for v in t.values()):
-            raise FactoryError(f"{self.file(self.METRICS)}: thresholds must map targets to numbers")
+        if not isinstance(t, dict) or not all(_finite_number(v) for v in t.values()):
+            raise FactoryError(f"{self.file(self.METRICS)}: thresholds must map targets to finite numbers")
         return t
 
     def int8_ranges(self, target: str) -> dict | None:
         """The int8 activation ranges of the head of ``target`` (None: none recorded)."""
-        r = (self.read_metrics().get("int8_ranges") or {}).get(target)
+        ranges = self.read_metrics().get("int8_ranges") or {}
+        if not isinstance(ranges, dict):
+            raise FactoryError(f"{self.file(self.METRICS)}: int8_ranges must map targets to layers' ranges")
+        r = ranges.get(target)
         if r is not None and not (isinstance(r, dict) and all(
-                isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in r.values())):
-            raise FactoryError(f"{self.file(self.METRICS)}: int8_ranges.{target} must map layers to [min, max]")
+                isinstance(v, list) and all(_finite_number(x) and abs(x) <= INT8_RANGE_LIMIT for x in v)
+                for v in r.values())):
+            raise FactoryError(f"{self.file(self.METRICS)}: int8_ranges.{target} must map layers to [min, max], "
+                               f"finite numbers within +-{INT8_RANGE_LIMIT:g}")
         return r
 
     def detector(self, device: str = "cpu", weights: str = BEST, target: str | None = None,
@@ -231,3 +240,13 @@ def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolde
     which head of a two-headed network.
     """
     return RunFolder(run_dir).detector(device, weights, target, precision)
+
+
+# A calibrated activation of a standardised image stays within a few hundred; a range
+# beyond this is not a calibration (an 8-bit step would swallow every value).
+INT8_RANGE_LIMIT = 1e6
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
