@@ -17,6 +17,7 @@ import functools
 import gc
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -108,12 +109,20 @@ def _quiet_zarr_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+def _terminated(signum, frame) -> None:
+    sys.stderr.write("error: terminated (SIGTERM)\n")
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     from factory.perf import tune_malloc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_zarr_leftovers()
     tune_malloc()
+    # SIGTERM (SLURM at a job's time limit, `kill`) ends the command as Ctrl-C does: the
+    # cleanup in ``finally`` blocks runs, so no staging folder or half output is left.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     finally:

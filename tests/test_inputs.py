@@ -202,6 +202,54 @@ def test_track_keeps_an_earlier_run_unless_overwrite_and_leaves_nothing_half_wri
     assert not (tmp_path / "never").exists() and not leftovers(tmp_path)
 
 
+def test_a_folder_where_an_output_file_goes_stops_the_run_before_anything_moves(movie, tmp_path):
+    out = tmp_path / "t"
+    (out / "tracks.png").mkdir(parents=True)
+    one_line_error(run_cli("track", "trackpy", movie, "--out", out, "-q"), "tracks.png: is a folder")
+    assert [p.name for p in out.iterdir()] == ["tracks.png"] and not leftovers(tmp_path)
+
+
+def test_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(movie, tmp_path):
+    # A real write failure: the process may not write files beyond 4 KiB (RLIMIT_FSIZE,
+    # as a quota or a full disk would stop it), so the CSV fails half-written.
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run([sys.executable, "-m", "cli", "predict", "trackpy", str(movie), "--out", str(tmp_path / "p.csv"),
+                        "--all", "-q"], capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "NUMBA_CACHE_DIR": str(tmp_path / "nb")})
+    one_line_error(r, "p.csv: cannot write", "too large")
+    assert not (tmp_path / "p.csv").exists() and not leftovers(tmp_path)
+
+
+def test_sigterm_ends_a_command_in_one_line_leaving_nothing(tmp_path):
+    # SLURM sends SIGTERM at a job's time limit: the command stops as after Ctrl-C, in one
+    # line, its staging folder removed.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # 3000 frames: about 10 s of TrackPy here, so the signal comes while it works.
+    tifffile.imwrite(tmp_path / "long.tif", np.random.default_rng(0).poisson(8.0, (3000, 64, 64)).astype(np.uint16),
+                     photometric="minisblack")
+    p = subprocess.Popen([sys.executable, "-m", "cli", "track", "trackpy", str(tmp_path / "long.tif"), "--out",
+                          str(tmp_path / "t"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    assert p.poll() is None, "the command ended before the signal"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.strip()] == ["error: terminated (SIGTERM)"]
+    assert not leftovers(tmp_path) and not (tmp_path / "t").exists()
+
+
 def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path):
     out = tmp_path / "e"
     out.mkdir()

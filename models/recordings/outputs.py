@@ -106,7 +106,8 @@ def staged_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), ove
     success the output moves into place (with ``overwrite``, an earlier output's
     ``files`` are removed first, except the inputs ``keep``); on any error the staging
     folder is removed and ``path`` is left as it was.  Raises FactoryError as
-    ``check_output`` does, and when the output cannot be moved into place.
+    ``check_output`` does, when writing fails (OSError: a full disk), and when the output
+    cannot be moved into place (a folder where a file goes).
     """
     path = Path(path)
     base = check_output(path, kind, files, overwrite, flag, what)
@@ -115,13 +116,20 @@ def staged_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), ove
     except OSError as exc:
         raise FactoryError(f"{path}: cannot write there ({base}: {exc.strerror or exc})") from None
     try:
-        yield stage / path.name if kind == "file" else stage
+        try:
+            yield stage / path.name if kind == "file" else stage
+        except OSError as exc:  # writing the output: a full disk, a quota, a vanished folder
+            raise FactoryError(f"{path}: cannot write: {exc.strerror or exc}") from None
         try:
             if kind == "file":
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(stage / path.name, path)
             else:
                 path.mkdir(parents=True, exist_ok=True)
+                # Every place checked before anything is replaced: all of the output or none.
+                for item in stage.iterdir():
+                    if (path / item.name).is_dir() and not item.is_dir():
+                        raise FactoryError(f"{path / item.name}: is a folder, where {item.name} is to be written")
                 if overwrite:
                     inputs = {os.path.abspath(k) for k in keep}
                     for name in earlier_files(path, files):
