@@ -124,6 +124,14 @@ def test_z_step_and_linking_flags_must_be_finite(movie, tmp_path):
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("flags", [("--search-range-um", "1e308"), ("--max-diffusion-um2-s", "1e308"),
+                                   ("--pixel-size-um", "1e-300")])
+def test_finite_flags_that_give_no_usable_linking_radius_are_refused_before_the_work(movie, tmp_path, flags):
+    one_line_error(run_cli("track", "trackpy", movie, "--out", tmp_path / "t", "-q", *flags), "the linking radius",
+                   "give physical values")
+    assert not (tmp_path / "t").exists() and not leftovers(tmp_path)
+
+
 def test_the_schema_limits_a_pixel_size_in_a_config_too(tmp_path):
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump({"seed": 1, "datasets": {"a": {"n_images": 5, "image": {"pixel_size_um": 1e9}}}}))

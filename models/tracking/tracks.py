@@ -176,6 +176,7 @@ def split_improbable_steps(tracks: pd.DataFrame, p: float = SPLIT_P, min_steps: 
 
 
 LINKERS = ("adaptive", "radius", "stitch")  # the first is the default
+MAX_RADIUS_PX = 1e6  # a linking radius beyond this (a thousand frames across) comes from unphysical settings
 STITCH_GAP_FRAMES = 3  # frames a particle may be lost (blinking, a missed detection) and be joined again
 STITCH_SIGMAS = 4.0  # a join's radius: this many standard deviations of the step per axis
 
@@ -497,10 +498,6 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
         An unknown ``linker``.
     """
     n, h, w = images.shape
-    table = localise(detector, images, progress=progress, min_score=detector.threshold)
-    stamps = detector.timestamps
-    table = table.copy()
-    table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     period = timing.frame_period_s(h, w)
     if linker not in LINKERS:
         raise ValueError(f"linker {linker!r}: one of {LINKERS}")
@@ -509,6 +506,17 @@ def track_recording(detector: Detector, images: np.ndarray | Recording, timing: 
     search = search_range if search_range is not None else search_range_px(first_d, period, pixel_size_um)
     # A radius given by hand widens the adaptive linker's range to hold it.
     own = own_radius_px(d_min, max_diffusion_um2_s, period, pixel_size_um, search) if linker == "adaptive" else None
+    # Settings that are each finite can still give no usable radius (a D of 1e300, a
+    # pixel of 1e-300 um): refused before the work.
+    radii = [search, *(own or ())]
+    if not all(math.isfinite(v) and 0 < v <= MAX_RADIUS_PX for v in radii):
+        raise FactoryError(f"the linking radius from these settings is {max(radii):.3g} px (D up to "
+                           f"{max_diffusion_um2_s:g} um^2/s, pixel {pixel_size_um:g} um, frame {period:.3g} s); "
+                           f"it must be at most {MAX_RADIUS_PX:g} px: give physical values")
+    table = localise(detector, images, progress=progress, min_score=detector.threshold)
+    stamps = detector.timestamps
+    table = table.copy()
+    table.insert(1, "t_s", time_stamps(table, h, w, timing, stamps, frame_start_s))
     group = None
     if movie_frames:
         table["movie"] = table["frame"] // movie_frames
