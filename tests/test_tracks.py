@@ -233,3 +233,28 @@ def test_the_tracks_picture_draws_each_track_where_it_is_in_its_colour(tmp_path)
     assert at(10, 2) == TRACK_COLOURS[0] and at(5, 12) == TRACK_COLOURS[1]
     assert at(25, 15) == (255, 255, 255) and at(25, 5) == (0, 0, 0)  # the mean image, min to max
     assert (img[:band] == 255).mean() > 0.9  # the title's band: white, a little text
+
+
+def test_track_takes_the_pixel_size_a_tiff_records_unless_given(tmp_path):
+    # OME's PhysicalSizeX (um, or another length unit) and ImageJ's resolution in microns
+    # are the specimen's pixel size; a resolution in inches (72 dpi) says nothing of it,
+    # and the model's training data then gives it.  A flag overrides the file.
+    from factory.config import DatasetSpec
+
+    frames = np.random.default_rng(0).poisson(8.4, (6, 32, 32)).astype(np.uint16)
+    for t in range(6):
+        frames[t, 10 + t:13 + t, 10:13] += 60
+    files = {"ome.ome.tif": dict(ome=True, metadata={"axes": "TYX", "PhysicalSizeX": 0.14, "PhysicalSizeY": 0.14}),
+             "ome_nm.ome.tif": dict(ome=True, metadata={"axes": "TYX", "PhysicalSizeX": 140, "PhysicalSizeXUnit": "nm"}),
+             "ij.tif": dict(imagej=True, resolution=(1 / 0.2, 1 / 0.2), metadata={"axes": "TYX", "unit": "um"}),
+             "dpi.tif": dict(resolution=(72, 72))}
+    expect = {"ome.ome.tif": 0.14, "ome_nm.ome.tif": 0.14, "ij.tif": 0.2, "dpi.tif": DatasetSpec().image.pixel_size_um}
+    for name, kw in files.items():
+        tifffile.imwrite(tmp_path / name, frames, **kw)
+        r = run_cli("track", "trackpy", tmp_path / name, "--out", tmp_path / name.split(".")[0], "-q")
+        assert r.returncode == 0, r.stderr
+        got = json.loads((tmp_path / name.split(".")[0] / "track.json").read_text())["pixel_size_um"]
+        assert got == pytest.approx(expect[name]), name
+    r = run_cli("track", "trackpy", tmp_path / "ome.ome.tif", "--out", tmp_path / "flag", "-q", "--pixel-size-um", "0.1")
+    assert r.returncode == 0 and json.loads((tmp_path / "flag" / "track.json").read_text())["pixel_size_um"] == 0.1
+

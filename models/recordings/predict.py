@@ -323,23 +323,56 @@ def tiff_z_step_um(path: Path) -> float | None:
         The z step (um); None when the file records none in micrometres or its metadata
         cannot be read.
     """
-    import re
-
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
             ij = tf.imagej_metadata or {}
-            if "spacing" in ij and str(ij.get("unit", "micron")).lower() in ("micron", "um", "µm", "\\u00b5m"):
+            if "spacing" in ij and str(ij.get("unit", "micron")).lower() in MICRONS:
                 return float(ij["spacing"])
             ome = tf.ome_metadata or ""
     except Exception:  # unreadable metadata: the caller asks for --z-step-um
         return None
-    m = re.search(r'PhysicalSizeZ="([0-9.eE+-]+)"', ome)
-    unit = re.search(r'PhysicalSizeZUnit="([^"]+)"', ome)
-    if m and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-        return float(m.group(1))
+    return _ome_physical_size_um(ome, "Z")
+
+
+MICRONS = ("micron", "um", "µm", "\\u00b5m")  # how TIFF metadata spells micrometres
+OME_LENGTH_UM = {**dict.fromkeys(MICRONS, 1.0), "nm": 1e-3, "mm": 1e3}  # OME's length units, in um
+
+
+def _ome_physical_size_um(ome: str, axis: str) -> float | None:
+    """OME-XML's ``PhysicalSize<axis>`` in um (its default unit), None when absent or in a unit not of length."""
+    import re
+
+    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
+    scale = OME_LENGTH_UM.get(unit.group(1) if unit else "um")
+    if m and scale is not None:
+        return float(m.group(1)) * scale
     return None
+
+
+def tiff_pixel_size_um(path: Path) -> float | None:
+    """The pixel size a TIFF records: OME's ``PhysicalSizeX``, or ImageJ's resolution in microns (um).
+
+    None when the file records none in micrometres (a resolution in inches, the
+    default of most writers, says nothing about the specimen) or its metadata cannot be
+    read.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            ome = tf.ome_metadata or ""
+            ij = tf.imagej_metadata or {}
+            tag = tf.pages[0].tags.get("XResolution")
+            per_unit = tag.value if tag is not None else None
+    except Exception:  # unreadable metadata: the caller falls back to the model's pixel size
+        return None
+    size = _ome_physical_size_um(ome, "X")
+    if size is None and str(ij.get("unit", "")).lower() in MICRONS and per_unit and per_unit[0] > 0:
+        size = per_unit[1] / per_unit[0]  # ImageJ: pixels per unit, as a fraction
+    return size
 
 
 def read_stacks(path: str | Path) -> np.ndarray:

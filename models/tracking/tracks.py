@@ -36,8 +36,8 @@ from models.detectors.base import Detector
 from models.tracking.linking import GATE_SIGMAS, LOCALISATION_PX, link_frames
 from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
                                        pooled_sigma2, pooled_sigma2_variance, with_detector_prior)
-from models.recordings.predict import load_detector, localise, timing_of, training_datasets
-from models.recordings.recording import Recording, check_settings, open_recording
+from models.recordings.predict import load_detector, localise, tiff_pixel_size_um, timing_of, training_datasets
+from models.recordings.recording import SETTINGS, Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
 
 log = logging.getLogger(__name__)
@@ -759,7 +759,16 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         # Without a dataset config: the schema's defaults (the paper's microscope).  With
         # several training stores: the D range over all of them, the rest from the first.
         specs = specs or [DatasetSpec()]
-        px = pixel_size_um or specs[0].image.pixel_size_um
+        px, px_source = pixel_size_um, "the command line"
+        if px is None and Path(recording).suffix.lower() in (".tif", ".tiff"):
+            from factory.inspect_store import check_against_field
+            px, px_source = tiff_pixel_size_um(Path(recording)), f"the TIFF's metadata ({recording})"
+            problem = None if px is None else check_against_field(f"{recording}: the pixel size in its metadata is", px,
+                                                 *SETTINGS["pixel_size_um"])
+            if problem:
+                raise FactoryError(problem)
+        if px is None:
+            px, px_source = specs[0].image.pixel_size_um, source or "the schema's defaults"
         d_max = max_diffusion_um2_s if max_diffusion_um2_s is not None else max(max_diffusion(d) for d in specs)
         d_min = min(min_diffusion_um2_s if min_diffusion_um2_s is not None else min(min_diffusion(d) for d in specs),
                     d_max)
@@ -768,7 +777,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         d_source = ("the command line" if len(given) == 2 else
                     (f"the command line ({given[0]}) and " if given else "") + (source or "the schema's defaults (no "
                                                                                 "training data found)"))
-        say(f"scan timing: {timing.describe()}; pixel {px:g} um; linking ({linker}) for D from {d_min:g} up to "
+        say(f"scan timing: {timing.describe()}; pixel {px:g} um (from {px_source}); linking ({linker}) for D from {d_min:g} up to "
             f"{d_max:g} um^2/s (from {d_source})")
         tracks, diff, used = track_recording(det, images, timing, px, d_max,
                                              search_range_um / px if search_range_um else None, memory, sigma_xy,
