@@ -118,7 +118,10 @@ def staged_output(path: str | Path, kind: Kind, files: tuple[str, ...] = (), ove
     try:
         try:
             yield stage / path.name if kind == "file" else stage
-        except OSError as exc:  # writing the output: a full disk, a quota, a vanished folder
+        except OSError as exc:  # a full disk, a quota, a vanished folder
+            other = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(os.path.abspath(stage))
+            if other:  # a file the work itself opened: named as it is
+                raise FactoryError(f"{exc.filename}: {exc.strerror or exc}") from None
             raise FactoryError(f"{path}: cannot write: {exc.strerror or exc}") from None
         try:
             if kind == "file":
