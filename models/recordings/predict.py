@@ -309,6 +309,10 @@ def predict(detector: Detector, images: np.ndarray | Recording, pixel_size_um: f
     return table
 
 
+MICRONS = ("micron", "um", "µm", "\\u00b5m")  # how TIFF metadata spells micrometres
+OME_LENGTH_UM = {**dict.fromkeys(MICRONS, 1.0), "nm": 1e-3, "mm": 1e3}  # OME's length units, in um
+
+
 def tiff_z_step_um(path: Path) -> float | None:
     """The z step a TIFF records: ImageJ's ``spacing`` or OME's ``PhysicalSizeZ`` (um).
 
@@ -336,10 +340,6 @@ def tiff_z_step_um(path: Path) -> float | None:
     return _ome_physical_size_um(ome, "Z")
 
 
-MICRONS = ("micron", "um", "µm", "\\u00b5m")  # how TIFF metadata spells micrometres
-OME_LENGTH_UM = {**dict.fromkeys(MICRONS, 1.0), "nm": 1e-3, "mm": 1e3}  # OME's length units, in um
-
-
 def _ome_physical_size_um(ome: str, axis: str) -> float | None:
     """OME-XML's ``PhysicalSize<axis>`` in um (its default unit), None when absent or in a unit not of length."""
     import re
@@ -357,8 +357,10 @@ def tiff_pixel_size_um(path: Path) -> float | None:
 
     None when the file records none in micrometres (a resolution in inches, the
     default of most writers, says nothing about the specimen) or its metadata cannot be
-    read.
+    read.  FactoryError when the recorded size is outside the schema's limits.
     """
+    from factory.inspect_store import check_against_field
+
     import tifffile
 
     try:
@@ -372,6 +374,10 @@ def tiff_pixel_size_um(path: Path) -> float | None:
     size = _ome_physical_size_um(ome, "X")
     if size is None and str(ij.get("unit", "")).lower() in MICRONS and per_unit and per_unit[0] > 0:
         size = per_unit[1] / per_unit[0]  # ImageJ: pixels per unit, as a fraction
+    problem = None if size is None else check_against_field(f"{path}: the pixel size in its metadata is", size,
+                                                             *SETTINGS["pixel_size_um"])
+    if problem:
+        raise FactoryError(problem)
     return size
 
 

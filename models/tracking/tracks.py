@@ -37,7 +37,7 @@ from models.tracking.linking import GATE_SIGMAS, LOCALISATION_PX, link_frames
 from models.tracking.diffusion import (blur_coefficient_gaussian, blur_coefficient_uniform, cve, known_sigma, msd_fit,
                                        pooled_sigma2, pooled_sigma2_variance, with_detector_prior)
 from models.recordings.predict import load_detector, localise, tiff_pixel_size_um, timing_of, training_datasets
-from models.recordings.recording import SETTINGS, Recording, check_settings, open_recording
+from models.recordings.recording import Recording, check_settings, open_recording
 from models.tracking.timing import ScanTiming, time_stamps
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def diffusion_table(tracks: pd.DataFrame, pixel_size_um: float, r: float = 0.0,
     rs = [r] * len(spans)
     if "frame" in tracks and r:  # each track's R for its own mean step in frames
         f_all = tracks["frame"].to_numpy(np.float64)[order]
-        span_frames = [np.ptp(f_all[a:b]) / (b - a - 1) for a, b in spans]
+        span_frames = [np.ptp(f_all[a:b]) / max(b - a - 1, 1) for a, b in spans]
         rs = [r / g if g > 0 else r for g in span_frames]
     if estimator == "msd":
         found = [msd_fit(t_all[a:b], xy_all[a:b]) for a, b in spans]
@@ -375,7 +375,7 @@ def score_tracks(tracks: pd.DataFrame, truth: np.ndarray, diffusion: np.ndarray,
     true_d = []
     for tid in est["track"]:
         s = slot[tracks["track"].to_numpy() == tid]
-        counts = np.bincount(s[s >= 0]) if (s >= 0).any() else np.zeros(1, np.int64)
+        counts = np.bincount(s[s >= 0], minlength=1)
         true_d.append(float(diffusion[counts.argmax()]) if counts.max() >= MATCH_SHARE * len(s) else np.nan)
     est["true_D_um2_s"] = np.asarray(true_d, np.float64)
     return {"links": int(same_track.sum()), "matched_links": int(matched.sum()),
@@ -760,13 +760,8 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         # several training stores: the D range over all of them, the rest from the first.
         specs = specs or [DatasetSpec()]
         px, px_source = pixel_size_um, "the command line"
-        if px is None and Path(recording).suffix.lower() in (".tif", ".tiff"):
-            from factory.inspect_store import check_against_field
-            px, px_source = tiff_pixel_size_um(Path(recording)), f"the TIFF's metadata ({recording})"
-            problem = None if px is None else check_against_field(f"{recording}: the pixel size in its metadata is", px,
-                                                 *SETTINGS["pixel_size_um"])
-            if problem:
-                raise FactoryError(problem)
+        if px is None and recording.suffix.lower() in (".tif", ".tiff"):
+            px, px_source = tiff_pixel_size_um(recording), f"the TIFF's metadata ({recording})"
         if px is None:
             px, px_source = specs[0].image.pixel_size_um, source or "the schema's defaults"
         d_max = max_diffusion_um2_s if max_diffusion_um2_s is not None else max(max_diffusion(d) for d in specs)

@@ -30,6 +30,9 @@ from models.detectors.weights import load_weights, state_dict_of
 
 
 PRECISIONS = ("float32", "int8", "auto")  # inference arithmetic (``RunFolder.detector``)
+# A calibrated activation of a standardised image stays within a few hundred; a range
+# beyond this is not a calibration (an 8-bit step would swallow every value).
+INT8_RANGE_LIMIT = 1e6
 
 
 class RunFolder:
@@ -240,11 +243,6 @@ def load_model(run_dir: str | Path, device: str = "cpu", weights: str = RunFolde
     which head of a two-headed network.
     """
     return RunFolder(run_dir).detector(device, weights, target, precision)
-
-
-# A calibrated activation of a standardised image stays within a few hundred; a range
-# beyond this is not a calibration (an 8-bit step would swallow every value).
-INT8_RANGE_LIMIT = 1e6
 
 
 def _finite_number(v) -> bool:
