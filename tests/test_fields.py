@@ -111,6 +111,27 @@ def _spots_movie(F, centres_px, sigma_px=1.5, n_photons=400.0, bkg=2.0, size=96,
     return out
 
 
+def test_the_trackpy_user_pipeline_locates_as_trackpy_batch_does_by_default():
+    """The baseline runs `trackpy.batch` with TrackPy's own default number of worker
+    processes (what a user who does not pin it gets), and those workers give the same
+    features as one process."""
+    import inspect
+
+    import trackpy
+
+    from models.detectors.trackpy import USER_PROCESSES, user_locate
+
+    assert inspect.signature(trackpy.batch).parameters["processes"].default == USER_PROCESSES
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(10, 50, (6, 4, 2))
+    frames = _spots_movie(6, centres, size=60)
+    ours = user_locate(frames, 7, 20.0)
+    trackpy.quiet()
+    one = trackpy.batch(frames, 7, minmass=20.0, preprocess=True, processes=1)
+    assert len(ours) >= 12 and sorted(ours["frame"].unique()) == list(range(6))
+    pd.testing.assert_frame_equal(ours.reset_index(drop=True), one.reset_index(drop=True))
+
+
 def test_the_trackpy_user_pipeline_gives_back_d_from_the_msd_slope():
     """Three spots on Brownian walks (D 0.02 um^2/s, 0.1 um pixels, 0.5 s frames: 1.4 px
     per axis per frame) for 150 frames: trackpy's imsd line fit gives D back within 20%

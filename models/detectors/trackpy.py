@@ -285,6 +285,10 @@ def default_grid(ndim: int) -> dict:
 USER_MEMORY = 3  # frames a feature may vanish (blinking, a missed frame) and be linked
 USER_MIN_FRAMES = 10  # trackpy.filter_stubs: shorter tracks are dropped
 USER_MSD_LAGS = 4  # D from a line fit to trackpy.imsd over the first lags
+# trackpy.batch's own default since v0.5: one worker process per core.  A user who calls
+# it without ``processes`` gets this, so the baseline does too (1 would halve its locate
+# rate on a 2-core machine against a pipeline that uses both cores).
+USER_PROCESSES = "auto"
 
 
 class UserPipeline(StrictModel):
@@ -343,7 +347,8 @@ def user_locate(frames: np.ndarray, diameter: int, minmass: float) -> pd.DataFra
     """``trackpy.batch`` on the frames as the recording holds them.
 
     Integer frames keep their type: TrackPy's band-pass threshold and mass scale depend
-    on it.
+    on it.  Frames are located in ``USER_PROCESSES`` worker processes, TrackPy's default;
+    the features are the same as from one process.
 
     Parameters
     ----------
@@ -363,7 +368,8 @@ def user_locate(frames: np.ndarray, diameter: int, minmass: float) -> pd.DataFra
     trackpy = import_trackpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return trackpy.batch(np.asarray(frames), diameter, minmass=minmass, preprocess=True, processes=1)
+        return trackpy.batch(np.asarray(frames), diameter, minmass=minmass, preprocess=True,
+                             processes=USER_PROCESSES)
 
 
 def run_user_pipeline(frames: np.ndarray, pipe: UserPipeline, pixel_size_um: float,
