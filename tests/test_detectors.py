@@ -132,3 +132,39 @@ def test_every_detector_meets_the_protocol_with_typed_values(name):
     assert det.threshold is None and det.z_step_um is None  # untuned, untrained
     step = det.batch_frames(24, 25)
     assert type(step) is int and (step > 1 if network else step == 1), (name, step)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_trackpy_in_worker_processes_finds_what_locate_finds_image_by_image(ndim):
+    """Enough images to start TrackPy's worker processes, in more than one call of them:
+    the table is `trackpy.locate` on each image in turn, in this process (the detector
+    takes images as float32, and stacks as float64)."""
+    import trackpy
+
+    from models.detectors import trackpy as tp
+
+    rng = np.random.default_rng(11)
+    n = tp.PARALLEL_IMAGES + 7
+    shape = (n, 24, 24) if ndim == 2 else (n, 7, 20, 20)
+    images = rng.poisson(3.0, shape).astype(np.uint16)
+    for i in range(n):  # one bright spot each, somewhere inside
+        c = tuple(rng.integers(s // 4, s - s // 4) for s in shape[1:])
+        images[(i, *c)] += 60
+    params = Params(diameter=5) if ndim == 2 else Params(diameter=5, diameter_z=3)
+    det = TrackPyDetector(params)
+    chunk = tp.CHUNK_IMAGES
+    tp.CHUNK_IMAGES = n // 2  # two calls of the workers: frames counted on from the first
+    try:
+        table = det.detect(images)
+    finally:
+        tp.CHUNK_IMAGES = chunk
+    axes = ["x", "y", "z"][:ndim]
+    diameter = 5 if ndim == 2 else (3, 5, 5)
+    rows = []
+    for i in range(n):
+        image = images[i].astype(np.float32 if ndim == 2 else np.float64)
+        f = trackpy.locate(image, diameter, percentile=64.0, preprocess=True)
+        rows += [(i, *r) for r in f[axes + ["mass"]].to_numpy()]
+    want = np.array(rows)
+    assert len(table) == len(want) >= n
+    np.testing.assert_array_equal(table[["frame", *axes, "score"]].to_numpy(), want)
