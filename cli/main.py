@@ -114,15 +114,32 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _sigterm_by_default() -> None:
+    # A process forked by a library (trackpy.batch's worker pool) would inherit the
+    # handler above; its pool stops it with SIGTERM, and an exception raised there, in the
+    # middle of the worker's own exit, can leave a lock it shares with the command taken
+    # and the command waiting for it forever.  The worker ends as SIGTERM ends a process.
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: signal handlers are the main thread's to set
+        pass
+
+
+def handle_sigterm() -> None:
+    """SIGTERM (SLURM at a job's time limit, `kill`) ends the command as Ctrl-C does: the
+    cleanup in ``finally`` blocks runs, so no staging folder or half output is left.
+    Processes forked from it end on SIGTERM as any process does."""
+    signal.signal(signal.SIGTERM, _terminated)
+    os.register_at_fork(after_in_child=_sigterm_by_default)
+
+
 def main() -> None:
     from factory.perf import tune_malloc
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_zarr_leftovers()
     tune_malloc()
-    # SIGTERM (SLURM at a job's time limit, `kill`) ends the command as Ctrl-C does: the
-    # cleanup in ``finally`` blocks runs, so no staging folder or half output is left.
-    signal.signal(signal.SIGTERM, _terminated)
+    handle_sigterm()
     try:
         app()
     finally:

@@ -258,6 +258,26 @@ def test_sigterm_ends_a_command_in_one_line_leaving_nothing(tmp_path):
     assert not leftovers(tmp_path) and not (tmp_path / "t").exists()
 
 
+def test_a_worker_forked_by_a_command_ends_on_sigterm_as_any_process():
+    # trackpy.batch's pool forks workers and stops them with SIGTERM: a worker that ran
+    # the command's handler (one line, SystemExit) could leave a lock it shares with the
+    # command taken, and the command waited for it forever.  A forked worker dies of the
+    # signal, silently; the command itself keeps its handler.
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import multiprocessing as mp, signal, sys, time\n"
+            "from cli.main import _terminated, handle_sigterm\n"
+            "handle_sigterm()\n"
+            "p = mp.get_context('fork').Process(target=time.sleep, args=(60,))\n"
+            "p.start(); time.sleep(0.5); p.terminate(); p.join(30)\n"
+            "print(p.exitcode, signal.getsignal(signal.SIGTERM) is _terminated)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(-signal.SIGTERM), "True"] and r.stderr == ""
+
+
 def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path):
     out = tmp_path / "e"
     out.mkdir()
