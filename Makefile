@@ -29,8 +29,8 @@ demo: $(STAMP)
 	$(VENV)/bin/factory evaluate --model runs/demo/model --data data --out runs/demo/spotnet --overwrite --quiet
 	$(MAKE) --no-print-directory movie-pipelines RUNS=runs/demo MODEL=runs/demo/model
 	$(VENV)/bin/factory report runs/demo --data data
-	$(VENV)/bin/factory build fields.yaml --out data/fields --only field_val --only test_field --overwrite --quiet
-	$(PY) benchmarks/field_check.py --data data/fields --model runs/demo/model --stores field_val test_field \
+	$(VENV)/bin/factory build fields.yaml --out data/fields --only field_val --only demo_field --overwrite --quiet
+	$(PY) benchmarks/field_check.py --data data/fields --model runs/demo/model --stores field_val demo_field \
 	  --out runs/demo/field.md --plot runs/demo/field.png
 
 # The movie pipelines on test_movies: TrackPy tuned on movies_val for what the laser saw,
