@@ -119,10 +119,8 @@ def _sigterm_by_default() -> None:
     # handler above; its pool stops it with SIGTERM, and an exception raised there, in the
     # middle of the worker's own exit, can leave a lock it shares with the command taken
     # and the command waiting for it forever.  The worker ends as SIGTERM ends a process.
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    except ValueError:  # not the main thread: signal handlers are the main thread's to set
-        pass
+    # (The forking thread is the child's main thread, so it may set the handler.)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def handle_sigterm() -> None:

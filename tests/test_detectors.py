@@ -144,7 +144,7 @@ def test_trackpy_in_worker_processes_finds_what_locate_finds_image_by_image(ndim
     from models.detectors import trackpy as tp
 
     rng = np.random.default_rng(11)
-    n = tp.PARALLEL_IMAGES + 7
+    n = 2 * tp.PARALLEL_IMAGES + 7
     shape = (n, 24, 24) if ndim == 2 else (n, 7, 20, 20)
     images = rng.poisson(3.0, shape).astype(np.uint16)
     for i in range(n):  # one bright spot each, somewhere inside
@@ -153,7 +153,7 @@ def test_trackpy_in_worker_processes_finds_what_locate_finds_image_by_image(ndim
     params = Params(diameter=5) if ndim == 2 else Params(diameter=5, diameter_z=3)
     det = TrackPyDetector(params)
     chunk = tp.CHUNK_IMAGES
-    tp.CHUNK_IMAGES = n // 2  # two calls of the workers: frames counted on from the first
+    tp.CHUNK_IMAGES = n // 2  # two calls of the workers (each over PARALLEL_IMAGES): frames counted on from the first
     try:
         table = det.detect(images)
     finally:

@@ -33,8 +33,8 @@ LABEL = "TrackPy (ours, tuned on val)"
 LABEL_3D = "TrackPy 3D (ours, tuned on val)"
 PAPER_LABEL = "TrackPy (ours, paper settings)"
 # trackpy.batch's own default since v0.5: one worker process per core.  A user who calls
-# it without ``processes`` gets this, so the baseline does too (1 would halve its locate
-# rate on a 2-core machine against a pipeline that uses both cores).
+# it without ``processes`` gets this, so the baseline does too (one process cost it about
+# a third of its locate rate on 256 x 256 px frames of a 2-core machine).
 USER_PROCESSES = "auto"
 # Images per trackpy.batch call (the progress bar moves between calls), and the fewest
 # images worth starting worker processes for (each call forks them: about 0.1 s).
@@ -224,9 +224,6 @@ class TrackPyDetector:
         images = check_images(images, self.ndim, "TrackPy 3D")
         diameter = p.diameter if self.ndim == 2 else (p.diameter_z, p.diameter, p.diameter)
         axes = ("x", "y", "z")[:self.ndim]
-        # trackpy.batch runs the same trackpy.locate on every image, in worker processes
-        # (TrackPy's default) once a call holds enough images to repay starting them.
-        processes = USER_PROCESSES if len(images) >= PARALLEL_IMAGES else 1
         parts = []
         with warnings.catch_warnings(), tqdm(total=len(images), desc=self.name, disable=not progress,
                                              unit="img" if self.ndim == 2 else "stack") as bar:
@@ -235,6 +232,9 @@ class TrackPyDetector:
                 chunk = images[a:a + CHUNK_IMAGES]
                 if self.ndim == 3:
                     chunk = chunk.astype(np.float64)
+                # trackpy.batch runs the same trackpy.locate on every image, in worker processes
+                # (TrackPy's default) where the chunk holds enough images to repay starting them.
+                processes = USER_PROCESSES if len(chunk) >= PARALLEL_IMAGES else 1
                 f = trackpy.batch(chunk, diameter, minmass=p.minmass, separation=p.separation,
                                   percentile=p.percentile, preprocess=p.preprocess, processes=processes)
                 if len(f):
