@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import invoke_cli, one_line_error, overfit, overfit_run, small_training_set
@@ -164,6 +165,35 @@ def test_int8_same_on_any_number_of_threads_and_in_any_batch():
     gen = torch.Generator().manual_seed(1)
     big = torch.poisson(torch.full((int8.PIXELS_PER_BATCH // 256**2, 1, 256, 256), 3.0), gen)
     assert torch.equal(torch.cat([q(big[i:i + 1]) for i in range(len(big))]), q(big))
+
+
+def _quantized(gen, shape, scale, zero):
+    x = torch.rand(shape, generator=gen) * 255 * scale - zero * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(x, scale, zero, torch.quint8).contiguous(memory_format=torch.channels_last)
+
+
+def _same_quantized(a, b):
+    return torch.equal(a.int_repr(), b.int_repr()) and (a.q_scale(), a.q_zero_point()) == (b.q_scale(), b.q_zero_point())
+
+
+@pytest.mark.parametrize("hw", [(8, 12), (7, 12), (8, 9)])
+def test_pool_and_upsampled_concatenation_on_codes_are_pytorch_operators(hw):
+    # The max pool and the upsampling + concatenation work on the 8-bit codes (faster);
+    # they must give PyTorch's quantized operators' bytes, and odd sizes (PyTorch's pool
+    # drops the last row; the upsampling is then not 2x) and unequal ranges take
+    # PyTorch's operators themselves.
+    ops = int8.Int8Head(_two_headed(), 0, int8.calibrate(_two_headed(), 0, _images(2)))._ops
+    s, z = ops.q["up0.in"]
+    gen = torch.Generator().manual_seed(0)
+    x = _quantized(gen, (3, 5, *hw), 0.02, 7)
+    assert _same_quantized(ops.pool(x), F.max_pool2d(x, 2))
+    h, w = hw
+    below = _quantized(gen, (3, 6, (h + 1) // 2, (w + 1) // 2), s, z)
+    for skip in (_quantized(gen, (3, 4, h, w), s, z), _quantized(gen, (3, 4, h, w), 2 * s, z)):
+        ref = torch.ops.quantized.cat([F.interpolate(below, size=(h, w), mode="nearest"), skip], 1, s, z)
+        assert _same_quantized(ops.up_cat(below, skip, "up0.in"), ref)
 
 
 def test_ranges_cover_both():
