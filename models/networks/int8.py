@@ -29,10 +29,11 @@ from .blocks import normalize_images, pad_to_multiple
 ENGINE = "onednn"  # PyTorch's quantized engine with oneDNN's int8 (VNNI) kernels
 CALIBRATION_IMAGES = 64  # images of each validation store whose activations set the ranges
 # Pixels per forward pass.  oneDNN's int8 kernels run 20-25 % cheaper per frame in batches
-# of 16 frames of 256 x 256 px (4 of 512 x 512) than a frame at a time, where float32
-# gains nothing.  The integer layers sum exactly and the float32 last layer is a product
-# per pixel, so a frame's output is the same in any batch (tests/test_int8.py).
-PIXELS_PER_BATCH = 2**20
+# than a frame at a time, where float32 gains nothing.  8 frames of 256 x 256 px (2 of
+# 512 x 512) ran 5 - 20 % faster per frame than 16 (4) here, in 10 alternating rounds of
+# each, and than 4 (1).  The integer layers sum exactly and the float32 last layer is a
+# product per pixel, so a frame's output is the same in any batch (tests/test_int8.py).
+PIXELS_PER_BATCH = 2**19
 
 
 def available(device: str = "cpu") -> bool:
