@@ -178,20 +178,21 @@ def _same_quantized(a, b):
     return torch.equal(a.int_repr(), b.int_repr()) and (a.q_scale(), a.q_zero_point()) == (b.q_scale(), b.q_zero_point())
 
 
-@pytest.mark.parametrize("hw", [(8, 12), (7, 12), (8, 9)])
-def test_pool_and_upsampled_concatenation_on_codes_are_pytorch_operators(hw):
+@pytest.mark.parametrize("hw, channels", [((8, 12), (6, 4)), ((8, 12), (16, 8)), ((7, 12), (6, 4)), ((8, 9), (16, 8))])
+def test_pool_and_upsampled_concatenation_on_codes_are_pytorch_operators(hw, channels):
     # The max pool and the upsampling + concatenation work on the 8-bit codes (faster);
     # they must give PyTorch's quantized operators' bytes, and odd sizes (PyTorch's pool
     # drops the last row; the upsampling is then not 2x) and unequal ranges take
-    # PyTorch's operators themselves.
+    # PyTorch's operators themselves.  The codes move as 2-byte words for 6 + 4 channels,
+    # 8-byte ones for 16 + 8.
     ops = int8.Int8Head(_two_headed(), 0, int8.calibrate(_two_headed(), 0, _images(2)))._ops
     s, z = ops.q["up0.in"]
     gen = torch.Generator().manual_seed(0)
     x = _quantized(gen, (3, 5, *hw), 0.02, 7)
     assert _same_quantized(ops.pool(x), F.max_pool2d(x, 2))
     h, w = hw
-    below = _quantized(gen, (3, 6, (h + 1) // 2, (w + 1) // 2), s, z)
-    for skip in (_quantized(gen, (3, 4, h, w), s, z), _quantized(gen, (3, 4, h, w), 2 * s, z)):
+    below = _quantized(gen, (3, channels[0], (h + 1) // 2, (w + 1) // 2), s, z)
+    for skip in (_quantized(gen, (3, channels[1], h, w), s, z), _quantized(gen, (3, channels[1], h, w), 2 * s, z)):
         ref = torch.ops.quantized.cat([F.interpolate(below, size=(h, w), mode="nearest"), skip], 1, s, z)
         assert _same_quantized(ops.up_cat(below, skip, "up0.in"), ref)
 

@@ -217,19 +217,26 @@ class _Int8:
         if (hs, ws) != (2 * h, 2 * w) or any((t.q_scale(), t.q_zero_point()) != (s, z) for t in (y, skip)):
             return torch.ops.quantized.cat([F.interpolate(y, size=(hs, ws), mode="nearest"), skip], 1, s, z)
         # Nearest 2x upsampling written straight into the output's first channels (pixel
-        # by pixel in memory: channels last), each code to 2 columns, then each row twice.
+        # by pixel in memory: channels last), each pixel to 2 columns, then each row twice.
+        # The codes move as words of up to 8 bytes (2x faster at full resolution than
+        # byte by byte), as many as divide both channel counts and both inputs' offsets.
         out = _empty_quantized((b, c + skip.shape[1], hs, ws), s, z)
-        o = _codes(out).permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+        k = next(k for k in _WORDS if all(n % k == 0 for n in (c, skip.shape[1], y.storage_offset(),
+                                                                 skip.storage_offset())))
+        o = _codes(out).permute(0, 2, 3, 1).view(_WORDS[k])  # (B, H, W, C / k), contiguous
         quads = o.view(b, h, 2, w, 2, o.shape[-1])
-        small = _codes(y).permute(0, 2, 3, 1)
-        quads[:, :, 0, :, 0, :c] = small
-        quads[:, :, 0, :, 1, :c] = small
+        small = _codes(y).permute(0, 2, 3, 1).view(_WORDS[k])
+        quads[:, :, 0, :, 0, :c // k] = small
+        quads[:, :, 0, :, 1, :c // k] = small
         quads[:, :, 1] = quads[:, :, 0]  # whole rows: faster than their first channels alone
-        o[..., c:] = _codes(skip).permute(0, 2, 3, 1)
+        o[..., c // k:] = _codes(skip).permute(0, 2, 3, 1).view(_WORDS[k])
         return out
 
     def output(self, x):
         return x.dequantize()
+
+
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # bytes -> an integer type of that size
 
 
 def _codes(q: torch.Tensor) -> torch.Tensor:
