@@ -195,6 +195,9 @@ def test_pool_and_upsampled_concatenation_on_codes_are_pytorch_operators(hw, cha
     for skip in (_quantized(gen, (3, channels[1], h, w), s, z), _quantized(gen, (3, channels[1], h, w), 2 * s, z)):
         ref = torch.ops.quantized.cat([F.interpolate(below, size=(h, w), mode="nearest"), skip], 1, s, z)
         assert _same_quantized(ops.up_cat(below, skip, "up0.in"), ref)
+        # Inputs not channels last (not what oneDNN gives, but a valid tensor): byte by byte.
+        nchw = below.contiguous(), skip.contiguous()
+        assert _same_quantized(ops.up_cat(*nchw, "up0.in"), ref)
 
 
 def test_ranges_cover_both():

@@ -219,10 +219,12 @@ class _Int8:
         # Nearest 2x upsampling written straight into the output's first channels (pixel
         # by pixel in memory: channels last), each pixel to 2 columns, then each row twice.
         # The codes move as words of up to 8 bytes (2x faster at full resolution than
-        # byte by byte), as many as divide both channel counts and both inputs' offsets.
+        # byte by byte), as many as divide both channel counts and both inputs' offsets,
+        # where both inputs are channels last (a pixel's channels side by side).
         out = _empty_quantized((b, c + skip.shape[1], hs, ws), s, z)
-        k = next(k for k in _WORDS if all(n % k == 0 for n in (c, skip.shape[1], y.storage_offset(),
-                                                                 skip.storage_offset())))
+        words = y.stride(1) == skip.stride(1) == 1
+        k = next(k for k in _WORDS if k == 1 or words and all(
+            n % k == 0 for n in (c, skip.shape[1], y.storage_offset(), skip.storage_offset())))
         o = _codes(out).permute(0, 2, 3, 1).view(_WORDS[k])  # (B, H, W, C / k), contiguous
         quads = o.view(b, h, 2, w, 2, o.shape[-1])
         small = _codes(y).permute(0, 2, 3, 1).view(_WORDS[k])
