@@ -185,7 +185,8 @@ def test_pool_and_upsampled_concatenation_on_codes_are_pytorch_operators(hw, cha
     # drops the last row; the upsampling is then not 2x) and unequal ranges take
     # PyTorch's operators themselves.  The codes move as 2-byte words for 6 + 4 channels,
     # 8-byte ones for 16 + 8.
-    ops = int8.Int8Head(_two_headed(), 0, int8.calibrate(_two_headed(), 0, _images(2)))._ops
+    model = _two_headed()
+    ops = int8.Int8Head(model, 0, int8.calibrate(model, 0, _images(2)))._ops
     s, z = ops.q["up0.in"]
     gen = torch.Generator().manual_seed(0)
     x = _quantized(gen, (3, 5, *hw), 0.02, 7)
