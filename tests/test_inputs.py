@@ -491,3 +491,30 @@ def test_train_model_offers_every_network(tmp_path):
     r = run_cli("train", "--model", "dmdetnet3d", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
     one_line_error(r, "nowhere: no such data folder")  # the choice is accepted
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_tiff_is_refused_not_read_short(tmp_path):
+    """A TIFF cut short (a copy that stopped) or with a corrupt header: tifffile logs the
+    bad page offset and reads the pages before it (a 20-frame compressed movie came back
+    as one image); here it is refused in one line, by both commands, and nothing is
+    written."""
+    frames = np.random.default_rng(0).poisson(10, (20, 32, 32)).astype(np.uint16)
+    for name, kw in (("plain", {}), ("zlib", {"compression": "zlib"}), ("imagej", {"imagej": True})):
+        whole = tmp_path / f"{name}.tif"
+        tifffile.imwrite(whole, frames, **({"photometric": "minisblack"} | kw) if name != "imagej" else kw)
+        data = whole.read_bytes()
+        for cut in (len(data) // 2, len(data) - 100):
+            short = tmp_path / f"{name}-{cut}.tif"
+            short.write_bytes(data[:cut])
+            for cmd, out in (("track", tmp_path / "t"), ("predict", tmp_path / "p.csv")):
+                one_line_error(run_cli(cmd, "trackpy", short, "--out", out), str(short), "damaged TIFF")
+                assert not out.exists()
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"II*\x00" + b"\xff" * 60)  # a TIFF header pointing nowhere
+    one_line_error(run_cli("predict", "trackpy", junk, "--out", tmp_path / "p.csv"), "damaged TIFF",
+                   "invalid offset")
+    # The same frames whole are read in full.
+    assert run_cli("predict", "trackpy", tmp_path / "zlib.tif", "--out", tmp_path / "p.csv").returncode == 0
+    assert "20 frame(s)" in run_cli("predict", "trackpy", tmp_path / "zlib.tif", "--out", tmp_path / "p.csv",
+                                    "--overwrite").stdout
+

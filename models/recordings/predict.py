@@ -20,7 +20,7 @@ from factory.stores import Store, find_store, is_store_path
 
 from models.detectors.base import Detector
 from models.recordings.recording import (SETTINGS, Recording, as_recording, check_frames, check_pixels, check_settings,
-                                         check_tiff_pages, open_recording, pages_are_frames)
+                                         open_recording, open_tiff, pages_are_frames)
 from models.tracking.timing import ScanTiming, time_stamps
 from models.detectors.trackpy import PAPER, PAPER_LABEL, TrackPyDetector
 
@@ -36,10 +36,7 @@ def _read_array(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tf:
-                check_tiff_pages(tf, path)
+            with open_tiff(path) as tf:
                 return np.asarray(tf.asarray(key=range(len(tf.pages))) if pages_are_frames(tf, path) else tf.asarray())
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)

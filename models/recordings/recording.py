@@ -252,11 +252,8 @@ def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) ->
 
 
 def _open_tiff(path: Path) -> Recording:
-    import tifffile
-
-    tf = tifffile.TiffFile(path)
+    tf = open_tiff(path)
     try:
-        check_tiff_pages(tf, path)
         if pages_are_frames(tf, path):
             shape, dtype = tuple(tf.series[0].shape), tf.series[0].dtype
 
@@ -362,12 +359,57 @@ def pages_are_frames(tf, path: Path) -> bool:
     return True
 
 
-def check_tiff_pages(tf, path: Path) -> None:
-    """Refuse a TIFF (an open ``tifffile.TiffFile``) whose pages differ in size."""
-    shapes = {tuple(p.shape) for p in tf.pages}
-    if len(shapes) > 1:
-        raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
-                           "a recording's frames must all have one size")
+def open_tiff(path: Path):
+    """``tifffile.TiffFile(path)``, every page located; a damaged file or pages of two sizes refused.
+
+    A truncated or corrupt TIFF does not make tifffile raise: it logs the bad page offset
+    (to stderr) and goes on with the pages before it, and a movie whose metadata asks for
+    more pages than it has is then read as one image.  Here tifffile's log records are
+    kept from stderr while the pages are located, and a warning or an error among them,
+    no page at all, or a page whose pixels run past the end of the file refuses the file
+    in one line, before any frame is read.
+    """
+    import logging
+
+    import tifffile
+
+    said: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record)
+
+    log, keep = logging.getLogger("tifffile"), _Keep(logging.WARNING)
+    log.addHandler(keep)
+    propagate, log.propagate = log.propagate, False
+    tf = None
+    try:
+        tf = tifffile.TiffFile(path)
+        n = len(tf.pages)  # locates every page: a bad offset is logged here
+        series = tf.series  # and a shape the pages cannot fill, here
+        if said or not n or not series:
+            why = said[0].getMessage().split("> ", 1)[-1] if said else "no image in it"
+            raise FactoryError(f"{path}: a damaged TIFF ({why}); was it written or copied completely?")
+        size, shapes = path.stat().st_size, set()
+        for i, page in enumerate(tf.pages):
+            shapes.add(tuple(page.shape))
+            # Pixels that run past the end of the file: cut in the last frames' data.  (A
+            # page without pixels, as tifffile writes an empty movie, is refused later as such.)
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > size and math.prod(page.shape):
+                raise FactoryError(f"{path}: a damaged TIFF (frame {i + 1} of {n} ends at byte {end} of a file of "
+                                   f"{size}); was it written or copied completely?")
+        if len(shapes) > 1:
+            raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
+                               "a recording's frames must all have one size")
+        return tf
+    except BaseException:
+        if tf is not None:
+            tf.close()
+        raise
+    finally:
+        log.removeHandler(keep)
+        log.propagate = propagate
 
 
 def check_frames(shape: tuple[int, ...], path: Path, what: str) -> None:
