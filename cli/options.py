@@ -103,3 +103,10 @@ def frame_flyback_option() -> Any:
 
 def scan_direction_option(help: str, default: Any = None) -> Any:
     return typer.Option(default, "--bidirectional/--unidirectional", help=help)
+
+
+def channel_option() -> Any:
+    """--channel: which channel of a recording of several."""
+    return typer.Option(None, "--channel", min=0, help="The channel to read (from 0) of a TIFF that holds several "
+                                                       "(T x C x H x W, as an ImageJ hyperstack or an OME-TIFF records "
+                                                       "its axes); required for such a file.")

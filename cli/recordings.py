@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from cli.options import (GIVEN_BY, Device, Estimator, Precision, Target, device_option, dwell_option, frame_flyback_option,
+from cli.options import (GIVEN_BY, Device, Estimator, Precision, Target, channel_option, device_option, dwell_option,
+                         frame_flyback_option,
                          line_retrace_option, notes, out_option, overwrite_option, pixel_size_option, precision_option,
                          quiet_option, scan_direction_option)
 from factory.errors import FactoryError
@@ -21,6 +22,7 @@ def predict(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     input: Path = typer.Argument(..., help="TIFF (one image or a T x H x W stack), .npy, or a store."),
     out: Path = out_option("CSV to write: frame, t_s, x, y, score (+ sigma), pixel-centre origin."),
+    channel: Optional[int] = channel_option(),
     pixel_size_um: Optional[float] = pixel_size_option("Also write x_um, y_um (and sigma_um)."),
     dwell_us: Optional[float] = dwell_option("Pixel dwell time (us) of the recording."),
     line_retrace_ms: Optional[float] = line_retrace_option(),
@@ -57,7 +59,7 @@ def predict(
                              line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
                              bidirectional=bidirectional, all_scores=all_scores, z_step_um=z_step_um,
                              target=target.value if target else None, device=device.value,
-                             precision=precision.value, progress=not quiet,
+                             precision=precision.value, progress=not quiet, channel=channel,
                              report=notes(quiet), given_by=GIVEN_BY)
         found.table.to_csv(csv, index=False)
     typer.echo(f"{out}: {len(found.table)} localisations in {found.description}")
@@ -67,6 +69,7 @@ def calibrate(
     recording: Path = typer.Argument(..., help="The recording: a T x H x W TIFF (or .npy) of detector values (ADU); one H x W image is "
                                                "one frame."),
     out: Path = out_option("Folder for microscope.yaml, train.yaml, calibration.md and calibration.png."),
+    channel: Optional[int] = channel_option(),
     pixel_size_um: float = pixel_size_option("Pixel size (um).", ...),
     dwell_us: float = dwell_option("Pixel dwell time (us).", ...),
     line_retrace_ms: float = line_retrace_option(...),
@@ -93,7 +96,7 @@ def calibrate(
     with staged_output(out, "folder", CALIBRATION_FILES, overwrite, what=", ".join(CALIBRATION_FILES)) as folder:
         result = run_calibrate(recording, folder, pixel_size_um=pixel_size_um, dwell_us=dwell_us,
                                line_retrace_ms=line_retrace_ms, frame_flyback_ms=frame_flyback_ms,
-                               bidirectional=bidirectional, dark=dark, seed=seed)
+                               bidirectional=bidirectional, dark=dark, seed=seed, channel=channel)
     warnings = [note for note in result["notes"] if isinstance(note, Caution)]
     for note in warnings:
         typer.echo(f"{recording}: {note}", err=True)
@@ -107,6 +110,7 @@ def track(
     model: str = typer.Argument(..., help=_MODEL_HELP),
     input: Path = typer.Argument(..., help="A movie: a T x H x W TIFF, or a movie store (every movie tracked)."),
     out: Path = out_option("Folder for tracks.csv, diffusion.csv, tracks.png and track.json."),
+    channel: Optional[int] = channel_option(),
     pixel_size_um: Optional[float] = pixel_size_option("Pixel size (um); default: the store's, else the model's "
                                                        "training data."),
     dwell_us: Optional[float] = dwell_option("Pixel dwell time (us)."),
@@ -159,6 +163,6 @@ def track(
                             bidirectional=bidirectional, max_diffusion_um2_s=max_diffusion,
                             min_diffusion_um2_s=min_diffusion, search_range_um=search_range_um, memory=memory,
                             linker=linker, estimator=estimator.value, split=split, device=device.value,
-                            precision=precision.value, progress=not quiet,
+                            precision=precision.value, progress=not quiet, channel=channel,
                             report=notes(quiet), given_by=GIVEN_BY)
     typer.echo(f"{out}: {result.summary()}")

@@ -213,6 +213,75 @@ def left_behind(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "m.tif")
 
 
+
+# --- one channel of a recording of several ---------------------------------------------------
+
+CHANNEL_WRITERS = {  # name: (writer of a (T, C, H, W) array, how the frames are read)
+    "imagej.tif": (lambda p, a: tifffile.imwrite(p, a, imagej=True, metadata={"axes": "TCYX"}), "memmap"),
+    "tczlib.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", compression="zlib",
+                                                 metadata={"axes": "TCYX"}), "pages"),
+    "ct.tif": (lambda p, a: tifffile.imwrite(p, a.transpose(1, 0, 2, 3).copy(), photometric="minisblack",
+                                             metadata={"axes": "CTYX"}), "memmap"),
+    "ctzlib.tif": (lambda p, a: tifffile.imwrite(p, a.transpose(1, 0, 2, 3).copy(), photometric="minisblack",
+                                                 compression="zlib", metadata={"axes": "CTYX"}), "pages"),
+    "movie.ome.tif": (lambda p, a: tifffile.imwrite(p, a, photometric="minisblack", metadata={"axes": "TCYX"}),
+                      "memmap"),
+}
+
+
+def three_channels(n=10):
+    """(T, 3, H, W): the walking spots in channel 1, other frames in channels 0 and 2."""
+    return np.stack([movie_frames(n, seed=5), movie_frames(n), movie_frames(n, seed=7)[::-1]], axis=1)
+
+
+@pytest.mark.parametrize("name", CHANNEL_WRITERS)
+def test_one_channel_of_several_reads_as_that_channel_alone(tmp_path, small_chunks, name):
+    """Each channel, chunk by chunk (3 frames: a map or page list per chunk, strided over the
+    channels where frames interleave them), is the array's own slice."""
+    write, kind = CHANNEL_WRITERS[name]
+    movie = three_channels()
+    write(tmp_path / name, movie)
+    for c in range(3):
+        with open_recording(tmp_path / name, channel=c) as rec:
+            assert rec.kind == kind and rec.shape == (10, H, W)
+            read = np.concatenate([chunk for _, chunk in rec.chunks()])
+            np.testing.assert_array_equal(read, movie[:, c])
+            np.testing.assert_array_equal(rec.frames(4, 9), movie[4:9, c])
+    assert recording.tiff_channels(tmp_path / name) == 3
+
+
+def test_the_commands_read_the_channel_asked_for(tmp_path):
+    """`factory predict` and `track` on channel 1 of a 3-channel movie write what they write
+    for that channel saved alone; without --channel, or with one the file lacks, one line."""
+    movie = three_channels(12)
+    tifffile.imwrite(tmp_path / "three.tif", movie, imagej=True, metadata={"axes": "TCYX"})
+    tifffile.imwrite(tmp_path / "one.tif", movie[:, 1], photometric="minisblack")
+    for src, extra in (("three.tif", ["--channel", "1"]), ("one.tif", [])):
+        stem = Path(src).stem
+        assert run_cli("predict", "trackpy", tmp_path / src, "--out", tmp_path / f"{stem}.csv", "-q",
+                       *extra).returncode == 0
+        assert run_cli("track", "trackpy", tmp_path / src, "--out", tmp_path / f"t{stem}", "-q",
+                       *extra).returncode == 0
+    assert (tmp_path / "three.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert (tmp_path / "tthree" / "tracks.csv").read_bytes() == (tmp_path / "tone" / "tracks.csv").read_bytes()
+    assert len(pd.read_csv(tmp_path / "one.csv")) > 0 and len(pd.read_csv(tmp_path / "tone" / "tracks.csv")) > 0
+    for args, needles in ((["track"], ["holds 3 channels (axes TCYX)", "--channel (0 to 2)"]),
+                          (["predict", "--channel", "3"], ["--channel 3", "channels 0 to 2"])):
+        out = tmp_path / ("refused" if args[0] == "track" else "refused.csv")
+        one_line_error(run_cli(args[0], "trackpy", tmp_path / "three.tif", "--out", out, *args[1:]), *needles)
+        assert not out.exists()
+    one_line_error(run_cli("predict", "trackpy", tmp_path / "one.tif", "--out", tmp_path / "p.csv", "--channel", "1"),
+                   "one.tif: --channel 1: it holds one channel")
+    one_line_error(run_cli("calibrate", tmp_path / "three.tif", "--out", tmp_path / "cal", "--pixel-size-um", "0.07",
+                           "--dwell-us", "2", "--line-retrace-ms", "1.1"), "holds 3 channels")
+    assert not (tmp_path / "cal").exists()
+    # Channel 0 of a file of one channel is that channel.
+    assert run_cli("predict", "trackpy", tmp_path / "one.tif", "--out", tmp_path / "zero.csv", "-q",
+                   "--channel", "0").returncode == 0
+    assert (tmp_path / "zero.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    with pytest.raises(FactoryError, match="give a channel number from 0"):
+        open_recording(tmp_path / "three.tif", channel=-1)
+
 @pytest.mark.parametrize("bad,needle", [(np.nan, "1 NaN pixel value(s)"), (np.inf, "1 infinite pixel value(s)"),
                                         (1e300, "pixel values up to 1e+300 do not fit in 32-bit floats")])
 def test_a_bad_pixel_in_the_last_frame_is_refused_before_any_work(tmp_path, small_chunks, bad, needle):

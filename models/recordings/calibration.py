@@ -773,7 +773,8 @@ CALIBRATION_FILES = ("microscope.yaml", "train.yaml", "calibration.md", "calibra
 
 def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, dwell_us: float,
               line_retrace_ms: float, frame_flyback_ms: float | None = None, bidirectional: bool = False,
-              dark: str | Path | None = None, sigma_z_um: float = 1.36, seed: int = 0) -> dict:
+              dark: str | Path | None = None, sigma_z_um: float = 1.36, seed: int = 0,
+              channel: int | None = None) -> dict:
     """Estimate a microscope from its recording and write a datasets config of it (``factory calibrate``).
 
     Writes into the folder ``out`` (which must exist) ``CALIBRATION_FILES``:
@@ -805,6 +806,9 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
         Axial PSF sigma (um): a 2D recording does not measure it (default: the paper's).
     seed : int
         Seed of the bootstraps, the simulations and the config written.
+    channel : int, optional
+        The channel (from 0) of a recording that holds several (``open_recording``);
+        dark frames of several channels are read in the same one.
 
     Returns
     -------
@@ -821,16 +825,16 @@ def calibrate(recording: str | Path, out: str | Path, *, pixel_size_um: float, d
         A bad recording or dark frames (another field size), a saturated or constant
         recording, or a detector that cannot be calibrated without dark frames.
     """
-    from models.recordings.recording import open_recording
+    from models.recordings.recording import open_recording, tiff_channels
 
     recording, out = Path(recording), Path(out)
-    with open_recording(recording) as rec:
+    with open_recording(recording, channel=channel) as rec:
         n_used = min(len(rec), MAX_FRAMES)
         frames = rec.frames(0, n_used)
         shape = rec.shape
     dark_frames = None
     if dark is not None:
-        with open_recording(dark) as d:
+        with open_recording(dark, channel=channel if tiff_channels(dark) > 1 else None) as d:
             if d.shape[1:] != shape[1:]:
                 raise FactoryError(f"{dark}: dark frames of {d.shape[1]} x {d.shape[2]} px, the recording's are "
                                    f"{shape[1]} x {shape[2]} px; record both with one field")

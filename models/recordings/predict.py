@@ -445,7 +445,7 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
                  dwell_us: float | None = None, line_retrace_ms: float | None = None,
                  frame_flyback_ms: float | None = None, bidirectional: bool | None = None,
                  all_scores: bool = False, z_step_um: float | None = None, target: str | None = None,
-                 device: str = "cpu", precision: str = "auto", progress: bool = True,
+                 device: str = "cpu", precision: str = "auto", progress: bool = True, channel: int | None = None,
                  report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> Prediction:
     """Localise the particles of a recording and time-stamp each one (`factory predict`).
 
@@ -482,6 +482,8 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
         (``models.training.runs.RunFolder.detector``), as the command line does.
     progress : bool
         A progress bar (stderr) counting frames.
+    channel : int, optional
+        2D models: the channel (from 0) of a TIFF that holds several (``open_recording``).
     report : callable, optional
         Receives the lines saying which scan timing (or z step) was used and why;
         default: this module's logger at INFO.
@@ -510,8 +512,10 @@ def predict_file(model: str | Path, recording: str | Path, *, pixel_size_um: flo
         raise FactoryError(f"{model}: --target {target}: the model has no {target} output "
                            f"(it finds the {det.target} target)")
     if det.ndim == 3:
+        if channel is not None:
+            raise FactoryError(f"--channel {channel}: 3D models take z-stacks of one channel (Z x H x W or T x Z x H x W)")
         return _predict_stacks(det, Path(model), recording, z_step_um, pixel_size_um, all_scores, progress, say)
-    with open_recording(recording) as images:
+    with open_recording(recording, channel=channel) as images:
         frame_start = None
         if is_store_path(recording):
             with Store(recording) as st:

@@ -151,17 +151,21 @@ def as_recording(images, path: str | Path = "<array>") -> Recording:
     return Recording(Path(path), a.shape, a.dtype, lambda i, j: a[i:j])
 
 
-def open_recording(path: str | Path, scan_values: bool = True) -> Recording:
+def open_recording(path: str | Path, scan_values: bool = True, channel: int | None = None) -> Recording:
     """Open a recording, checked and ready to be read chunk by chunk; close it (or use ``with``).
 
     Parameters
     ----------
     path : str or Path
-        A TIFF (one image or a T x H x W stack), a ``.npy`` file or a store (``.h5``,
-        ``.zarr``).
+        A TIFF (one image or a T x H x W stack, or a T x C x H x W movie of several
+        channels), a ``.npy`` file or a store (``.h5``, ``.zarr``).
     scan_values : bool
         Scan float pixels for NaN, infinite and too large values (one streamed pass);
         False skips it.
+    channel : int, optional
+        The channel to read (from 0) of a TIFF whose axes (ImageJ hyperstack, OME or
+        tifffile metadata) hold several; required for such a file, and only 0 (or None)
+        for a file of one channel.
 
     Returns
     -------
@@ -172,11 +176,14 @@ def open_recording(path: str | Path, scan_values: bool = True) -> Recording:
     ------
     FactoryError
         A missing, unsupported or unreadable file; no frames, frames of different sizes
-        or smaller than 8 x 8 px, a colour image or another shape; with
-        ``scan_values``, pixels that are not finite real numbers that fit in float32.
+        or smaller than 8 x 8 px, a colour image or another shape; several channels and
+        no ``channel``, or a ``channel`` the file does not hold; with ``scan_values``,
+        pixels that are not finite real numbers that fit in float32.
     """
     path = Path(path)
-    rec = _open(path)
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+        raise FactoryError(f"--channel {channel}: give a channel number from 0")
+    rec = _open(path, channel)
     try:
         _check_shape(rec.shape, path)
         rec.shape = rec.shape if len(rec.shape) == 3 else (1, *rec.shape)
@@ -191,8 +198,8 @@ def open_recording(path: str | Path, scan_values: bool = True) -> Recording:
 # --- opening each kind of file -----------------------------------------------------------
 
 
-def _open(path: Path) -> Recording:
-    """The recording at ``path`` in whatever shape it has (checked by the caller)."""
+def _open(path: Path, channel: int | None = None) -> Recording:
+    """The recording at ``path`` (its ``channel``) in whatever shape it has (checked by the caller)."""
     if not path.exists():
         raise FactoryError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -200,7 +207,8 @@ def _open(path: Path) -> Recording:
         raise FactoryError(f"{path}: unsupported input (use .tif/.tiff, .npy, .h5 or .zarr)")
     try:
         if suffix in (".tif", ".tiff"):
-            return _open_tiff(path)
+            return _open_tiff(path, channel)
+        _one_channel(path, channel)
         if suffix == ".npy":
             return _open_npy(path)
         st = Store(path)
@@ -235,25 +243,32 @@ def _reading(path: Path, read: Callable[[int, int], np.ndarray]) -> Callable[[in
     return guarded
 
 
-def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Callable[[int, int], np.ndarray]:
-    """A reader of frames ``a .. b - 1`` of the C-ordered frames at ``offset`` in ``path``.
+def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], first: int = 0,
+            stride: int = 1) -> Callable[[int, int], np.ndarray]:
+    """A reader of frames ``a .. b - 1`` of ``shape`` (N, H, W) C-ordered in ``path``.
 
-    Each read is a memory map of just those frames, unmapped (its pages leaving the
-    process) once the caller has converted it and let it go.
+    Frame t is image ``first + t * stride`` of those stored one after the other from
+    ``offset`` (a stride of C: one channel of a movie whose frames interleave C
+    channels).  Each read is a memory map of just those images, unmapped (its pages
+    leaving the process) once the caller has converted it and let it go.
     """
     frame = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def read(a: int, b: int) -> np.ndarray:
         if b <= a or frame == 0:
             return np.zeros((0, *shape[1:]), dtype)
-        return np.memmap(path, dtype, "r", offset + a * frame, (b - a, *shape[1:]))
+        images = np.memmap(path, dtype, "r", offset + (first + a * stride) * frame, ((b - a - 1) * stride + 1, *shape[1:]))
+        return images[::stride]
 
     return read
 
 
-def _open_tiff(path: Path) -> Recording:
+def _open_tiff(path: Path, channel: int | None = None) -> Recording:
     tf = open_tiff(path)
     try:
+        if "C" in tf.series[0].axes and not pages_are_frames(tf, path):
+            return _open_channel(tf, path, channel)
+        _one_channel(path, channel)
         if pages_are_frames(tf, path):
             shape, dtype = tuple(tf.series[0].shape), tf.series[0].dtype
 
@@ -288,6 +303,65 @@ def _open_tiff(path: Path) -> Recording:
     except BaseException:
         tf.close()
         raise
+
+
+def tiff_channels(path: str | Path) -> int:
+    """The channels a recording holds: a TIFF's C axis, else 1 (any other file; one unreadable here)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return 1
+    try:
+        with open_tiff(path) as tf:
+            series = tf.series[0]
+            return int(series.shape[series.axes.index("C")]) if "C" in series.axes and len(tf.series) == 1 else 1
+    except Exception:  # refused, in its own words, when it is opened
+        return 1
+
+
+def _one_channel(path: Path, channel: int | None) -> None:
+    """Refuse a channel other than 0 of a file of one channel."""
+    if channel:
+        raise FactoryError(f"{path}: --channel {channel}: it holds one channel (give 0, or leave --channel out)")
+
+
+def _open_channel(tf, path: Path, channel: int | None) -> Recording:
+    """One channel of a TIFF whose axes (``tf.series[0].axes``) hold several.
+
+    T x C x Y x X (frames interleave the channels, as ImageJ and most microscopes write
+    them), C x T x Y x X (each channel's frames together) or C x Y x X (one frame).
+    """
+    series = tf.series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    n_c = shape[axes.index("C")]
+    time_axes = [a for a in axes if a not in "CYX"]
+    if not axes.endswith("YX") or len(time_axes) > 1:
+        raise FactoryError(f"{path}: axes {axes} (shape {' x '.join(map(str, shape))}): give a movie of one or more "
+                           "channels (T x H x W, or T x C x H x W)")
+    if channel is None:
+        raise FactoryError(f"{path}: holds {n_c} channels (axes {axes}); choose one with --channel (0 to {n_c - 1})")
+    if channel >= n_c:
+        raise FactoryError(f"{path}: --channel {channel}: it holds channels 0 to {n_c - 1} (axes {axes})")
+    n = shape[axes.index(time_axes[0])] if time_axes else 1
+    h, w = shape[-2:]
+    # Frame t of the channel is image first + t * stride of the series, in file order.
+    if time_axes and axes.index(time_axes[0]) < axes.index("C"):
+        first, stride = channel, n_c
+    else:
+        first, stride = channel * n, 1
+    dtype = series.dtype
+    if series.dataoffset is not None and tf.filehandle.is_file:  # uncompressed, one after the other
+        dtype = np.dtype(tf.byteorder + dtype.char)
+        read = _mapped(path, series.dataoffset, dtype, (n, h, w), first, stride)
+        tf.close()
+        return Recording(path, (n, h, w), dtype, _reading(path, read), kind="memmap")
+    if len(tf.pages) != n * n_c:
+        raise FactoryError(f"{path}: {len(tf.pages)} pages for {n} frames of {n_c} channels; "
+                           "give one page per frame and channel")
+
+    def read_pages(a: int, b: int) -> np.ndarray:
+        return tf.asarray(key=[first + t * stride for t in range(a, b)]) if b > a else np.zeros((0, h, w), dtype)
+
+    return Recording(path, (n, h, w), dtype, _reading(path, read_pages), tf.close, kind="pages")
 
 
 def _open_npy(path: Path) -> Recording:

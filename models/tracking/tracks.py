@@ -653,7 +653,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
                bidirectional: bool | None = None, max_diffusion_um2_s: float | None = None,
                min_diffusion_um2_s: float | None = None, search_range_um: float | None = None, memory: int = 1,
                linker: str = LINKERS[0], estimator: str = ESTIMATORS[0], split: bool = True, device: str = "cpu",
-               precision: str = "auto", progress: bool = True,
+               precision: str = "auto", progress: bool = True, channel: int | None = None,
                report: Callable[[str], None] | None = None, given_by: str = "the arguments") -> TrackResult:
     """Localise, link and estimate D per track in a movie (`factory track`).
 
@@ -707,6 +707,8 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
         (``models.training.runs.RunFolder.detector``), as the command line does.
     progress : bool
         A progress bar (stderr) counting frames.
+    channel : int, optional
+        The channel (from 0) of a TIFF that holds several (``open_recording``).
     report : callable, optional
         Receives the line saying which scan timing, pixel size and D range were used and
         why; default: this module's logger at INFO.
@@ -736,7 +738,7 @@ def track_file(model: str | Path, recording: str | Path, out: str | Path | None 
     say = report or log.info
     # The recording is checked before the model is loaded: a bad file is told at once,
     # not after PyTorch's import.
-    with open_recording(recording) as images:
+    with open_recording(recording, channel=channel) as images:
         if len(images) < 2:
             raise FactoryError(f"{recording}: one frame of {images.shape[1]} x {images.shape[2]} px; tracking needs a "
                                "movie (T x H x W)")
