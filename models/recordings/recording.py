@@ -263,13 +263,64 @@ def _mapped(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], fi
     return read
 
 
+def open_tiff(path: Path):
+    """``tifffile.TiffFile(path)``, every page located; a damaged file or pages of two sizes refused.
+
+    A truncated or corrupt TIFF does not make tifffile raise: it logs the bad page offset
+    (to stderr) and goes on with the pages before it, and a movie whose metadata asks for
+    more pages than it has is then read as one image.  Here tifffile's log records are
+    kept from stderr while the pages are located, and a warning or an error among them,
+    no page at all, or a page whose pixels run past the end of the file refuses the file
+    in one line, before any frame is read.
+    """
+    import logging
+
+    import tifffile
+
+    said: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record)
+
+    log, keep = logging.getLogger("tifffile"), _Keep(logging.WARNING)
+    log.addHandler(keep)
+    propagate, log.propagate = log.propagate, False
+    tf = None
+    try:
+        tf = tifffile.TiffFile(path)
+        n = len(tf.pages)  # locates every page: a bad offset is logged here
+        series = tf.series  # and a shape the pages cannot fill, here
+        if said or not n or not series:
+            why = said[0].getMessage().split("> ", 1)[-1] if said else "no image in it"
+            raise FactoryError(f"{path}: a damaged TIFF ({why}); was it written or copied completely?")
+        size, shapes = path.stat().st_size, set()
+        for i, page in enumerate(tf.pages):
+            shapes.add(tuple(page.shape))
+            # Pixels that run past the end of the file: cut in the last frames' data.  (A
+            # page without pixels, as tifffile writes an empty movie, is refused later as such.)
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > size and math.prod(page.shape):
+                raise FactoryError(f"{path}: a damaged TIFF (frame {i + 1} of {n} ends at byte {end} of a file of "
+                                   f"{size}); was it written or copied completely?")
+        if len(shapes) > 1:
+            raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
+                               "a recording's frames must all have one size")
+        return tf
+    except BaseException:
+        if tf is not None:
+            tf.close()
+        raise
+    finally:
+        log.removeHandler(keep)
+        log.propagate = propagate
+
+
 def _open_tiff(path: Path, channel: int | None = None) -> Recording:
     tf = open_tiff(path)
     try:
-        if "C" in tf.series[0].axes and not pages_are_frames(tf, path):
-            return _open_channel(tf, path, channel)
-        _one_channel(path, channel)
         if pages_are_frames(tf, path):
+            _one_channel(path, channel)
             shape, dtype = tuple(tf.series[0].shape), tf.series[0].dtype
 
             def read_pages(a: int, b: int) -> np.ndarray:
@@ -277,23 +328,34 @@ def _open_tiff(path: Path, channel: int | None = None) -> Recording:
 
             return Recording(path, (len(tf.pages), *shape), dtype, _reading(path, read_pages), tf.close, kind="pages")
         series = tf.series[0]
-        if len(series.shape) == 3 and series.axes[:1] == "S":
-            # Samples of one pixel (planar RGB), not frames in time.
-            raise FactoryError(f"{path}: its {series.shape[0]} images are the colour samples of one image "
-                               f"(axes {series.axes}); give single-channel frames (H x W or T x H x W)")
-        shape, dtype = tuple(series.shape), series.dtype
+        dtype = series.dtype
+        if "C" in series.axes:
+            # Frame t of the channel is image first + t * stride of the series, in file order.
+            shape, first, stride, images = _channel_layout(series, path, channel)
+        else:
+            _one_channel(path, channel)
+            if len(series.shape) == 3 and series.axes[:1] == "S":
+                # Samples of one pixel (planar RGB), not frames in time.
+                raise FactoryError(f"{path}: its {series.shape[0]} images are the colour samples of one image "
+                                   f"(axes {series.axes}); give single-channel frames (H x W or T x H x W)")
+            shape, first, stride = tuple(series.shape), 0, 1
+            images = shape[0] if len(shape) == 3 else 1
         n = shape[0] if len(shape) == 3 else 1
         if dtype is not None and len(shape) in (2, 3) and series.dataoffset is not None and tf.filehandle.is_file:
             # Uncompressed frames one after the other: memory-mapped, as tifffile.memmap does.
             dtype = np.dtype(tf.byteorder + dtype.char)
-            read = _mapped(path, series.dataoffset, dtype, (n, *shape[-2:]))
+            read = _mapped(path, series.dataoffset, dtype, (n, *shape[-2:]), first, stride)
             tf.close()
             return Recording(path, shape, dtype, _reading(path, read), kind="memmap")
-        if dtype is not None and len(shape) == 3 and len(series.pages) == n:
+        if dtype is not None and len(shape) == 3 and len(series.pages) == images:
             def read(a: int, b: int) -> np.ndarray:
-                return tf.asarray(key=range(a, b), series=0) if b > a else np.zeros((0, *shape[1:]), dtype)
+                pages = range(first + a * stride, first + b * stride, stride)
+                return tf.asarray(key=pages, series=0) if b > a else np.zeros((0, *shape[1:]), dtype)
 
             return Recording(path, shape, dtype, _reading(path, read), tf.close, kind="pages")
+        if "C" in series.axes:
+            raise FactoryError(f"{path}: {len(series.pages)} pages for {images} images of its channels; "
+                               "give one page per frame and channel")
         # Anything else: one compressed image, read whole as it is small; or a shape to be
         # refused, refused before a read (a hyperstack can be gigabytes).
         _check_shape(shape, path)
@@ -324,13 +386,14 @@ def _one_channel(path: Path, channel: int | None) -> None:
         raise FactoryError(f"{path}: --channel {channel}: it holds one channel (give 0, or leave --channel out)")
 
 
-def _open_channel(tf, path: Path, channel: int | None) -> Recording:
-    """One channel of a TIFF whose axes (``tf.series[0].axes``) hold several.
+def _channel_layout(series, path: Path, channel: int | None) -> tuple[tuple[int, int, int], int, int, int]:
+    """Where one channel's frames lie in a TIFF series whose axes hold several channels.
 
     T x C x Y x X (frames interleave the channels, as ImageJ and most microscopes write
     them), C x T x Y x X (each channel's frames together) or C x Y x X (one frame).
+    Returns the channel's (frames, height, width), the series image of its first frame,
+    the stride between its frames, and the series' images in all.
     """
-    series = tf.series[0]
     axes, shape = series.axes, tuple(series.shape)
     n_c = shape[axes.index("C")]
     time_axes = [a for a in axes if a not in "CYX"]
@@ -342,26 +405,9 @@ def _open_channel(tf, path: Path, channel: int | None) -> Recording:
     if channel >= n_c:
         raise FactoryError(f"{path}: --channel {channel}: it holds channels 0 to {n_c - 1} (axes {axes})")
     n = shape[axes.index(time_axes[0])] if time_axes else 1
-    h, w = shape[-2:]
-    # Frame t of the channel is image first + t * stride of the series, in file order.
-    if time_axes and axes.index(time_axes[0]) < axes.index("C"):
-        first, stride = channel, n_c
-    else:
-        first, stride = channel * n, 1
-    dtype = series.dtype
-    if series.dataoffset is not None and tf.filehandle.is_file:  # uncompressed, one after the other
-        dtype = np.dtype(tf.byteorder + dtype.char)
-        read = _mapped(path, series.dataoffset, dtype, (n, h, w), first, stride)
-        tf.close()
-        return Recording(path, (n, h, w), dtype, _reading(path, read), kind="memmap")
-    if len(tf.pages) != n * n_c:
-        raise FactoryError(f"{path}: {len(tf.pages)} pages for {n} frames of {n_c} channels; "
-                           "give one page per frame and channel")
-
-    def read_pages(a: int, b: int) -> np.ndarray:
-        return tf.asarray(key=[first + t * stride for t in range(a, b)]) if b > a else np.zeros((0, h, w), dtype)
-
-    return Recording(path, (n, h, w), dtype, _reading(path, read_pages), tf.close, kind="pages")
+    interleaved = bool(time_axes) and axes.index(time_axes[0]) < axes.index("C")
+    first, stride = (channel, n_c) if interleaved else (channel * n, 1)
+    return (n, *shape[-2:]), first, stride, n * n_c
 
 
 def _open_npy(path: Path) -> Recording:
@@ -431,59 +477,6 @@ def pages_are_frames(tf, path: Path) -> bool:
         listed = ", ".join("x".join(map(str, sh)) for sh in shapes[:4]) + (", ..." if len(shapes) > 4 else "")
         raise FactoryError(f"{path}: holds {len(shapes)} image series ({listed}); give one movie (T x H x W) per file")
     return True
-
-
-def open_tiff(path: Path):
-    """``tifffile.TiffFile(path)``, every page located; a damaged file or pages of two sizes refused.
-
-    A truncated or corrupt TIFF does not make tifffile raise: it logs the bad page offset
-    (to stderr) and goes on with the pages before it, and a movie whose metadata asks for
-    more pages than it has is then read as one image.  Here tifffile's log records are
-    kept from stderr while the pages are located, and a warning or an error among them,
-    no page at all, or a page whose pixels run past the end of the file refuses the file
-    in one line, before any frame is read.
-    """
-    import logging
-
-    import tifffile
-
-    said: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record)
-
-    log, keep = logging.getLogger("tifffile"), _Keep(logging.WARNING)
-    log.addHandler(keep)
-    propagate, log.propagate = log.propagate, False
-    tf = None
-    try:
-        tf = tifffile.TiffFile(path)
-        n = len(tf.pages)  # locates every page: a bad offset is logged here
-        series = tf.series  # and a shape the pages cannot fill, here
-        if said or not n or not series:
-            why = said[0].getMessage().split("> ", 1)[-1] if said else "no image in it"
-            raise FactoryError(f"{path}: a damaged TIFF ({why}); was it written or copied completely?")
-        size, shapes = path.stat().st_size, set()
-        for i, page in enumerate(tf.pages):
-            shapes.add(tuple(page.shape))
-            # Pixels that run past the end of the file: cut in the last frames' data.  (A
-            # page without pixels, as tifffile writes an empty movie, is refused later as such.)
-            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
-            if end > size and math.prod(page.shape):
-                raise FactoryError(f"{path}: a damaged TIFF (frame {i + 1} of {n} ends at byte {end} of a file of "
-                                   f"{size}); was it written or copied completely?")
-        if len(shapes) > 1:
-            raise FactoryError(f"{path}: frames of different sizes ({', '.join('x'.join(map(str, sh)) for sh in sorted(shapes))}); "
-                               "a recording's frames must all have one size")
-        return tf
-    except BaseException:
-        if tf is not None:
-            tf.close()
-        raise
-    finally:
-        log.removeHandler(keep)
-        log.propagate = propagate
 
 
 def check_frames(shape: tuple[int, ...], path: Path, what: str) -> None:
