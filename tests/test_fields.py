@@ -197,7 +197,7 @@ class _Oracle:
     def __init__(self, rows):
         self.rows = rows
 
-    def detect(self, images, progress=False):
+    def detect(self, images, progress=False, min_score=None):
         from loaders.datasets import truth_points
 
         pts = truth_points(self.rows["exposure_xy"], self.rows["n_particles"], self.rows["in_view"], True,

@@ -182,6 +182,27 @@ def dense_decode(out: torch.Tensor, min_score: float):
     return [(torch.stack([mx[i][peak[i]], my[i][peak[i]]], 1).numpy(), p[i][peak[i]].numpy()) for i in range(len(p))]
 
 
+def test_a_large_field_keeps_every_peak_and_a_set_cap_keeps_the_most_probable():
+    """1,000 spots in a 1024 x 1024 px map (one per 32 x 32 px): all come back, at the
+    pixel of their peak; a fixed cap of 256 would have kept a quarter.  A cap given keeps
+    the most probable, in row-major order."""
+    from models.networks.spotnet import MAX_PEAKS, decode
+
+    out = torch.full((1, 4, 1024, 1024), -12.0)
+    out[:, 1:] = 0.0
+    g = torch.Generator().manual_seed(1)
+    rows, cols = torch.meshgrid(torch.arange(25) * 40 + 20, torch.arange(40) * 25 + 12, indexing="ij")
+    logits = torch.rand(1000, generator=g) * 4
+    out[0, 0, rows.reshape(-1), cols.reshape(-1)] = logits
+    assert 1000 > MAX_PEAKS
+    (xy, score, _), = decode(out, 0.01)
+    assert len(xy) == 1000
+    assert {(int(x), int(y)) for x, y in np.round(xy)} == set(zip(cols.reshape(-1).tolist(), rows.reshape(-1).tolist()))
+    (xy, score, _), = decode(out, 0.01, max_per_image=100)
+    top = torch.argsort(-logits)[:100].sort().values  # row-major order of the grid
+    assert np.array_equal(np.round(xy), torch.stack([cols.reshape(-1)[top], rows.reshape(-1)[top]], 1).numpy())
+
+
 @pytest.mark.parametrize("shape", [(3, 40, 37), (2, 5, 6)])
 def test_the_decoding_is_the_pooled_one_on_maps_with_plateaus_and_edges(shape):
     """Peaks at the image's edges and in corners, flat plateaus (ties are all peaks), and

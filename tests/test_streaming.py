@@ -141,7 +141,8 @@ def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, sma
         monkeypatch.setattr(predict, "DETECT_PIXELS", 4 * H * W)
         calls = []
         detect = det.detect
-        monkeypatch.setattr(det, "detect", lambda images, progress=False: calls.append(len(images)) or detect(images))
+        monkeypatch.setattr(det, "detect", lambda images, progress=False, min_score=None:
+                            calls.append(len(images)) or detect(images, min_score=min_score))
     frames = movie_frames(11)
     tifffile.imwrite(tmp_path / "m.tif", frames, photometric="minisblack")
     whole = det.detect(frames.astype(np.float32))

@@ -61,7 +61,7 @@ class Detector(Protocol):
     ndim: Literal[2, 3]
     z_step_um: float | None
 
-    def detect(self, images: np.ndarray, progress: bool = False) -> pd.DataFrame:
+    def detect(self, images: np.ndarray, progress: bool = False, min_score: float | None = None) -> pd.DataFrame:
         """Localise particles in ``images`` (N, H, W), or stacks (N, Z, H, W) where ``ndim`` is 3.
 
         Parameters
@@ -71,6 +71,10 @@ class Detector(Protocol):
             (N, Z, H, W) for a 3D detector, in photon counts or detector units.
         progress : bool
             A progress bar (stderr).
+        min_score : float, optional
+            Candidates scored below it may be left out (a network then decodes fewer:
+            faster, and no cap on candidates per image falls on the ones that count).
+            Every candidate scored from it on is kept; None: every candidate.
 
         Returns
         -------

@@ -196,11 +196,12 @@ class NetDetector:
         self.pixels_per_batch = getattr(int8, "pixels_per_batch", fam.pixels_per_batch)
 
     @torch.no_grad()
-    def detect(self, images, progress: bool = False) -> pd.DataFrame:
+    def detect(self, images, progress: bool = False, min_score: float | None = None) -> pd.DataFrame:
         """Images (N, H, W) -> ``frame, x, y, score, sigma``.
 
         A 3D network's stacks (N, Z, H, W) -> ``frame, x, y, z, score, sigma`` (z in
-        planes from the first plane).  Every candidate from ``min_score`` on.
+        planes from the first plane).  Every candidate from the detector's ``min_score``
+        on, or from ``min_score`` where that is higher (``Detector.detect``).
         """
         from tqdm.auto import tqdm
 
@@ -211,11 +212,15 @@ class NetDetector:
             self.model.eval()
         images = check_images(images, self.ndim, self.name)
         n = len(images)
+        # The decoders cut candidates on a score that bounds the table's from above
+        # (SpotNet's peak probability; the others' own score), so every candidate scored
+        # from ``min_score`` on survives the cut.
+        floor = self.min_score if min_score is None else max(self.min_score, min_score)
         bs = max(1, self.pixels_per_batch // int(np.prod(images.shape[1:])))
         frames, pos, scores, sigmas = [], [], [], []
         for a in tqdm(range(0, n, bs), desc=self.name, unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(images[a:a + bs]))[:, None].to(self.device)
-            for i, (p, s, sig) in enumerate(self._predict(x)):
+            for i, (p, s, sig) in enumerate(self._predict(x, floor)):
                 frames.append(np.full(len(s), a + i))
                 pos.append(np.asarray(p).reshape(-1, self.ndim))
                 scores.append(s)
@@ -229,9 +234,9 @@ class NetDetector:
         """Images of ``height`` x ``width`` px per forward pass."""
         return max(1, self.pixels_per_batch // (height * width))
 
-    def _predict(self, x):
+    def _predict(self, x, floor: float):
         if self.int8 is not None:  # the head in 8-bit integers, in the network's place
-            return self.family.predict(self.int8, x, self.min_score, head=self.head)
+            return self.family.predict(self.int8, x, floor, head=self.head)
         if self.head:
-            return self.family.predict(self.model, x, self.min_score, head=self.head)
-        return self.family.predict(self.model, x, self.min_score)
+            return self.family.predict(self.model, x, floor, head=self.head)
+        return self.family.predict(self.model, x, floor)

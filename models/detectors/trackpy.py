@@ -191,7 +191,7 @@ class TrackPyDetector:
                 "threshold": self.threshold}
         Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2))
 
-    def detect(self, images, progress: bool = False) -> pd.DataFrame:
+    def detect(self, images, progress: bool = False, min_score: float | None = None) -> pd.DataFrame:
         """Localise particles in images (N, H, W), or in stacks (N, Z, H, W) where ``ndim`` is 3.
 
         Parameters
@@ -200,6 +200,8 @@ class TrackPyDetector:
             Frames (N, H, W) (one (H, W) frame is taken as N = 1), or stacks (N, Z, H, W).
         progress : bool
             A progress bar (stderr) counting images or stacks.
+        min_score : float, optional
+            Leave out features of a smaller mass (``Detector.detect``).
 
         Returns
         -------
@@ -243,6 +245,8 @@ class TrackPyDetector:
         if not parts:
             return localisations([], np.zeros((0, self.ndim)), [])
         f = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        if min_score is not None:
+            f = f[f["mass"].to_numpy() >= min_score]
         # TrackPy's `size` is the radius of gyration of the spot, in px: a spread, not an
         # uncertainty, but the closest thing it reports.
         return localisations(f["frame"].to_numpy(), f[list(axes)].to_numpy(), f["mass"].to_numpy(),

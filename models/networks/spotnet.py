@@ -123,6 +123,15 @@ def heat_target(centroids: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, 
 
 
 OFFSET_RADIUS_PX = 2  # offsets are trained on the 5 x 5 pixels around each centroid
+# The cap on peaks per image keeps the faint tail of candidates (from min_score 0.01, a
+# 256 x 256 px field has thousands) from costing time; it must never fall on particles.
+# One peak per 16 x 16 px is several times the densest field a spot about 6 px across
+# can be resolved in (the 512 x 512 px benchmark field has one particle per 1,600 px^2),
+# so a large image's cap grows with its area (a fixed 256 kept 256 of the 514
+# localisations above threshold per frame of a 1024 x 1024 px field: four benchmark
+# frames side by side).
+MAX_PEAKS = 256
+PIXELS_PER_PEAK = 16 * 16
 
 
 def loss(model: nn.Module, images: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -214,8 +223,11 @@ def predict(model: SpotNet, images: torch.Tensor, min_score: float = 0.01, head:
 
 
 @torch.no_grad()
-def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256):
+def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int | None = None):
     """Local maxima of the heat map -> per image (xy (n, 2), score (n,), sigma (n,)).
+
+    At most ``max_per_image`` peaks per image, the most probable (default: 256, or one
+    per ``PIXELS_PER_PEAK`` pixels in a larger image).
 
     The position is the probability-weighted mean of the centroid estimates
     (pixel + offset) of the 5 x 5 pixels around each peak.  The score is the
@@ -252,6 +264,8 @@ def decode(out: torch.Tensor, min_score: float = 0.01, max_per_image: int = 256)
     xy = torch.stack([mx, my], 1).double().cpu().numpy()
     sigma, s, b = sigma.double().cpu().numpy(), s.cpu().numpy(), b.cpu().numpy()
     bounds = np.searchsorted(b, np.arange(out.shape[0] + 1))  # nonzero is in row-major order
+    if max_per_image is None:
+        max_per_image = max(MAX_PEAKS, out.shape[-2] * out.shape[-1] // PIXELS_PER_PEAK)
     results = []
     for i in range(out.shape[0]):
         sl = slice(bounds[i], bounds[i + 1])

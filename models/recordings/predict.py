@@ -247,7 +247,7 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
         for start, chunk in rec.chunks(step):
             for a in range(0, len(chunk), group):
                 frames = chunk[a:a + group]
-                table = detector.detect(frames, progress=False)
+                table = detector.detect(frames, progress=False, min_score=min_score)
                 if min_score is not None:
                     table = table[table["score"] >= min_score].reset_index(drop=True)
                 if len(table):
