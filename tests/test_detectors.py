@@ -5,6 +5,7 @@ import types
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import ready_detector, small_training_set
@@ -36,6 +37,19 @@ def test_contract_finds_bright_spots_in_pixel_centre_coordinates(name, images):
     best = table.sort_values("score", ascending=False).groupby("frame").head(1).set_index("frame")
     d = np.hypot(best["x"] - centroids[best.index, 0, 0], best["y"] - centroids[best.index, 0, 1])
     assert len(best) >= 0.9 * len(imgs) and np.median(d) < 1.0, (name, len(best), np.median(d))
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_contract_a_min_score_leaves_out_only_rows_below_it(name, images):
+    """detect(min_score=c) keeps, to the bit, every row of detect() scored from c on, and
+    leaves out rows below it (a detector that ignored the cut would not)."""
+    det = ready_detector(name)
+    full = det.detect(images[0])
+    c = float(np.median(full["score"]))
+    cut = det.detect(images[0], min_score=c)
+    above = lambda t: t[t["score"] >= c].reset_index(drop=True)  # noqa: E731
+    assert len(above(full)) and len(cut) < len(full), (name, len(cut), len(full))
+    pd.testing.assert_frame_equal(above(cut), above(full), check_exact=True)
 
 
 @pytest.mark.parametrize("name", DETECTORS)

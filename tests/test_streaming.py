@@ -160,6 +160,40 @@ def test_a_detector_run_chunk_by_chunk_gives_the_table_of_one_call(tmp_path, sma
         assert calls[1:5] == [4, 2, 4, 1]  # after the one call on all 11
 
 
+def test_a_network_decodes_only_the_peaks_that_can_pass_the_cut():
+    """detect(min_score=c) decodes the peaks whose probability p is from c on (p bounds
+    the score p (1 - exp(-1 / (2 sigma^2))) from above), so it keeps every row scored
+    from c on and decodes fewer; localise passes its cut down."""
+    import torch
+
+    from models.detectors.registry import NetDetector, family
+
+    class ImageAsHeat(torch.nn.Module):
+        """A SpotNet stand-in whose heat logit is the image itself, (counts - 20) / 3: every
+        local maximum is a peak, with a probability that varies (an untrained network's
+        are all alike).  Offsets 0; sigma grows with the counts too, so the score ranks
+        the peaks otherwise than p does."""
+
+        flip_tta = False
+
+        def forward(self, x, head=0):
+            zero = torch.zeros_like(x)
+            return torch.cat([(x - 20.0) / 3.0, zero, zero, (x - 20.0) / 8.0], 1)
+
+    det = NetDetector(family("spotnet"), ImageAsHeat(), min_score=0.0)
+    frames = movie_frames(6).astype(np.float32)
+    whole = det.detect(frames)  # every local maximum
+    cut = float(np.quantile(whole["score"], 0.9))
+    part = det.detect(frames, min_score=cut)
+    p = part["score"] / (1 - np.exp(-1 / (2 * part["sigma"] ** 2)))
+    p_whole = whole["score"] / (1 - np.exp(-1 / (2 * whole["sigma"] ** 2)))
+    assert (p >= cut * (1 - 1e-6)).all() and len(part) == (p_whole >= cut).sum() < len(whole)
+    above = lambda t: t[t["score"] >= cut].reset_index(drop=True)  # noqa: E731
+    assert len(above(whole)) < len(part)  # rows below the cut too: p passed it
+    pd.testing.assert_frame_equal(above(part), above(whole), check_exact=True)
+    pd.testing.assert_frame_equal(localise(det, frames, min_score=cut), above(whole), check_exact=True)
+
+
 def _as_sets(tracks: pd.DataFrame) -> set:
     """The tracks as sets of (frame, x, y): TrackPy numbers tracks in no fixed order."""
     return {frozenset(zip(g["frame"], g["x"], g["y"])) for _, g in tracks.groupby("track")}

@@ -72,9 +72,9 @@ class Detector(Protocol):
         progress : bool
             A progress bar (stderr).
         min_score : float, optional
-            Candidates scored below it may be left out (a network then decodes fewer:
-            faster, and no cap on candidates per image falls on the ones that count).
-            Every candidate scored from it on is kept; None: every candidate.
+            Candidates scored below it may be left out.  Those the call would return
+            without it and scored from it on are all kept (a network decodes only the
+            peaks that can pass it: less work).  None: every candidate.
 
         Returns
         -------
@@ -82,7 +82,8 @@ class Detector(Protocol):
             One row per localisation: ``frame`` (index into ``images``), ``x``, ``y``
             (pixels, origin at the centre of pixel (0, 0)), ``score``, plus optional
             columns (``sigma``; ``z`` in planes from the first plane for stacks).  Every
-            candidate is returned: ``threshold`` is for the caller to apply.
+            candidate (from ``min_score`` on, where given) is returned: ``threshold`` is
+            for the caller to apply.
         """
         ...
 

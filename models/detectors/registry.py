@@ -235,8 +235,8 @@ class NetDetector:
         return max(1, self.pixels_per_batch // (height * width))
 
     def _predict(self, x, floor: float):
-        if self.int8 is not None:  # the head in 8-bit integers, in the network's place
-            return self.family.predict(self.int8, x, floor, head=self.head)
-        if self.head:
-            return self.family.predict(self.model, x, floor, head=self.head)
-        return self.family.predict(self.model, x, floor)
+        # The head in 8-bit integers runs in the network's place; only SpotNet has heads.
+        model = self.int8 if self.int8 is not None else self.model
+        if self.int8 is not None or self.head:
+            return self.family.predict(model, x, floor, head=self.head)
+        return self.family.predict(model, x, floor)

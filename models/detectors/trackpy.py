@@ -210,7 +210,8 @@ class TrackPyDetector:
             planes from the first plane), ``score`` (TrackPy's integrated mass) and ``sigma``
             (TrackPy's ``size``, or ``size_x`` where the diameters differ per axis: the
             spot's radius of gyration in px).  Every feature ``trackpy.locate`` returns with
-            ``params``; ``threshold`` is not applied.
+            ``params`` (of mass from ``min_score`` on, where given); ``threshold`` is not
+            applied.
 
         Raises
         ------

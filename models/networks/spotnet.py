@@ -123,13 +123,13 @@ def heat_target(centroids: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, 
 
 
 OFFSET_RADIUS_PX = 2  # offsets are trained on the 5 x 5 pixels around each centroid
-# The cap on peaks per image keeps the faint tail of candidates (from min_score 0.01, a
-# 256 x 256 px field has thousands) from costing time; it must never fall on particles.
-# One peak per 16 x 16 px is several times the densest field a spot about 6 px across
-# can be resolved in (the 512 x 512 px benchmark field has one particle per 1,600 px^2),
-# so a large image's cap grows with its area (a fixed 256 kept 256 of the 514
-# localisations above threshold per frame of a 1024 x 1024 px field: four benchmark
-# frames side by side).
+# The cap on peaks per image bounds the table of faint candidates (from min_score 0.01,
+# a 256 x 256 px field has thousands); it is meant to fall on noise, not on particles.
+# A fixed 256 fell on particles in large images: it kept 256 of the 514 localisations
+# above threshold per frame of a 1024 x 1024 px field (four 512 px benchmark frames side
+# by side).  So the cap grows with the area, one peak per 16 x 16 px: about 6 times the
+# benchmark field's density (one particle per 1,600 px^2).  It keeps the most probable,
+# so the candidates that can pass a threshold are the last it drops.
 MAX_PEAKS = 256
 PIXELS_PER_PEAK = 16 * 16
 

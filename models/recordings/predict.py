@@ -209,9 +209,10 @@ def localise(detector: Detector, images: np.ndarray | Recording, progress: bool 
              min_score: float | None = None) -> pd.DataFrame:
     """``detector.detect`` over a recording (or an (N, H, W) array), a chunk of frames at a time.
 
-    The same table as one call on all the frames, in the memory of one chunk, less
-    the localisations scored below ``min_score`` (dropped as they come: a long recording
-    has millions of faint candidates).
+    The same table as one ``detector.detect(frames, min_score=min_score)`` call on all
+    the frames, in the memory of one chunk, less the localisations scored below
+    ``min_score`` (dropped as they come: a long recording has millions of faint
+    candidates).
 
     A network sees the same batches as in one call (its ``batch_frames`` per forward
     pass, counted from the first frame), so its outputs are the same to the bit.  The
@@ -558,11 +559,12 @@ def _predict_stacks(det: Detector, model: Path, recording: Path, z_step_um: floa
     say(f"z step: {z_step_um:g} um (from {source})")
     if trained and abs(z_step_um - trained) > 1e-6 * trained:
         say(f"note: the model was trained on stacks {trained:g} um apart; its z targets assume that step")
-    table = with_z_um(det.detect(stacks, progress=progress), z_step_um)
+    cut = None if all_scores else det.threshold
+    table = with_z_um(det.detect(stacks, progress=progress, min_score=cut), z_step_um)
     if pixel_size_um is not None:
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um
-    if det.threshold is not None and not all_scores:
-        table = table[table.score >= det.threshold]
+    if cut is not None:
+        table = table[table.score >= cut]
     n, z, h, w = stacks.shape
     return Prediction(table, f"{n} stack(s) of {z} planes of {h} x {w} px", z_step_um=z_step_um)
