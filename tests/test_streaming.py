@@ -185,9 +185,8 @@ def test_a_network_decodes_only_the_peaks_that_can_pass_the_cut():
     whole = det.detect(frames)  # every local maximum
     cut = float(np.quantile(whole["score"], 0.9))
     part = det.detect(frames, min_score=cut)
-    p = part["score"] / (1 - np.exp(-1 / (2 * part["sigma"] ** 2)))
-    p_whole = whole["score"] / (1 - np.exp(-1 / (2 * whole["sigma"] ** 2)))
-    assert (p >= cut * (1 - 1e-6)).all() and len(part) == (p_whole >= cut).sum() < len(whole)
+    prob = lambda t: t["score"] / (1 - np.exp(-1 / (2 * t["sigma"] ** 2)))  # noqa: E731
+    assert (prob(part) >= cut * (1 - 1e-6)).all() and len(part) == (prob(whole) >= cut).sum() < len(whole)
     above = lambda t: t[t["score"] >= cut].reset_index(drop=True)  # noqa: E731
     assert len(above(whole)) < len(part)  # rows below the cut too: p passed it
     pd.testing.assert_frame_equal(above(part), above(whole), check_exact=True)
@@ -246,7 +245,6 @@ def test_the_progress_bar_counts_frames(tmp_path):
 
 def left_behind(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "m.tif")
-
 
 
 # --- one channel of a recording of several ---------------------------------------------------
@@ -316,6 +314,7 @@ def test_the_commands_read_the_channel_asked_for(tmp_path):
     assert (tmp_path / "zero.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
     with pytest.raises(FactoryError, match="give a channel number from 0"):
         open_recording(tmp_path / "three.tif", channel=-1)
+
 
 @pytest.mark.parametrize("bad,needle", [(np.nan, "1 NaN pixel value(s)"), (np.inf, "1 infinite pixel value(s)"),
                                         (1e300, "pixel values up to 1e+300 do not fit in 32-bit floats")])
