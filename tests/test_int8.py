@@ -22,11 +22,11 @@ from models.training.runs import RunFolder
 pytestmark = pytest.mark.skipif(not int8.available(), reason="no oneDNN quantized engine in this PyTorch")
 
 
-def _two_headed(seed: int = 0) -> SpotNet:
+def _two_headed(seed: int = 0, branch_stride: int = 1) -> SpotNet:
     """A SpotNet of the default model's shape (8 - 16 - 32, an exposure decoder) with
     random weights and batch-norm statistics far from the identity (folding must matter)."""
     torch.manual_seed(seed)
-    m = SpotNet((8, 16, 32), flip_tta=False, heads=2, branch="decoder")
+    m = SpotNet((8, 16, 32), flip_tta=False, heads=2, branch="decoder", branch_stride=branch_stride)
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             c = mod.num_features
@@ -85,17 +85,22 @@ def _fx_reference(model: SpotNet, head: int, calib: torch.Tensor, x: torch.Tenso
             prepared(prep(calib))
         q = convert_fx(prepared)
         with torch.no_grad():
-            return q(prep(x))[..., :x.shape[-2], :x.shape[-1]]
+            out = q(prep(x))
+    # A head short of full resolution: its outputs to their pixels, outside the traced graph
+    # (FX would quantize a pixel shuffle's input, the float32 last layer's output).
+    out = F.pixel_shuffle(out, model.branch_stride) if head and model.branch_stride > 1 else out
+    return out[..., :x.shape[-2], :x.shape[-1]]
 
 
-@pytest.mark.parametrize("head", [0, 1])
-def test_int8_head_matches_pytorch_own_quantization(head):
+@pytest.mark.parametrize("head, branch_stride", [(0, 1), (1, 1), (1, 2)])
+def test_int8_head_matches_pytorch_own_quantization(head, branch_stride):
     # Two implementations of the same post-training quantization: PyTorch's FX flow
     # (its observers, its conv-bn fusion, its graph of quantized operators) and ours.
     # Only float32 rounding differs (batch-norm folding, each layer's scale), which can
     # move a value by one 8-bit step: a step or two of the last activation (its range /
-    # 255) through the float32 1 x 1 layer.
-    model = _two_headed()
+    # 255) through the float32 1 x 1 layer.  Also for an exposure branch that stops at
+    # half resolution (its head's outputs shuffled to full resolution).
+    model = _two_headed(branch_stride=branch_stride)
     calib, x = _images(8), _images(4)
     ranges = int8.calibrate(model, head, calib)
     q = int8.Int8Head(model, head, ranges)

@@ -120,9 +120,11 @@ class UNet(nn.Module):
         self.multiple = 2 ** self.depth
         self.out_channels = widths[self.depth - levels]
 
-    def new_decoder(self) -> nn.ModuleList:
-        """A freshly initialised decoder of this U-Net's shape."""
-        widths, levels, se, norm = self._decoder_args
+    def new_decoder(self, levels: int | None = None) -> nn.ModuleList:
+        """A freshly initialised decoder of this U-Net's shape (``levels`` from the
+        bottleneck up: fewer stop short of full resolution)."""
+        widths, own, se, norm = self._decoder_args
+        levels = own if levels is None else levels
         return nn.ModuleList(ResBlock(widths[i + 1] + widths[i], widths[i], se=se, norm=norm)
                              for i in reversed(range(self.depth - levels, self.depth)))
 

@@ -92,6 +92,8 @@ class _Layers:
         h = model.head if head == 0 else model.extra_heads[head - 1]
         self.convs["head"] = (*_folded(h[0], None), h[0].padding, h[0].dilation)
         self.last = h[2]  # float32: the heat logit, offsets and log sigma
+        # A head short of full resolution gives each of its pixels' 2 x 2 pixels (a pixel shuffle).
+        self.stride = model.branch_stride if head else 1
         self.depth = len(unet.down)
         self.mids = len(unet.mid)
         self.ups = len(decoder)
@@ -118,7 +120,8 @@ class _Layers:
             y = self._block(f"mid{i}", y, ops)
         for i in range(self.ups):
             y = self._block(f"up{i}", ops.up_cat(y, skips.pop(), f"up{i}.in"), ops)
-        return self.last(ops.output(ops.conv("head", y, relu=True)))
+        out = self.last(ops.output(ops.conv("head", y, relu=True)))
+        return F.pixel_shuffle(out, self.stride) if self.stride > 1 else out
 
     def _block(self, name: str, x, ops):
         h = ops.conv(f"{name}.1", x, relu=True)

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from factory.config import StrictModel
@@ -43,31 +43,49 @@ class Params(StrictModel):
     # the shared features), or after the encoder (each head its own decoder too, so a
     # head can be trained on top of a frozen first one: `freeze` in the training config).
     branch: Literal["head", "decoder"] = "head"
+    # With ``branch: decoder``: the resolution the other heads' decoders stop at.  2: one
+    # level short of full resolution, each pixel there predicting the 2 x 2 pixels it
+    # covers (the head's 16 outputs rearranged to 4 at full resolution, a pixel shuffle).
+    # The full-resolution layers are most of a large frame's time (README, Inference).
+    branch_stride: Literal[1, 2] = 1
+
+    @model_validator(mode="after")
+    def _stride_needs_own_decoder(self):
+        if self.branch_stride != 1 and self.branch != "decoder":
+            raise ValueError("branch_stride 2 needs branch: decoder (the other heads' own decoders)")
+        return self
 
 
 class SpotNet(nn.Module):
     def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1,
-                 branch: str = "head"):
+                 branch: str = "head", branch_stride: int = 1):
         super().__init__()
+        if branch_stride not in (1, 2) or branch_stride == 2 and branch != "decoder":
+            raise ValueError("branch_stride 2 needs branch: decoder (a decoder of the head's own)")
         self.flip_tta = flip_tta  # average over the four flips at inference
         self.heads = heads
         self.branch = branch
+        self.branch_stride = branch_stride
         self.unet = UNet(1, tuple(widths), se=se)
-        c = self.unet.out_channels
 
-        def head():
-            h = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 4, 1))
-            # Start from a low prior probability of a spot in each pixel (focal loss practice).
+        def head(c: int, stride: int = 1):
+            # 4 outputs per full-resolution pixel: stride**2 per pixel of the features.
+            h = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+                              nn.Conv2d(c, 4 * stride**2, 1))
+            # Start from a low prior probability of a spot in each pixel (focal loss
+            # practice); the heat logits are the first stride**2 outputs (pixel shuffle order).
             nn.init.constant_(h[-1].bias, 0.0)
             with torch.no_grad():
-                h[-1].bias[0] = -math.log((1 - 0.01) / 0.01)
+                h[-1].bias[:stride**2] = -math.log((1 - 0.01) / 0.01)
             return h
 
         # Each target has its own head on the shared features (its own 3 x 3 layer, so the
         # two offsets need not share one).
-        self.head = head()
-        self.extra_heads = nn.ModuleList([head() for _ in range(heads - 1)])
-        self.extra_decoders = nn.ModuleList([self.unet.new_decoder() for _ in range(heads - 1)
+        self.head = head(self.unet.out_channels)
+        levels = self.unet.depth - (branch_stride.bit_length() - 1)
+        self.extra_heads = nn.ModuleList([head(widths[self.unet.depth - levels], branch_stride)
+                                          for _ in range(heads - 1)])
+        self.extra_decoders = nn.ModuleList([self.unet.new_decoder(levels) for _ in range(heads - 1)
                                              if branch == "decoder"])
         # Channels-last convolutions run about 15% faster on the CPU (oneDNN) and on GPUs.
         self.to(memory_format=torch.channels_last)
@@ -82,9 +100,14 @@ class SpotNet(nn.Module):
             feats = [self.unet.decode(y, skips, self.extra_decoders[k - 1] if k else None) for k in heads]
         else:
             feats = [self.unet(x.contiguous(memory_format=torch.channels_last))] * len(heads)
-        outs = [(self.extra_heads[k - 1] if k else self.head)(f) for k, f in zip(heads, feats)]
+        outs = [self.head(f) if k == 0 else self.extra_head(k, f) for k, f in zip(heads, feats)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         return out[..., :h, :w].contiguous()
+
+    def extra_head(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """Head ``k`` (>= 1) on its branch's features, at full resolution."""
+        out = self.extra_heads[k - 1](features)
+        return F.pixel_shuffle(out, self.branch_stride) if self.branch_stride > 1 else out
 
     def head_parameters(self, k: int):
         """The parameters head ``k``'s output depends on."""
@@ -97,9 +120,11 @@ class SpotNet(nn.Module):
         """Start every other head (and its decoder) as a copy of head 0: a second target
         learned on top of a trained first one (``init_from`` of a one-headed model)."""
         for k, extra in enumerate(self.extra_heads):
-            extra.load_state_dict(self.head.state_dict())
-            if self.branch == "decoder":
-                self.extra_decoders[k].load_state_dict(self.unet.up.state_dict())
+            if self.branch_stride == 1:
+                extra.load_state_dict(self.head.state_dict())
+            if self.branch == "decoder":  # its levels, the coarsest first, as the first decoder's
+                for mine, first in zip(self.extra_decoders[k], self.unet.up):
+                    mine.load_state_dict(first.state_dict())
 
 
 def _valid(centroids: torch.Tensor) -> torch.Tensor:
@@ -195,7 +220,7 @@ def _head_loss(out: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
 
 
 def build(params: Params) -> SpotNet:
-    return SpotNet(params.widths, params.se, params.flip_tta, params.heads, params.branch)
+    return SpotNet(params.widths, params.se, params.flip_tta, params.heads, params.branch, params.branch_stride)
 
 
 @torch.no_grad()
