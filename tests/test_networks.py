@@ -1,6 +1,8 @@
 """The networks: each overfits a small set to near-perfect localisation (targets, losses
 and decoding agree), joins the shared detector contract, and the pieces are checked."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,15 +150,16 @@ def test_a_two_headed_spotnet_trains_each_head_on_its_own_target_only():
     torch.testing.assert_close(flipped, torch.stack(passes).mean(0), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("branch", ["head", "decoder"])
-def test_head_parameters_are_exactly_what_a_heads_output_depends_on(branch):
+@pytest.mark.parametrize("branch, branch_stride", [("head", 1), ("decoder", 1), ("decoder", 2)])
+def test_head_parameters_are_exactly_what_a_heads_output_depends_on(branch, branch_stride):
     """head_parameters(k) (which the trainer uses to validate a frozen head once) is the
     set of parameters with a gradient from head k's output; running head k alone gives
     head k's channels of the full forward pass."""
     from models.networks import spotnet
 
     torch.manual_seed(0)
-    model = spotnet.build(spotnet.Params(widths=[4, 8], heads=2, flip_tta=False, branch=branch))
+    model = spotnet.build(spotnet.Params(widths=[4, 8], heads=2, flip_tta=False, branch=branch,
+                                         branch_stride=branch_stride))
     images = torch.rand(2, 1, 16, 16) * 10
     full = model(images)
     for k in range(2):
@@ -166,6 +169,37 @@ def test_head_parameters_are_exactly_what_a_heads_output_depends_on(branch):
         out.square().sum().backward()
         with_grad = {id(p) for p in model.parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
         assert with_grad == {id(p) for p in model.head_parameters(k)}
+
+
+def test_a_half_resolution_head_gives_the_2x2_pixels_each_of_its_pixels_covers():
+    # branch_stride 2: the exposure head runs on half-resolution features and its 16
+    # outputs per pixel are, in the pixel shuffle's order, channel c of full-resolution
+    # pixel (2i + di, 2j + dj) at index 4c + 2di + dj.  Hand-set last layer: each output
+    # a constant that names its channel and place; the heat logits start at the prior.
+    from models.networks import spotnet
+
+    model = spotnet.build(spotnet.Params(widths=[4, 8, 16], heads=2, flip_tta=False, branch="decoder",
+                                         branch_stride=2)).eval()
+    last = model.extra_heads[0][2]
+    prior = -math.log(0.99 / 0.01)
+    assert last.out_channels == 16 and torch.allclose(last.bias[:4], torch.full((4,), prior))
+    assert not last.bias[4:].any()
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.arange(16.0))
+        out = model(torch.rand(1, 1, 13, 10) * 10, 1)  # odd sizes: padded, then cropped
+    assert out.shape == (1, 4, 13, 10)
+    for c in range(4):
+        for di in range(2):
+            for dj in range(2):
+                assert (out[0, c, di::2, dj::2] == 4 * c + 2 * di + dj).all()
+    # The centroid head keeps full resolution; a half-resolution one needs its own decoder.
+    assert model.head[2].out_channels == 4
+    from factory.errors import ConfigError
+    from models.detectors.registry import parse_params
+
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: model_params: .*branch: decoder"):
+        parse_params("spotnet", {"branch_stride": 2}, "cfg.yaml")
 
 
 def dense_decode(out: torch.Tensor, min_score: float):
