@@ -195,6 +195,14 @@ def test_a_half_resolution_head_gives_the_2x2_pixels_each_of_its_pixels_covers()
                 assert (out[0, c, di::2, dj::2] == 4 * c + 2 * di + dj).all()
     # The centroid head keeps full resolution; a half-resolution one needs its own decoder.
     assert model.head[2].out_channels == 4
+    # Started from a one-headed model (init_from): its decoder's levels are copies of the
+    # first decoder's, the coarsest first, and the head (of another shape) is left as it is.
+    model.copy_first_head()
+    (mine,), first = model.extra_decoders[0], model.unet.up
+    assert len(first) == 2
+    for k, v in first[0].state_dict().items():
+        assert torch.equal(mine.state_dict()[k], v), k
+    assert (model.extra_heads[0][2].bias == torch.arange(16.0)).all()
     from factory.errors import ConfigError
     from models.detectors.registry import parse_params
 
