@@ -58,7 +58,8 @@ def test_train_resume_evaluate_predict_and_reproduce(data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert {p.name for p in run.path.iterdir()} == {"config.yaml", "best.pt", "last.pt", "metrics.json"}
     cfg = run.read_config()
-    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False, "heads": 1, "branch": "head"}
+    assert cfg.model_params == {"widths": [8, 16], "se": False, "flip_tta": False, "heads": 1, "branch": "head",
+                                "branch_stride": 1}
     assert cfg.data == str(data)
     m = run.read_metrics()
     assert len(m["history"]) == 1 and m["best_epoch"] == 1 and 0 <= m["threshold"] < 1
@@ -224,7 +225,8 @@ def test_a_model_with_a_head_per_target_trains_on_two_stores_and_serves_both(dat
                    "store_targets: movies is not a train or val store")
 
 
-def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path):
+@pytest.mark.parametrize("branch_stride", [1, 2])
+def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path, branch_stride):
     """init_from a one-headed run + freeze [unet, head] + branch: decoder: the centroid
     head of the two-headed model is the loaded model bit for bit (weights, batch-norm
     statistics, detections), while the exposure head, started as its copy, has learned."""
@@ -244,7 +246,8 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path):
         geom = geometry(st)
     hist = RunFolder(tiny_run).read_metrics()["history"]
     assert validate(load_model(tiny_run), images, gt, geom)["mean_auc"] == hist[-1]["val_mean_auc"]
-    recipe = {**TINY, "model_params": {**TINY["model_params"], "branch": "decoder"}, "target": "both",
+    recipe = {**TINY, "model_params": {**TINY["model_params"], "branch": "decoder", "branch_stride": branch_stride},
+              "target": "both",
               "init_from": str(tiny_run), "freeze": ["unet", "head"], "train": ["train", "movies_train"],
               "val": ["val", "movies_val"], "store_targets": {"train": "exposure", "movies_train": "exposure",
                                                               "val": "centroid", "movies_val": "exposure"}}
@@ -265,6 +268,11 @@ def test_a_second_head_learns_on_a_frozen_first_model(data, tiny_run, tmp_path):
         images = st.read("images", 0, 32)
     a, b = load_model(tiny_run).detect(images), load_model(tmp_path / "two").detect(images)
     pd.testing.assert_frame_equal(a[["frame", "x", "y", "score"]], b[["frame", "x", "y", "score"]])
+    # The exposure head runs in int8 as `factory track` runs it (its ranges recorded in training).
+    exposure = RunFolder(tmp_path / "two").detector(target="exposure", precision="int8")
+    assert exposure.precision == "int8" and len(exposure.detect(images))
+    if branch_stride == 2:
+        return
     # Bad recipes: one line each, naming the field.
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "freeze": ["unet"]}))

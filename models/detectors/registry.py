@@ -128,8 +128,9 @@ def parse_params(name: str, raw: Any, source: str = "config", prefix: str = "mod
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join([prefix] + [str(p) for p in err["loc"]])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{source}: {loc}: {msg} (allowed: {', '.join(fam.Params.model_fields)})") from None
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: {loc}: unknown key (allowed: {', '.join(fam.Params.model_fields)})") from None
+        raise ConfigError(f"{source}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def make_detector(name: str, params: Any = None, **kwargs):

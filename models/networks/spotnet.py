@@ -60,7 +60,9 @@ class SpotNet(nn.Module):
     def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1,
                  branch: str = "head", branch_stride: int = 1):
         super().__init__()
-        if branch_stride not in (1, 2) or branch_stride == 2 and branch != "decoder":
+        if branch_stride not in (1, 2):
+            raise ValueError(f"branch_stride must be 1 or 2, not {branch_stride}")
+        if branch_stride == 2 and branch != "decoder":
             raise ValueError("branch_stride 2 needs branch: decoder (a decoder of the head's own)")
         self.flip_tta = flip_tta  # average over the four flips at inference
         self.heads = heads
@@ -118,7 +120,9 @@ class SpotNet(nn.Module):
 
     def copy_first_head(self) -> None:
         """Start every other head (and its decoder) as a copy of head 0: a second target
-        learned on top of a trained first one (``init_from`` of a one-headed model)."""
+        learned on top of a trained first one (``init_from`` of a one-headed model).  A
+        head short of full resolution (``branch_stride`` 2) has another shape and starts
+        fresh; its decoder's levels are copies of the first decoder's."""
         for k, extra in enumerate(self.extra_heads):
             if self.branch_stride == 1:
                 extra.load_state_dict(self.head.state_dict())

@@ -436,7 +436,9 @@ def _start_from(model, cfg: TrainConfig, load: bool = True) -> dict:
         raise FactoryError(f"init_from: {cfg.init_from} holds no tensor of this {cfg.model} network "
                            "(other family or widths)")
     missing = [k for k in model.state_dict() if k not in loaded]
-    if load and missing and hasattr(model, "copy_first_head") and all(k.startswith("extra_") for k in missing):
+    # A one-headed file: the other heads start as copies of the first (none of theirs loaded).
+    if load and missing and hasattr(model, "copy_first_head") and all(k.startswith("extra_") for k in missing) \
+            and not any(k.startswith("extra_") for k in loaded):
         model.copy_first_head()
     elif load and missing:
         log.warning("init_from %s: %d tensors not in the file start fresh (%s, ...)", path, len(missing), missing[0])
