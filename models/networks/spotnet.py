@@ -51,19 +51,23 @@ class Params(StrictModel):
 
     @model_validator(mode="after")
     def _stride_needs_own_decoder(self):
-        if self.branch_stride != 1 and self.branch != "decoder":
-            raise ValueError("branch_stride 2 needs branch: decoder (the other heads' own decoders)")
+        check_branch_stride(self.branch, self.branch_stride)
         return self
+
+
+def check_branch_stride(branch: str, branch_stride: int) -> None:
+    """A head short of full resolution needs a decoder of its own (ValueError otherwise)."""
+    if branch_stride not in (1, 2):
+        raise ValueError(f"branch_stride must be 1 or 2, not {branch_stride}")
+    if branch_stride == 2 and branch != "decoder":
+        raise ValueError("branch_stride 2 needs branch: decoder (the other heads' own decoders)")
 
 
 class SpotNet(nn.Module):
     def __init__(self, widths=(32, 64, 128), se: bool = False, flip_tta: bool = True, heads: int = 1,
                  branch: str = "head", branch_stride: int = 1):
         super().__init__()
-        if branch_stride not in (1, 2):
-            raise ValueError(f"branch_stride must be 1 or 2, not {branch_stride}")
-        if branch_stride == 2 and branch != "decoder":
-            raise ValueError("branch_stride 2 needs branch: decoder (a decoder of the head's own)")
+        check_branch_stride(branch, branch_stride)
         self.flip_tta = flip_tta  # average over the four flips at inference
         self.heads = heads
         self.branch = branch
