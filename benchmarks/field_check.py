@@ -16,9 +16,10 @@ links.  Prints one markdown table per store, and the linker with the most D with
 on the first (of equals, the smallest median error).  Where a store keeps trajectories
 (the test sets), a second table splits its particles by depth (the median, over the
 frames of the particle's scored run, of the distance of its mean z in the frame from the
-focal plane): in view is a matter of x and y only, so a particle that wandered microns
-out of focus is scored, and the floor reads its true centroids where the microscope
-shows next to nothing.  ``--plot`` draws the first movie of
+focal plane), with the share of their frames in which the model localised them: in
+view is a matter of x and y only, so a particle that wandered microns out of focus is
+scored, and the floor reads its true centroids where the microscope shows next to
+nothing.  ``--plot`` draws the first movie of
 the last store (``models.evaluation.fields.plot_field``): the tracks of `factory
 track`'s default linker (adaptive, cut at improbable steps), and D per particle for it,
 the TrackPy user pipeline and the floor.
@@ -58,7 +59,7 @@ def main() -> None:
 
     from factory.stores import Store, find_store
     from loaders.datasets import truth_points
-    from models.evaluation.fields import MovieTruth, plot_field, score_particles, scored_runs, summarise
+    from models.evaluation.fields import MovieTruth, detected_share, plot_field, score_particles, scored_runs, summarise
     from models.evaluation.metrics import Points
     from models.recordings.predict import load_detector, localise
     from models.tracking.timing import ScanTiming, time_stamps
@@ -127,6 +128,7 @@ def main() -> None:
         secs = {}
         n_frames = 0
         depths = []  # each scored particle's median depth (um), movie by movie as `per`
+        seen = []  # each scored particle's share of frames with a localisation near it, movie by movie
         for m, (frames, starts, truth, _, _, rows, depth) in enumerate(movies(name)):
             if depth is not None:
                 depths.append({p: float(np.median(depth[a:b, p])) for p, (a, b) in scored_runs(truth).items()})
@@ -135,6 +137,7 @@ def main() -> None:
             table = localise(det, frames, min_score=det.threshold)
             table = table.assign(t_s=time_stamps(table, h, w, timing, det.timestamps, starts))
             t_loc = time.perf_counter() - t0
+            seen.append(detected_share(table, truth))
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
             drawn = None  # the tracks of the default linker
             for label, run in linkers.items():
@@ -177,7 +180,7 @@ def main() -> None:
                          f"{c[0] / c[1] if c else float('nan'):.3f} | {fps:.0f} |")
         if depths:
             lines += depth_table(per, depths, {"ours (`factory track`)": default,
-                                               "TrackPy user pipeline": "TrackPy user pipeline (imsd fit)"})
+                                               "TrackPy user pipeline": "TrackPy user pipeline (imsd fit)"}, seen)
         if best is None:  # the most D within 1.5x; of equals, the smallest median error
             score = {k: summarise(pd.concat(per[k], ignore_index=True)) for k in linkers}
             best = max(linkers, key=lambda k: (score[k]["d_within"] or 0.0,
@@ -200,19 +203,21 @@ def _counted(summary: dict, key: str) -> str:
 DEPTH_BINS_UM = (0.0, 1.5, 3.0, np.inf)  # |z - focal z|; the PSF's sigma_z is 1.36 um in fields.yaml
 
 
-def depth_table(per: dict, depths: list[dict], labels: dict[str, str]) -> list[str]:
+def depth_table(per: dict, depths: list[dict], labels: dict[str, str], seen: list[dict]) -> list[str]:
     """Markdown lines: D within 1.5x of some pipelines and of the CVE floor, by depth.
 
     ``per`` maps a pipeline to its ``score_particles`` tables, one per movie;
     ``depths`` holds, per movie, each scored particle's median depth (um); ``labels``
-    maps a column's name to its pipeline in ``per``.
+    maps a column's name to its pipeline in ``per``; ``seen``, per movie, each scored
+    particle's share of frames in which the model localised it
+    (``models.evaluation.fields.detected_share``), whose mean per depth is a column.
     """
     from models.evaluation.fields import within
 
-    head = ["", "| median depth of the particle | particles | " + " | ".join(labels) + " | floor (CVE) |",
-            "| --- | --- |" + " --- |" * (len(labels) + 1)]
-    parts = [pd.concat([t.assign(depth_um=t["particle"].map(d)) for t, d in zip(per[k], depths)], ignore_index=True)
-             for k in labels.values()]
+    head = ["", "| median depth of the particle | particles | frames the model localised it in | "
+            + " | ".join(labels) + " | floor (CVE) |", "| --- | --- | --- |" + " --- |" * (len(labels) + 1)]
+    parts = [pd.concat([t.assign(depth_um=t["particle"].map(d), seen=t["particle"].map(v))
+                        for t, d, v in zip(per[k], depths, seen)], ignore_index=True) for k in labels.values()]
     for lo, hi in zip(DEPTH_BINS_UM[:-1], DEPTH_BINS_UM[1:]):
         rows = [t[(t["depth_um"] >= lo) & (t["depth_um"] < hi)] for t in parts]
         n = len(rows[0])
@@ -220,7 +225,8 @@ def depth_table(per: dict, depths: list[dict], labels: dict[str, str]) -> list[s
         # The floor is the truth's alone: the same in every pipeline's rows.
         floor = f"{within(rows[0]['floor_D_um2_s'], rows[0]['true_D_um2_s']).mean():.2f}" if n else "-"
         span = f"{lo:g} - {hi:g} um" if np.isfinite(hi) else f">= {lo:g} um"
-        head.append(f"| {span} | {n} | " + " | ".join(cells) + f" | {floor} |")
+        shown = f"{rows[0]['seen'].mean():.2f}" if n else "-"
+        head.append(f"| {span} | {n} | {shown} | " + " | ".join(cells) + f" | {floor} |")
     return head
 
 

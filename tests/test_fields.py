@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.evaluation.fields import (MovieTruth, longest_run, match_tracks, plot_field, score_particles, scored_runs,
-                                      summarise, within)
+from models.evaluation.fields import (MovieTruth, detected_share, longest_run, match_tracks, plot_field, score_particles,
+                                      scored_runs, summarise, within)
 
 
 def _truth(F: int, P: int, seed: int = 0, on=None, D=0.1, dt=0.5, px=0.1):
@@ -44,6 +44,26 @@ def test_a_track_matches_a_particle_when_sixty_percent_of_its_points_are_near():
     rows = [pd.DataFrame({"frame": np.arange(10), "x": a[:, 0], "y": a[:, 1], "track": k})
             for k, a in ((7, good), (8, bad))]
     assert match_tracks(pd.concat(rows), tr) == {7: 0}
+
+
+def test_the_share_of_a_particles_frames_the_detector_saw_by_hand():
+    tr = _truth(20, 2)
+    tr.exposure_xy[:, 1] += 10.0  # particle 1: its exposure position 10 px from its centroid
+    c0, c1, e1 = tr.centroids[:, 0], tr.centroids[:, 1], tr.exposure_xy[:, 1]
+    rows = [(f, c0[f, 0] + 2.9, c0[f, 1]) for f in range(0, 20, 2)]  # particle 0: every other frame, 2.9 px off
+    rows += [(f, c0[f, 0], c0[f, 1] + 3.1) for f in range(1, 20, 2)]  # and 3.1 px off in the others: not near
+    rows += [(f, e1[f, 0] - 2.0, e1[f, 1]) for f in range(5)]  # particle 1: near its exposure position in 5 frames
+    rows += [(f, c1[f, 0], c1[f, 1] + 1.0) for f in range(15, 20)]  # and near its centroid in 5 more
+    loc = pd.DataFrame(rows, columns=["frame", "x", "y"]).sample(frac=1.0, random_state=1)  # any row order
+    assert detected_share(loc, tr) == {0: 0.5, 1: 0.5}
+    on = np.ones((20, 2), np.float32)
+    on[10:, 1] = 0.0  # particle 1 off in frames 10-19: only its 10 on frames count, 5 of them seen
+    tr.on_fraction = on
+    assert detected_share(loc, tr) == {0: 0.5, 1: 0.5}
+    on[:5, 1] = 0.0
+    on[10:15, 1] = 1.0  # now on in frames 5-14 only: none of them seen
+    assert detected_share(loc, tr) == {0: 0.5, 1: 0.0}
+    assert detected_share(loc.iloc[:0], tr) == {0: 0.0, 1: 0.0}
 
 
 def test_within_a_factor_and_the_summary_by_hand():

@@ -196,6 +196,45 @@ def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATC
     return {int(t): int(p) for t, p, h in zip(uniq, best, hit) if h}
 
 
+def detected_share(localisations: pd.DataFrame, truth: MovieTruth, match_px: float = MATCH_PX) -> dict[int, float]:
+    """Each scored particle's share of its visible frames with a localisation near it.
+
+    What the detector saw of a particle, before any linking: a frame of its scored run
+    (``scored_runs``; a blinking particle's off frames left out, ``visible_frames``)
+    counts when a localisation of that frame lies within ``match_px`` of the particle's
+    centroid or exposure position (``match_tracks``'s near).  It separates a particle the
+    linker lost from one the microscope hardly shows (far from the focal plane).
+
+    Parameters
+    ----------
+    localisations : pandas.DataFrame
+        One movie's localisations: ``frame``, ``x``, ``y`` (px).
+    truth : MovieTruth
+        The movie's truth.
+    match_px : float
+        The distance within which a localisation is near (px).
+
+    Returns
+    -------
+    dict of int to float
+        Particle slot -> share (0 - 1).
+    """
+    f_all = localisations["frame"].to_numpy(np.int64)
+    xy_all = localisations[["x", "y"]].to_numpy(np.float64)
+    order = np.argsort(f_all, kind="stable")
+    f_all, xy_all = f_all[order], xy_all[order]
+    out = {}
+    for p, (a, b) in scored_runs(truth).items():
+        frames = visible_frames(truth, p, a, b)
+        hits = 0
+        for f in frames:
+            xy = xy_all[np.searchsorted(f_all, f):np.searchsorted(f_all, f, "right")]
+            d = np.fmin(np.hypot(*(xy - truth.centroids[f, p]).T), np.hypot(*(xy - truth.exposure_xy[f, p]).T))
+            hits += bool(len(d)) and bool(np.nanmin(d) <= match_px)
+        out[p] = hits / len(frames) if len(frames) else 0.0
+    return out
+
+
 def score_particles(tracks: pd.DataFrame, d_table: pd.DataFrame, truth: MovieTruth, pixel_size_um: float,
                     floor_r: float, d_column: str = "D_um2_s") -> pd.DataFrame:
     """One row per scored particle: its true D, its matched tracks' D and the floors.
