@@ -128,7 +128,7 @@ def main() -> None:
         secs = {}
         n_frames = 0
         depths = []  # each scored particle's median depth (um), movie by movie as `per`
-        seen = []  # each scored particle's share of frames with a localisation near it, movie by movie
+        seen = []  # with depths: each scored particle's share of frames with a localisation near it
         for m, (frames, starts, truth, _, _, rows, depth) in enumerate(movies(name)):
             if depth is not None:
                 depths.append({p: float(np.median(depth[a:b, p])) for p, (a, b) in scored_runs(truth).items()})
@@ -137,7 +137,8 @@ def main() -> None:
             table = localise(det, frames, min_score=det.threshold)
             table = table.assign(t_s=time_stamps(table, h, w, timing, det.timestamps, starts))
             t_loc = time.perf_counter() - t0
-            seen.append(detected_share(table, truth))
+            if depth is not None:  # for the depth table
+                seen.append(detected_share(table, truth))
             gt = truth_points(rows["exposure_xy"], rows["n_particles"], rows["in_view"], True, h, w)
             drawn = None  # the tracks of the default linker
             for label, run in linkers.items():

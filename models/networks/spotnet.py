@@ -88,7 +88,7 @@ class SpotNet(nn.Module):
         # Each target has its own head on the shared features (its own 3 x 3 layer, so the
         # two offsets need not share one).
         self.head = head(self.unet.out_channels)
-        levels = self.unet.depth - (branch_stride.bit_length() - 1)
+        levels = self.unet.depth - (1 if branch_stride == 2 else 0)  # stride 2: one level short
         self.extra_heads = nn.ModuleList([head(widths[self.unet.depth - levels], branch_stride)
                                           for _ in range(heads - 1)])
         self.extra_decoders = nn.ModuleList([self.unet.new_decoder(levels) for _ in range(heads - 1)
