@@ -43,6 +43,22 @@ def test_points_to_3d_density_to_points_is_exact_for_anisotropic_gaussians():
     np.testing.assert_allclose(score[order], hand, rtol=1e-5)
 
 
+def test_a_large_stack_keeps_every_peak_and_a_set_cap_keeps_the_most_probable():
+    """600 isolated peaks in a 4 x 512 x 512 stack (planes 0 and 2): all come back, at
+    their voxels (a cap of 512 would have dropped some); a cap given keeps the most probable."""
+    d = torch.zeros(1, 4, 512, 512)
+    z, y, x = torch.meshgrid(torch.tensor([0, 2]), torch.arange(15) * 32 + 16, torch.arange(20) * 25 + 12, indexing="ij")
+    z, y, x = z.reshape(-1), y.reshape(-1), x.reshape(-1)
+    level = 0.1 + 0.8 * torch.rand(len(z), generator=torch.Generator().manual_seed(2))
+    d[0, z, y, x] = level
+    assert len(z) > net.MAX_PEAKS
+    (xyz, score, _), = net.decode(d, 0.05)
+    assert len(xyz) == len(z)
+    assert {tuple(v) for v in np.round(xyz).astype(int)} == set(zip(x.tolist(), y.tolist(), z.tolist()))
+    (xyz, score, _), = net.decode(d, 0.05, max_per_stack=100)
+    np.testing.assert_array_equal(np.sort(score), np.sort(level.double().numpy())[-100:])
+
+
 def test_3d_weight_map_and_awing_hold_on_stacks():
     t = net.density_target_3d(torch.tensor([[[6.0, 6.0, 3.0]]]), (7, 12, 12), (0.7, 1.0, 1.0))
     w = net.weight_map(t)

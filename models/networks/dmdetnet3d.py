@@ -176,9 +176,19 @@ def subvoxel(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
+MAX_PEAKS = 512
+VOXELS_PER_PEAK = 16 * 16  # one peak per 16 x 16 px of each plane, as SpotNet's cap per image
+
+
 @torch.no_grad()
-def decode(density: torch.Tensor, min_score: float = 0.05, max_per_stack: int = 512):
-    """Density (B, Z, H, W) -> per stack (xyz voxels (n, 3), score (n,), None)."""
+def decode(density: torch.Tensor, min_score: float = 0.05, max_per_stack: int | None = None):
+    """Density (B, Z, H, W) -> per stack (xyz voxels (n, 3), score (n,), None).
+
+    At most ``max_per_stack`` peaks per stack, the most probable (default: 512, or one per
+    ``VOXELS_PER_PEAK`` voxels in a larger stack, so a 512 x 512 px stack of many planes
+    keeps its faint peaks for the evaluation's score sweep)."""
+    if max_per_stack is None:
+        max_per_stack = max(MAX_PEAKS, density.shape[-3] * density.shape[-2] * density.shape[-1] // VOXELS_PER_PEAK)
     d = density.double()
     idx = local_maxima_3d(d, min_score)
     xyz = subvoxel(d, idx).cpu().numpy()
