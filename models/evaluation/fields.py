@@ -180,12 +180,7 @@ def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATC
     """
     if len(tracks) == 0:
         return {}
-    f = tracks["frame"].to_numpy(np.int64)
-    xy = tracks[["x", "y"]].to_numpy(np.float64)
-    with np.errstate(invalid="ignore"):
-        dc = np.hypot(*(xy[:, None, :] - truth.centroids[f]).transpose(2, 0, 1))
-        de = np.hypot(*(xy[:, None, :] - truth.exposure_xy[f]).transpose(2, 0, 1))
-        near = (np.fmin(dc, de) <= match_px)  # (points, P); NaN (not in view) is never near
+    near = _near(tracks, truth, match_px)
     ids = tracks["track"].to_numpy()
     uniq, inv = np.unique(ids, return_inverse=True)
     counts = np.zeros((len(uniq), near.shape[1]), np.int64)
@@ -194,6 +189,20 @@ def match_tracks(tracks: pd.DataFrame, truth: MovieTruth, match_px: float = MATC
     best = counts.argmax(1)
     hit = counts[np.arange(len(uniq)), best] >= share * n
     return {int(t): int(p) for t, p, h in zip(uniq, best, hit) if h}
+
+
+def _near(points: pd.DataFrame, truth: MovieTruth, match_px: float) -> np.ndarray:
+    """Whether each point lies near each particle: (points, P) booleans.
+
+    A point (``frame``, ``x``, ``y``) is near a particle within ``match_px`` of its centroid
+    or its exposure position in that frame; a particle not in view (NaN) is never near.
+    """
+    f = points["frame"].to_numpy(np.int64)
+    xy = points[["x", "y"]].to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        dc = np.hypot(*(xy[:, None, :] - truth.centroids[f]).transpose(2, 0, 1))
+        de = np.hypot(*(xy[:, None, :] - truth.exposure_xy[f]).transpose(2, 0, 1))
+        return np.fmin(dc, de) <= match_px
 
 
 def detected_share(localisations: pd.DataFrame, truth: MovieTruth, match_px: float = MATCH_PX) -> dict[int, float]:
@@ -219,19 +228,12 @@ def detected_share(localisations: pd.DataFrame, truth: MovieTruth, match_px: flo
     dict of int to float
         Particle slot -> share (0 - 1).
     """
-    f_all = localisations["frame"].to_numpy(np.int64)
-    xy_all = localisations[["x", "y"]].to_numpy(np.float64)
-    order = np.argsort(f_all, kind="stable")
-    f_all, xy_all = f_all[order], xy_all[order]
+    hits = np.zeros(truth.centroids.shape[:2], np.int64)  # (frames, P): localisations near
+    np.add.at(hits, localisations["frame"].to_numpy(np.int64), _near(localisations, truth, match_px))
     out = {}
     for p, (a, b) in scored_runs(truth).items():
         frames = visible_frames(truth, p, a, b)
-        hits = 0
-        for f in frames:
-            xy = xy_all[np.searchsorted(f_all, f):np.searchsorted(f_all, f, "right")]
-            d = np.fmin(np.hypot(*(xy - truth.centroids[f, p]).T), np.hypot(*(xy - truth.exposure_xy[f, p]).T))
-            hits += bool(len(d)) and bool(np.nanmin(d) <= match_px)
-        out[p] = hits / len(frames) if len(frames) else 0.0
+        out[p] = float((hits[frames, p] > 0).mean()) if len(frames) else 0.0
     return out
 
 
